@@ -1,0 +1,493 @@
+//! All file I/O of the engine goes through [`Storage`], so tests can inject faults and simulate
+//! a power cut. [`RealStorage`] uses positional reads and writes (`pread`/`pwrite`) and maps
+//! sealed files read-only; [`SimStorage`] keeps written and durable bytes apart in memory.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::mmap::Map;
+
+/// How to open a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Existing file, read only.
+    Read,
+    /// Existing file, read and write.
+    ReadWrite,
+    /// A new file (fails if it exists), read and write.
+    CreateNew,
+    /// Create or truncate, read and write.
+    Truncate,
+}
+
+/// One open file.
+#[allow(clippy::len_without_is_empty, reason = "files are asked for their length only")]
+pub trait StorageFile: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset`; a short file is `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes everything written so far durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// A read-only map of the whole file, when the storage supports it. Only called on files
+    /// that are never written again (see docs/unsafe.md).
+    fn map(&self) -> io::Result<Option<Map>>;
+}
+
+/// The directory-level operations.
+pub trait Storage: Send + Sync + 'static {
+    /// Opens a file.
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>>;
+    /// Creates a directory and its parents.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Removes a file.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Atomically renames a file, replacing the target.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes the directory's entries (creations, renames, removals) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// The names of the files in a directory (not recursive), in no particular order.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Takes the exclusive lock of a data directory for the life of the returned guard.
+    fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>>;
+}
+
+/// A file handle that remembers its path, so every error names the file.
+#[derive(Clone)]
+pub struct FileHandle {
+    file: Arc<dyn StorageFile>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for FileHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileHandle")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl FileHandle {
+    /// Opens `path` on `storage`.
+    pub fn open(storage: &dyn Storage, path: &Path, mode: OpenMode) -> Result<Self> {
+        let file = storage.open(path, mode).map_err(|e| Error::io(path, e))?;
+        Ok(FileHandle {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+    /// The path this handle was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// See [`StorageFile::read_exact_at`].
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+    /// See [`StorageFile::write_all_at`].
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+    /// See [`StorageFile::sync`]. Callers turn a failure into poisoning.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync().map_err(|e| Error::io(&self.path, e))
+    }
+    /// See [`StorageFile::len`].
+    pub fn len(&self) -> Result<u64> {
+        self.file.len().map_err(|e| Error::io(&self.path, e))
+    }
+    /// True when the file is empty.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// See [`StorageFile::set_len`].
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.file.set_len(len).map_err(|e| Error::io(&self.path, e))
+    }
+    /// See [`StorageFile::map`].
+    pub fn map(&self) -> Result<Option<Map>> {
+        self.file.map().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, directory fsync.
+pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let file = FileHandle::open(storage, &tmp, OpenMode::Truncate)?;
+    file.write_all_at(bytes, 0)?;
+    file.sync()?;
+    drop(file);
+    storage.rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    storage.sync_dir(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealStorage;
+
+struct RealFile(File);
+
+impl StorageFile for RealFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(&self.0, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(&self.0, buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn map(&self) -> io::Result<Option<Map>> {
+        Map::of_file(&self.0).map(Some)
+    }
+}
+
+impl Storage for RealStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
+        let mut o = OpenOptions::new();
+        match mode {
+            OpenMode::Read => o.read(true),
+            OpenMode::ReadWrite => o.read(true).write(true),
+            OpenMode::CreateNew => o.read(true).write(true).create_new(true),
+            OpenMode::Truncate => o.read(true).write(true).create(true).truncate(true),
+        };
+        Ok(Arc::new(RealFile(o.open(path)?)))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+    fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>> {
+        use fs2::FileExt as _;
+        let path = dir.join("LOCK");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        if file.try_lock_exclusive().is_err() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "unknown process".to_owned(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(Error::Locked {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        file.set_len(0).map_err(|e| Error::io(&path, e))?;
+        write!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+        Ok(Box::new(file))
+    }
+}
+
+/// An in-memory storage for crash tests. Each file keeps the bytes written (`live`) apart from
+/// the bytes made durable by `sync`; directory entries become durable on `sync_dir`.
+/// [`SimStorage::crash_image`] returns the storage as a power cut would leave it.
+#[derive(Clone, Default)]
+pub struct SimStorage {
+    state: Arc<Mutex<SimState>>,
+}
+
+#[derive(Default)]
+struct SimState {
+    live: HashMap<PathBuf, Arc<Mutex<SimInode>>>,
+    durable: HashMap<PathBuf, Arc<Mutex<SimInode>>>,
+    sync_count: u64,
+    crash_at_sync: Option<u64>,
+    crashed: bool,
+    fail_syncs: bool,
+}
+
+#[derive(Default, Clone)]
+struct SimInode {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+fn crashed_err() -> io::Error {
+    io::Error::other("simulated power cut")
+}
+
+impl SimStorage {
+    /// A new, empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The storage "loses power" at sync point `n` (1-based): that sync and every later
+    /// operation fail.
+    pub fn crash_at_sync(&self, n: u64) {
+        self.state.lock().crash_at_sync = Some(n);
+    }
+
+    /// Every later sync fails with an I/O error (to test poisoning), without crashing.
+    pub fn fail_syncs(&self) {
+        self.state.lock().fail_syncs = true;
+    }
+
+    /// How many sync points (file or directory syncs) have been passed.
+    pub fn sync_count(&self) -> u64 {
+        self.state.lock().sync_count
+    }
+
+    /// True once the simulated power cut happened.
+    pub fn has_crashed(&self) -> bool {
+        self.state.lock().crashed
+    }
+
+    /// The storage as it is after a power cut now: only durable directory entries, each file
+    /// with its durable bytes. With `torn_seed`, each file also keeps a pseudo-random subset of
+    /// its unsynced 4 KiB pages, as a disk that reorders writes may.
+    pub fn crash_image(&self, torn_seed: Option<u64>) -> SimStorage {
+        let st = self.state.lock();
+        let mut live = HashMap::new();
+        let mut rng = torn_seed.unwrap_or(0) | 1;
+        for (path, inode) in &st.durable {
+            let inode = inode.lock();
+            let mut bytes = inode.durable.clone();
+            if torn_seed.is_some() && inode.live.len() > bytes.len() {
+                let start = bytes.len();
+                bytes.extend_from_slice(&inode.live[start..]);
+                let mut page = start;
+                while page < bytes.len() {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let end = ((page / 4096) + 1) * 4096;
+                    let end = end.min(bytes.len());
+                    if rng.is_multiple_of(3) {
+                        bytes[page..end].fill(0);
+                    }
+                    page = end;
+                }
+                // A torn tail is usually cut short too.
+                let keep = start + (rng as usize % (bytes.len() - start + 1));
+                bytes.truncate(keep);
+            }
+            let node = Arc::new(Mutex::new(SimInode {
+                live: bytes.clone(),
+                durable: bytes,
+            }));
+            live.insert(path.clone(), node);
+        }
+        let durable = live.clone();
+        SimStorage {
+            state: Arc::new(Mutex::new(SimState {
+                live,
+                durable,
+                ..SimState::default()
+            })),
+        }
+    }
+
+    /// Flips one bit of a file's bytes (live and durable), for corruption tests.
+    pub fn flip_bit(&self, path: &Path, offset: usize) {
+        let st = self.state.lock();
+        if let Some(node) = st.live.get(path) {
+            let mut node = node.lock();
+            if let Some(b) = node.live.get_mut(offset) {
+                *b ^= 0x10;
+            }
+            if let Some(b) = node.durable.get_mut(offset) {
+                *b ^= 0x10;
+            }
+        }
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.state.lock().crashed {
+            return Err(crashed_err());
+        }
+        Ok(())
+    }
+
+    fn sync_point(&self) -> io::Result<()> {
+        let mut st = self.state.lock();
+        if st.crashed {
+            return Err(crashed_err());
+        }
+        if st.fail_syncs {
+            return Err(io::Error::other("simulated sync failure"));
+        }
+        st.sync_count += 1;
+        if st.crash_at_sync == Some(st.sync_count) {
+            st.crashed = true;
+            return Err(crashed_err());
+        }
+        Ok(())
+    }
+}
+
+struct SimFile {
+    storage: SimStorage,
+    inode: Arc<Mutex<SimInode>>,
+    writable: bool,
+}
+
+impl StorageFile for SimFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.storage.check()?;
+        let node = self.inode.lock();
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let src = node
+            .live
+            .get(start..start.saturating_add(buf.len()))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.storage.check()?;
+        if !self.writable {
+            return Err(io::Error::other("file opened read-only"));
+        }
+        let mut node = self.inode.lock();
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let end = start + buf.len();
+        if node.live.len() < end {
+            node.live.resize(end, 0);
+        }
+        node.live[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.storage.sync_point()?;
+        let mut node = self.inode.lock();
+        node.durable = node.live.clone();
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.storage.check()?;
+        Ok(self.inode.lock().live.len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.storage.check()?;
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        self.inode.lock().live.resize(len, 0);
+        Ok(())
+    }
+    fn map(&self) -> io::Result<Option<Map>> {
+        Ok(None)
+    }
+}
+
+impl Storage for SimStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
+        self.check()?;
+        let mut st = self.state.lock();
+        let inode = match (mode, st.live.get(path)) {
+            (OpenMode::CreateNew, Some(_)) => return Err(io::ErrorKind::AlreadyExists.into()),
+            (OpenMode::Read | OpenMode::ReadWrite, None) => {
+                return Err(io::ErrorKind::NotFound.into())
+            }
+            (OpenMode::Truncate, Some(node)) => {
+                node.lock().live.clear();
+                node.clone()
+            }
+            (_, Some(node)) => node.clone(),
+            (_, None) => {
+                let node = Arc::new(Mutex::new(SimInode::default()));
+                st.live.insert(path.to_path_buf(), node.clone());
+                node
+            }
+        };
+        Ok(Arc::new(SimFile {
+            storage: self.clone(),
+            inode,
+            writable: mode != OpenMode::Read,
+        }))
+    }
+    fn create_dir_all(&self, _path: &Path) -> io::Result<()> {
+        self.check()
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.check()?;
+        self.state
+            .lock()
+            .live
+            .remove(path)
+            .map(|_| ())
+            .ok_or(io::ErrorKind::NotFound.into())
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.check()?;
+        let mut st = self.state.lock();
+        let node = st
+            .live
+            .remove(from)
+            .ok_or(io::Error::from(io::ErrorKind::NotFound))?;
+        st.live.insert(to.to_path_buf(), node);
+        Ok(())
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.sync_point()?;
+        let mut st = self.state.lock();
+        st.durable.retain(|p, _| p.parent() != Some(dir));
+        let entries: Vec<_> = st
+            .live
+            .iter()
+            .filter(|(p, _)| p.parent() == Some(dir))
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect();
+        st.durable.extend(entries);
+        Ok(())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.check()?;
+        let st = self.state.lock();
+        Ok(st
+            .live
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+            .collect())
+    }
+    fn lock(&self, _dir: &Path) -> Result<Box<dyn Send + Sync>> {
+        Ok(Box::new(()))
+    }
+}

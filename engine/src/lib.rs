@@ -1,0 +1,23 @@
+//! Ballast's storage engine: content-addressed blobs stored as recipes of deduplicated,
+//! content-defined chunks in append-only, checksummed segment files, with memory-mapped
+//! indexes and crash recovery. Synchronous, no async runtime; safe to share across threads.
+//!
+//! The on-disk format is specified in `docs/format.md`; the design in `docs/design.md`.
+#![deny(unsafe_code)]
+
+pub mod blob;
+pub mod chunker;
+pub mod digest;
+pub mod error;
+pub mod index;
+pub mod io;
+mod mmap;
+pub mod recipe;
+pub mod segment;
+pub mod store;
+
+pub use blob::{BlobReader, BlobWriter, Committed};
+pub use chunker::Mode as ChunkMode;
+pub use digest::{Algorithm, ChunkId, Digest};
+pub use error::{Error, Result};
+pub use store::{Options, Store};

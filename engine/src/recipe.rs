@@ -1,0 +1,219 @@
+//! Blob recipes: how a blob is put back together from chunks and inline pieces
+//! (docs/format.md, "Recipe record").
+
+use std::path::Path;
+
+use crate::digest::{Algorithm, ChunkId, Digest};
+use crate::error::{Error, Result};
+
+/// One piece of a blob, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecipePiece {
+    /// A stored chunk and its raw length.
+    Chunk { id: ChunkId, len: u32 },
+    /// Bytes kept in the recipe itself (tar headers).
+    Inline(Vec<u8>),
+}
+
+impl RecipePiece {
+    /// The piece's length in the blob.
+    pub fn len(&self) -> u64 {
+        match self {
+            RecipePiece::Chunk { len, .. } => u64::from(*len),
+            RecipePiece::Inline(b) => b.len() as u64,
+        }
+    }
+    /// True for an empty piece (never produced by the chunker).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A committed blob: its digest, its size and its pieces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recipe {
+    /// The OCI digest of the whole byte stream.
+    pub digest: Digest,
+    /// Total length in bytes.
+    pub size: u64,
+    /// Pieces in blob order; their lengths add up to `size`.
+    pub pieces: Vec<RecipePiece>,
+}
+
+const TAG_CHUNK: u8 = 0;
+const TAG_INLINE: u8 = 1;
+/// Largest inline piece.
+pub const INLINE_LEN_MAX: usize = u16::MAX as usize;
+
+impl Recipe {
+    /// Encodes the recipe as a record payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let inline: usize = self
+            .pieces
+            .iter()
+            .map(|p| {
+                if let RecipePiece::Inline(b) = p {
+                    b.len()
+                } else {
+                    0
+                }
+            })
+            .sum();
+        let mut out = Vec::with_capacity(1 + 64 + 12 + self.pieces.len() * 37 + inline);
+        out.push(self.digest.algorithm().code());
+        out.extend_from_slice(self.digest.as_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&(self.pieces.len() as u32).to_le_bytes());
+        for p in &self.pieces {
+            match p {
+                RecipePiece::Chunk { id, len } => {
+                    out.push(TAG_CHUNK);
+                    out.extend_from_slice(&id.0);
+                    out.extend_from_slice(&len.to_le_bytes());
+                }
+                RecipePiece::Inline(bytes) => {
+                    assert!(bytes.len() <= INLINE_LEN_MAX, "inline piece too long");
+                    out.push(TAG_INLINE);
+                    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+                    out.extend_from_slice(bytes);
+                }
+            }
+        }
+        out
+    }
+
+    /// Decodes a recipe payload; `file` and `offset` name it in errors. Never panics.
+    pub fn decode(file: &Path, offset: u64, bytes: &[u8]) -> Result<Recipe> {
+        let bad = |reason: &str| Error::corrupted(file, offset, format!("recipe: {reason}"));
+        let mut r = Reader { bytes, pos: 0 };
+        let algorithm = Algorithm::from_code(r.u8().ok_or_else(|| bad("truncated"))?)
+            .ok_or_else(|| bad("unknown digest algorithm"))?;
+        let digest = Digest::from_parts(
+            algorithm,
+            r.take(algorithm.len())
+                .ok_or_else(|| bad("truncated digest"))?,
+        );
+        let size = r.u64().ok_or_else(|| bad("truncated size"))?;
+        let count = r.u32().ok_or_else(|| bad("truncated count"))? as usize;
+        // Each piece takes at least 3 bytes: bound the allocation by what is there.
+        if count > bytes.len() / 3 {
+            return Err(bad("piece count larger than the record"));
+        }
+        let mut pieces = Vec::with_capacity(count);
+        let mut total: u64 = 0;
+        for _ in 0..count {
+            let piece = match r.u8().ok_or_else(|| bad("truncated piece"))? {
+                TAG_CHUNK => {
+                    let id: [u8; 32] = r
+                        .take(32)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| bad("truncated chunk id"))?;
+                    let len = r.u32().ok_or_else(|| bad("truncated chunk length"))?;
+                    RecipePiece::Chunk {
+                        id: ChunkId(id),
+                        len,
+                    }
+                }
+                TAG_INLINE => {
+                    let len = usize::from(r.u16().ok_or_else(|| bad("truncated inline length"))?);
+                    RecipePiece::Inline(
+                        r.take(len)
+                            .ok_or_else(|| bad("truncated inline bytes"))?
+                            .to_vec(),
+                    )
+                }
+                _ => return Err(bad("unknown piece tag")),
+            };
+            total = total
+                .checked_add(piece.len())
+                .ok_or_else(|| bad("size overflow"))?;
+            pieces.push(piece);
+        }
+        if r.pos != bytes.len() {
+            return Err(bad("trailing bytes"));
+        }
+        if total != size {
+            return Err(bad("piece lengths do not add up to the blob size"));
+        }
+        Ok(Recipe {
+            digest,
+            size,
+            pieces,
+        })
+    }
+
+    /// Offsets in the blob where each piece starts, plus the total size at the end.
+    pub fn starts(&self) -> Vec<u64> {
+        let mut starts = Vec::with_capacity(self.pieces.len() + 1);
+        let mut at = 0;
+        for p in &self.pieces {
+            starts.push(at);
+            at += p.len();
+        }
+        starts.push(at);
+        starts
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2)
+            .and_then(|b| b.try_into().ok())
+            .map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn piece() -> impl Strategy<Value = RecipePiece> {
+        prop_oneof![
+            (any::<[u8; 32]>(), 1u32..300_000).prop_map(|(id, len)| RecipePiece::Chunk {
+                id: ChunkId(id),
+                len
+            }),
+            proptest::collection::vec(any::<u8>(), 1..600).prop_map(RecipePiece::Inline),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(pieces in proptest::collection::vec(piece(), 0..40), sha512 in any::<bool>()) {
+            let algo = if sha512 { Algorithm::Sha512 } else { Algorithm::Sha256 };
+            let size = pieces.iter().map(RecipePiece::len).sum();
+            let r = Recipe { digest: Digest::of(algo, b"x"), size, pieces };
+            let enc = r.encode();
+            prop_assert_eq!(Recipe::decode(Path::new("t"), 0, &enc).ok(), Some(r));
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Recipe::decode(Path::new("t"), 0, &bytes);
+        }
+    }
+}

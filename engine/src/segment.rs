@@ -1,0 +1,346 @@
+//! Segment files and their records (docs/format.md, "Segments" and "Records").
+//!
+//! A segment is an append-only file: a 16-byte file header, then records. Every record has a
+//! 12-byte header (payload length, kind, flags, CRC-32 (IEEE) over header and payload).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::io::FileHandle;
+
+/// Magic of segment files.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"\x89BLSEG\r\n";
+/// Magic of catalog journal files.
+pub const JOURNAL_MAGIC: [u8; 8] = *b"\x89BLJNL\r\n";
+/// Format version of segment and journal files.
+pub const SEGMENT_VERSION: u16 = 1;
+/// Length of a file header: magic, version, reserved, CRC.
+pub const FILE_HEADER_LEN: usize = 8 + 2 + 2 + 4;
+/// Length of a record header.
+pub const RECORD_HEADER_LEN: usize = 4 + 1 + 1 + 2 + 4;
+/// Largest record payload accepted (a recipe of a ~100 GiB blob fits).
+pub const RECORD_PAYLOAD_MAX: usize = 64 << 20;
+
+const _: () = assert!(FILE_HEADER_LEN == 16);
+const _: () = assert!(RECORD_HEADER_LEN == 12);
+
+/// What a record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A chunk: id, raw length, stored bytes.
+    Chunk = 1,
+    /// A committed blob's recipe.
+    Recipe = 2,
+    /// Everything before this record was on stable storage when it was written.
+    SyncMark = 3,
+    /// A batch of catalog changes (journal files only).
+    CatalogBatch = 4,
+}
+
+impl RecordKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(RecordKind::Chunk),
+            2 => Some(RecordKind::Recipe),
+            3 => Some(RecordKind::SyncMark),
+            4 => Some(RecordKind::CatalogBatch),
+            _ => None,
+        }
+    }
+}
+
+/// Record flag: the chunk payload is zstd-compressed.
+pub const FLAG_ZSTD: u8 = 1;
+
+/// Encodes a file header.
+pub fn file_header(magic: [u8; 8]) -> [u8; FILE_HEADER_LEN] {
+    let mut h = [0u8; FILE_HEADER_LEN];
+    h[..8].copy_from_slice(&magic);
+    h[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    let crc = crc32fast::hash(&h[..12]);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Checks a file header read from `path`.
+pub fn check_file_header(path: &Path, magic: [u8; 8], h: &[u8]) -> Result<()> {
+    if h.len() < FILE_HEADER_LEN || h[..8] != magic {
+        return Err(Error::corrupted(
+            path,
+            0,
+            "bad magic: not a file of this kind",
+        ));
+    }
+    let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    if crc32fast::hash(&h[..12]) != crc {
+        return Err(Error::corrupted(path, 0, "file header checksum mismatch"));
+    }
+    let version = u16::from_le_bytes([h[8], h[9]]);
+    if version != SEGMENT_VERSION {
+        return Err(Error::Version {
+            file: path.to_path_buf(),
+            found: version,
+            supported: SEGMENT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes a record header for `payload` (the payload itself follows it on disk).
+pub fn record_header(kind: RecordKind, flags: u8, payload: &[&[u8]]) -> [u8; RECORD_HEADER_LEN] {
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    assert!(
+        len <= RECORD_PAYLOAD_MAX,
+        "record payload of {len} bytes exceeds the maximum"
+    );
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    h[4] = kind as u8;
+    h[5] = flags;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..8]);
+    for p in payload {
+        crc.update(p);
+    }
+    h[8..12].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
+/// A decoded record header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Payload length.
+    pub len: u32,
+    /// Record kind.
+    pub kind: RecordKind,
+    /// Flags ([`FLAG_ZSTD`]).
+    pub flags: u8,
+    /// CRC-32 over header bytes 0..8 and the payload.
+    pub crc: u32,
+}
+
+impl RecordHeader {
+    /// Decodes a header; `None` when it cannot be a valid header.
+    pub fn decode(h: &[u8]) -> Option<Self> {
+        let h: &[u8; RECORD_HEADER_LEN] = h.get(..RECORD_HEADER_LEN)?.try_into().ok()?;
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let kind = RecordKind::from_u8(h[4])?;
+        if len as usize > RECORD_PAYLOAD_MAX || h[6] != 0 || h[7] != 0 {
+            return None;
+        }
+        Some(RecordHeader {
+            len,
+            kind,
+            flags: h[5],
+            crc: u32::from_le_bytes([h[8], h[9], h[10], h[11]]),
+        })
+    }
+
+    /// True when `payload` matches this header's CRC.
+    pub fn check(&self, raw_header: &[u8], payload: &[u8]) -> bool {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(raw_header.get(..8).unwrap_or_default());
+        crc.update(payload);
+        crc.finalize() == self.crc
+    }
+
+    /// Total on-disk length of the record.
+    pub fn record_len(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + u64::from(self.len)
+    }
+}
+
+/// Decodes and checks the record at the start of `bytes` (for mapped files).
+pub fn decode_record<'a>(
+    path: &Path,
+    offset: u64,
+    bytes: &'a [u8],
+) -> Result<(RecordHeader, &'a [u8])> {
+    let raw = bytes
+        .get(..RECORD_HEADER_LEN)
+        .ok_or_else(|| Error::corrupted(path, offset, "record header past end of file"))?;
+    let header = RecordHeader::decode(raw)
+        .ok_or_else(|| Error::corrupted(path, offset, "invalid record header"))?;
+    let payload = bytes
+        .get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.len as usize)
+        .ok_or_else(|| Error::corrupted(path, offset, "record payload past end of file"))?;
+    if !header.check(raw, payload) {
+        return Err(Error::corrupted(path, offset, "record checksum mismatch"));
+    }
+    Ok((header, payload))
+}
+
+/// Reads and checks the record at `offset` of `file`.
+pub fn read_record(file: &FileHandle, offset: u64) -> Result<(RecordHeader, Vec<u8>)> {
+    let mut raw = [0u8; RECORD_HEADER_LEN];
+    read_or_corrupt(file, &mut raw, offset)?;
+    let header = RecordHeader::decode(&raw)
+        .ok_or_else(|| Error::corrupted(file.path(), offset, "invalid record header"))?;
+    let mut payload = vec![0u8; header.len as usize];
+    read_or_corrupt(file, &mut payload, offset + RECORD_HEADER_LEN as u64)?;
+    if !header.check(&raw, &payload) {
+        return Err(Error::corrupted(
+            file.path(),
+            offset,
+            "record checksum mismatch",
+        ));
+    }
+    Ok((header, payload))
+}
+
+fn read_or_corrupt(file: &FileHandle, buf: &mut [u8], offset: u64) -> Result<()> {
+    match file.read_exact_at(buf, offset) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => Err(
+            Error::corrupted(file.path(), offset, "record extends past end of file"),
+        ),
+        other => other,
+    }
+}
+
+/// How a scan of a file's records ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ScanEnd {
+    /// Every byte belonged to a valid record.
+    Clean,
+    /// From `offset` on, the bytes are not a valid record (torn write or damage).
+    Invalid { offset: u64, reason: &'static str },
+}
+
+/// One record found by [`scan`].
+pub struct ScannedRecord {
+    /// Offset of the record header in the file.
+    pub offset: u64,
+    /// The decoded header.
+    pub header: RecordHeader,
+    /// The payload (checked against its CRC).
+    pub payload: Vec<u8>,
+}
+
+/// Reads the records of `file` from `start` to its end, calling `visit` for each valid one,
+/// and reports where and why the valid sequence stopped.
+pub fn scan(
+    file: &FileHandle,
+    start: u64,
+    mut visit: impl FnMut(ScannedRecord) -> Result<()>,
+) -> Result<(u64, ScanEnd)> {
+    let len = file.len()?;
+    let mut offset = start;
+    let mut raw = [0u8; RECORD_HEADER_LEN];
+    while offset < len {
+        if len - offset < RECORD_HEADER_LEN as u64 {
+            return Ok((
+                offset,
+                ScanEnd::Invalid {
+                    offset,
+                    reason: "partial record header",
+                },
+            ));
+        }
+        file.read_exact_at(&mut raw, offset)?;
+        let Some(header) = RecordHeader::decode(&raw) else {
+            return Ok((
+                offset,
+                ScanEnd::Invalid {
+                    offset,
+                    reason: "invalid record header",
+                },
+            ));
+        };
+        if offset + header.record_len() > len {
+            return Ok((
+                offset,
+                ScanEnd::Invalid {
+                    offset,
+                    reason: "record extends past end of file",
+                },
+            ));
+        }
+        let mut payload = vec![0u8; header.len as usize];
+        file.read_exact_at(&mut payload, offset + RECORD_HEADER_LEN as u64)?;
+        if !header.check(&raw, &payload) {
+            return Ok((
+                offset,
+                ScanEnd::Invalid {
+                    offset,
+                    reason: "record checksum mismatch",
+                },
+            ));
+        }
+        let next = offset + header.record_len();
+        visit(ScannedRecord {
+            offset,
+            header,
+            payload,
+        })?;
+        offset = next;
+    }
+    Ok((offset, ScanEnd::Clean))
+}
+
+/// The file name of segment `id`: 20 zero-padded digits, so names sort numerically.
+pub fn segment_file_name(id: u64) -> String {
+    format!("{id:020}.seg")
+}
+
+/// Parses a segment file name back to its id.
+pub fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() != 20 {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The path of segment `id` under `dir`.
+pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(segment_file_name(id))
+}
+
+/// Encodes a chunk record payload's fixed prefix: id and raw length.
+pub fn chunk_prefix(id: &crate::ChunkId, raw_len: u32) -> [u8; 36] {
+    let mut p = [0u8; 36];
+    p[..32].copy_from_slice(&id.0);
+    p[32..].copy_from_slice(&raw_len.to_le_bytes());
+    p
+}
+
+/// Length of the chunk payload prefix.
+pub const CHUNK_PREFIX_LEN: usize = 36;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn record_roundtrip(payload in proptest::collection::vec(any::<u8>(), 0..2000), flags in 0u8..2) {
+            let h = record_header(RecordKind::Chunk, flags, &[&payload]);
+            let mut bytes = h.to_vec();
+            bytes.extend_from_slice(&payload);
+            let (hdr, p) = decode_record(Path::new("x"), 0, &bytes).expect("valid record");
+            prop_assert_eq!(hdr.flags, flags);
+            prop_assert_eq!(p, &payload[..]);
+        }
+
+        #[test]
+        fn flipped_bit_is_detected(payload in proptest::collection::vec(any::<u8>(), 1..500), bit in 0usize..4000) {
+            let h = record_header(RecordKind::Recipe, 0, &[&payload]);
+            let mut bytes = h.to_vec();
+            bytes.extend_from_slice(&payload);
+            let i = (bit / 8) % bytes.len();
+            bytes[i] ^= 1 << (bit % 8);
+            prop_assert!(decode_record(Path::new("x"), 0, &bytes).is_err());
+        }
+    }
+
+    #[test]
+    fn names_sort_numerically() {
+        assert_eq!(segment_file_name(42), "00000000000000000042.seg");
+        assert_eq!(
+            parse_segment_file_name("00000000000000000042.seg"),
+            Some(42)
+        );
+        assert_eq!(parse_segment_file_name("42.seg"), None);
+    }
+}

@@ -1,0 +1,940 @@
+//! The store: segments, the chunk and blob indexes, the write path with group commit, the read
+//! path, and recovery at open (docs/design.md).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+
+use crate::digest::{ChunkId, Digest};
+use crate::error::{Error, Result};
+use crate::index::{self, Entry, IndexFile, Location, Table};
+use crate::io::{FileHandle, OpenMode, RealStorage, Storage};
+use crate::mmap::Map;
+use crate::recipe::Recipe;
+use crate::segment::{
+    self, check_file_header, file_header, parse_segment_file_name, record_header, segment_path,
+    RecordKind, ScanEnd, CHUNK_PREFIX_LEN, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN,
+    SEGMENT_MAGIC,
+};
+
+/// Tuning knobs of a store.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A segment is sealed once it reaches this size.
+    pub segment_bytes_max: u64,
+    /// Store chunks zstd-compressed when that saves at least 10%.
+    pub compress: bool,
+    /// zstd level for chunks.
+    pub zstd_level: i32,
+    /// Check every chunk read against its BLAKE3 id (CRC is always checked).
+    pub verify_chunk_ids: bool,
+    /// Ignore index files and rebuild them from the segments (fsck's repair).
+    pub rebuild_indexes: bool,
+    /// Merge this many index files of one level into one.
+    pub index_merge_fanin: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            segment_bytes_max: 64 << 20,
+            compress: true,
+            zstd_level: 1,
+            verify_chunk_ids: false,
+            rebuild_indexes: false,
+            index_merge_fanin: 4,
+        }
+    }
+}
+
+/// Counters, for inspect and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Chunks written.
+    pub chunks_written: AtomicU64,
+    /// Chunks found already stored.
+    pub chunks_deduped: AtomicU64,
+    /// Bytes appended to segments.
+    pub bytes_appended: AtomicU64,
+    /// fsyncs of segment files.
+    pub syncs: AtomicU64,
+}
+
+#[derive(Clone)]
+enum SegmentData {
+    Mapped(Map),
+    File(FileHandle),
+}
+
+struct Active {
+    id: u64,
+    file: FileHandle,
+    len: u64,
+}
+
+#[derive(Default)]
+struct Delta {
+    chunks: HashMap<ChunkId, Location>,
+    blobs: HashMap<[u8; 32], Location>,
+}
+
+/// The chunk and blob entries of one segment.
+type SegmentEntries = (Vec<Entry>, Vec<Entry>);
+
+/// Entries of segments that have no index file yet, in segment order.
+#[derive(Default)]
+struct Pending {
+    by_segment: BTreeMap<u64, SegmentEntries>,
+}
+
+struct Inner {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    seg_dir: PathBuf,
+    idx_dir: PathBuf,
+    opts: Options,
+    writer: Mutex<Active>,
+    /// Group commit: holds the highest (segment, offset) known durable.
+    synced: Mutex<(u64, u64)>,
+    /// Segments with an id below this are sealed and durable.
+    sealed_below: AtomicU64,
+    indexes: RwLock<Arc<Vec<Arc<IndexFile>>>>,
+    delta: RwLock<Delta>,
+    pending: Mutex<Pending>,
+    segments: RwLock<HashMap<u64, SegmentData>>,
+    poisoned: RwLock<Option<String>>,
+    recipes: Mutex<HashMap<[u8; 32], Arc<Recipe>>>,
+    merge_lock: Mutex<()>,
+    stats: Stats,
+    _lock: Box<dyn Send + Sync>,
+}
+
+/// An open store. Cheap to clone; safe to share across threads.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+const RECIPE_CACHE_MAX: usize = 4096;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir` on the real file system.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+        Self::open_on(Arc::new(RealStorage), dir.as_ref(), opts)
+    }
+
+    /// Opens the store in `dir` on `storage`.
+    pub fn open_on(storage: Arc<dyn Storage>, dir: &Path, opts: Options) -> Result<Store> {
+        storage.create_dir_all(dir).map_err(io_err(dir))?;
+        let lock = storage.lock(dir)?;
+        let seg_dir = dir.join("segments");
+        let idx_dir = dir.join("index");
+        for d in [&seg_dir, &idx_dir] {
+            storage.create_dir_all(d).map_err(io_err(d))?;
+        }
+        storage.sync_dir(dir).map_err(io_err(dir))?;
+
+        // Index files: keep a non-overlapping covering set, widest first; drop the rest (the
+        // inputs of a merge that finished) and leftover temp files.
+        let mut idx_names: Vec<(u64, u64, String)> = Vec::new();
+        for name in storage.list(&idx_dir).map_err(io_err(&idx_dir))? {
+            match index::parse_index_file_name(&name) {
+                Some((lo, hi)) if !opts.rebuild_indexes => idx_names.push((lo, hi, name)),
+                _ => {
+                    let p = idx_dir.join(&name);
+                    storage.remove(&p).map_err(io_err(&p))?;
+                }
+            }
+        }
+        idx_names.sort_by_key(|(lo, hi, _)| (std::cmp::Reverse(hi - lo), *lo));
+        let mut chosen: Vec<(u64, u64, String)> = Vec::new();
+        for (lo, hi, name) in idx_names {
+            if chosen.iter().any(|(l, h, _)| lo <= *h && *l <= hi) {
+                let p = idx_dir.join(&name);
+                storage.remove(&p).map_err(io_err(&p))?;
+            } else {
+                chosen.push((lo, hi, name));
+            }
+        }
+        chosen.sort_by_key(|(lo, _, _)| *lo);
+        let mut indexes = Vec::new();
+        for (_, _, name) in &chosen {
+            indexes.push(Arc::new(IndexFile::open(
+                storage.as_ref(),
+                &idx_dir.join(name),
+            )?));
+        }
+        storage.sync_dir(&idx_dir).map_err(io_err(&idx_dir))?;
+        let covered = |id: u64| chosen.iter().any(|(lo, hi, _)| (*lo..=*hi).contains(&id));
+
+        let mut seg_ids: Vec<u64> = storage
+            .list(&seg_dir)
+            .map_err(io_err(&seg_dir))?
+            .iter()
+            .filter_map(|n| parse_segment_file_name(n))
+            .collect();
+        seg_ids.sort_unstable();
+
+        let mut segments = HashMap::new();
+        let mut delta = Delta::default();
+        let mut pending = Pending::default();
+        let last = seg_ids.last().copied();
+        let mut active: Option<Active> = None;
+        for &id in &seg_ids {
+            let path = segment_path(&seg_dir, id);
+            if covered(id) {
+                let file = FileHandle::open(storage.as_ref(), &path, OpenMode::Read)?;
+                segments.insert(id, open_sealed(&file)?);
+                continue;
+            }
+            let is_last = Some(id) == last;
+            let file = FileHandle::open(storage.as_ref(), &path, OpenMode::ReadWrite)?;
+            let (len, entries) = replay_segment(&file, id, is_last)?;
+            for (key, loc) in &entries.0 {
+                delta.chunks.insert(ChunkId(*key), *loc);
+            }
+            for (key, loc) in &entries.1 {
+                delta.blobs.insert(*key, *loc);
+            }
+            pending.by_segment.insert(id, entries);
+            if is_last {
+                segments.insert(id, SegmentData::File(file.clone()));
+                active = Some(Active { id, file, len });
+            } else {
+                segments.insert(id, open_sealed(&file)?);
+            }
+        }
+
+        let next_id = last.map_or(1, |l| l + 1);
+        let inner = Arc::new(Inner {
+            storage: storage.clone(),
+            dir: dir.to_path_buf(),
+            seg_dir: seg_dir.clone(),
+            idx_dir,
+            opts,
+            writer: Mutex::new(match active {
+                Some(a) => a,
+                None => create_segment(storage.as_ref(), &seg_dir, next_id)?,
+            }),
+            synced: Mutex::new((0, 0)),
+            sealed_below: AtomicU64::new(0),
+            indexes: RwLock::new(Arc::new(indexes)),
+            delta: RwLock::new(delta),
+            pending: Mutex::new(pending),
+            segments: RwLock::new(segments),
+            poisoned: RwLock::new(None),
+            recipes: Mutex::new(HashMap::new()),
+            merge_lock: Mutex::new(()),
+            stats: Stats::default(),
+            _lock: lock,
+        });
+        {
+            let w = inner.writer.lock();
+            inner.sealed_below.store(w.id, Ordering::SeqCst);
+            *inner.synced.lock() = (w.id, w.len);
+            inner
+                .segments
+                .write()
+                .insert(w.id, SegmentData::File(w.file.clone()));
+        }
+        let store = Store { inner };
+        // Segments before the active one that were sealed without an index get one now.
+        store.write_pending_indexes()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The storage this store runs on.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &Options {
+        &self.inner.opts
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        match &*self.inner.poisoned.read() {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&self, err: &Error) -> Error {
+        let mut p = self.inner.poisoned.write();
+        if p.is_none() {
+            *p = Some(err.to_string());
+        }
+        Error::Poisoned(err.to_string())
+    }
+
+    /// Looks up where a chunk is stored.
+    pub fn chunk_location(&self, id: &ChunkId) -> Option<Location> {
+        if let Some(loc) = self.inner.delta.read().chunks.get(id) {
+            return Some(*loc);
+        }
+        let indexes = self.inner.indexes.read().clone();
+        indexes
+            .iter()
+            .rev()
+            .find_map(|f| f.get(Table::Chunks, &id.0))
+    }
+
+    fn blob_location(&self, key: &[u8; 32]) -> Option<Location> {
+        if let Some(loc) = self.inner.delta.read().blobs.get(key) {
+            return Some(*loc);
+        }
+        let indexes = self.inner.indexes.read().clone();
+        indexes.iter().rev().find_map(|f| f.get(Table::Blobs, key))
+    }
+
+    /// Stores a chunk unless it is already stored. Returns its id and whether it was new.
+    /// The chunk is durable once a later commit's sync covers it.
+    pub fn put_chunk(&self, data: &[u8]) -> Result<(ChunkId, bool)> {
+        let id = ChunkId::of(data);
+        self.put_chunk_with_id(id, data).map(|new| (id, new))
+    }
+
+    pub(crate) fn put_chunk_with_id(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        self.check_poisoned()?;
+        if self.chunk_location(&id).is_some() {
+            self.inner
+                .stats
+                .chunks_deduped
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let raw_len = u32::try_from(data.len())
+            .map_err(|_| Error::LimitExceeded("chunk larger than 4 GiB".into()))?;
+        let compressed = if self.inner.opts.compress {
+            compress_if_worth(data, self.inner.opts.zstd_level)
+        } else {
+            None
+        };
+        let (flags, body): (u8, &[u8]) = match &compressed {
+            Some(c) => (FLAG_ZSTD, c),
+            None => (0, data),
+        };
+        let prefix = segment::chunk_prefix(&id, raw_len);
+        let mut w = self.inner.writer.lock();
+        // Another writer may have stored it meanwhile; appends are serialized by this lock.
+        if self.inner.delta.read().chunks.contains_key(&id) {
+            self.inner
+                .stats
+                .chunks_deduped
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let loc =
+            self.append_locked(&mut w, RecordKind::Chunk, flags, &[&prefix, body], raw_len)?;
+        self.inner.delta.write().chunks.insert(id, loc);
+        self.inner
+            .pending
+            .lock()
+            .by_segment
+            .entry(loc.segment)
+            .or_default()
+            .0
+            .push((id.0, loc));
+        self.inner
+            .stats
+            .chunks_written
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Appends one record to the active segment, rolling to a new segment first when it would
+    /// overflow. Caller holds the writer lock.
+    fn append_locked(
+        &self,
+        w: &mut Active,
+        kind: RecordKind,
+        flags: u8,
+        parts: &[&[u8]],
+        aux: u32,
+    ) -> Result<Location> {
+        self.check_poisoned()?;
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+        let rec_len = (RECORD_HEADER_LEN + payload_len) as u64;
+        if w.len > FILE_HEADER_LEN as u64 && w.len + rec_len > self.inner.opts.segment_bytes_max {
+            self.roll_locked(w)?;
+        }
+        let mut buf = Vec::with_capacity(RECORD_HEADER_LEN + payload_len);
+        buf.extend_from_slice(&record_header(kind, flags, parts));
+        for p in parts {
+            buf.extend_from_slice(p);
+        }
+        let offset = w.len;
+        if let Err(e) = w.file.write_all_at(&buf, offset) {
+            // A failed append leaves the file as it was: cut back what may have landed.
+            let _ = w.file.set_len(offset);
+            return Err(e);
+        }
+        w.len += rec_len;
+        self.inner
+            .stats
+            .bytes_appended
+            .fetch_add(rec_len, Ordering::Relaxed);
+        Ok(Location {
+            segment: w.id,
+            offset,
+            len: payload_len as u32,
+            aux,
+        })
+    }
+
+    /// Seals the active segment (fsync, map, index file) and starts the next one.
+    fn roll_locked(&self, w: &mut Active) -> Result<()> {
+        w.file.sync().map_err(|e| self.poison(&e))?;
+        self.inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        let next = create_segment(self.inner.storage.as_ref(), &self.inner.seg_dir, w.id + 1)
+            .map_err(|e| self.poison(&e))?;
+        let old = std::mem::replace(w, next);
+        self.inner.sealed_below.store(w.id, Ordering::SeqCst);
+        {
+            let mut segs = self.inner.segments.write();
+            segs.insert(old.id, open_sealed(&old.file)?);
+            segs.insert(w.id, SegmentData::File(w.file.clone()));
+        }
+        self.write_pending_indexes()
+    }
+
+    /// Writes an index file for every sealed segment that has none yet, then moves its
+    /// entries from the in-memory delta to the mapped index.
+    fn write_pending_indexes(&self) -> Result<()> {
+        let sealed_below = self.inner.sealed_below.load(Ordering::SeqCst);
+        loop {
+            let next = {
+                let p = self.inner.pending.lock();
+                p.by_segment
+                    .iter()
+                    .next()
+                    .filter(|(id, _)| **id < sealed_below)
+                    .map(|(id, e)| (*id, e.clone()))
+            };
+            let Some((id, (mut chunks, mut blobs))) = next else {
+                break;
+            };
+            chunks.sort_unstable_by_key(|e| e.0);
+            blobs.sort_unstable_by_key(|e| e.0);
+            chunks.dedup_by(|b, a| a.0 == b.0);
+            blobs.dedup_by(|b, a| a.0 == b.0);
+            let path = self.inner.idx_dir.join(index::index_file_name(id, id));
+            index::write_index(self.inner.storage.as_ref(), &path, &chunks, &blobs)
+                .map_err(|e| self.poison(&e))?;
+            let file = Arc::new(IndexFile::open(self.inner.storage.as_ref(), &path)?);
+            {
+                let mut idx = self.inner.indexes.write();
+                let mut files: Vec<_> = idx.iter().cloned().collect();
+                files.push(file);
+                files.sort_by_key(|f| f.lo);
+                *idx = Arc::new(files);
+            }
+            {
+                let mut d = self.inner.delta.write();
+                for (k, loc) in &chunks {
+                    if d.chunks.get(&ChunkId(*k)) == Some(loc) {
+                        d.chunks.remove(&ChunkId(*k));
+                    }
+                }
+                for (k, loc) in &blobs {
+                    if d.blobs.get(k) == Some(loc) {
+                        d.blobs.remove(k);
+                    }
+                }
+            }
+            self.inner.pending.lock().by_segment.remove(&id);
+        }
+        self.maybe_merge()
+    }
+
+    /// Merges index files level by level: `fanin` adjacent files whose segment spans are of the
+    /// same power-of-`fanin` level become one, so a store of n segments keeps O(log n) files
+    /// and each entry is rewritten O(log n) times.
+    fn maybe_merge(&self) -> Result<()> {
+        let Some(_guard) = self.inner.merge_lock.try_lock() else {
+            return Ok(());
+        };
+        let fanin = self.inner.opts.index_merge_fanin.max(2);
+        loop {
+            let files = self.inner.indexes.read().clone();
+            let level = |f: &IndexFile| {
+                let mut span = f.hi - f.lo + 1;
+                let mut l = 0;
+                while span >= fanin as u64 {
+                    span /= fanin as u64;
+                    l += 1;
+                }
+                l
+            };
+            let Some(start) = (0..files.len().saturating_sub(fanin - 1)).find(|&i| {
+                let l = level(&files[i]);
+                files[i..i + fanin].iter().all(|f| level(f) == l)
+            }) else {
+                return Ok(());
+            };
+            let group: Vec<&IndexFile> = files[start..start + fanin]
+                .iter()
+                .map(|f| f.as_ref())
+                .collect();
+            let (lo, hi) = (group[0].lo, group[fanin - 1].hi);
+            let (chunks, blobs) = index::merge(&group);
+            let path = self.inner.idx_dir.join(index::index_file_name(lo, hi));
+            index::write_index(self.inner.storage.as_ref(), &path, &chunks, &blobs)
+                .map_err(|e| self.poison(&e))?;
+            let merged = Arc::new(IndexFile::open(self.inner.storage.as_ref(), &path)?);
+            let old: Vec<PathBuf> = group.iter().map(|f| f.path().to_path_buf()).collect();
+            {
+                let mut idx = self.inner.indexes.write();
+                let mut next: Vec<_> = idx
+                    .iter()
+                    .filter(|f| f.hi < lo || f.lo > hi)
+                    .cloned()
+                    .collect();
+                next.push(merged);
+                next.sort_by_key(|f| f.lo);
+                *idx = Arc::new(next);
+            }
+            for p in &old {
+                self.inner.storage.remove(p).map_err(io_err(p))?;
+            }
+            self.inner
+                .storage
+                .sync_dir(&self.inner.idx_dir)
+                .map_err(io_err(&self.inner.idx_dir))?;
+        }
+    }
+
+    /// Makes everything appended up to `(segment, end)` durable. Concurrent callers share one
+    /// fsync: whoever takes the lock syncs everything written so far for all of them.
+    fn sync_to(&self, segment: u64, end: u64) -> Result<()> {
+        if segment < self.inner.sealed_below.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut synced = self.inner.synced.lock();
+        if *synced >= (segment, end) || segment < self.inner.sealed_below.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.check_poisoned()?;
+        let (id, file, len) = {
+            let w = self.inner.writer.lock();
+            (w.id, w.file.clone(), w.len)
+        };
+        if id != segment {
+            // The segment was sealed (and synced) while we waited.
+            return Ok(());
+        }
+        file.sync().map_err(|e| self.poison(&e))?;
+        self.inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        *synced = (id, len);
+        // Record that everything before this point is durable; recovery uses the last mark to
+        // tell a torn tail from damage to acknowledged data.
+        let mut w = self.inner.writer.lock();
+        if w.id == id && w.len == len {
+            let mark = len.to_le_bytes();
+            self.append_locked(&mut w, RecordKind::SyncMark, 0, &[&mark], 0)?;
+        }
+        Ok(())
+    }
+
+    /// Commits a recipe: appends it, makes it durable, then makes it visible.
+    pub(crate) fn commit_recipe(&self, recipe: Recipe) -> Result<Arc<Recipe>> {
+        let key = recipe.digest.index_key();
+        if let Ok(existing) = self.recipe(&recipe.digest) {
+            return Ok(existing);
+        }
+        let payload = recipe.encode();
+        if payload.len() > segment::RECORD_PAYLOAD_MAX {
+            return Err(Error::LimitExceeded(format!(
+                "recipe of {} bytes is too large",
+                payload.len()
+            )));
+        }
+        let loc = {
+            let mut w = self.inner.writer.lock();
+            self.append_locked(
+                &mut w,
+                RecordKind::Recipe,
+                0,
+                &[&payload],
+                u32::from(recipe.digest.algorithm().code()),
+            )?
+        };
+        self.sync_to(
+            loc.segment,
+            loc.offset + RECORD_HEADER_LEN as u64 + u64::from(loc.len),
+        )?;
+        self.inner.delta.write().blobs.insert(key, loc);
+        self.inner
+            .pending
+            .lock()
+            .by_segment
+            .entry(loc.segment)
+            .or_default()
+            .1
+            .push((key, loc));
+        let recipe = Arc::new(recipe);
+        self.cache_recipe(key, recipe.clone());
+        Ok(recipe)
+    }
+
+    fn cache_recipe(&self, key: [u8; 32], recipe: Arc<Recipe>) {
+        let mut cache = self.inner.recipes.lock();
+        if cache.len() >= RECIPE_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, recipe);
+    }
+
+    fn segment_data(&self, id: u64) -> Result<SegmentData> {
+        self.inner.segments.read().get(&id).cloned().ok_or_else(|| {
+            Error::corrupted(
+                segment_path(&self.inner.seg_dir, id),
+                0,
+                "segment file referenced by the index is missing",
+            )
+        })
+    }
+
+    /// Reads and checks the record at `loc`; returns its flags and payload.
+    fn read_record(&self, loc: &Location) -> Result<(u8, Bytes)> {
+        let path = || segment_path(&self.inner.seg_dir, loc.segment);
+        match self.segment_data(loc.segment)? {
+            SegmentData::Mapped(map) => {
+                let start = usize::try_from(loc.offset).unwrap_or(usize::MAX);
+                let bytes = map.get(start..).ok_or_else(|| {
+                    Error::corrupted(path(), loc.offset, "record offset past end of segment")
+                })?;
+                let (h, payload) = segment::decode_record(&path(), loc.offset, bytes)?;
+                if h.len != loc.len {
+                    return Err(Error::corrupted(
+                        path(),
+                        loc.offset,
+                        "record length differs from the index",
+                    ));
+                }
+                let begin = start + RECORD_HEADER_LEN;
+                let end = begin + payload.len();
+                Ok((h.flags, Bytes::from_owner(MapSlice { map, begin, end })))
+            }
+            SegmentData::File(file) => {
+                let (h, payload) = segment::read_record(&file, loc.offset)?;
+                if h.len != loc.len {
+                    return Err(Error::corrupted(
+                        path(),
+                        loc.offset,
+                        "record length differs from the index",
+                    ));
+                }
+                Ok((h.flags, Bytes::from(payload)))
+            }
+        }
+    }
+
+    /// The raw bytes of a chunk; uncompressed chunks of sealed segments are not copied.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Bytes> {
+        let loc = self
+            .chunk_location(id)
+            .ok_or_else(|| Error::NotFound(format!("chunk {id}")))?;
+        let (flags, payload) = self.read_record(&loc)?;
+        let path = || segment_path(&self.inner.seg_dir, loc.segment);
+        if payload.len() < CHUNK_PREFIX_LEN || payload[..32] != id.0 {
+            return Err(Error::corrupted(
+                path(),
+                loc.offset,
+                "chunk record holds another chunk than the index says",
+            ));
+        }
+        let raw_len = u32::from_le_bytes(payload[32..36].try_into().unwrap_or_default()) as usize;
+        let body = payload.slice(CHUNK_PREFIX_LEN..);
+        let data = if flags & FLAG_ZSTD != 0 {
+            let v = zstd::bulk::decompress(&body, raw_len)
+                .map_err(|e| Error::corrupted(path(), loc.offset, format!("zstd: {e}")))?;
+            Bytes::from(v)
+        } else {
+            body
+        };
+        if data.len() != raw_len {
+            return Err(Error::corrupted(
+                path(),
+                loc.offset,
+                "chunk length differs from its header",
+            ));
+        }
+        if self.inner.opts.verify_chunk_ids && ChunkId::of(&data) != *id {
+            return Err(Error::corrupted(
+                path(),
+                loc.offset,
+                "chunk bytes do not match their BLAKE3 id",
+            ));
+        }
+        Ok(data)
+    }
+
+    /// The recipe of a committed blob.
+    pub fn recipe(&self, digest: &Digest) -> Result<Arc<Recipe>> {
+        let key = digest.index_key();
+        if let Some(r) = self.inner.recipes.lock().get(&key) {
+            if r.digest == *digest {
+                return Ok(r.clone());
+            }
+        }
+        let loc = self
+            .blob_location(&key)
+            .ok_or_else(|| Error::NotFound(format!("blob {digest}")))?;
+        let (_, payload) = self.read_record(&loc)?;
+        let recipe = Recipe::decode(
+            &segment_path(&self.inner.seg_dir, loc.segment),
+            loc.offset,
+            &payload,
+        )?;
+        if recipe.digest != *digest {
+            return Err(Error::NotFound(format!("blob {digest}")));
+        }
+        let recipe = Arc::new(recipe);
+        self.cache_recipe(key, recipe.clone());
+        Ok(recipe)
+    }
+
+    /// The size of a committed blob, or `None` when it is not stored.
+    pub fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        match self.recipe(digest) {
+            Ok(r) => Ok(Some(r.size)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True when the blob is stored.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        matches!(self.stat(digest), Ok(Some(_)))
+    }
+
+    /// Seals the active segment so the next open replays nothing, and releases the store.
+    /// Dropping a store without `close` is safe too: the next open replays the active segment.
+    pub fn close(self) -> Result<()> {
+        self.check_poisoned()?;
+        let mut w = self.inner.writer.lock();
+        if w.len > FILE_HEADER_LEN as u64 {
+            self.roll_locked(&mut w)?;
+        }
+        Ok(())
+    }
+
+    /// Number of segment files and index files, for inspect.
+    pub fn file_counts(&self) -> (usize, usize) {
+        (
+            self.inner.segments.read().len(),
+            self.inner.indexes.read().len(),
+        )
+    }
+
+    /// Ids of all segments, in order.
+    pub fn segment_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.inner.segments.read().keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Every committed blob digest known to the indexes (for fsck and inspect).
+    pub fn blob_locations(&self) -> Vec<([u8; 32], Location)> {
+        let mut out: HashMap<[u8; 32], Location> = HashMap::new();
+        for f in self.inner.indexes.read().iter() {
+            out.extend(f.iter(Table::Blobs));
+        }
+        out.extend(self.inner.delta.read().blobs.iter().map(|(k, v)| (*k, *v)));
+        out.into_iter().collect()
+    }
+
+    /// Reads a recipe by its location (for fsck and inspect).
+    pub fn recipe_at(&self, loc: &Location) -> Result<Recipe> {
+        let (_, payload) = self.read_record(loc)?;
+        Recipe::decode(
+            &segment_path(&self.inner.seg_dir, loc.segment),
+            loc.offset,
+            &payload,
+        )
+    }
+}
+
+struct MapSlice {
+    map: Map,
+    begin: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        self.map.get(self.begin..self.end).unwrap_or_default()
+    }
+}
+
+fn compress_if_worth(data: &[u8], level: i32) -> Option<Vec<u8>> {
+    const PROBE: usize = 4096;
+    if data.len() < 512 {
+        return None;
+    }
+    // A cheap probe first: compressed and encrypted data is stored raw without paying for a
+    // full compression attempt.
+    if data.len() > 2 * PROBE {
+        let probe = zstd::bulk::compress(&data[..PROBE], 1).ok()?;
+        if probe.len() * 10 > PROBE * 9 {
+            return None;
+        }
+    }
+    let c = zstd::bulk::compress(data, level).ok()?;
+    (c.len() * 10 <= data.len() * 9).then_some(c)
+}
+
+fn open_sealed(file: &FileHandle) -> Result<SegmentData> {
+    Ok(match file.map()? {
+        Some(map) => SegmentData::Mapped(map),
+        None => SegmentData::File(file.clone()),
+    })
+}
+
+fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> Result<Active> {
+    let path = segment_path(seg_dir, id);
+    let file = FileHandle::open(storage, &path, OpenMode::Truncate)?;
+    file.write_all_at(&file_header(SEGMENT_MAGIC), 0)?;
+    file.sync()?;
+    storage.sync_dir(seg_dir).map_err(io_err(seg_dir))?;
+    Ok(Active {
+        id,
+        file,
+        len: FILE_HEADER_LEN as u64,
+    })
+}
+
+/// Replays a segment without an index file: collects its entries, and decides what an invalid
+/// record means. In the last segment, bytes after the last sync mark were never acknowledged,
+/// so damage there is a torn tail and is truncated; damage before it is corruption.
+fn replay_segment(
+    file: &FileHandle,
+    id: u64,
+    is_last: bool,
+) -> Result<(u64, SegmentEntries)> {
+    let path = file.path().to_path_buf();
+    let len = file.len()?;
+    let mut head = [0u8; FILE_HEADER_LEN];
+    if len < FILE_HEADER_LEN as u64
+        || file.read_exact_at(&mut head, 0).is_err()
+        || check_file_header(&path, SEGMENT_MAGIC, &head).is_err()
+    {
+        if is_last && len <= 4096 {
+            // Created but its header never became durable: start it afresh.
+            file.set_len(0)?;
+            file.write_all_at(&file_header(SEGMENT_MAGIC), 0)?;
+            file.sync()?;
+            return Ok((FILE_HEADER_LEN as u64, (Vec::new(), Vec::new())));
+        }
+        check_file_header(&path, SEGMENT_MAGIC, &head)?;
+    }
+    let mut chunks = Vec::new();
+    let mut blobs = Vec::new();
+    let mut durable_end = FILE_HEADER_LEN as u64;
+    let (end, how) = segment::scan(file, FILE_HEADER_LEN as u64, |rec| {
+        let loc = Location {
+            segment: id,
+            offset: rec.offset,
+            len: rec.header.len,
+            aux: 0,
+        };
+        match rec.header.kind {
+            RecordKind::Chunk => {
+                let p = &rec.payload;
+                let key: [u8; 32] = p
+                    .get(..32)
+                    .and_then(|k| k.try_into().ok())
+                    .ok_or_else(|| Error::corrupted(&path, rec.offset, "chunk record too short"))?;
+                let raw = p
+                    .get(32..36)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_le_bytes)
+                    .unwrap_or_default();
+                chunks.push((key, Location { aux: raw, ..loc }));
+            }
+            RecordKind::Recipe => {
+                let r = Recipe::decode(&path, rec.offset, &rec.payload)?;
+                blobs.push((
+                    r.digest.index_key(),
+                    Location {
+                        aux: u32::from(r.digest.algorithm().code()),
+                        ..loc
+                    },
+                ));
+            }
+            RecordKind::SyncMark => durable_end = rec.offset,
+            RecordKind::CatalogBatch => {
+                return Err(Error::corrupted(
+                    &path,
+                    rec.offset,
+                    "catalog record in a segment",
+                ))
+            }
+        }
+        Ok(())
+    })?;
+    if let ScanEnd::Invalid { offset, reason } = how {
+        let later_mark = find_sync_mark_after(file, offset)?;
+        if !is_last || later_mark.is_some() || offset < durable_end {
+            return Err(Error::corrupted(
+                &path,
+                offset,
+                format!("{reason} in acknowledged data"),
+            ));
+        }
+        file.set_len(offset)?;
+        file.sync()?;
+    }
+    Ok((end, (chunks, blobs)))
+}
+
+/// Looks for a valid sync mark anywhere after `from` (a mark carries its own offset, so a
+/// false match in garbage is practically impossible).
+fn find_sync_mark_after(file: &FileHandle, from: u64) -> Result<Option<u64>> {
+    let len = file.len()?;
+    let n = usize::try_from(len - from)
+        .map_err(|_| Error::LimitExceeded("segment too large".into()))?;
+    let mut bytes = vec![0u8; n];
+    file.read_exact_at(&mut bytes, from)?;
+    let rec = RECORD_HEADER_LEN + 8;
+    for i in 1..bytes.len().saturating_sub(rec - 1) {
+        if bytes[i + 4] != RecordKind::SyncMark as u8 || bytes[i..i + 4] != 8u32.to_le_bytes() {
+            continue;
+        }
+        let at = from + i as u64;
+        if let Ok((_, payload)) = segment::decode_record(file.path(), at, &bytes[i..i + rec]) {
+            if payload == at.to_le_bytes() {
+                return Ok(Some(at));
+            }
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,336 @@
+//! Store behaviour: dedup, digests, ranges, reopen, corruption.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ballast_engine::io::SimStorage;
+use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Error, Options, Store};
+
+use crate::{seeded, sha256, tar};
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, Options::default()).expect("open store")
+}
+
+#[test]
+fn same_blob_twice_is_stored_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = seeded(3 << 20, 7);
+    let a = store.put_blob(&data, Some(&sha256(&data))).expect("first");
+    assert!(a.new_chunks > 10);
+    let appended = store
+        .stats()
+        .bytes_appended
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let b = store.put_blob(&data, Some(&sha256(&data))).expect("second");
+    assert_eq!(b.new_chunks, 0);
+    assert_eq!(b.new_bytes, 0);
+    let after = store
+        .stats()
+        .bytes_appended
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after, appended, "a second identical push writes nothing");
+    assert_eq!(store.read_blob(&sha256(&data)).expect("read"), data);
+}
+
+#[test]
+fn insertion_in_the_middle_adds_few_chunks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let base = seeded(64 << 20, 11);
+    let first = store.put_blob(&base, None).expect("base");
+    let mut edited = base[..32 << 20].to_vec();
+    edited.extend_from_slice(&seeded(1 << 20, 99));
+    edited.extend_from_slice(&base[32 << 20..]);
+    let second = store.put_blob(&edited, None).expect("edited");
+    let total = second.recipe.pieces.len() as u64;
+    assert!(first.new_chunks > 500);
+    // 1 MiB of new data is ~16 chunks at 64 KiB; the edges add one or two more.
+    assert!(
+        second.new_chunks <= 24,
+        "{} of {total} chunks were new",
+        second.new_chunks
+    );
+    assert!(second.new_bytes < (1 << 20) + 4 * 256 * 1024);
+    assert_eq!(store.read_blob(&sha256(&edited)).expect("read"), edited);
+}
+
+fn tree(files: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    (0..files)
+        .map(|i| {
+            let len = match i % 5 {
+                0 => 300,
+                1 => 5000,
+                2 => 40_000,
+                3 => 150_000,
+                _ => 700_000,
+            };
+            (format!("usr/lib/file{i}.bin"), seeded(len, seed + i as u64))
+        })
+        .collect()
+}
+
+#[test]
+fn tar_rebuilt_with_new_mtimes_adds_only_headers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let files = tree(60, 1000);
+    let old = tar(&files, 1_600_000_000);
+    let new = tar(&files, 1_700_000_000);
+    assert_ne!(sha256(&old), sha256(&new));
+    store.put_blob(&old, None).expect("old");
+    let second = store.put_blob(&new, None).expect("new");
+    assert_eq!(
+        second.new_chunks, 0,
+        "only headers changed, and they are inline"
+    );
+    assert_eq!(store.read_blob(&sha256(&new)).expect("read"), new);
+
+    // Plain CDC over the same streams re-stores much more.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let plain = open(dir2.path());
+    let mut w = BlobWriter::new(&plain, Algorithm::Sha256, ChunkMode::Plain);
+    w.write(&old).expect("write");
+    w.finish(None).expect("finish");
+    let mut w = BlobWriter::new(&plain, Algorithm::Sha256, ChunkMode::Plain);
+    w.write(&new).expect("write");
+    let c = w.finish(None).expect("finish");
+    // Every header sits inside a CDC chunk that now changes: about one chunk per file.
+    assert!(
+        c.new_bytes > 1 << 20,
+        "plain CDC rewrote only {} bytes",
+        c.new_bytes
+    );
+}
+
+#[test]
+fn blob_shared_by_two_repositories_is_stored_once() {
+    // Blobs are global: a second push of the same bytes (from another repository) is a dedup
+    // hit for every chunk and for the recipe.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = seeded(1 << 20, 5);
+    store.put_blob(&data, None).expect("repo a");
+    let before = store
+        .stats()
+        .bytes_appended
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let again = store.put_blob(&data, None).expect("repo b");
+    assert_eq!(again.new_bytes, 0);
+    assert_eq!(
+        before,
+        store
+            .stats()
+            .bytes_appended
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn digest_mismatch_leaves_nothing_visible() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = seeded(2 << 20, 3);
+    let wrong = sha256(b"something else");
+    match store.put_blob(&data, Some(&wrong)) {
+        Err(Error::DigestMismatch { .. }) => {}
+        other => panic!("expected a digest mismatch, got {other:?}"),
+    }
+    assert!(!store.contains(&wrong));
+    assert!(!store.contains(&sha256(&data)));
+    drop(store);
+    let store = open(dir.path());
+    assert!(!store.contains(&sha256(&data)));
+}
+
+#[test]
+fn sha512_blobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = seeded(300_000, 9);
+    let d = Digest::of(Algorithm::Sha512, &data);
+    store.put_blob(&data, Some(&d)).expect("put");
+    assert_eq!(store.read_blob(&d).expect("read"), data);
+    assert_eq!(store.stat(&d).expect("stat"), Some(data.len() as u64));
+    assert!(!store.contains(&sha256(&data)));
+}
+
+#[test]
+fn range_reads_at_chunk_edges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = seeded(2 << 20, 21);
+    let d = sha256(&data);
+    store.put_blob(&data, None).expect("put");
+    let reader = store.open_blob(&d).expect("open");
+    let starts = reader.recipe().starts();
+    let mut cases = vec![
+        (0, 0),
+        (0, 1),
+        (0, data.len() as u64),
+        (data.len() as u64, data.len() as u64),
+    ];
+    for &s in &starts[1..starts.len() - 1] {
+        cases.extend([
+            (s - 1, s),
+            (s, s + 1),
+            (s - 1, s + 1),
+            (s - 100, s + 70_000),
+        ]);
+    }
+    for (a, b) in cases {
+        let b = b.min(data.len() as u64);
+        let got: Vec<u8> = reader
+            .range(a, b)
+            .expect("range")
+            .flat_map(|p| p.expect("piece").to_vec())
+            .collect();
+        assert_eq!(got, data[a as usize..b as usize], "range {a}-{b}");
+    }
+    assert!(reader.range(0, data.len() as u64 + 1).is_err());
+}
+
+#[test]
+fn streaming_write_in_odd_pieces_matches_one_shot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = seeded(5 << 20, 77);
+    let mut w = BlobWriter::new(&store, Algorithm::Sha256, ChunkMode::Auto);
+    for part in data.chunks(12_345) {
+        w.write(part).expect("write");
+    }
+    let a = w.finish(Some(&sha256(&data))).expect("finish");
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let b = open(dir2.path()).put_blob(&data, None).expect("put");
+    assert_eq!(a.recipe.pieces, b.recipe.pieces);
+}
+
+#[test]
+fn reopen_after_close_and_after_drop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options {
+        segment_bytes_max: 1 << 20,
+        ..Options::default()
+    };
+    let mut blobs = Vec::new();
+    {
+        let store = Store::open(dir.path(), opts.clone()).expect("open");
+        for i in 0..40 {
+            let data = seeded(200_000 + i * 1000, i as u64);
+            store.put_blob(&data, None).expect("put");
+            blobs.push(data);
+        }
+        store.close().expect("close");
+    }
+    {
+        let store = Store::open(dir.path(), opts.clone()).expect("reopen");
+        for data in &blobs {
+            assert_eq!(&store.read_blob(&sha256(data)).expect("read"), data);
+        }
+        let data = seeded(50_000, 1234);
+        store.put_blob(&data, None).expect("put");
+        blobs.push(data);
+        // Dropped without close: the next open replays the active segment.
+    }
+    let store = Store::open(dir.path(), opts).expect("reopen again");
+    for data in &blobs {
+        assert_eq!(&store.read_blob(&sha256(data)).expect("read"), data);
+    }
+    let (segments, indexes) = store.file_counts();
+    assert!(segments > 5);
+    assert!(
+        indexes < segments,
+        "index files are merged ({indexes} for {segments} segments)"
+    );
+}
+
+#[test]
+fn second_open_names_the_holder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _store = open(dir.path());
+    match Store::open(dir.path(), Options::default()) {
+        Err(e @ Error::Locked { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains(&format!("pid {}", std::process::id())),
+                "{e}"
+            );
+        }
+        other => panic!("expected a lock error, got {other:?}"),
+    }
+}
+
+#[test]
+fn flipped_byte_is_reported_as_corruption_with_file_and_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options {
+        compress: false,
+        ..Options::default()
+    };
+    let data = seeded(600_000, 5);
+    let d = sha256(&data);
+    {
+        let store = Store::open(dir.path(), opts.clone()).expect("open");
+        store.put_blob(&data, None).expect("put");
+        store.close().expect("close");
+    }
+    let seg = dir.path().join("segments").join("00000000000000000001.seg");
+    let mut bytes = std::fs::read(&seg).expect("read segment");
+    bytes[100_000] ^= 0x40;
+    std::fs::write(&seg, &bytes).expect("write segment");
+    let store = Store::open(dir.path(), opts).expect("open still works: the segment is sealed");
+    let err = store.read_blob(&d).expect_err("damage is detected");
+    match &err {
+        Error::Corrupted { file, offset, .. } => {
+            assert_eq!(file, &seg);
+            assert!(*offset <= 100_000 && *offset > 0);
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn damage_to_acknowledged_data_in_the_active_segment_is_not_truncated() {
+    let sim = SimStorage::new();
+    let dir = Path::new("/store");
+    let data = seeded(400_000, 8);
+    {
+        let store = Store::open_on(
+            Arc::new(sim.clone()),
+            dir,
+            Options {
+                compress: false,
+                ..Options::default()
+            },
+        )
+        .expect("open");
+        store.put_blob(&data, None).expect("put");
+        store.put_blob(&seeded(1000, 1), None).expect("put");
+    }
+    let seg = dir.join("segments").join("00000000000000000001.seg");
+    sim.flip_bit(&seg, 5000);
+    let err = Store::open_on(Arc::new(sim.crash_image(None)), dir, Options::default())
+        .expect_err("corruption");
+    assert!(err.is_corruption(), "{err}");
+    assert!(
+        err.to_string().contains("00000000000000000001.seg"),
+        "{err}"
+    );
+}
+
+#[test]
+fn failed_sync_poisons_the_store() {
+    let sim = SimStorage::new();
+    let store =
+        Store::open_on(Arc::new(sim.clone()), Path::new("/s"), Options::default()).expect("open");
+    store.put_blob(b"first", None).expect("put");
+    sim.fail_syncs();
+    assert!(store.put_blob(b"second", None).is_err());
+    match store.put_blob(b"third", None) {
+        Err(Error::Poisoned(_)) => {}
+        other => panic!("expected poisoned, got {other:?}"),
+    }
+    // Reads still work.
+    assert_eq!(store.read_blob(&sha256(b"first")).expect("read"), b"first");
+}

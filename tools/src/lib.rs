@@ -1,0 +1,1 @@
+//! Offline admin tools over the engine.
