@@ -28,7 +28,10 @@ pub enum OpenMode {
 }
 
 /// One open file.
-#[allow(clippy::len_without_is_empty, reason = "files are asked for their length only")]
+#[allow(
+    clippy::len_without_is_empty,
+    reason = "files are asked for their length only"
+)]
 pub trait StorageFile: Send + Sync {
     /// Reads exactly `buf.len()` bytes at `offset`; a short file is `UnexpectedEof`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

@@ -6,18 +6,23 @@
 #![deny(unsafe_code)]
 
 pub mod blob;
+pub mod catalog;
 pub mod chunker;
 pub mod digest;
 pub mod error;
 pub mod index;
 pub mod io;
 mod mmap;
+pub mod names;
 pub mod recipe;
 pub mod segment;
 pub mod store;
+pub mod uploads;
 
 pub use blob::{BlobReader, BlobWriter, Committed};
+pub use catalog::Catalog;
 pub use chunker::Mode as ChunkMode;
 pub use digest::{Algorithm, ChunkId, Digest};
 pub use error::{Error, Result};
 pub use store::{Options, Store};
+pub use uploads::Uploads;

@@ -277,6 +277,55 @@ pub fn scan(
     Ok((offset, ScanEnd::Clean))
 }
 
+/// Decides what an invalid record found by [`scan`] means, and acts on it. Everything before
+/// the last sync mark (`durable_end`) was acknowledged; so was everything before any valid
+/// sync mark found after the damage. In the file being appended to (`is_last`), damage after
+/// both is a torn tail from a crash: the file is cut back to the last valid record. Anything
+/// else is corruption, reported and never dropped.
+pub fn settle_tail(
+    file: &FileHandle,
+    how: &ScanEnd,
+    durable_end: u64,
+    is_last: bool,
+) -> Result<()> {
+    let ScanEnd::Invalid { offset, reason } = *how else {
+        return Ok(());
+    };
+    let later_mark = find_sync_mark_after(file, offset)?;
+    if !is_last || later_mark.is_some() || offset < durable_end {
+        return Err(Error::corrupted(
+            file.path(),
+            offset,
+            format!("{reason} in acknowledged data"),
+        ));
+    }
+    file.set_len(offset)?;
+    file.sync()
+}
+
+/// Looks for a valid sync mark anywhere after `from` (a mark carries its own offset, so a
+/// false match in garbage is practically impossible).
+fn find_sync_mark_after(file: &FileHandle, from: u64) -> Result<Option<u64>> {
+    let len = file.len()?;
+    let n = usize::try_from(len.saturating_sub(from))
+        .map_err(|_| Error::LimitExceeded("file too large".into()))?;
+    let mut bytes = vec![0u8; n];
+    file.read_exact_at(&mut bytes, from)?;
+    let rec = RECORD_HEADER_LEN + 8;
+    for i in 1..bytes.len().saturating_sub(rec - 1) {
+        if bytes[i + 4] != RecordKind::SyncMark as u8 || bytes[i..i + 4] != 8u32.to_le_bytes() {
+            continue;
+        }
+        let at = from + i as u64;
+        if let Ok((_, payload)) = decode_record(file.path(), at, &bytes[i..i + rec]) {
+            if payload == at.to_le_bytes() {
+                return Ok(Some(at));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// The file name of segment `id`: 20 zero-padded digits, so names sort numerically.
 pub fn segment_file_name(id: u64) -> String {
     format!("{id:020}.seg")

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
+use crate::catalog::Catalog;
 use crate::digest::{ChunkId, Digest};
 use crate::error::{Error, Result};
 use crate::index::{self, Entry, IndexFile, Location, Table};
@@ -17,9 +18,9 @@ use crate::mmap::Map;
 use crate::recipe::Recipe;
 use crate::segment::{
     self, check_file_header, file_header, parse_segment_file_name, record_header, segment_path,
-    RecordKind, ScanEnd, CHUNK_PREFIX_LEN, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN,
-    SEGMENT_MAGIC,
+    RecordKind, CHUNK_PREFIX_LEN, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_MAGIC,
 };
+use crate::uploads::Uploads;
 
 /// Tuning knobs of a store.
 #[derive(Clone, Debug)]
@@ -110,6 +111,8 @@ struct Inner {
     recipes: Mutex<HashMap<[u8; 32], Arc<Recipe>>>,
     merge_lock: Mutex<()>,
     stats: Stats,
+    catalog: Arc<Catalog>,
+    uploads: Uploads,
     _lock: Box<dyn Send + Sync>,
 }
 
@@ -149,6 +152,8 @@ impl Store {
             storage.create_dir_all(d).map_err(io_err(d))?;
         }
         storage.sync_dir(dir).map_err(io_err(dir))?;
+        let catalog = Arc::new(Catalog::open(storage.clone(), &dir.join("catalog"))?);
+        let uploads = Uploads::open(storage.clone(), &dir.join("uploads"))?;
 
         // Index files: keep a non-overlapping covering set, widest first; drop the rest (the
         // inputs of a merge that finished) and leftover temp files.
@@ -242,6 +247,8 @@ impl Store {
             recipes: Mutex::new(HashMap::new()),
             merge_lock: Mutex::new(()),
             stats: Stats::default(),
+            catalog,
+            uploads,
             _lock: lock,
         });
         {
@@ -267,6 +274,16 @@ impl Store {
     /// The storage this store runs on.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
+    }
+
+    /// The catalog of repositories, tags and links.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.inner.catalog
+    }
+
+    /// The upload sessions.
+    pub fn uploads(&self) -> &Uploads {
+        &self.inner.uploads
     }
 
     /// Counters.
@@ -835,11 +852,7 @@ fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> Result<Acti
 /// Replays a segment without an index file: collects its entries, and decides what an invalid
 /// record means. In the last segment, bytes after the last sync mark were never acknowledged,
 /// so damage there is a torn tail and is truncated; damage before it is corruption.
-fn replay_segment(
-    file: &FileHandle,
-    id: u64,
-    is_last: bool,
-) -> Result<(u64, SegmentEntries)> {
+fn replay_segment(file: &FileHandle, id: u64, is_last: bool) -> Result<(u64, SegmentEntries)> {
     let path = file.path().to_path_buf();
     let len = file.len()?;
     let mut head = [0u8; FILE_HEADER_LEN];
@@ -901,40 +914,6 @@ fn replay_segment(
         }
         Ok(())
     })?;
-    if let ScanEnd::Invalid { offset, reason } = how {
-        let later_mark = find_sync_mark_after(file, offset)?;
-        if !is_last || later_mark.is_some() || offset < durable_end {
-            return Err(Error::corrupted(
-                &path,
-                offset,
-                format!("{reason} in acknowledged data"),
-            ));
-        }
-        file.set_len(offset)?;
-        file.sync()?;
-    }
+    segment::settle_tail(file, &how, durable_end, is_last)?;
     Ok((end, (chunks, blobs)))
-}
-
-/// Looks for a valid sync mark anywhere after `from` (a mark carries its own offset, so a
-/// false match in garbage is practically impossible).
-fn find_sync_mark_after(file: &FileHandle, from: u64) -> Result<Option<u64>> {
-    let len = file.len()?;
-    let n = usize::try_from(len - from)
-        .map_err(|_| Error::LimitExceeded("segment too large".into()))?;
-    let mut bytes = vec![0u8; n];
-    file.read_exact_at(&mut bytes, from)?;
-    let rec = RECORD_HEADER_LEN + 8;
-    for i in 1..bytes.len().saturating_sub(rec - 1) {
-        if bytes[i + 4] != RecordKind::SyncMark as u8 || bytes[i..i + 4] != 8u32.to_le_bytes() {
-            continue;
-        }
-        let at = from + i as u64;
-        if let Ok((_, payload)) = segment::decode_record(file.path(), at, &bytes[i..i + rec]) {
-            if payload == at.to_le_bytes() {
-                return Ok(Some(at));
-            }
-        }
-    }
-    Ok(None)
 }

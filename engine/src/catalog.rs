@@ -1,0 +1,524 @@
+//! The catalog: repositories, tags, manifest links and blob links (docs/design.md, "Catalog").
+//!
+//! The state lives in memory and is changed only by committed batches of [`Op`]s. A batch is
+//! appended to the journal and made durable before it is applied, so nothing is visible before
+//! it is on stable storage, and a batch (a manifest and its tags, say) is atomic across a
+//! crash. The journal is folded into a snapshot once it grows past a bound.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::io::{write_atomic, FileHandle, OpenMode, Storage};
+use crate::segment::{
+    self, check_file_header, file_header, record_header, RecordKind, JOURNAL_MAGIC,
+};
+
+/// Magic of catalog snapshot files.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"\x89BLSNP\r\n";
+/// The journal is folded into a snapshot past this size.
+pub const JOURNAL_BYTES_MAX: u64 = 8 << 20;
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the catalog keeps about a manifest in a repository.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestLink {
+    /// The media type it was pushed with.
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// `artifactType`, or the config media type of an artifact manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// Its annotations (shown by the referrers API).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// The manifest it refers to (`subject`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Digest>,
+    /// Blobs and manifests it references, for GC and delete checks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<Digest>,
+    /// Seconds since the epoch when it was pushed.
+    pub pushed_at: u64,
+}
+
+/// One repository.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repo {
+    /// Tag → manifest digest.
+    pub tags: BTreeMap<String, Digest>,
+    /// Manifests in the repository.
+    pub manifests: BTreeMap<Digest, ManifestLink>,
+    /// Blobs linked to the repository, with the time they were linked.
+    pub blobs: BTreeMap<Digest, u64>,
+}
+
+/// The whole catalog.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Repositories by name.
+    pub repos: BTreeMap<String, Repo>,
+}
+
+/// One change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Link a blob to a repository.
+    LinkBlob {
+        repo: String,
+        digest: Digest,
+        at: u64,
+    },
+    /// Remove a blob link.
+    UnlinkBlob { repo: String, digest: Digest },
+    /// Add or replace a manifest link.
+    PutManifest {
+        repo: String,
+        digest: Digest,
+        link: ManifestLink,
+    },
+    /// Remove a manifest and every tag pointing at it.
+    DeleteManifest { repo: String, digest: Digest },
+    /// Point a tag at a manifest.
+    Tag {
+        repo: String,
+        tag: String,
+        digest: Digest,
+    },
+    /// Remove a tag.
+    Untag { repo: String, tag: String },
+}
+
+impl State {
+    /// Applies one op. Ops are validated before commit; applying never fails.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::LinkBlob { repo, digest, at } => {
+                self.repos
+                    .entry(repo.clone())
+                    .or_default()
+                    .blobs
+                    .insert(digest.clone(), *at);
+            }
+            Op::UnlinkBlob { repo, digest } => {
+                if let Some(r) = self.repos.get_mut(repo) {
+                    r.blobs.remove(digest);
+                }
+                self.drop_if_empty(repo);
+            }
+            Op::PutManifest { repo, digest, link } => {
+                self.repos
+                    .entry(repo.clone())
+                    .or_default()
+                    .manifests
+                    .insert(digest.clone(), link.clone());
+            }
+            Op::DeleteManifest { repo, digest } => {
+                if let Some(r) = self.repos.get_mut(repo) {
+                    r.manifests.remove(digest);
+                    r.tags.retain(|_, d| d != digest);
+                }
+                self.drop_if_empty(repo);
+            }
+            Op::Tag { repo, tag, digest } => {
+                self.repos
+                    .entry(repo.clone())
+                    .or_default()
+                    .tags
+                    .insert(tag.clone(), digest.clone());
+            }
+            Op::Untag { repo, tag } => {
+                if let Some(r) = self.repos.get_mut(repo) {
+                    r.tags.remove(tag);
+                }
+                self.drop_if_empty(repo);
+            }
+        }
+    }
+
+    fn drop_if_empty(&mut self, repo: &str) {
+        if self
+            .repos
+            .get(repo)
+            .is_some_and(|r| r.tags.is_empty() && r.manifests.is_empty() && r.blobs.is_empty())
+        {
+            self.repos.remove(repo);
+        }
+    }
+}
+
+struct Journal {
+    generation: u64,
+    file: FileHandle,
+    len: u64,
+}
+
+/// The open catalog.
+pub struct Catalog {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    state: RwLock<State>,
+    journal: Mutex<Journal>,
+    journal_bytes_max: u64,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("dir", &self.dir).finish()
+    }
+}
+
+fn journal_name(generation: u64) -> String {
+    format!("journal-{generation:020}.jnl")
+}
+
+fn snapshot_name(generation: u64) -> String {
+    format!("snapshot-{generation:020}.snp")
+}
+
+fn generation_of(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    (digits.len() == 20).then(|| digits.parse().ok()).flatten()
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+impl Catalog {
+    /// Opens the catalog in `dir` (created if absent): loads the newest snapshot and replays
+    /// its journal. The caller holds the data directory's lock.
+    pub fn open(storage: Arc<dyn Storage>, dir: &Path) -> Result<Catalog> {
+        Self::open_with(storage, dir, JOURNAL_BYTES_MAX)
+    }
+
+    /// [`Catalog::open`] with a journal size bound.
+    pub fn open_with(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        journal_bytes_max: u64,
+    ) -> Result<Catalog> {
+        storage.create_dir_all(dir).map_err(io_err(dir))?;
+        let names = storage.list(dir).map_err(io_err(dir))?;
+        let snapshot_gen = names
+            .iter()
+            .filter_map(|n| generation_of(n, "snapshot-", ".snp"))
+            .max();
+        let journal_gen = names
+            .iter()
+            .filter_map(|n| generation_of(n, "journal-", ".jnl"))
+            .max();
+        let mut state = State::default();
+        let generation = match snapshot_gen {
+            Some(g) => {
+                state = read_snapshot(storage.as_ref(), &dir.join(snapshot_name(g)))?;
+                g
+            }
+            None => 0,
+        };
+        if journal_gen.is_some_and(|j| j > generation) {
+            return Err(Error::corrupted(
+                dir.join(journal_name(generation + 1)),
+                0,
+                "catalog journal newer than every snapshot",
+            ));
+        }
+        let path = dir.join(journal_name(generation));
+        let journal = if names.contains(&journal_name(generation)) {
+            let file = FileHandle::open(storage.as_ref(), &path, OpenMode::ReadWrite)?;
+            let len = replay_journal(&file, &mut state)?;
+            Journal {
+                generation,
+                file,
+                len,
+            }
+        } else {
+            new_journal(storage.as_ref(), dir, generation)?
+        };
+        // Older generations are folded into the snapshot: remove them.
+        for name in &names {
+            let old = generation_of(name, "snapshot-", ".snp")
+                .or_else(|| generation_of(name, "journal-", ".jnl"));
+            if old.is_some_and(|g| g < generation) || name.ends_with(".tmp") {
+                let p = dir.join(name);
+                storage.remove(&p).map_err(io_err(&p))?;
+            }
+        }
+        Ok(Catalog {
+            storage,
+            dir: dir.to_path_buf(),
+            state: RwLock::new(state),
+            journal: Mutex::new(journal),
+            journal_bytes_max,
+        })
+    }
+
+    /// A read view of the state.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read()
+    }
+
+    /// Validates and commits a batch atomically: `plan` sees the current state (no other
+    /// commit can run in between) and returns the ops to commit, or an error. The ops are
+    /// durable before they are applied.
+    pub fn commit_with<T>(&self, plan: impl FnOnce(&State) -> Result<(Vec<Op>, T)>) -> Result<T> {
+        let mut journal = self.journal.lock();
+        let (ops, out) = plan(&self.state.read())?;
+        if ops.is_empty() {
+            return Ok(out);
+        }
+        let payload =
+            serde_json::to_vec(&ops).map_err(|e| Error::invalid("catalog batch", e.to_string()))?;
+        let header = record_header(RecordKind::CatalogBatch, 0, &[&payload]);
+        let mut rec = Vec::with_capacity(header.len() + payload.len() + 20);
+        rec.extend_from_slice(&header);
+        rec.extend_from_slice(&payload);
+        let at = journal.len;
+        if let Err(e) = journal.file.write_all_at(&rec, at) {
+            let _ = journal.file.set_len(at);
+            return Err(e);
+        }
+        journal.len += rec.len() as u64;
+        journal.file.sync()?;
+        // The mark after each sync tells recovery that everything before it was acknowledged.
+        let mark_at = journal.len;
+        let mark = mark_at.to_le_bytes();
+        let mut m = record_header(RecordKind::SyncMark, 0, &[&mark]).to_vec();
+        m.extend_from_slice(&mark);
+        journal.file.write_all_at(&m, mark_at)?;
+        journal.len += m.len() as u64;
+        {
+            let mut state = self.state.write();
+            for op in &ops {
+                state.apply(op);
+            }
+        }
+        if journal.len > self.journal_bytes_max {
+            self.fold(&mut journal)?;
+        }
+        Ok(out)
+    }
+
+    /// Commits ops without a precondition.
+    pub fn commit(&self, ops: Vec<Op>) -> Result<()> {
+        self.commit_with(|_| Ok((ops, ())))
+    }
+
+    /// Writes a snapshot of the state and starts a new journal generation.
+    fn fold(&self, journal: &mut Journal) -> Result<()> {
+        let next = journal.generation + 1;
+        let body = serde_json::to_vec(&*self.state.read())
+            .map_err(|e| Error::invalid("catalog snapshot", e.to_string()))?;
+        let mut out = file_header(SNAPSHOT_MAGIC).to_vec();
+        out.extend_from_slice(&record_header(RecordKind::CatalogBatch, 0, &[&body]));
+        out.extend_from_slice(&body);
+        write_atomic(
+            self.storage.as_ref(),
+            &self.dir.join(snapshot_name(next)),
+            &out,
+        )?;
+        let old = std::mem::replace(
+            journal,
+            new_journal(self.storage.as_ref(), &self.dir, next)?,
+        );
+        for p in [
+            self.dir.join(journal_name(old.generation)),
+            self.dir.join(snapshot_name(old.generation)),
+        ] {
+            match self.storage.remove(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&p, e)),
+            }
+        }
+        self.storage.sync_dir(&self.dir).map_err(io_err(&self.dir))
+    }
+}
+
+fn new_journal(storage: &dyn Storage, dir: &Path, generation: u64) -> Result<Journal> {
+    let path = dir.join(journal_name(generation));
+    let file = FileHandle::open(storage, &path, OpenMode::Truncate)?;
+    file.write_all_at(&file_header(JOURNAL_MAGIC), 0)?;
+    file.sync()?;
+    storage.sync_dir(dir).map_err(io_err(dir))?;
+    Ok(Journal {
+        generation,
+        file,
+        len: segment::FILE_HEADER_LEN as u64,
+    })
+}
+
+fn read_snapshot(storage: &dyn Storage, path: &Path) -> Result<State> {
+    let file = FileHandle::open(storage, path, OpenMode::Read)?;
+    let mut head = [0u8; segment::FILE_HEADER_LEN];
+    file.read_exact_at(&mut head, 0)?;
+    check_file_header(path, SNAPSHOT_MAGIC, &head)?;
+    let (_, payload) = segment::read_record(&file, segment::FILE_HEADER_LEN as u64)?;
+    serde_json::from_slice(&payload).map_err(|e| {
+        Error::corrupted(
+            path,
+            segment::FILE_HEADER_LEN as u64,
+            format!("snapshot: {e}"),
+        )
+    })
+}
+
+fn replay_journal(file: &FileHandle, state: &mut State) -> Result<u64> {
+    let path = file.path().to_path_buf();
+    let mut head = [0u8; segment::FILE_HEADER_LEN];
+    let len = file.len()?;
+    if len < segment::FILE_HEADER_LEN as u64 || file.read_exact_at(&mut head, 0).is_err() {
+        // Created, but the header never became durable.
+        file.set_len(0)?;
+        file.write_all_at(&file_header(JOURNAL_MAGIC), 0)?;
+        file.sync()?;
+        return Ok(segment::FILE_HEADER_LEN as u64);
+    }
+    check_file_header(&path, JOURNAL_MAGIC, &head)?;
+    let mut durable_end = segment::FILE_HEADER_LEN as u64;
+    let mut batches: Vec<Vec<Op>> = Vec::new();
+    let (end, how) = segment::scan(file, segment::FILE_HEADER_LEN as u64, |rec| {
+        match rec.header.kind {
+            RecordKind::CatalogBatch => {
+                let ops: Vec<Op> = serde_json::from_slice(&rec.payload).map_err(|e| {
+                    Error::corrupted(&path, rec.offset, format!("catalog batch: {e}"))
+                })?;
+                batches.push(ops);
+            }
+            RecordKind::SyncMark => durable_end = rec.offset,
+            _ => {
+                return Err(Error::corrupted(
+                    &path,
+                    rec.offset,
+                    "unexpected record kind in the catalog journal",
+                ))
+            }
+        }
+        Ok(())
+    })?;
+    segment::settle_tail(file, &how, durable_end, true)?;
+    for ops in &batches {
+        for op in ops {
+            state.apply(op);
+        }
+    }
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Algorithm;
+    use crate::io::SimStorage;
+
+    fn link() -> ManifestLink {
+        ManifestLink {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: 10,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+            subject: None,
+            references: vec![],
+            pushed_at: 1,
+        }
+    }
+
+    #[test]
+    fn batches_survive_reopen_and_folding() {
+        let sim = SimStorage::new();
+        let dir = Path::new("/c");
+        let d = |i: u32| Digest::of(Algorithm::Sha256, &i.to_le_bytes());
+        {
+            let c = Catalog::open_with(Arc::new(sim.clone()), dir, 64 << 10).expect("open");
+            for i in 0..3000u32 {
+                let repo = format!("r{}", i % 7);
+                c.commit(vec![
+                    Op::PutManifest {
+                        repo: repo.clone(),
+                        digest: d(i),
+                        link: link(),
+                    },
+                    Op::Tag {
+                        repo,
+                        tag: format!("t{}", i % 50),
+                        digest: d(i),
+                    },
+                ])
+                .expect("commit");
+            }
+        }
+        let c = Catalog::open(Arc::new(sim.crash_image(None)), dir).expect("reopen");
+        let st = c.read();
+        assert_eq!(st.repos.len(), 7);
+        let last = (0..3000u32)
+            .filter(|i| i % 7 == 0 && i % 50 == 49)
+            .max()
+            .expect("some");
+        assert_eq!(st.repos["r0"].tags["t49"], d(last));
+        let total: usize = st.repos.values().map(|r| r.manifests.len()).sum();
+        assert_eq!(total, 3000);
+        drop(st);
+        let names = sim.crash_image(None).list(dir).expect("list");
+        assert!(
+            names.iter().any(|n| n.starts_with("snapshot-")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn power_cut_keeps_every_acknowledged_batch() {
+        let full = SimStorage::new();
+        let run = |sim: &SimStorage| -> usize {
+            let Ok(c) = Catalog::open(Arc::new(sim.clone()), Path::new("/c")) else {
+                return 0;
+            };
+            let mut acked = 0;
+            for i in 0..20u32 {
+                let op = Op::Tag {
+                    repo: "a".into(),
+                    tag: format!("t{i}"),
+                    digest: Digest::of(Algorithm::Sha256, b"x"),
+                };
+                if c.commit(vec![op]).is_err() {
+                    break;
+                }
+                acked += 1;
+            }
+            acked
+        };
+        assert_eq!(run(&full), 20);
+        for n in 1..=full.sync_count() {
+            for torn in [None, Some(n)] {
+                let sim = SimStorage::new();
+                sim.crash_at_sync(n);
+                let acked = run(&sim);
+                let c = Catalog::open(Arc::new(sim.crash_image(torn)), Path::new("/c"))
+                    .expect("open after cut");
+                let tags = c.read().repos.get("a").map_or(0, |r| r.tags.len());
+                assert!(
+                    tags >= acked,
+                    "cut at {n}: {tags} tags, {acked} acknowledged"
+                );
+            }
+        }
+    }
+}
