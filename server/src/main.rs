@@ -1,12 +1,79 @@
 //! The `ballast` binary: the registry server and the offline admin tools.
 
-use clap::Parser;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use ballast_server::{Config, Server};
+use clap::{Parser, Subcommand};
 
 /// Ballast: an OCI container registry with its own storage engine.
 #[derive(Parser)]
 #[command(name = "ballast", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the registry.
+    Serve {
+        /// Address to listen on (default 127.0.0.1:5000).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory (default ./ballast-data, created if absent).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// TOML config file; environment variables BALLAST_<SETTING> override it, flags
+        /// override both.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            listen,
+            data,
+            config,
+        } => {
+            let mut cfg = Config::load(config.as_deref(), std::env::vars())?;
+            if let Some(l) = listen {
+                cfg.set("listen", &l).context("--listen")?;
+            }
+            if let Some(d) = data {
+                cfg.data = d;
+            }
+            serve(cfg)
+        }
+    }
+}
+
+fn serve(cfg: Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("log filter")?)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = Server::start(cfg.clone()).await?;
+        println!(
+            "ballast {} listening on http://{} with data in {}",
+            env!("CARGO_PKG_VERSION"),
+            server.addr(),
+            cfg.data.display()
+        );
+        tracing::info!(listen = %server.addr(), data = %cfg.data.display(), "serving");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        server.shutdown().await
+    })
 }

@@ -1,0 +1,241 @@
+//! Request and response bodies: reading with an idle timeout, streaming responses from a
+//! channel, and HTTP byte ranges.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+
+/// The response body type.
+pub type ResBody = BoxBody<Bytes, std::io::Error>;
+
+/// An empty body.
+pub fn empty() -> ResBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A body from bytes in memory.
+pub fn full(bytes: impl Into<Bytes>) -> ResBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Reads the next data frame of a request body; `None` at its end. A body that stalls for
+/// longer than `idle` fails with a timeout, so a slow client cannot hold a request forever.
+pub async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>, ApiError> {
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::Timeout(format!(
+                    "no request body bytes for {} s",
+                    idle.as_secs()
+                )))
+            }
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::BlobUploadInvalid(format!(
+                    "reading the request body failed: {e}"
+                )))
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if !data.is_empty() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads a whole body of at most `max` bytes.
+pub async fn read_limited(
+    body: &mut Incoming,
+    max: usize,
+    idle: Duration,
+) -> Result<Option<Bytes>, ApiError> {
+    let mut out = Vec::new();
+    while let Some(data) = next_data(body, idle).await? {
+        if out.len() + data.len() > max {
+            return Ok(None);
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(Some(Bytes::from(out)))
+}
+
+/// A response body fed by a producer task through a bounded channel.
+pub struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    remaining: u64,
+}
+
+impl ChannelBody {
+    /// A body of exactly `len` bytes and the sender that produces them.
+    pub fn new(len: u64) -> (mpsc::Sender<Result<Bytes, std::io::Error>>, ChannelBody) {
+        let (tx, rx) = mpsc::channel(8);
+        (tx, ChannelBody { rx, remaining: len })
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                self.remaining = self.remaining.saturating_sub(b.len() as u64);
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Most ranges accepted in one `Range` header (podman's partial pulls send about a thousand).
+pub const RANGES_MAX: usize = 4096;
+
+/// What a `Range` header asks of a representation of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ranges {
+    /// No usable range: serve the whole representation.
+    Whole,
+    /// These `[start, end)` ranges, in the order asked.
+    Some(Vec<(u64, u64)>),
+    /// Nothing of it can be served (416).
+    Unsatisfiable,
+}
+
+/// Parses a `Range` header (RFC 9110 section 14.2). A header that is not a valid byte-range
+/// set is ignored, as the RFC allows; one whose ranges all start past the end is unsatisfiable.
+pub fn parse_ranges(header: &str, size: u64) -> Ranges {
+    let Some(set) = header.trim().strip_prefix("bytes=") else {
+        return Ranges::Whole;
+    };
+    let mut out = Vec::new();
+    for spec in set.split(',') {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            continue;
+        }
+        if out.len() >= RANGES_MAX {
+            return Ranges::Whole;
+        }
+        let Some((a, b)) = spec.split_once('-') else {
+            return Ranges::Whole;
+        };
+        let range = if a.is_empty() {
+            let Ok(n) = b.parse::<u64>() else {
+                return Ranges::Whole;
+            };
+            if n == 0 {
+                continue;
+            }
+            Some((size.saturating_sub(n), size))
+        } else {
+            let Ok(start) = a.parse::<u64>() else {
+                return Ranges::Whole;
+            };
+            let end = if b.is_empty() {
+                size
+            } else {
+                let Ok(last) = b.parse::<u64>() else {
+                    return Ranges::Whole;
+                };
+                if last < start {
+                    return Ranges::Whole;
+                }
+                last.saturating_add(1).min(size)
+            };
+            (start < size).then_some((start, end))
+        };
+        if let Some(r) = range {
+            out.push(r);
+        }
+    }
+    if out.is_empty() {
+        Ranges::Unsatisfiable
+    } else {
+        Ranges::Some(out)
+    }
+}
+
+/// Parses a PATCH `Content-Range` (`<start>-<end>`, also `bytes <start>-<end>[/<total>]`) into
+/// an inclusive pair.
+pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
+    let v = value.trim();
+    let v = v
+        .strip_prefix("bytes ")
+        .or_else(|| v.strip_prefix("bytes="))
+        .unwrap_or(v);
+    let v = v.split('/').next()?;
+    let (a, b) = v.split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_ranges("bytes=0-9", 100), Ranges::Some(vec![(0, 10)]));
+        assert_eq!(
+            parse_ranges("bytes=90-", 100),
+            Ranges::Some(vec![(90, 100)])
+        );
+        assert_eq!(
+            parse_ranges("bytes=-10", 100),
+            Ranges::Some(vec![(90, 100)])
+        );
+        assert_eq!(
+            parse_ranges("bytes=-1000", 100),
+            Ranges::Some(vec![(0, 100)])
+        );
+        assert_eq!(
+            parse_ranges("bytes=95-200", 100),
+            Ranges::Some(vec![(95, 100)])
+        );
+        assert_eq!(
+            parse_ranges("bytes=0-0, 5-6", 100),
+            Ranges::Some(vec![(0, 1), (5, 7)])
+        );
+        assert_eq!(parse_ranges("bytes=100-", 100), Ranges::Unsatisfiable);
+        assert_eq!(
+            parse_ranges("bytes=100-200,300-", 100),
+            Ranges::Unsatisfiable
+        );
+        assert_eq!(parse_ranges("bytes=5-1", 100), Ranges::Whole);
+        assert_eq!(parse_ranges("items=0-1", 100), Ranges::Whole);
+        assert_eq!(parse_ranges("bytes=x-1", 100), Ranges::Whole);
+        assert_eq!(
+            parse_ranges("bytes=0-18446744073709551615", 100),
+            Ranges::Some(vec![(0, 100)])
+        );
+    }
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("0-99"), Some((0, 99)));
+        assert_eq!(parse_content_range("bytes 10-19/100"), Some((10, 19)));
+        assert_eq!(parse_content_range("9-1"), None);
+        assert_eq!(parse_content_range("a-b"), None);
+    }
+}

@@ -1,0 +1,458 @@
+//! `GET`/`HEAD`/`PUT`/`DELETE /v2/<name>/manifests/<reference>`.
+
+use std::collections::BTreeMap;
+
+use ballast_engine::catalog::{ManifestLink, Op, State};
+use ballast_engine::{names, Algorithm, Digest, Error as EngineError};
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use hyper::{Request, Response, StatusCode};
+use serde_json::Value;
+
+use super::{blocking, check_name, query, reply};
+use crate::body::{full, read_limited, ResBody};
+use crate::error::ApiError;
+use crate::{now_secs, App};
+
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker image manifest, schema 2.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker manifest list.
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Image,
+    Index,
+}
+
+fn kind_of(media_type: &str) -> Option<Kind> {
+    match media_type {
+        OCI_MANIFEST | DOCKER_MANIFEST => Some(Kind::Image),
+        OCI_INDEX | DOCKER_LIST => Some(Kind::Index),
+        _ => None,
+    }
+}
+
+enum Reference {
+    Tag(String),
+    Digest(Digest),
+}
+
+fn parse_reference(reference: &str) -> Result<Reference, ApiError> {
+    if reference.contains(':') {
+        reference
+            .parse()
+            .map(Reference::Digest)
+            .map_err(|e: EngineError| ApiError::DigestInvalid(e.to_string()))
+    } else {
+        names::validate_tag(reference).map_err(|e| ApiError::ManifestInvalid(e.to_string()))?;
+        Ok(Reference::Tag(reference.to_owned()))
+    }
+}
+
+/// What a manifest says about itself and what it references.
+#[derive(Debug)]
+struct Analyzed {
+    media_type: String,
+    blobs: Vec<Digest>,
+    children: Vec<Digest>,
+    subject: Option<Digest>,
+    artifact_type: Option<String>,
+    annotations: BTreeMap<String, String>,
+}
+
+fn descriptor(v: &Value, what: &str) -> Result<(Digest, Option<String>, bool), ApiError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::ManifestInvalid(format!("{what} is not a descriptor object")))?;
+    let digest = obj
+        .get("digest")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::ManifestInvalid(format!("{what} has no digest")))?
+        .parse::<Digest>()
+        .map_err(|e| ApiError::ManifestInvalid(format!("{what}: {e}")))?;
+    if obj.get("size").is_none_or(|s| s.as_u64().is_none()) {
+        return Err(ApiError::ManifestInvalid(format!(
+            "{what} has no valid size"
+        )));
+    }
+    let media_type = obj
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    // Foreign layers live elsewhere; the registry does not need to hold them.
+    let foreign = obj
+        .get("urls")
+        .is_some_and(|u| u.as_array().is_some_and(|a| !a.is_empty()))
+        || media_type
+            .as_deref()
+            .is_some_and(|m| m.contains(".foreign."));
+    Ok((digest, media_type, foreign))
+}
+
+fn analyze(bytes: &[u8], content_type: Option<&str>) -> Result<Analyzed, ApiError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::ManifestInvalid(format!("not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::ManifestInvalid("a manifest is a JSON object".into()))?;
+    match obj.get("schemaVersion").and_then(Value::as_u64) {
+        Some(2) => {}
+        Some(1) => {
+            return Err(ApiError::ManifestInvalid(
+                "Docker schema 1 manifests are not supported; push with schema 2 or OCI".into(),
+            ))
+        }
+        _ => return Err(ApiError::ManifestInvalid("schemaVersion must be 2".into())),
+    }
+    let content_type = content_type
+        .map(|c| c.split(';').next().unwrap_or("").trim())
+        .filter(|c| kind_of(c).is_some());
+    let body_type = obj.get("mediaType").and_then(Value::as_str);
+    let media_type = match (body_type, content_type) {
+        (Some(b), Some(c)) if b != c => {
+            return Err(ApiError::ManifestInvalid(format!(
+                "mediaType {b} differs from Content-Type {c}"
+            )));
+        }
+        (Some(b), _) => b.to_owned(),
+        (None, Some(c)) => c.to_owned(),
+        (None, None) if obj.contains_key("manifests") => OCI_INDEX.to_owned(),
+        (None, None) if obj.contains_key("config") => OCI_MANIFEST.to_owned(),
+        (None, None) => {
+            return Err(ApiError::ManifestInvalid(
+                "cannot tell the manifest's media type".into(),
+            ))
+        }
+    };
+    let kind = kind_of(&media_type).ok_or_else(|| {
+        ApiError::ManifestInvalid(format!("unsupported manifest media type {media_type}"))
+    })?;
+    let mut out = Analyzed {
+        media_type,
+        blobs: Vec::new(),
+        children: Vec::new(),
+        subject: None,
+        artifact_type: obj
+            .get("artifactType")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        annotations: BTreeMap::new(),
+    };
+    match kind {
+        Kind::Image => {
+            let config = obj
+                .get("config")
+                .ok_or_else(|| ApiError::ManifestInvalid("image manifest without config".into()))?;
+            let (digest, config_type, _) = descriptor(config, "config")?;
+            out.blobs.push(digest);
+            if out.artifact_type.is_none() {
+                out.artifact_type = config_type.filter(|t| {
+                    t != "application/vnd.oci.image.config.v1+json"
+                        && t != "application/vnd.docker.container.image.v1+json"
+                });
+            }
+            let layers = obj.get("layers").and_then(Value::as_array).ok_or_else(|| {
+                ApiError::ManifestInvalid("image manifest without a layers array".into())
+            })?;
+            for (i, l) in layers.iter().enumerate() {
+                let (digest, _, foreign) = descriptor(l, &format!("layers[{i}]"))?;
+                if !foreign {
+                    out.blobs.push(digest);
+                }
+            }
+        }
+        Kind::Index => {
+            let manifests = obj
+                .get("manifests")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    ApiError::ManifestInvalid("index without a manifests array".into())
+                })?;
+            for (i, m) in manifests.iter().enumerate() {
+                out.children
+                    .push(descriptor(m, &format!("manifests[{i}]"))?.0);
+            }
+        }
+    }
+    if let Some(s) = obj.get("subject") {
+        out.subject = Some(descriptor(s, "subject")?.0);
+    }
+    if let Some(a) = obj.get("annotations") {
+        let a = a
+            .as_object()
+            .ok_or_else(|| ApiError::ManifestInvalid("annotations must be an object".into()))?;
+        for (k, v) in a {
+            let v = v.as_str().ok_or_else(|| {
+                ApiError::ManifestInvalid(format!("annotation {k} is not a string"))
+            })?;
+            out.annotations.insert(k.clone(), v.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves a reference to a manifest digest and its link.
+fn resolve(
+    state: &State,
+    name: &str,
+    reference: &Reference,
+) -> Result<(Digest, ManifestLink), ApiError> {
+    let repo = state
+        .repos
+        .get(name)
+        .ok_or_else(|| ApiError::NameUnknown(format!("repository {name} is not known")))?;
+    let digest = match reference {
+        Reference::Tag(t) => repo
+            .tags
+            .get(t)
+            .ok_or_else(|| ApiError::ManifestUnknown(format!("tag {t} is not in {name}")))?,
+        Reference::Digest(d) => d,
+    };
+    let link = repo
+        .manifests
+        .get(digest)
+        .ok_or_else(|| ApiError::ManifestUnknown(format!("manifest {digest} is not in {name}")))?;
+    Ok((digest.clone(), link.clone()))
+}
+
+pub async fn get(
+    app: &App,
+    name: &str,
+    reference: &str,
+    head: bool,
+) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    let reference = parse_reference(reference)?;
+    let (digest, link) = {
+        let state = app.store.catalog().read();
+        resolve(&state, name, &reference).map_err(|e| match e {
+            ApiError::NameUnknown(m) => ApiError::ManifestUnknown(m),
+            other => other,
+        })?
+    };
+    let r = reply(StatusCode::OK)
+        .header(CONTENT_TYPE, link.media_type.as_str())
+        .header("Docker-Content-Digest", digest.to_string())
+        .header("ETag", format!("\"{digest}\""))
+        .header(CONTENT_LENGTH, link.size.to_string());
+    if head {
+        return Ok(r.body(crate::body::empty()));
+    }
+    let store = app.store.clone();
+    let bytes = blocking(move || store.read_blob(&digest).map_err(ApiError::from_engine)).await?;
+    Ok(r.body(full(bytes)))
+}
+
+pub async fn put(
+    app: &App,
+    name: &str,
+    reference: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    let reference = parse_reference(reference)?;
+    let q = query(&req);
+    let mut tags: Vec<String> = Vec::new();
+    if let Reference::Tag(t) = &reference {
+        tags.push(t.clone());
+    }
+    for t in q.get("tag").into_iter().flatten() {
+        names::validate_tag(t).map_err(|e| ApiError::ManifestInvalid(e.to_string()))?;
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let max = app.config.manifest_bytes_max;
+    let mut body = req.into_body();
+    let bytes: Bytes = read_limited(&mut body, max, app.config.body_idle_timeout())
+        .await?
+        .ok_or_else(|| {
+            ApiError::ManifestTooLarge(format!("manifests are limited to {max} bytes"))
+        })?;
+    let analyzed = analyze(&bytes, content_type.as_deref())?;
+    let algorithm = match &reference {
+        Reference::Digest(d) => d.algorithm(),
+        Reference::Tag(_) => Algorithm::Sha256,
+    };
+    let digest = Digest::of(algorithm, &bytes);
+    if let Reference::Digest(d) = &reference {
+        if *d != digest {
+            return Err(ApiError::DigestInvalid(format!(
+                "manifest digest is {digest}, not {d}"
+            )));
+        }
+    }
+    let store = app.store.clone();
+    let (d, b) = (digest.clone(), bytes.clone());
+    blocking(move || {
+        store
+            .put_blob(&b, Some(&d))
+            .map(|_| ())
+            .map_err(ApiError::from_engine)
+    })
+    .await?;
+
+    let link = ManifestLink {
+        media_type: analyzed.media_type.clone(),
+        size: bytes.len() as u64,
+        artifact_type: analyzed.artifact_type.clone(),
+        annotations: analyzed.annotations.clone(),
+        subject: analyzed.subject.clone(),
+        references: analyzed
+            .blobs
+            .iter()
+            .chain(&analyzed.children)
+            .cloned()
+            .collect(),
+        pushed_at: now_secs(),
+    };
+    let catalog = app.store.catalog().clone();
+    let (repo, d, t) = (name.to_owned(), digest.clone(), tags.clone());
+    blocking(move || {
+        let mut failure = None;
+        let result = catalog.commit_with(|state| {
+            // Checked under the commit lock, so a concurrent delete cannot slip in between.
+            let r = state.repos.get(&repo);
+            let has_blob = |x: &Digest| {
+                r.is_some_and(|r| r.blobs.contains_key(x) || r.manifests.contains_key(x))
+            };
+            if let Some(missing) = analyzed.blobs.iter().find(|x| !has_blob(x)) {
+                failure = Some(ApiError::ManifestBlobUnknown(format!(
+                    "blob {missing} is not in repository {repo}; push it first"
+                )));
+                return Err(EngineError::NotFound(missing.to_string()));
+            }
+            let has_manifest = |x: &Digest| r.is_some_and(|r| r.manifests.contains_key(x));
+            if let Some(missing) = analyzed.children.iter().find(|x| !has_manifest(x)) {
+                failure = Some(ApiError::ManifestUnknown(format!(
+                    "manifest {missing} is not in repository {repo}; push it first"
+                )));
+                return Err(EngineError::NotFound(missing.to_string()));
+            }
+            let mut ops = vec![Op::PutManifest {
+                repo: repo.clone(),
+                digest: d.clone(),
+                link,
+            }];
+            ops.extend(t.iter().map(|tag| Op::Tag {
+                repo: repo.clone(),
+                tag: tag.clone(),
+                digest: d.clone(),
+            }));
+            Ok((ops, ()))
+        });
+        match (result, failure) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(f)) => Err(f),
+            (Err(e), None) => Err(ApiError::from_engine(e)),
+        }
+    })
+    .await?;
+
+    let mut r = reply(StatusCode::CREATED)
+        .header(LOCATION, format!("/v2/{name}/manifests/{digest}"))
+        .header("Docker-Content-Digest", digest.to_string());
+    if let Some(s) = &analyzed.subject {
+        r = r.header("OCI-Subject", s.to_string());
+    }
+    if !q.get("tag").is_none_or(Vec::is_empty) {
+        r = r.header("OCI-Tag", tags.join(","));
+    }
+    Ok(r.empty())
+}
+
+pub async fn delete(app: &App, name: &str, reference: &str) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    let reference = parse_reference(reference)?;
+    let catalog = app.store.catalog().clone();
+    let repo = name.to_owned();
+    blocking(move || {
+        let mut failure = None;
+        let result = catalog.commit_with(|state| {
+            let op = match resolve(state, &repo, &reference) {
+                Err(e) => {
+                    failure = Some(match e {
+                        ApiError::NameUnknown(m) => ApiError::ManifestUnknown(m),
+                        other => other,
+                    });
+                    return Err(EngineError::NotFound(repo.clone()));
+                }
+                Ok((digest, _)) => match &reference {
+                    Reference::Tag(t) => Op::Untag {
+                        repo: repo.clone(),
+                        tag: t.clone(),
+                    },
+                    Reference::Digest(_) => Op::DeleteManifest {
+                        repo: repo.clone(),
+                        digest,
+                    },
+                },
+            };
+            Ok((vec![op], ()))
+        });
+        match (result, failure) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(f)) => Err(f),
+            (Err(e), None) => Err(ApiError::from_engine(e)),
+        }
+    })
+    .await?;
+    Ok(reply(StatusCode::ACCEPTED).empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn infers_media_types() {
+        let m = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/x","digest":"{D}","size":0}},"layers":[]}}"#
+        );
+        let a = analyze(m.as_bytes(), None).expect("manifest");
+        assert_eq!(a.media_type, OCI_MANIFEST);
+        assert_eq!(a.artifact_type.as_deref(), Some("application/x"));
+        let i = format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"{D}","size":1}}]}}"#);
+        assert_eq!(
+            analyze(i.as_bytes(), None).expect("index").media_type,
+            OCI_INDEX
+        );
+        assert_eq!(
+            analyze(i.as_bytes(), Some(DOCKER_LIST))
+                .expect("list")
+                .media_type,
+            DOCKER_LIST
+        );
+    }
+
+    #[test]
+    fn rejects_bad_manifests() {
+        for bad in [
+            "nope",
+            "[]",
+            r#"{"schemaVersion":1}"#,
+            r#"{"schemaVersion":2}"#,
+            r#"{"schemaVersion":2,"config":{"digest":"sha256:zz","size":1},"layers":[]}"#,
+            r#"{"schemaVersion":2,"manifests":[{"digest":"sha256:00"}]}"#,
+        ] {
+            assert!(analyze(bad.as_bytes(), None).is_err(), "{bad}");
+        }
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","config":{{"digest":"{D}","size":0}},"layers":[]}}"#
+        );
+        assert!(analyze(m.as_bytes(), Some(OCI_MANIFEST)).is_err());
+    }
+}

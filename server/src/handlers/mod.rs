@@ -1,0 +1,211 @@
+//! Request handlers, grouped by endpoint, and what they share.
+
+mod blobs;
+mod listing;
+mod manifests;
+mod uploads;
+
+use std::collections::BTreeMap;
+
+use ballast_engine::{names, Digest};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::body::{self, ResBody};
+use crate::error::ApiError;
+use crate::routes::{route, Route};
+use crate::App;
+
+/// Routes a request to its handler.
+pub async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let Some(r) = route(&path) else {
+        return Err(ApiError::NotFound(format!("no endpoint at {path}")));
+    };
+    match (&method, r) {
+        (&Method::GET | &Method::HEAD, Route::Base) => {
+            Ok(reply(StatusCode::OK).json(&serde_json::json!({})))
+        }
+        (&Method::GET | &Method::HEAD, Route::Health) => {
+            Ok(reply(StatusCode::OK).json(&serde_json::json!({"status": "ok"})))
+        }
+        (&Method::GET, Route::Catalog) => listing::catalog(app, &req),
+        (&Method::GET, Route::Tags { name }) => listing::tags(app, name, &req),
+        (&Method::GET, Route::Referrers { name, digest }) => {
+            listing::referrers(app, name, digest, &req)
+        }
+        (&Method::GET | &Method::HEAD, Route::Blob { name, digest }) => {
+            blobs::get(app, name, digest, &req, method == Method::HEAD).await
+        }
+        (&Method::DELETE, Route::Blob { name, digest }) => blobs::delete(app, name, digest).await,
+        (&Method::POST, Route::UploadStart { name }) => uploads::start(app, name, req).await,
+        (&Method::PATCH, Route::Upload { name, id }) => uploads::patch(app, name, id, req).await,
+        (&Method::PUT, Route::Upload { name, id }) => uploads::finish(app, name, id, req).await,
+        (&Method::GET, Route::Upload { name, id }) => uploads::status(app, name, id).await,
+        (&Method::DELETE, Route::Upload { name, id }) => uploads::cancel(app, name, id).await,
+        (&Method::GET | &Method::HEAD, Route::Manifest { name, reference }) => {
+            manifests::get(app, name, reference, method == Method::HEAD).await
+        }
+        (&Method::PUT, Route::Manifest { name, reference }) => {
+            manifests::put(app, name, reference, req).await
+        }
+        (&Method::DELETE, Route::Manifest { name, reference }) => {
+            manifests::delete(app, name, reference).await
+        }
+        (m, _) => Err(ApiError::MethodNotAllowed(format!(
+            "{m} is not allowed on {path}"
+        ))),
+    }
+}
+
+/// A response under construction.
+pub struct Reply(hyper::http::response::Builder);
+
+/// Starts a response with the distribution API version header.
+pub fn reply(status: StatusCode) -> Reply {
+    Reply(
+        Response::builder()
+            .status(status)
+            .header("Docker-Distribution-API-Version", "registry/2.0"),
+    )
+}
+
+impl Reply {
+    /// Adds a header.
+    pub fn header(self, name: impl TryInto<HeaderName>, value: impl TryInto<HeaderValue>) -> Reply {
+        match (name.try_into(), value.try_into()) {
+            (Ok(n), Ok(v)) => Reply(self.0.header(n, v)),
+            _ => self,
+        }
+    }
+    /// Finishes with an empty body and `Content-Length: 0`.
+    pub fn empty(self) -> Response<ResBody> {
+        self.header(CONTENT_LENGTH, HeaderValue::from(0))
+            .body(body::empty())
+    }
+    /// Finishes with a body.
+    pub fn body(self, body: ResBody) -> Response<ResBody> {
+        self.0
+            .body(body)
+            .unwrap_or_else(|e| crate::error_response(&ApiError::Internal(e.to_string())))
+    }
+    /// Finishes with a JSON body.
+    pub fn json(self, value: &serde_json::Value) -> Response<ResBody> {
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
+        self.header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_LENGTH, HeaderValue::from(bytes.len()))
+            .body(body::full(bytes))
+    }
+}
+
+/// Checks a repository name from the path.
+pub fn check_name(name: &str) -> Result<(), ApiError> {
+    names::validate_repo(name).map_err(|e| ApiError::NameInvalid(e.to_string()))
+}
+
+/// Parses a digest from the path or query.
+pub fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse()
+        .map_err(|e: ballast_engine::Error| ApiError::DigestInvalid(e.to_string()))
+}
+
+/// Query parameters, percent-decoded; repeated keys keep every value in order.
+pub fn query(req: &Request<Incoming>) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.entry(percent_decode(k))
+            .or_default()
+            .push(percent_decode(v));
+    }
+    out
+}
+
+/// The first value of a query parameter.
+pub fn first<'a>(q: &'a BTreeMap<String, Vec<String>>, key: &str) -> Option<&'a str> {
+    q.get(key).and_then(|v| v.first()).map(String::as_str)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses the `n` pagination parameter.
+pub fn page_size(q: &BTreeMap<String, Vec<String>>) -> Result<Option<usize>, ApiError> {
+    match first(q, "n") {
+        None | Some("") => Ok(None),
+        Some(n) => n
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::Unsupported(format!("n={n:?} is not a count"))),
+    }
+}
+
+/// Runs blocking engine work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("worker failed: {e}")))?
+}
+
+/// True when the repository may read the blob: it is linked there as a blob or a manifest.
+pub fn linked(app: &App, name: &str, digest: &Digest) -> bool {
+    let cat = app.store.catalog().read();
+    cat.repos
+        .get(name)
+        .is_some_and(|r| r.blobs.contains_key(digest) || r.manifests.contains_key(digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("sha256%3Aab"), "sha256:ab");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%4"), "%4");
+    }
+}

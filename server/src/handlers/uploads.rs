@@ -1,0 +1,359 @@
+//! Blob uploads: `POST /v2/<name>/blobs/uploads/` (session, monolithic, mount), `PATCH`
+//! (chunked and streamed), `GET` (status), `PUT` (finish), `DELETE` (cancel).
+
+use ballast_engine::catalog::Op;
+use ballast_engine::io::FileHandle;
+use ballast_engine::uploads::SessionMeta;
+use ballast_engine::{BlobWriter, ChunkMode, Digest, Error as EngineError};
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_RANGE, LOCATION, RANGE};
+use hyper::{Request, Response, StatusCode};
+use tokio::sync::mpsc;
+
+use super::{blocking, check_name, first, parse_digest, query, reply};
+use crate::body::{next_data, parse_content_range, ResBody};
+use crate::error::ApiError;
+use crate::{now_secs, App};
+
+/// Bytes read from an upload spool per write into the engine.
+const SPOOL_READ_LEN: usize = 1 << 20;
+
+pub async fn start(
+    app: &App,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    let q = query(&req);
+    if let Some(mount) = first(&q, "mount") {
+        let digest = parse_digest(mount)?;
+        if let Some(res) = try_mount(app, name, &digest, first(&q, "from")).await? {
+            return Ok(res);
+        }
+    } else if let Some(d) = first(&q, "digest") {
+        // Monolithic upload: the body is the whole blob.
+        let digest = parse_digest(d)?;
+        let mut body = req.into_body();
+        ingest(app, None, Some(&mut body), &digest).await?;
+        link(app, name, &digest).await?;
+        return Ok(created(name, &digest));
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    let uploads = app.store.uploads().clone();
+    let meta = SessionMeta {
+        repo: name.to_owned(),
+        started_at: now_secs(),
+    };
+    let session = id.clone();
+    blocking(move || {
+        uploads
+            .create(&session, &meta)
+            .map_err(ApiError::from_engine)
+    })
+    .await?;
+    Ok(session_reply(StatusCode::ACCEPTED, name, &id, 0))
+}
+
+/// Cross-repository mount: links a blob the registry already holds. `from` names where the
+/// client saw it; when it is missing there, the blob is still mounted if another repository
+/// holds it (automatic mount). `None` means "start a normal upload instead".
+async fn try_mount(
+    app: &App,
+    name: &str,
+    digest: &Digest,
+    from: Option<&str>,
+) -> Result<Option<Response<ResBody>>, ApiError> {
+    let readable = {
+        let cat = app.store.catalog().read();
+        let holds = |r: &ballast_engine::catalog::Repo| r.blobs.contains_key(digest);
+        from.and_then(|f| cat.repos.get(f)).is_some_and(holds) || cat.repos.values().any(holds)
+    };
+    if !readable || !app.store.contains(digest) {
+        return Ok(None);
+    }
+    link(app, name, digest).await?;
+    Ok(Some(created(name, digest)))
+}
+
+fn created(name: &str, digest: &Digest) -> Response<ResBody> {
+    reply(StatusCode::CREATED)
+        .header(LOCATION, format!("/v2/{name}/blobs/{digest}"))
+        .header("Docker-Content-Digest", digest.to_string())
+        .empty()
+}
+
+fn session_reply(status: StatusCode, name: &str, id: &str, len: u64) -> Response<ResBody> {
+    let range = if len == 0 {
+        "0-0".to_owned()
+    } else {
+        format!("0-{}", len - 1)
+    };
+    reply(status)
+        .header(LOCATION, format!("/v2/{name}/blobs/uploads/{id}"))
+        .header(RANGE, range)
+        .header("Docker-Upload-UUID", id)
+        .empty()
+}
+
+async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), ApiError> {
+    let catalog = app.store.catalog().clone();
+    let op = Op::LinkBlob {
+        repo: name.to_owned(),
+        digest: digest.clone(),
+        at: now_secs(),
+    };
+    blocking(move || catalog.commit(vec![op]).map_err(ApiError::from_engine)).await
+}
+
+/// The session's byte count, checking that it belongs to `name`.
+async fn session_len(app: &App, name: &str, id: &str) -> Result<u64, ApiError> {
+    let uploads = app.store.uploads().clone();
+    let session = id.to_owned();
+    let (meta, len) = blocking(move || {
+        uploads.status(&session).map_err(|e| match e {
+            EngineError::NotFound(_) | EngineError::Invalid { .. } => {
+                ApiError::BlobUploadUnknown(format!("upload {session} is not known"))
+            }
+            other => ApiError::from_engine(other),
+        })
+    })
+    .await?;
+    if meta.repo != name {
+        return Err(ApiError::BlobUploadUnknown(format!(
+            "upload {id} does not belong to {name}"
+        )));
+    }
+    Ok(len)
+}
+
+pub async fn status(app: &App, name: &str, id: &str) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    let len = session_len(app, name, id).await?;
+    Ok(session_reply(StatusCode::NO_CONTENT, name, id, len))
+}
+
+pub async fn cancel(app: &App, name: &str, id: &str) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    session_len(app, name, id).await?;
+    let uploads = app.store.uploads().clone();
+    let session = id.to_owned();
+    blocking(move || uploads.remove(&session).map_err(ApiError::from_engine)).await?;
+    Ok(reply(StatusCode::NO_CONTENT).empty())
+}
+
+pub async fn patch(
+    app: &App,
+    name: &str,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    let len = session_len(app, name, id).await?;
+    check_content_range(&req, name, id, len)?;
+    let mut body = req.into_body();
+    let len = append(app, id, len, &mut body).await?;
+    Ok(session_reply(StatusCode::ACCEPTED, name, id, len))
+}
+
+/// A chunk must start where the session ends (416 otherwise, with the current range).
+fn check_content_range(
+    req: &Request<Incoming>,
+    name: &str,
+    id: &str,
+    len: u64,
+) -> Result<(), ApiError> {
+    let Some(value) = req.headers().get(CONTENT_RANGE) else {
+        return Ok(());
+    };
+    let range = value.to_str().ok().and_then(parse_content_range);
+    match range {
+        Some((start, _)) if start == len => Ok(()),
+        Some((start, _)) => Err(ApiError::RangeInvalid(format!(
+            "chunk starts at {start} but upload {id} of {name} has {len} bytes; resume from {len}"
+        ))),
+        None => Err(ApiError::RangeInvalid(format!(
+            "Content-Range {value:?} is not <start>-<end>"
+        ))),
+    }
+}
+
+/// Appends a request body to the session's spool and makes it durable; returns the new length.
+async fn append(app: &App, id: &str, offset: u64, body: &mut Incoming) -> Result<u64, ApiError> {
+    let uploads = app.store.uploads().clone();
+    let session = id.to_owned();
+    let file = blocking(move || {
+        uploads
+            .appender(&session, offset)
+            .map_err(ApiError::from_engine)
+    })
+    .await?;
+    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let writer = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
+        let mut at = offset;
+        while let Some(data) = rx.blocking_recv() {
+            file.write_all_at(&data, at)
+                .map_err(ApiError::from_engine)?;
+            at += data.len() as u64;
+        }
+        file.sync().map_err(ApiError::from_engine)?;
+        Ok(at)
+    });
+    let idle = app.config.body_idle_timeout();
+    let mut read_err = None;
+    loop {
+        match next_data(body, idle).await {
+            Ok(Some(data)) => {
+                if tx.send(data).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                read_err = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(e) = read_err {
+        // What arrived before the failure is kept: the client can ask for the status and
+        // resume from there.
+        return Err(e);
+    }
+    written
+}
+
+pub async fn finish(
+    app: &App,
+    name: &str,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    let q = query(&req);
+    let digest = match first(&q, "digest") {
+        Some(d) => parse_digest(d)?,
+        None => {
+            return Err(ApiError::DigestInvalid(
+                "finishing an upload needs ?digest=<digest>".into(),
+            ))
+        }
+    };
+    let len = session_len(app, name, id).await?;
+    check_content_range(&req, name, id, len)?;
+    let mut body = req.into_body();
+    append(app, id, len, &mut body).await?;
+    let uploads = app.store.uploads().clone();
+    let session = id.to_owned();
+    let spool = blocking(move || uploads.reader(&session).map_err(ApiError::from_engine)).await?;
+    let result = ingest(app, Some(spool), None, &digest).await;
+    // Finished or failed, the session is over: nothing of a mismatched upload is kept.
+    let uploads = app.store.uploads().clone();
+    let session = id.to_owned();
+    blocking(move || uploads.remove(&session).map_err(ApiError::from_engine)).await?;
+    result?;
+    link(app, name, &digest).await?;
+    Ok(created(name, &digest))
+}
+
+/// Feeds a spooled upload and/or a request body into the engine and checks the digest. When
+/// the blob is already stored, the bytes are only hashed: a dedup hit writes nothing.
+async fn ingest(
+    app: &App,
+    spool: Option<FileHandle>,
+    body: Option<&mut Incoming>,
+    expected: &Digest,
+) -> Result<(), ApiError> {
+    let store = app.store.clone();
+    let known = {
+        let (s, d) = (store.clone(), expected.clone());
+        blocking(move || Ok(s.contains(&d))).await?
+    };
+    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let expected_owned = expected.clone();
+    let worker = tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        enum Sink {
+            Hash(Box<ballast_engine::digest::Hasher>),
+            Store(Box<BlobWriter>),
+        }
+        let algorithm = expected_owned.algorithm();
+        let mut sink = if known {
+            Sink::Hash(Box::new(algorithm.hasher()))
+        } else {
+            Sink::Store(Box::new(BlobWriter::new(
+                &store,
+                algorithm,
+                ChunkMode::Auto,
+            )))
+        };
+        let mut feed = |data: &[u8]| -> Result<(), ApiError> {
+            match &mut sink {
+                Sink::Hash(h) => {
+                    h.update(data);
+                    Ok(())
+                }
+                Sink::Store(w) => w.write(data).map_err(ApiError::from_engine),
+            }
+        };
+        if let Some(file) = spool {
+            let len = file.len().map_err(ApiError::from_engine)?;
+            let mut buf = vec![0u8; SPOOL_READ_LEN];
+            let mut at = 0;
+            while at < len {
+                let n = SPOOL_READ_LEN.min((len - at) as usize);
+                file.read_exact_at(&mut buf[..n], at)
+                    .map_err(ApiError::from_engine)?;
+                feed(&buf[..n])?;
+                at += n as u64;
+            }
+        }
+        while let Some(data) = rx.blocking_recv() {
+            feed(&data)?;
+        }
+        match sink {
+            Sink::Hash(h) => {
+                let actual = h.finish();
+                if actual != expected_owned {
+                    return Err(ApiError::DigestInvalid(format!(
+                        "content does not match digest {expected_owned} (computed {actual})"
+                    )));
+                }
+                Ok(())
+            }
+            Sink::Store(w) => w
+                .finish(Some(&expected_owned))
+                .map(|_| ())
+                .map_err(ApiError::from_engine),
+        }
+    });
+    let mut read_err = None;
+    if let Some(body) = body {
+        let idle = app.config.body_idle_timeout();
+        loop {
+            match next_data(body, idle).await {
+                Ok(Some(data)) => {
+                    if tx.send(data).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    read_err = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let result = worker
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(e) = read_err {
+        return Err(e);
+    }
+    result
+}

@@ -1,0 +1,206 @@
+//! Ballast's OCI distribution server: tokio + hyper at the edge, the storage engine behind.
+
+pub mod body;
+pub mod config;
+pub mod error;
+mod handlers;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ballast_engine::{Options, Store};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::body::ResBody;
+pub use crate::config::Config;
+use crate::error::ApiError;
+
+/// What every handler shares.
+pub struct App {
+    /// The storage engine (blobs, catalog, uploads).
+    pub store: Store,
+    /// Effective configuration.
+    pub config: Config,
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Opens the store and binds the listener; requests are served on the current runtime.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let data = config.data.clone();
+        let opts = Options {
+            segment_bytes_max: config.segment_bytes_max,
+            ..Options::default()
+        };
+        let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
+            .await?
+            .with_context(|| format!("opening the data directory {}", config.data.display()))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let app = Arc::new(App { store, config });
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(app, listener, rx));
+        Ok(Server {
+            addr,
+            shutdown: tx,
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded), and closes the store.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await?
+    }
+
+    /// Waits until the server stops by itself (it only does on error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.task).await?
+    }
+}
+
+async fn accept_loop(
+    app: Arc<App>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let expire = tokio::spawn(expire_uploads(app.clone()));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let header_timeout = app.config.header_timeout();
+                let app = app.clone();
+                let svc = service_fn(move |req| handle(app.clone(), peer, req));
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .max_buf_size(1 << 20)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    expire.abort();
+    let grace = Duration::from_secs(app.config.shutdown_grace_secs);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "in-flight requests did not finish within {} s; closing anyway",
+            grace.as_secs()
+        );
+    }
+    let store = app.store.clone();
+    drop(app);
+    tokio::task::spawn_blocking(move || store.close())
+        .await?
+        .context("closing the store")?;
+    tracing::info!("store closed");
+    Ok(())
+}
+
+async fn expire_uploads(app: Arc<App>) {
+    loop {
+        let uploads = app.store.uploads().clone();
+        let cutoff = now_secs().saturating_sub(app.config.upload_max_age_secs);
+        match tokio::task::spawn_blocking(move || uploads.expire(cutoff)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, "expired idle upload sessions"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "expiring upload sessions failed"),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let res = match handlers::dispatch(&app, req).await {
+        Ok(res) => res,
+        Err(e) => error_response(&e),
+    };
+    let status = res.status().as_u16();
+    let bytes = res
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    tracing::info!(%peer, %method, path, status, bytes, ms = started.elapsed().as_secs_f64() * 1000.0, "request");
+    Ok(res)
+}
+
+/// Turns an error into its JSON response.
+pub fn error_response(e: &ApiError) -> Response<ResBody> {
+    let (code, status) = e.code_and_status();
+    if status.is_server_error() {
+        tracing::error!(code, error = %e, "request failed");
+    }
+    let body = e.body();
+    let mut res = Response::new(body::full(body.clone()));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    res.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    res
+}
