@@ -1,1 +1,201 @@
-//! Real registry clients against a running server.
+//! Real registry clients against a running server: skopeo (copy in and out, by tag and by
+//! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes).
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::http::call;
+use crate::{have, oci, Registry};
+
+fn skopeo(args: &[&str]) -> String {
+    let out = Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn require(program: &str) {
+    // The project's scripts install the clients (scripts/install-test-deps); a missing one is a
+    // broken setup, not a reason to pass.
+    assert!(
+        have(program),
+        "{program} is not installed: run scripts/install-test-deps"
+    );
+}
+
+fn blob_files(layout: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(layout.join("blobs/sha256"))
+        .expect("blobs")
+        .map(|e| {
+            let e = e.expect("entry");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("blob"),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn skopeo_copy_inspect_tags_delete() {
+    require("skopeo");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("in");
+    let manifest = oci::image(&layout, 7, 3, 300_000, "amd64");
+    oci::finish_layout(&layout, &manifest, "v1");
+    let r = Registry::start(&tmp.path().join("data"));
+    let host = r.host();
+    let dest = format!("docker://{host}/skopeo/img:v1");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        &format!("oci:{}:v1", layout.display()),
+        &dest,
+    ]);
+    // The exact manifest bytes were pushed.
+    let res = call(
+        "GET",
+        &r.url(&format!("/v2/skopeo/img/manifests/{}", manifest.digest)),
+        &[],
+        None,
+    );
+    assert_eq!(res.status, 200);
+    assert_eq!(crate::sha256(&res.body), manifest.digest);
+
+    // By digest too.
+    let by_digest = format!("docker://{host}/skopeo/img@{}", manifest.digest);
+    let inspect: Value =
+        serde_json::from_str(&skopeo(&["inspect", "--tls-verify=false", &by_digest]))
+            .expect("inspect json");
+    assert_eq!(inspect["Digest"].as_str(), Some(manifest.digest.as_str()));
+    assert_eq!(inspect["Layers"].as_array().map(Vec::len), Some(3));
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
+    assert_eq!(crate::sha256(raw.as_bytes()), manifest.digest);
+
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{host}/skopeo/img:v2"),
+    ]);
+    let tags: Value = serde_json::from_str(&skopeo(&[
+        "list-tags",
+        "--tls-verify=false",
+        &format!("docker://{host}/skopeo/img"),
+    ]))
+    .expect("tags json");
+    assert_eq!(tags["Tags"], serde_json::json!(["v1", "v2"]));
+
+    // Out again, by tag and by digest: the same blobs, byte for byte.
+    for (i, src) in [dest.as_str(), by_digest.as_str()].into_iter().enumerate() {
+        let out = tmp.path().join(format!("out{i}"));
+        skopeo(&[
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            "--preserve-digests",
+            "--dest-oci-accept-uncompressed-layers",
+            src,
+            &format!("oci:{}:v1", out.display()),
+        ]);
+        assert_eq!(blob_files(&out), blob_files(&layout));
+    }
+
+    // zstd recompression on push: new layers, a new manifest, and they pull back intact.
+    // (Fresh layers: skopeo reuses blobs the registry already holds instead of recompressing.)
+    let zlayout = tmp.path().join("zin");
+    let zmanifest = oci::image(&zlayout, 8, 2, 200_000, "amd64");
+    oci::finish_layout(&zlayout, &zmanifest, "v1");
+    let zdest = format!("docker://{host}/skopeo/zstd:v1");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--dest-compress-format",
+        "zstd",
+        &format!("oci:{}:v1", zlayout.display()),
+        &zdest,
+    ]);
+    let inspect: Value =
+        serde_json::from_str(&skopeo(&["inspect", "--raw", "--tls-verify=false", &zdest]))
+            .expect("json");
+    let layers = inspect["layers"].as_array().expect("layers");
+    assert!(
+        layers.iter().all(|l| l["mediaType"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("+zstd"))),
+        "{inspect}"
+    );
+    let zout = tmp.path().join("zout");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &zdest,
+        &format!("dir:{}", zout.display()),
+    ]);
+
+    // Delete by digest: the tags go with it.
+    skopeo(&["delete", "--tls-verify=false", &by_digest]);
+    let res = call("GET", &r.url("/v2/skopeo/img/manifests/v1"), &[], None);
+    assert_eq!(res.status, 404);
+}
+
+#[test]
+fn skopeo_multi_arch_index_round_trip() {
+    require("skopeo");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("in");
+    let index = oci::multi_arch(&layout, 40);
+    oci::finish_layout(&layout, &index, "multi");
+    let r = Registry::start(&tmp.path().join("data"));
+    let dest = format!("docker://{}/multi/app:latest", r.host());
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:multi", layout.display()),
+        &dest,
+    ]);
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
+    assert_eq!(crate::sha256(raw.as_bytes()), index.digest);
+    let out = tmp.path().join("out");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--all",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--dest-oci-accept-uncompressed-layers",
+        &dest,
+        &format!("oci:{}:multi", out.display()),
+    ]);
+    assert_eq!(blob_files(&out), blob_files(&layout));
+    // Each architecture resolves on its own.
+    let arm: Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--override-arch",
+        "arm64",
+        &dest,
+    ]))
+    .expect("json");
+    assert_eq!(arm["Architecture"].as_str(), Some("arm64"));
+}
