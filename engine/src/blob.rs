@@ -1,10 +1,12 @@
 //! Streaming blob writes and reads.
 //!
-//! [`BlobWriter`] takes bytes in any pieces. The OCI digest is computed on a thread of its own
-//! while the calling thread chunks, hashes chunks with BLAKE3, compresses and appends: SHA-256
-//! is the floor cost of an upload, and everything else overlaps with it. Memory stays bounded
-//! (a few chunk buffers) whatever the blob size.
+//! [`BlobWriter`] takes bytes in any pieces. For a large blob the work runs as a pipeline of
+//! three threads: the caller cuts chunks (CDC), a digest thread computes the OCI digest over
+//! the whole stream, and a store thread hashes each chunk with BLAKE3, looks it up, compresses
+//! and appends it. SHA-256 is the floor cost of an upload; everything else overlaps with it.
+//! Memory stays bounded (bounded channels of chunk buffers) whatever the blob size.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -17,28 +19,134 @@ use crate::error::{Error, Result};
 use crate::recipe::{Recipe, RecipePiece};
 use crate::store::Store;
 
-/// Below this many bytes the digest is computed inline; a thread is not worth starting.
-const INLINE_HASH_MAX: u64 = 1 << 20;
+/// Up to this many bytes a blob is written on the caller's thread alone; threads are not
+/// worth starting for manifests and configs.
+const INLINE_LEN_MAX: u64 = 1 << 20;
+/// Pieces in flight to the store thread.
+const PIECES_IN_FLIGHT: usize = 64;
 
 enum DigestState {
     Inline(Hasher),
     Thread {
-        tx: Sender<Vec<u8>>,
+        tx: Sender<Bytes>,
         handle: JoinHandle<Digest>,
     },
     Taken,
+}
+
+/// A piece handed from the chunker to whoever stores it.
+enum OwnedPiece {
+    Inline(Vec<u8>),
+    Chunk(Bytes),
+}
+
+/// What storing the pieces produced.
+#[derive(Default)]
+struct Stored {
+    pieces: Vec<RecipePiece>,
+    new_chunks: u64,
+    new_bytes: u64,
+    error: Option<Error>,
+    /// New chunks in a row whose compression did not pay; past a few, only every
+    /// `PROBE_EVERY`th chunk is tried (gzip and zstd layers never compress again).
+    incompressible_run: u32,
+}
+
+/// Compression attempts in a row that must fail before attempts become sparse.
+const INCOMPRESSIBLE_RUN_MIN: u32 = 8;
+/// While attempts are sparse, one chunk in this many is tried.
+const PROBE_EVERY: u32 = 16;
+
+impl Stored {
+    fn take(&mut self, store: &Store, piece: OwnedPiece) {
+        if self.error.is_some() {
+            return;
+        }
+        match piece {
+            OwnedPiece::Inline(bytes) => self.pieces.push(RecipePiece::Inline(bytes)),
+            OwnedPiece::Chunk(bytes) => {
+                let id = ChunkId::of(&bytes);
+                let run = self.incompressible_run;
+                let try_compress = run < INCOMPRESSIBLE_RUN_MIN || run.is_multiple_of(PROBE_EVERY);
+                match store.put_chunk_with_id(id, &bytes, try_compress) {
+                    Ok((new, paid)) => {
+                        match paid {
+                            Some(true) => self.incompressible_run = 0,
+                            Some(false) => self.incompressible_run += 1,
+                            None if new => self.incompressible_run += 1,
+                            None => {}
+                        }
+                        if new {
+                            self.new_chunks += 1;
+                            self.new_bytes += bytes.len() as u64;
+                        }
+                        self.pieces.push(RecipePiece::Chunk {
+                            id,
+                            len: bytes.len() as u32,
+                        });
+                    }
+                    Err(e) => self.error = Some(e),
+                }
+            }
+        }
+    }
+}
+
+enum ChunkSink {
+    Inline(Stored),
+    Thread {
+        tx: Sender<OwnedPiece>,
+        handle: JoinHandle<Stored>,
+        failed: Arc<AtomicBool>,
+    },
+    Taken,
+}
+
+impl ChunkSink {
+    fn send(&mut self, store: &Store, piece: OwnedPiece) {
+        match self {
+            ChunkSink::Inline(stored) => stored.take(store, piece),
+            ChunkSink::Thread { tx, .. } => {
+                // A send fails only when the thread is gone; `finish` reports why.
+                let _ = tx.send(piece);
+            }
+            ChunkSink::Taken => {}
+        }
+    }
+
+    fn failed(&self) -> bool {
+        match self {
+            ChunkSink::Inline(stored) => stored.error.is_some(),
+            ChunkSink::Thread { failed, .. } => failed.load(Ordering::Relaxed),
+            ChunkSink::Taken => true,
+        }
+    }
+
+    fn into_stored(self) -> Result<Stored> {
+        match self {
+            ChunkSink::Inline(stored) => Ok(stored),
+            ChunkSink::Thread { tx, handle, .. } => {
+                drop(tx);
+                handle
+                    .join()
+                    .map_err(|_| thread_error("store thread panicked"))
+            }
+            ChunkSink::Taken => Err(Error::invalid("blob writer", "already finished")),
+        }
+    }
+}
+
+fn thread_error(why: &str) -> Error {
+    Error::io("blob writer thread", std::io::Error::other(why.to_owned()))
 }
 
 /// A blob being written. Nothing becomes visible until [`BlobWriter::finish`] succeeds.
 pub struct BlobWriter {
     store: Store,
     chunker: StreamChunker,
-    pieces: Vec<RecipePiece>,
     size: u64,
     digest: DigestState,
-    error: Option<Error>,
-    new_chunks: u64,
-    new_bytes: u64,
+    sink: ChunkSink,
 }
 
 /// What a finished write did.
@@ -58,12 +166,9 @@ impl BlobWriter {
         BlobWriter {
             store: store.clone(),
             chunker: StreamChunker::new(mode),
-            pieces: Vec::new(),
             size: 0,
             digest: DigestState::Inline(algorithm.hasher()),
-            error: None,
-            new_chunks: 0,
-            new_bytes: 0,
+            sink: ChunkSink::Inline(Stored::default()),
         }
     }
 
@@ -79,42 +184,48 @@ impl BlobWriter {
 
     /// Appends bytes to the blob.
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        if let Some(e) = self.error.take() {
-            return Err(e);
+        self.write_inner(data, None)
+    }
+
+    /// Appends bytes the caller owns as [`Bytes`]: the digest and store threads share them
+    /// instead of copying.
+    pub fn write_bytes(&mut self, data: Bytes) -> Result<()> {
+        self.write_inner(&data, Some(&data))
+    }
+
+    fn write_inner(&mut self, data: &[u8], owned: Option<&Bytes>) -> Result<()> {
+        if self.sink.failed() {
+            // Stop early; the error itself comes out of the sink.
+            let sink = std::mem::replace(&mut self.sink, ChunkSink::Taken);
+            return Err(sink
+                .into_stored()?
+                .error
+                .unwrap_or_else(|| thread_error("store failed")));
         }
         self.size += data.len() as u64;
-        self.feed_digest(data)?;
+        if self.size > INLINE_LEN_MAX {
+            self.start_threads()?;
+        }
+        self.feed_digest(data, owned)?;
         let Self {
             chunker,
             store,
-            pieces,
-            error,
-            new_chunks,
-            new_bytes,
+            sink,
             ..
         } = self;
-        chunker.push(data, &mut |p| {
-            take_piece(store, pieces, error, new_chunks, new_bytes, p)
-        });
-        match self.error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        chunker.push(data, &mut |p| sink.send(store, own(p, owned)));
+        Ok(())
     }
 
-    fn feed_digest(&mut self, data: &[u8]) -> Result<()> {
-        if let DigestState::Inline(h) = &mut self.digest {
-            if self.size <= INLINE_HASH_MAX {
-                h.update(data);
-                return Ok(());
-            }
-            // Large blob: move the hasher to its own thread.
+    /// Moves digest and chunk storing to threads of their own (large blobs only).
+    fn start_threads(&mut self) -> Result<()> {
+        if let DigestState::Inline(_) = self.digest {
             let DigestState::Inline(mut h) =
                 std::mem::replace(&mut self.digest, DigestState::Taken)
             else {
                 unreachable!("checked above")
             };
-            let (tx, rx) = bounded::<Vec<u8>>(16);
+            let (tx, rx) = bounded::<Bytes>(16);
             let handle = std::thread::Builder::new()
                 .name("ballast-digest".into())
                 .spawn(move || {
@@ -126,13 +237,42 @@ impl BlobWriter {
                 .map_err(|e| Error::io("digest thread", e))?;
             self.digest = DigestState::Thread { tx, handle };
         }
-        if let DigestState::Thread { tx, .. } = &self.digest {
-            tx.send(data.to_vec()).map_err(|_| {
-                Error::io(
-                    "digest thread",
-                    std::io::Error::other("digest thread stopped"),
-                )
-            })?;
+        if let ChunkSink::Inline(_) = self.sink {
+            let ChunkSink::Inline(mut stored) = std::mem::replace(&mut self.sink, ChunkSink::Taken)
+            else {
+                unreachable!("checked above")
+            };
+            let (tx, rx) = bounded::<OwnedPiece>(PIECES_IN_FLIGHT);
+            let failed = Arc::new(AtomicBool::new(stored.error.is_some()));
+            let (store, flag) = (self.store.clone(), failed.clone());
+            let handle = std::thread::Builder::new()
+                .name("ballast-store".into())
+                .spawn(move || {
+                    for piece in rx {
+                        stored.take(&store, piece);
+                        if stored.error.is_some() {
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    stored
+                })
+                .map_err(|e| Error::io("store thread", e))?;
+            self.sink = ChunkSink::Thread { tx, handle, failed };
+        }
+        Ok(())
+    }
+
+    fn feed_digest(&mut self, data: &[u8], owned: Option<&Bytes>) -> Result<()> {
+        match &mut self.digest {
+            DigestState::Inline(h) => h.update(data),
+            DigestState::Thread { tx, .. } => {
+                let buf = owned
+                    .cloned()
+                    .unwrap_or_else(|| Bytes::copy_from_slice(data));
+                tx.send(buf)
+                    .map_err(|_| thread_error("digest thread stopped"))?;
+            }
+            DigestState::Taken => return Err(Error::invalid("blob writer", "already finished")),
         }
         Ok(())
     }
@@ -142,12 +282,9 @@ impl BlobWriter {
             DigestState::Inline(h) => Ok(h.finish()),
             DigestState::Thread { tx, handle } => {
                 drop(tx);
-                handle.join().map_err(|_| {
-                    Error::io(
-                        "digest thread",
-                        std::io::Error::other("digest thread panicked"),
-                    )
-                })
+                handle
+                    .join()
+                    .map_err(|_| thread_error("digest thread panicked"))
             }
             DigestState::Taken => Err(Error::invalid("blob writer", "already finished")),
         }
@@ -156,25 +293,22 @@ impl BlobWriter {
     /// Finishes the blob. With `expected`, a different computed digest fails with
     /// [`Error::DigestMismatch`] and nothing becomes visible. On success the blob is durable.
     pub fn finish(mut self, expected: Option<&Digest>) -> Result<Committed> {
-        if let Some(e) = self.error.take() {
-            return Err(e);
-        }
         {
             let Self {
                 chunker,
                 store,
-                pieces,
-                error,
-                new_chunks,
-                new_bytes,
+                sink,
                 ..
             } = &mut self;
-            chunker.finish(&mut |p| take_piece(store, pieces, error, new_chunks, new_bytes, p));
+            chunker.finish(&mut |p| sink.send(store, own(p, None)));
         }
-        if let Some(e) = self.error.take() {
+        let sink = std::mem::replace(&mut self.sink, ChunkSink::Taken);
+        let stored = sink.into_stored();
+        let digest = self.take_digest()?;
+        let stored = stored?;
+        if let Some(e) = stored.error {
             return Err(e);
         }
-        let digest = self.take_digest()?;
         if let Some(expected) = expected {
             if *expected != digest {
                 return Err(Error::DigestMismatch {
@@ -186,45 +320,32 @@ impl BlobWriter {
         let recipe = Recipe {
             digest,
             size: self.size,
-            pieces: std::mem::take(&mut self.pieces),
+            pieces: stored.pieces,
         };
         let recipe = self.store.commit_recipe(recipe)?;
         Ok(Committed {
             recipe,
-            new_chunks: self.new_chunks,
-            new_bytes: self.new_bytes,
+            new_chunks: stored.new_chunks,
+            new_bytes: stored.new_bytes,
         })
     }
 }
 
-fn take_piece(
-    store: &Store,
-    pieces: &mut Vec<RecipePiece>,
-    error: &mut Option<Error>,
-    new_chunks: &mut u64,
-    new_bytes: &mut u64,
-    piece: Piece<'_>,
-) {
-    if error.is_some() {
-        return;
-    }
+/// Turns a chunker piece into an owned one: a slice of the caller's [`Bytes`] when it lies
+/// inside them (no copy), a copy otherwise (pieces that straddle two writes).
+fn own(piece: Piece<'_>, owned: Option<&Bytes>) -> OwnedPiece {
     match piece {
-        Piece::Inline(bytes) => pieces.push(RecipePiece::Inline(bytes.to_vec())),
-        Piece::Chunk(bytes) => {
-            let id = ChunkId::of(bytes);
-            match store.put_chunk_with_id(id, bytes) {
-                Ok(new) => {
-                    if new {
-                        *new_chunks += 1;
-                        *new_bytes += bytes.len() as u64;
-                    }
-                    pieces.push(RecipePiece::Chunk {
-                        id,
-                        len: bytes.len() as u32,
-                    });
-                }
-                Err(e) => *error = Some(e),
-            }
+        Piece::Inline(b) => OwnedPiece::Inline(b.to_vec()),
+        Piece::Chunk(b) => {
+            let inside = owned.filter(|o| {
+                let (start, end) = (o.as_ptr() as usize, o.as_ptr() as usize + o.len());
+                let p = b.as_ptr() as usize;
+                p >= start && p + b.len() <= end
+            });
+            OwnedPiece::Chunk(match inside {
+                Some(o) => o.slice_ref(b),
+                None => Bytes::copy_from_slice(b),
+            })
         }
     }
 }

@@ -38,6 +38,17 @@ const GEAR: [u64; 256] = {
     table
 };
 
+/// `GEAR[b] << 1`, for the two-bytes-per-step loop.
+const GEAR_LS: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = GEAR[i] << 1;
+        i += 1;
+    }
+    table
+};
+
 /// Length of the first chunk of `data` (all of `data` when it is at most `CHUNK_LEN_MIN`).
 /// The caller passes at least `CHUNK_LEN_MAX` bytes unless `data` is the end of its region.
 pub fn cut(data: &[u8]) -> usize {
@@ -47,23 +58,46 @@ pub fn cut(data: &[u8]) -> usize {
     }
     let normal = n.min(CHUNK_LEN_AVG);
     let end = n.min(CHUNK_LEN_MAX);
-    let mut h: u64 = 0;
-    let mut i = CHUNK_LEN_MIN;
-    while i < normal {
-        h = (h << 1).wrapping_add(GEAR[usize::from(data[i])]);
-        if h & MASK_HARD == 0 {
-            return i + 1;
-        }
-        i += 1;
+    let (h, i) = scan(data, 0, CHUNK_LEN_MIN, normal, MASK_HARD);
+    if i < normal {
+        return i;
     }
-    while i < end {
-        h = (h << 1).wrapping_add(GEAR[usize::from(data[i])]);
-        if h & MASK_EASY == 0 {
-            return i + 1;
+    let (_, i) = scan(data, h, normal, end, MASK_EASY);
+    i
+}
+
+/// Rolls the gear hash over `data[from..to]`; returns the state and the cut position (the
+/// index after the byte whose hash matched `mask`), or `to` when none matched.
+///
+/// Two bytes per step: `h` advances as `(h << 2) + (GEAR[a] << 1) + GEAR[b]`, which equals two
+/// single-byte steps, but its dependency chain is one shift and one add per two bytes. The
+/// hash after the first byte is computed beside it, only to be tested.
+#[inline(always)]
+fn scan(data: &[u8], mut h: u64, from: usize, to: usize, mask: u64) -> (u64, usize) {
+    let Some(window) = data.get(from..to) else {
+        return (h, to);
+    };
+    let mut pairs = window.chunks_exact(2);
+    let mut i = from;
+    for pair in &mut pairs {
+        let (a, b) = (usize::from(pair[0]), usize::from(pair[1]));
+        let first = (h << 1).wrapping_add(GEAR[a]);
+        h = (h << 2).wrapping_add(GEAR_LS[a].wrapping_add(GEAR[b]));
+        if first & mask == 0 {
+            return (first, i + 1);
         }
-        i += 1;
+        if h & mask == 0 {
+            return (h, i + 2);
+        }
+        i += 2;
     }
-    end
+    if let [last] = pairs.remainder() {
+        h = (h << 1).wrapping_add(GEAR[usize::from(*last)]);
+        if h & mask == 0 {
+            return (h, i + 1);
+        }
+    }
+    (h, to)
 }
 
 /// How a blob is split.
@@ -115,81 +149,116 @@ impl StreamChunker {
         }
     }
 
-    /// Adds bytes, emitting every piece that is now decided.
+    /// Adds bytes, emitting every piece that is now decided. Bytes are copied only around
+    /// the pieces that straddle two calls; the rest is cut in place.
     pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(Piece<'_>)) {
-        while !data.is_empty() {
-            // Keep the buffer bounded: take at most what fills it to twice the max chunk.
-            if self.start > 0 && self.buf.len() - self.start < CHUNK_LEN_MAX {
-                self.buf.drain(..self.start);
-                self.start = 0;
-            }
-            let room = (2 * CHUNK_LEN_MAX)
-                .saturating_sub(self.buf.len())
-                .max(CHUNK_LEN_MAX);
-            let take = room.min(data.len());
+        if self.start < self.buf.len() {
+            // Finish the pending tail with enough new bytes for its next cut.
+            let take = data.len().min(CHUNK_LEN_MAX + TAR_BLOCK);
             self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            self.drain(false, emit);
+            let mut start = self.start;
+            while let Some((inline, n)) = next_cut(&mut self.state, &self.buf[start..], false) {
+                let piece = &self.buf[start..start + n];
+                emit(if inline {
+                    Piece::Inline(piece)
+                } else {
+                    Piece::Chunk(piece)
+                });
+                start += n;
+            }
+            self.start = start;
+            let pending = self.buf.len() - self.start;
+            if pending <= take {
+                // Everything left is new bytes: hand them back and cut them in place.
+                self.buf.clear();
+                self.start = 0;
+                data = &data[take - pending..];
+            } else {
+                data = &data[take..];
+                if !data.is_empty() {
+                    // The tail still needs more than `take` bytes (never more than a chunk).
+                    return self.push(data, emit);
+                }
+                return;
+            }
         }
+        let mut at = 0;
+        while let Some((inline, n)) = next_cut(&mut self.state, &data[at..], false) {
+            let piece = &data[at..at + n];
+            emit(if inline {
+                Piece::Inline(piece)
+            } else {
+                Piece::Chunk(piece)
+            });
+            at += n;
+        }
+        self.buf.drain(..self.start);
+        self.start = 0;
+        self.buf.extend_from_slice(&data[at..]);
     }
 
     /// Emits everything still buffered.
     pub fn finish(&mut self, emit: &mut impl FnMut(Piece<'_>)) {
-        self.drain(true, emit);
-        debug_assert_eq!(self.start, self.buf.len());
+        let mut start = self.start;
+        while let Some((inline, n)) = next_cut(&mut self.state, &self.buf[start..], true) {
+            let piece = &self.buf[start..start + n];
+            emit(if inline {
+                Piece::Inline(piece)
+            } else {
+                Piece::Chunk(piece)
+            });
+            start += n;
+        }
+        debug_assert_eq!(start, self.buf.len());
         self.buf.clear();
         self.start = 0;
     }
+}
 
-    fn drain(&mut self, at_end: bool, emit: &mut impl FnMut(Piece<'_>)) {
-        loop {
-            let avail = &self.buf[self.start..];
-            if avail.is_empty() {
-                return;
+/// Decides the next piece at the start of `avail`: `(inline, length)`, or `None` when more
+/// bytes are needed (or, at the end, when nothing is left).
+fn next_cut(state: &mut State, avail: &[u8], at_end: bool) -> Option<(bool, usize)> {
+    loop {
+        if avail.is_empty() {
+            return None;
+        }
+        match *state {
+            State::Detect | State::TarHeader => {
+                if avail.len() < TAR_BLOCK && !at_end {
+                    return None;
+                }
+                match avail.get(..TAR_BLOCK).and_then(tar_member_data_len) {
+                    Some(data_len) => {
+                        let padded = data_len.div_ceil(TAR_BLOCK as u64) * TAR_BLOCK as u64;
+                        *state = if padded == 0 {
+                            State::TarHeader
+                        } else {
+                            State::TarData { remaining: padded }
+                        };
+                        return Some((true, TAR_BLOCK));
+                    }
+                    None => *state = State::Plain,
+                }
             }
-            match self.state {
-                State::Detect | State::TarHeader => {
-                    if avail.len() < TAR_BLOCK && !at_end {
-                        return;
-                    }
-                    match avail.get(..TAR_BLOCK).and_then(tar_member_data_len) {
-                        Some(data_len) => {
-                            emit(Piece::Inline(&avail[..TAR_BLOCK]));
-                            self.start += TAR_BLOCK;
-                            let padded = data_len.div_ceil(TAR_BLOCK as u64) * TAR_BLOCK as u64;
-                            self.state = if padded == 0 {
-                                State::TarHeader
-                            } else {
-                                State::TarData { remaining: padded }
-                            };
-                        }
-                        None => self.state = State::Plain,
-                    }
+            State::TarData { remaining } => {
+                let region = usize::try_from(remaining).unwrap_or(usize::MAX);
+                if avail.len() < region.min(CHUNK_LEN_MAX) && !at_end {
+                    return None;
                 }
-                State::TarData { remaining } => {
-                    let region = usize::try_from(remaining).unwrap_or(usize::MAX);
-                    if avail.len() < region.min(CHUNK_LEN_MAX) && !at_end {
-                        return;
-                    }
-                    let window = &avail[..avail.len().min(region)];
-                    let n = cut(window);
-                    emit(Piece::Chunk(&window[..n]));
-                    self.start += n;
-                    let left = remaining - n as u64;
-                    self.state = if left == 0 {
-                        State::TarHeader
-                    } else {
-                        State::TarData { remaining: left }
-                    };
+                let n = cut(&avail[..avail.len().min(region)]);
+                let left = remaining - n as u64;
+                *state = if left == 0 {
+                    State::TarHeader
+                } else {
+                    State::TarData { remaining: left }
+                };
+                return Some((false, n));
+            }
+            State::Plain => {
+                if avail.len() < CHUNK_LEN_MAX && !at_end {
+                    return None;
                 }
-                State::Plain => {
-                    if avail.len() < CHUNK_LEN_MAX && !at_end {
-                        return;
-                    }
-                    let n = cut(avail);
-                    emit(Piece::Chunk(&avail[..n]));
-                    self.start += n;
-                }
+                return Some((false, cut(avail)));
             }
         }
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::io::{write_atomic, FileHandle, OpenMode, Storage};
-use crate::mmap::Map;
+use crate::sys::Map;
 
 /// Magic of index files.
 pub const INDEX_MAGIC: [u8; 8] = *b"\x89BLIDX\r\n";

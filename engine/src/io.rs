@@ -12,7 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::mmap::Map;
+use crate::sys::Map;
 
 /// How to open a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +46,11 @@ pub trait StorageFile: Send + Sync {
     /// A read-only map of the whole file, when the storage supports it. Only called on files
     /// that are never written again (see docs/unsafe.md).
     fn map(&self) -> io::Result<Option<Map>>;
+    /// Hints that the byte range will be synced soon: start writing it back. No durability
+    /// promise; the default does nothing.
+    fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The directory-level operations.
@@ -122,6 +127,10 @@ impl FileHandle {
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.file.set_len(len).map_err(|e| Error::io(&self.path, e))
     }
+    /// See [`StorageFile::start_writeback`]; failures are ignored (it is only a hint).
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        let _ = self.file.start_writeback(offset, len);
+    }
     /// See [`StorageFile::map`].
     pub fn map(&self) -> Result<Option<Map>> {
         self.file.map().map_err(|e| Error::io(&self.path, e))
@@ -164,6 +173,9 @@ impl StorageFile for RealFile {
     }
     fn map(&self) -> io::Result<Option<Map>> {
         Map::of_file(&self.0).map(Some)
+    }
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        crate::sys::start_writeback(&self.0, offset, len)
     }
 }
 

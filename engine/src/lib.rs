@@ -12,11 +12,11 @@ pub mod digest;
 pub mod error;
 pub mod index;
 pub mod io;
-mod mmap;
 pub mod names;
 pub mod recipe;
 pub mod segment;
 pub mod store;
+mod sys;
 pub mod uploads;
 
 pub use blob::{BlobReader, BlobWriter, Committed};

@@ -14,12 +14,12 @@ use crate::digest::{ChunkId, Digest};
 use crate::error::{Error, Result};
 use crate::index::{self, Entry, IndexFile, Location, Table};
 use crate::io::{FileHandle, OpenMode, RealStorage, Storage};
-use crate::mmap::Map;
 use crate::recipe::Recipe;
 use crate::segment::{
     self, check_file_header, file_header, parse_segment_file_name, record_header, segment_path,
     RecordKind, CHUNK_PREFIX_LEN, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_MAGIC,
 };
+use crate::sys::Map;
 use crate::uploads::Uploads;
 
 /// Tuning knobs of a store.
@@ -75,7 +75,12 @@ struct Active {
     id: u64,
     file: FileHandle,
     len: u64,
+    /// Where the last writeback hint ended.
+    hinted: u64,
 }
+
+/// Appended bytes between writeback hints.
+const WRITEBACK_STEP: u64 = 8 << 20;
 
 #[derive(Default)]
 struct Delta {
@@ -220,7 +225,12 @@ impl Store {
             pending.by_segment.insert(id, entries);
             if is_last {
                 segments.insert(id, SegmentData::File(file.clone()));
-                active = Some(Active { id, file, len });
+                active = Some(Active {
+                    id,
+                    file,
+                    len,
+                    hinted: len,
+                });
             } else {
                 segments.insert(id, open_sealed(&file)?);
             }
@@ -335,21 +345,31 @@ impl Store {
     /// The chunk is durable once a later commit's sync covers it.
     pub fn put_chunk(&self, data: &[u8]) -> Result<(ChunkId, bool)> {
         let id = ChunkId::of(data);
-        self.put_chunk_with_id(id, data).map(|new| (id, new))
+        self.put_chunk_with_id(id, data, true)
+            .map(|(new, _)| (id, new))
     }
 
-    pub(crate) fn put_chunk_with_id(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+    /// [`Store::put_chunk`] with a known id. `try_compress` false skips the compression
+    /// attempt. Returns whether the chunk was new and, when a compression attempt was made,
+    /// whether it paid.
+    pub(crate) fn put_chunk_with_id(
+        &self,
+        id: ChunkId,
+        data: &[u8],
+        try_compress: bool,
+    ) -> Result<(bool, Option<bool>)> {
         self.check_poisoned()?;
         if self.chunk_location(&id).is_some() {
             self.inner
                 .stats
                 .chunks_deduped
                 .fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+            return Ok((false, None));
         }
         let raw_len = u32::try_from(data.len())
             .map_err(|_| Error::LimitExceeded("chunk larger than 4 GiB".into()))?;
-        let compressed = if self.inner.opts.compress {
+        let attempt = self.inner.opts.compress && try_compress;
+        let compressed = if attempt {
             compress_if_worth(data, self.inner.opts.zstd_level)
         } else {
             None
@@ -366,7 +386,7 @@ impl Store {
                 .stats
                 .chunks_deduped
                 .fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+            return Ok((false, None));
         }
         let loc =
             self.append_locked(&mut w, RecordKind::Chunk, flags, &[&prefix, body], raw_len)?;
@@ -383,7 +403,7 @@ impl Store {
             .stats
             .chunks_written
             .fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        Ok((true, attempt.then_some(compressed.is_some())))
     }
 
     /// Appends one record to the active segment, rolling to a new segment first when it would
@@ -402,18 +422,24 @@ impl Store {
         if w.len > FILE_HEADER_LEN as u64 && w.len + rec_len > self.inner.opts.segment_bytes_max {
             self.roll_locked(w)?;
         }
-        let mut buf = Vec::with_capacity(RECORD_HEADER_LEN + payload_len);
-        buf.extend_from_slice(&record_header(kind, flags, parts));
-        for p in parts {
-            buf.extend_from_slice(p);
-        }
+        // Header and payload parts go out as separate positional writes: no copy of the
+        // payload into a record buffer.
         let offset = w.len;
-        if let Err(e) = w.file.write_all_at(&buf, offset) {
-            // A failed append leaves the file as it was: cut back what may have landed.
-            let _ = w.file.set_len(offset);
-            return Err(e);
+        let header = record_header(kind, flags, parts);
+        let mut at = offset;
+        for part in std::iter::once(&header[..]).chain(parts.iter().copied()) {
+            if let Err(e) = w.file.write_all_at(part, at) {
+                // A failed append leaves the file as it was: cut back what may have landed.
+                let _ = w.file.set_len(offset);
+                return Err(e);
+            }
+            at += part.len() as u64;
         }
         w.len += rec_len;
+        if w.len - w.hinted >= WRITEBACK_STEP {
+            w.file.start_writeback(w.hinted, w.len - w.hinted);
+            w.hinted = w.len;
+        }
         self.inner
             .stats
             .bytes_appended
@@ -812,6 +838,12 @@ impl AsRef<[u8]> for MapSlice {
     }
 }
 
+thread_local! {
+    // Compression contexts are costly to set up; each writing thread keeps its own.
+    static PROBER: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+}
+
 fn compress_if_worth(data: &[u8], level: i32) -> Option<Vec<u8>> {
     const PROBE: usize = 4096;
     if data.len() < 512 {
@@ -820,12 +852,24 @@ fn compress_if_worth(data: &[u8], level: i32) -> Option<Vec<u8>> {
     // A cheap probe first: compressed and encrypted data is stored raw without paying for a
     // full compression attempt.
     if data.len() > 2 * PROBE {
-        let probe = zstd::bulk::compress(&data[..PROBE], 1).ok()?;
+        let probe = PROBER.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = zstd::bulk::Compressor::new(1).ok();
+            }
+            c.as_mut().and_then(|z| z.compress(&data[..PROBE]).ok())
+        })?;
         if probe.len() * 10 > PROBE * 9 {
             return None;
         }
     }
-    let c = zstd::bulk::compress(data, level).ok()?;
+    let c = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
+        }
+        c.as_mut().and_then(|(_, z)| z.compress(data).ok())
+    })?;
     (c.len() * 10 <= data.len() * 9).then_some(c)
 }
 
@@ -846,6 +890,7 @@ fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> Result<Acti
         id,
         file,
         len: FILE_HEADER_LEN as u64,
+        hinted: 0,
     })
 }
 

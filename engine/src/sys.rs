@@ -1,9 +1,11 @@
-//! Read-only memory maps of sealed files: the engine's only `unsafe` code (docs/unsafe.md).
+//! The engine's only `unsafe` code (docs/unsafe.md): read-only memory maps of sealed files,
+//! and the writeback hint for segment appends.
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
 use std::ops::Deref;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 /// A shared, read-only map of a whole file.
@@ -44,5 +46,24 @@ impl AsRef<[u8]> for Map {
 impl std::fmt::Debug for Map {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Map({} bytes)", self.0.len())
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` back to disk now, without waiting
+/// (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`). Durability still comes only from fsync;
+/// this spreads the disk writes over the append instead of piling them up at the fsync.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Ok(());
+    };
+    // SAFETY: plain syscall on a file descriptor that `file` keeps open for the duration of
+    // the call; no memory is passed.
+    let rc = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
