@@ -290,29 +290,28 @@ async fn ingest(
                 ChunkMode::Auto,
             )))
         };
-        let mut feed = |data: &[u8]| -> Result<(), ApiError> {
+        let mut feed = |data: Bytes| -> Result<(), ApiError> {
             match &mut sink {
                 Sink::Hash(h) => {
-                    h.update(data);
+                    h.update(&data);
                     Ok(())
                 }
-                Sink::Store(w) => w.write(data).map_err(ApiError::from_engine),
+                Sink::Store(w) => w.write_bytes(data).map_err(ApiError::from_engine),
             }
         };
         if let Some(file) = spool {
             let len = file.len().map_err(ApiError::from_engine)?;
-            let mut buf = vec![0u8; SPOOL_READ_LEN];
             let mut at = 0;
             while at < len {
                 let n = SPOOL_READ_LEN.min((len - at) as usize);
-                file.read_exact_at(&mut buf[..n], at)
-                    .map_err(ApiError::from_engine)?;
-                feed(&buf[..n])?;
+                let mut buf = vec![0u8; n];
+                file.read_exact_at(&mut buf, at).map_err(ApiError::from_engine)?;
+                feed(Bytes::from(buf))?;
                 at += n as u64;
             }
         }
         while let Some(data) = rx.blocking_recv() {
-            feed(&data)?;
+            feed(data)?;
         }
         match sink {
             Sink::Hash(h) => {
