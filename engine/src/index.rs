@@ -15,7 +15,9 @@ pub const INDEX_MAGIC: [u8; 8] = *b"\x89BLIDX\r\n";
 /// Format version of index files.
 pub const INDEX_VERSION: u16 = 1;
 /// Index file header length.
-pub const INDEX_HEADER_LEN: usize = 8 + 2 + 2 + 8 + 8 + 4;
+pub const INDEX_HEADER_LEN: usize = 8 + 2 + 1 + 1 + 8 + 8 + 4;
+/// Largest fanout: 2^20 buckets.
+pub const FANOUT_BITS_MAX: u8 = 20;
 /// Length of one entry: key, segment, offset, length, aux.
 pub const ENTRY_LEN: usize = 32 + 8 + 8 + 4 + 4;
 const TRAILER_LEN: usize = 4;
@@ -72,6 +74,47 @@ fn encode_entry(out: &mut Vec<u8>, (key, loc): &Entry) {
     out.extend_from_slice(&loc.aux.to_le_bytes());
 }
 
+/// Fanout bits for a table of `n` entries: about 8 entries per bucket.
+pub fn fanout_bits(n: usize) -> u8 {
+    let mut bits = 0u8;
+    while bits < FANOUT_BITS_MAX && (n >> (bits + 1)) >= 8 {
+        bits += 1;
+    }
+    bits
+}
+
+/// The bucket of a key: its top `bits` bits.
+fn bucket(key: &[u8], bits: u8) -> usize {
+    if bits == 0 {
+        return 0;
+    }
+    let top = u64::from_be_bytes(
+        key.get(..8)
+            .and_then(|k| k.try_into().ok())
+            .unwrap_or_default(),
+    );
+    (top >> (64 - u32::from(bits))) as usize
+}
+
+fn encode_table(out: &mut Vec<u8>, entries: &[Entry], bits: u8) {
+    assert!(
+        u32::try_from(entries.len()).is_ok(),
+        "an index file holds fewer than 2^32 entries per table"
+    );
+    // fanout[b] = index of the first entry whose bucket is >= b; fanout[2^bits] = len.
+    let buckets = 1usize << bits;
+    let mut next = 0usize;
+    for b in 0..=buckets {
+        while next < entries.len() && bucket(&entries[next].0, bits) < b {
+            next += 1;
+        }
+        out.extend_from_slice(&(next as u32).to_le_bytes());
+    }
+    for e in entries {
+        encode_entry(out, e);
+    }
+}
+
 /// Writes an index file atomically. `chunks` and `blobs` must be sorted by key and unique.
 pub fn write_index(
     storage: &dyn Storage,
@@ -87,19 +130,23 @@ pub fn write_index(
         blobs.windows(2).all(|w| w[0].0 < w[1].0),
         "blob entries must be sorted and unique"
     );
+    let (cb, bb) = (fanout_bits(chunks.len()), fanout_bits(blobs.len()));
     let mut out = Vec::with_capacity(
-        INDEX_HEADER_LEN + (chunks.len() + blobs.len()) * ENTRY_LEN + TRAILER_LEN,
+        INDEX_HEADER_LEN
+            + (chunks.len() + blobs.len()) * ENTRY_LEN
+            + ((2usize << cb) + (2usize << bb)) * 4
+            + TRAILER_LEN,
     );
     out.extend_from_slice(&INDEX_MAGIC);
     out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+    out.push(cb);
+    out.push(bb);
     out.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
     out.extend_from_slice(&(blobs.len() as u64).to_le_bytes());
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
-    for e in chunks.iter().chain(blobs) {
-        encode_entry(&mut out, e);
-    }
+    encode_table(&mut out, chunks, cb);
+    encode_table(&mut out, blobs, bb);
     let crc = crc32fast::hash(&out[INDEX_HEADER_LEN..]);
     out.extend_from_slice(&crc.to_le_bytes());
     write_atomic(storage, path, &out)
@@ -120,6 +167,8 @@ pub struct IndexFile {
     bytes: Bytes,
     chunk_count: usize,
     blob_count: usize,
+    chunk_bits: u8,
+    blob_bits: u8,
 }
 
 impl std::fmt::Debug for IndexFile {
@@ -168,6 +217,7 @@ impl IndexFile {
             return Err(Error::corrupted(path, 0, "index header checksum mismatch"));
         }
         let version = u16::from_le_bytes([header[8], header[9]]);
+        let (chunk_bits, blob_bits) = (header[10], header[11]);
         if version != INDEX_VERSION {
             return Err(Error::Version {
                 file: path.to_path_buf(),
@@ -176,7 +226,11 @@ impl IndexFile {
             });
         }
         let (chunk_count, blob_count) = (word(12), word(20));
+        if chunk_bits > FANOUT_BITS_MAX || blob_bits > FANOUT_BITS_MAX {
+            return Err(Error::corrupted(path, 10, "index fanout too large"));
+        }
         let expect = (chunk_count as u128 + blob_count as u128) * ENTRY_LEN as u128
+            + ((1u128 << chunk_bits) + (1u128 << blob_bits) + 2) * 4
             + INDEX_HEADER_LEN as u128
             + TRAILER_LEN as u128;
         if expect != data.len() as u128 {
@@ -193,6 +247,8 @@ impl IndexFile {
             bytes,
             chunk_count: chunk_count as usize,
             blob_count: blob_count as usize,
+            chunk_bits,
+            blob_bits,
         })
     }
 
@@ -216,14 +272,39 @@ impl IndexFile {
         }
     }
 
+    /// The fanout bytes and the entry bytes of a table.
+    fn parts(&self, table: Table) -> (&[u8], &[u8], u8) {
+        let chunk_fan = ((1usize << self.chunk_bits) + 1) * 4;
+        let blob_fan = ((1usize << self.blob_bits) + 1) * 4;
+        let chunk_start = INDEX_HEADER_LEN + chunk_fan;
+        let blob_fan_start = chunk_start + self.chunk_count * ENTRY_LEN;
+        let (fan_start, fan_len, start, count, bits) = match table {
+            Table::Chunks => (
+                INDEX_HEADER_LEN,
+                chunk_fan,
+                chunk_start,
+                self.chunk_count,
+                self.chunk_bits,
+            ),
+            Table::Blobs => (
+                blob_fan_start,
+                blob_fan,
+                blob_fan_start + blob_fan,
+                self.blob_count,
+                self.blob_bits,
+            ),
+        };
+        let data = self.data();
+        (
+            data.get(fan_start..fan_start + fan_len).unwrap_or_default(),
+            data.get(start..start + count * ENTRY_LEN)
+                .unwrap_or_default(),
+            bits,
+        )
+    }
+
     fn table(&self, table: Table) -> &[u8] {
-        let start = INDEX_HEADER_LEN
-            + match table {
-                Table::Chunks => 0,
-                Table::Blobs => self.chunk_count * ENTRY_LEN,
-            };
-        let len = self.count(table) * ENTRY_LEN;
-        self.data().get(start..start + len).unwrap_or_default()
+        self.parts(table).1
     }
 
     /// Checks the entries' checksum and order.
@@ -243,6 +324,29 @@ impl IndexFile {
             ));
         }
         for table in [Table::Chunks, Table::Blobs] {
+            let (fan, entries, bits) = self.parts(table);
+            let n = entries.len() / ENTRY_LEN;
+            let fan: Vec<usize> = fan
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .collect();
+            let fan_ok = fan.windows(2).all(|w| w[0] <= w[1])
+                && fan.last() == Some(&n)
+                && fan.first() == Some(&0);
+            let buckets_ok = fan.windows(2).enumerate().all(|(b, w)| {
+                entries
+                    .chunks_exact(ENTRY_LEN)
+                    .skip(w[0])
+                    .take(w[1] - w[0])
+                    .all(|e| bucket(e, bits) == b)
+            });
+            if !fan_ok || !buckets_ok {
+                return Err(Error::corrupted(
+                    &self.path,
+                    INDEX_HEADER_LEN as u64,
+                    "index fanout does not match its entries",
+                ));
+            }
             let t = self.table(table);
             for (i, pair) in t
                 .chunks_exact(ENTRY_LEN)
@@ -268,66 +372,50 @@ impl IndexFile {
         decode_entry(e)
     }
 
-    /// Looks a key up.
+    /// Looks a key up: the fanout gives the key's bucket (about 8 entries), an interpolated
+    /// guess inside the bucket lands on or next to the entry, and a short scan finishes.
     pub fn get(&self, table: Table, key: &[u8; 32]) -> Option<Location> {
-        let t = self.table(table);
-        let n = t.len() / ENTRY_LEN;
-        if n == 0 {
+        let (fan, entries, bits) = self.parts(table);
+        let n = entries.len() / ENTRY_LEN;
+        let b = bucket(key, bits);
+        let at = |i: usize| {
+            fan.get(i * 4..i * 4 + 4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+        };
+        let (lo, hi) = (at(b)?.min(n), at(b + 1)?.min(n));
+        if lo >= hi {
             return None;
         }
-        let prefix = |i: usize| -> u64 {
-            u64::from_be_bytes(
-                t[i * ENTRY_LEN..i * ENTRY_LEN + 8]
-                    .try_into()
-                    .unwrap_or_default(),
-            )
-        };
-        let target = u64::from_be_bytes(key[..8].try_into().unwrap_or_default());
-        // Interpolation search over uniformly distributed keys, then binary search.
-        let (mut lo, mut hi) = (0usize, n - 1);
-        for _ in 0..3 {
-            if lo >= hi {
-                break;
-            }
-            let (a, b) = (prefix(lo), prefix(hi));
-            if target < a || target > b || a == b {
-                break;
-            }
-            let guess =
-                lo + (((target - a) as u128 * (hi - lo) as u128) / (b - a) as u128) as usize;
-            let g = prefix(guess);
-            match g.cmp(&target) {
-                std::cmp::Ordering::Less => lo = guess + 1,
-                std::cmp::Ordering::Greater => hi = guess.saturating_sub(1),
-                std::cmp::Ordering::Equal => {
-                    lo = guess;
-                    hi = guess;
+        let key_at = |i: usize| entries.get(i * ENTRY_LEN..i * ENTRY_LEN + 32);
+        // The bits after the bucket's, as a fraction of the bucket.
+        let rest = u64::from_be_bytes(key[..8].try_into().unwrap_or_default()) << bits;
+        let mut i = lo + ((u128::from(rest) * (hi - lo) as u128) >> 64) as usize;
+        match key_at(i)?.cmp(&key[..]) {
+            std::cmp::Ordering::Equal => {}
+            std::cmp::Ordering::Less => loop {
+                i += 1;
+                if i >= hi || key_at(i)? > &key[..] {
+                    return None;
+                }
+                if key_at(i)? == &key[..] {
                     break;
                 }
-            }
-        }
-        // Widen to the run of equal prefixes and binary-search the range.
-        while lo > 0 && prefix(lo - 1) >= target {
-            lo -= 1;
-        }
-        while hi + 1 < n && prefix(hi + 1) <= target {
-            hi += 1;
-        }
-        let slice = t.get(lo * ENTRY_LEN..(hi + 1) * ENTRY_LEN)?;
-        let count = slice.len() / ENTRY_LEN;
-        let (mut l, mut r) = (0, count);
-        while l < r {
-            let m = (l + r) / 2;
-            let k = &slice[m * ENTRY_LEN..m * ENTRY_LEN + 32];
-            match k.cmp(&key[..]) {
-                std::cmp::Ordering::Less => l = m + 1,
-                std::cmp::Ordering::Greater => r = m,
-                std::cmp::Ordering::Equal => {
-                    return decode_entry(&slice[m * ENTRY_LEN..(m + 1) * ENTRY_LEN]).map(|e| e.1)
+            },
+            std::cmp::Ordering::Greater => loop {
+                if i <= lo {
+                    return None;
                 }
-            }
+                i -= 1;
+                let k = key_at(i)?;
+                if k < &key[..] {
+                    return None;
+                }
+                if k == &key[..] {
+                    break;
+                }
+            },
         }
-        None
+        decode_entry(entries.get(i * ENTRY_LEN..(i + 1) * ENTRY_LEN)?).map(|e| e.1)
     }
 
     /// All entries of a table, in key order.

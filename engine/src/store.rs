@@ -337,8 +337,12 @@ impl Store {
         if let Some(loc) = self.inner.delta.read().blobs.get(key) {
             return Some(*loc);
         }
-        let indexes = self.inner.indexes.read().clone();
-        indexes.iter().rev().find_map(|f| f.get(Table::Blobs, key))
+        self.inner
+            .indexes
+            .read()
+            .iter()
+            .rev()
+            .find_map(|f| f.get(Table::Blobs, key))
     }
 
     /// Stores a chunk unless it is already stored. Returns its id and whether it was new.

@@ -305,7 +305,8 @@ async fn ingest(
             while at < len {
                 let n = SPOOL_READ_LEN.min((len - at) as usize);
                 let mut buf = vec![0u8; n];
-                file.read_exact_at(&mut buf, at).map_err(ApiError::from_engine)?;
+                file.read_exact_at(&mut buf, at)
+                    .map_err(ApiError::from_engine)?;
                 feed(Bytes::from(buf))?;
                 at += n as u64;
             }
