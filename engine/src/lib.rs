@@ -11,6 +11,7 @@ pub mod chunker;
 pub mod digest;
 pub mod error;
 pub mod index;
+pub mod inspect;
 pub mod io;
 pub mod names;
 pub mod recipe;
@@ -18,6 +19,7 @@ pub mod segment;
 pub mod store;
 mod sys;
 pub mod uploads;
+pub mod verify;
 
 pub use blob::{BlobReader, BlobWriter, Committed};
 pub use catalog::Catalog;

@@ -809,6 +809,25 @@ impl Store {
         ids
     }
 
+    /// A read handle on a segment file (for fsck and inspect).
+    pub fn segment_handle(&self, id: u64) -> Result<FileHandle> {
+        FileHandle::open(
+            self.inner.storage.as_ref(),
+            &segment_path(&self.inner.seg_dir, id),
+            OpenMode::Read,
+        )
+    }
+
+    /// The path of a segment file.
+    pub fn segment_path(&self, id: u64) -> PathBuf {
+        segment_path(&self.inner.seg_dir, id)
+    }
+
+    /// The open index files (for fsck).
+    pub fn index_files(&self) -> Vec<Arc<IndexFile>> {
+        self.inner.indexes.read().iter().cloned().collect()
+    }
+
     /// Every committed blob digest known to the indexes (for fsck and inspect).
     pub fn blob_locations(&self) -> Vec<([u8; 32], Location)> {
         let mut out: HashMap<[u8; 32], Location> = HashMap::new();

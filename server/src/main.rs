@@ -29,11 +29,42 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Verifies a data directory offline: every record checksum, every chunk against its
+    /// BLAKE3 id, every blob against its digest, indexes against segments, the catalog.
+    /// Exit status: 0 clean, 1 problems found, 2 could not run.
+    Fsck {
+        /// The data directory (the server must not be running on it).
+        dir: PathBuf,
+        /// Rebuild the indexes (derived data) from the segments first.
+        #[arg(long)]
+        repair: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows what a data directory holds: stored against logical bytes, live and dead bytes,
+    /// per repository.
+    Inspect {
+        /// The data directory (the server must not be running on it).
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Fsck { dir, repair, json } => std::process::exit(ballast_tools::fsck(
+            &dir,
+            repair,
+            json,
+            &mut std::io::stdout(),
+        )),
+        Command::Inspect { dir, json } => {
+            std::process::exit(ballast_tools::inspect(&dir, json, &mut std::io::stdout()))
+        }
         Command::Serve {
             listen,
             data,

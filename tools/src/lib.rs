@@ -1,1 +1,226 @@
-//! Offline admin tools over the engine.
+//! Offline admin tools over a data directory: `fsck` and `inspect`. A thin layer over the
+//! engine's `verify` and `inspect` modules: opening, progress, output, exit codes.
+
+use std::io::Write;
+use std::path::Path;
+
+use ballast_engine::{inspect, verify, Error, Options, Store};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Exit code: clean (fsck) or success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: fsck found problems.
+pub const EXIT_FINDINGS: i32 = 1;
+/// Exit code: the tool could not run (locked, missing, unreadable).
+pub const EXIT_FAILED: i32 = 2;
+
+/// Opens a data directory for an offline tool: it must exist and be a Ballast directory, and
+/// no server may hold it.
+pub fn open_offline(dir: &Path, opts: Options) -> Result<Store, String> {
+    if !dir.join("segments").is_dir() {
+        return Err(format!(
+            "{} is not a Ballast data directory (no segments/ in it)",
+            dir.display()
+        ));
+    }
+    Store::open(dir, opts).map_err(|e| match e {
+        Error::Locked { holder, .. } => format!(
+            "{} is in use by another process ({holder}); stop the server first (offline tools need the directory to themselves)",
+            dir.display()
+        ),
+        other => format!("cannot open {}: {other}", dir.display()),
+    })
+}
+
+fn progress_bar() -> ProgressBar {
+    // Drawn on stderr only when it is a terminal.
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn human_bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// `ballast fsck DIR [--repair] [--json]`; returns the exit code.
+pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
+    let opts = Options {
+        rebuild_indexes: repair,
+        verify_chunk_ids: true,
+        ..Options::default()
+    };
+    let store = match open_offline(dir, opts) {
+        Ok(s) => s,
+        Err(msg) => {
+            let _ = writeln!(
+                out,
+                "{}",
+                if json {
+                    serde_json::json!({ "error": msg }).to_string()
+                } else {
+                    format!("fsck: {msg}")
+                }
+            );
+            return EXIT_FAILED;
+        }
+    };
+    let bar = progress_bar();
+    let report = verify::fsck(&store, &|phase, done, total| {
+        bar.set_message(phase.to_owned());
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    drop(store);
+    let written = if json {
+        serde_json::to_string_pretty(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|s| writeln!(out, "{s}"))
+    } else {
+        write_report(out, dir, repair, &report)
+    };
+    if written.is_err() {
+        return EXIT_FAILED;
+    }
+    if report.is_clean() {
+        EXIT_OK
+    } else {
+        EXIT_FINDINGS
+    }
+}
+
+fn write_report(
+    out: &mut dyn Write,
+    dir: &Path,
+    repair: bool,
+    r: &verify::Report,
+) -> std::io::Result<()> {
+    if repair {
+        writeln!(out, "repair: indexes rebuilt from the segments")?;
+    }
+    writeln!(
+        out,
+        "fsck {}: {} segments ({}), {} chunks, {} blobs ({}), {} index entries, {} repositories checked",
+        dir.display(),
+        r.segments,
+        human_bytes(r.segment_bytes),
+        r.chunks,
+        r.blobs,
+        human_bytes(r.blob_bytes),
+        r.index_entries,
+        r.repositories
+    )?;
+    if r.is_clean() {
+        return writeln!(out, "clean");
+    }
+    for f in &r.findings {
+        let place = match (&f.file, f.offset) {
+            (Some(file), Some(off)) => format!(" {}@{off}", file.display()),
+            (Some(file), None) => format!(" {}", file.display()),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{:?} {}{place}: {}\n  hint: {}",
+            f.severity, f.code, f.message, f.hint
+        )?;
+    }
+    writeln!(out, "{} problem(s) found", r.findings.len())
+}
+
+/// `ballast inspect DIR [--json]`; returns the exit code.
+pub fn inspect(dir: &Path, json: bool, out: &mut dyn Write) -> i32 {
+    let store = match open_offline(dir, Options::default()) {
+        Ok(s) => s,
+        Err(msg) => {
+            let _ = writeln!(out, "inspect: {msg}");
+            return EXIT_FAILED;
+        }
+    };
+    let i = match inspect::inspect(&store) {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = writeln!(out, "inspect: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let written = if json {
+        serde_json::to_string_pretty(&i)
+            .map_err(std::io::Error::other)
+            .and_then(|s| writeln!(out, "{s}"))
+    } else {
+        write_inspection(out, dir, &i)
+    };
+    if written.is_err() {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    }
+}
+
+fn write_inspection(
+    out: &mut dyn Write,
+    dir: &Path,
+    i: &inspect::Inspection,
+) -> std::io::Result<()> {
+    writeln!(out, "{}", dir.display())?;
+    writeln!(
+        out,
+        "  segments        {} files, {}; {} index files",
+        i.segments,
+        human_bytes(i.segment_bytes),
+        i.index_files
+    )?;
+    writeln!(
+        out,
+        "  chunks          {} ({} compressed), raw {}, stored {}",
+        i.chunks,
+        i.chunks_compressed,
+        human_bytes(i.chunk_raw_bytes),
+        human_bytes(i.chunk_stored_bytes)
+    )?;
+    writeln!(
+        out,
+        "  blobs           {} distinct, {}",
+        i.blobs,
+        human_bytes(i.blob_bytes)
+    )?;
+    writeln!(
+        out,
+        "  logical         {} linked by repositories; stored {} ({:.2}x reduction)",
+        human_bytes(i.logical_bytes),
+        human_bytes(i.segment_bytes),
+        i.reduction_ratio
+    )?;
+    writeln!(
+        out,
+        "  live / dead     {} / {} (dead bytes are reclaimable by gc)",
+        human_bytes(i.live_bytes),
+        human_bytes(i.dead_bytes)
+    )?;
+    if !i.repositories.is_empty() {
+        writeln!(
+            out,
+            "  {:<40} {:>6} {:>9} {:>12} {:>12}",
+            "repository", "tags", "manifests", "logical", "unique"
+        )?;
+    }
+    for (name, r) in &i.repositories {
+        writeln!(
+            out,
+            "  {name:<40} {:>6} {:>9} {:>12} {:>12}",
+            r.tags,
+            r.manifests,
+            human_bytes(r.logical_bytes),
+            human_bytes(r.unique_bytes)
+        )?;
+    }
+    Ok(())
+}

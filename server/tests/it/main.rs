@@ -3,6 +3,7 @@
 mod clients;
 mod http;
 pub mod oci;
+mod tools;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -1,0 +1,157 @@
+//! What a store holds and what it costs: logical bytes against stored bytes, live and dead
+//! bytes, per repository. Used by `ballast inspect`; never changes the store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::digest::{ChunkId, Digest};
+use crate::error::Result;
+use crate::recipe::{Recipe, RecipePiece};
+use crate::segment::{self, RecordKind};
+use crate::store::Store;
+
+/// Per-repository figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RepoStats {
+    /// Tags.
+    pub tags: u64,
+    /// Manifests.
+    pub manifests: u64,
+    /// Linked blobs (layers, configs).
+    pub blobs: u64,
+    /// Sum of the sizes of the manifests and blobs it links.
+    pub logical_bytes: u64,
+    /// Stored bytes of the chunks that only this repository uses.
+    pub unique_bytes: u64,
+}
+
+/// The whole store.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Inspection {
+    /// Segment files.
+    pub segments: u64,
+    /// Bytes of segment files.
+    pub segment_bytes: u64,
+    /// Index files.
+    pub index_files: u64,
+    /// Chunk records.
+    pub chunks: u64,
+    /// Chunks stored zstd-compressed.
+    pub chunks_compressed: u64,
+    /// Raw bytes of all chunks.
+    pub chunk_raw_bytes: u64,
+    /// Bytes the chunk records take (headers included).
+    pub chunk_stored_bytes: u64,
+    /// Distinct blobs with a recipe.
+    pub blobs: u64,
+    /// Sum of the sizes of distinct blobs.
+    pub blob_bytes: u64,
+    /// Sum over repositories of what they link: what a registry without dedup would store.
+    pub logical_bytes: u64,
+    /// Bytes of records that something linked still needs.
+    pub live_bytes: u64,
+    /// Bytes of records nothing linked needs (reclaimable by GC).
+    pub dead_bytes: u64,
+    /// `logical_bytes / segment_bytes`.
+    pub reduction_ratio: f64,
+    /// Per repository.
+    pub repositories: BTreeMap<String, RepoStats>,
+}
+
+/// Scans the store and computes the figures.
+pub fn inspect(store: &Store) -> Result<Inspection> {
+    let mut out = Inspection::default();
+    let mut chunk_cost: HashMap<ChunkId, u64> = HashMap::new();
+    let mut recipes: HashMap<Digest, (Recipe, u64)> = HashMap::new();
+    let mut other_bytes = 0u64;
+    for id in store.segment_ids() {
+        let file = store.segment_handle(id)?;
+        out.segments += 1;
+        out.segment_bytes += file.len()?;
+        segment::scan(&file, segment::FILE_HEADER_LEN as u64, |rec| {
+            let cost = rec.header.record_len();
+            match rec.header.kind {
+                RecordKind::Chunk => {
+                    let id: [u8; 32] = rec
+                        .payload
+                        .get(..32)
+                        .and_then(|b| b.try_into().ok())
+                        .unwrap_or_default();
+                    let raw = rec
+                        .payload
+                        .get(32..36)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u32::from_le_bytes)
+                        .unwrap_or(0);
+                    out.chunks += 1;
+                    out.chunk_raw_bytes += u64::from(raw);
+                    out.chunk_stored_bytes += cost;
+                    if rec.header.flags & segment::FLAG_ZSTD != 0 {
+                        out.chunks_compressed += 1;
+                    }
+                    chunk_cost.insert(ChunkId(id), cost);
+                }
+                RecordKind::Recipe => {
+                    if let Ok(r) = Recipe::decode(file.path(), rec.offset, &rec.payload) {
+                        recipes.insert(r.digest.clone(), (r, cost));
+                    }
+                }
+                _ => other_bytes += cost,
+            }
+            Ok(())
+        })?;
+    }
+    out.index_files = store.index_files().len() as u64;
+    out.blobs = recipes.len() as u64;
+    out.blob_bytes = recipes.values().map(|(r, _)| r.size).sum();
+
+    // Which repositories use each chunk, through the blobs and manifests they link.
+    let catalog = store.catalog().read();
+    let mut users: HashMap<ChunkId, HashSet<&str>> = HashMap::new();
+    let mut live_recipes: HashSet<&Digest> = HashSet::new();
+    for (name, repo) in &catalog.repos {
+        let stats = out.repositories.entry(name.clone()).or_default();
+        stats.tags = repo.tags.len() as u64;
+        stats.manifests = repo.manifests.len() as u64;
+        stats.blobs = repo.blobs.len() as u64;
+        for digest in repo.blobs.keys().chain(repo.manifests.keys()) {
+            let Some((recipe, _)) = recipes.get(digest) else {
+                continue;
+            };
+            stats.logical_bytes += recipe.size;
+            live_recipes.insert(&recipe.digest);
+            for p in &recipe.pieces {
+                if let RecipePiece::Chunk { id, .. } = p {
+                    users.entry(*id).or_default().insert(name.as_str());
+                }
+            }
+        }
+        out.logical_bytes += stats.logical_bytes;
+    }
+    for (id, repos) in &users {
+        if repos.len() == 1 {
+            if let (Some(name), Some(cost)) = (repos.iter().next(), chunk_cost.get(id)) {
+                if let Some(s) = out.repositories.get_mut(*name) {
+                    s.unique_bytes += cost;
+                }
+            }
+        }
+    }
+    let live_chunks: u64 = users.keys().filter_map(|id| chunk_cost.get(id)).sum();
+    let live_recipe_bytes: u64 = recipes
+        .iter()
+        .filter(|(d, _)| live_recipes.contains(d))
+        .map(|(_, (_, c))| c)
+        .sum();
+    out.live_bytes = live_chunks + live_recipe_bytes;
+    let records: u64 =
+        out.chunk_stored_bytes + recipes.values().map(|(_, c)| c).sum::<u64>() + other_bytes;
+    out.dead_bytes = records.saturating_sub(out.live_bytes);
+    out.reduction_ratio = if out.segment_bytes == 0 {
+        1.0
+    } else {
+        out.logical_bytes as f64 / out.segment_bytes as f64
+    };
+    Ok(out)
+}

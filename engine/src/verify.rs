@@ -1,0 +1,414 @@
+//! fsck: verifies everything that can be verified and reports typed findings
+//! (docs/design.md, "Verification"). Used by `ballast fsck`; never changes the store.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::digest::{ChunkId, Digest};
+use crate::error::Error;
+use crate::index::{Location, Table};
+use crate::recipe::{Recipe, RecipePiece};
+use crate::segment::{self, RecordKind, ScanEnd, CHUNK_PREFIX_LEN, FLAG_ZSTD};
+use crate::store::Store;
+
+/// How bad a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth knowing; nothing is lost.
+    Warning,
+    /// Data is damaged or inconsistent.
+    Error,
+}
+
+/// One problem found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    /// Severity.
+    pub severity: Severity,
+    /// A stable code, e.g. `record_corrupt`.
+    pub code: &'static str,
+    /// The file concerned, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// The offset in that file, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// What is wrong.
+    pub message: String,
+    /// What to do about it.
+    pub hint: &'static str,
+}
+
+/// What fsck looked at and found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// Segment files read.
+    pub segments: u64,
+    /// Bytes of segment files read.
+    pub segment_bytes: u64,
+    /// Chunk records checked against their BLAKE3 id.
+    pub chunks: u64,
+    /// Blobs reassembled and checked against their digest.
+    pub blobs: u64,
+    /// Bytes of blobs reassembled.
+    pub blob_bytes: u64,
+    /// Index entries checked.
+    pub index_entries: u64,
+    /// Repositories checked.
+    pub repositories: u64,
+    /// Problems.
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    /// True when nothing was found.
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty()
+    }
+}
+
+const HINT_DAMAGE: &str =
+    "the bytes on disk are damaged: blobs that use them cannot be served; re-push those images or restore the data directory from a backup";
+const HINT_REBUILD: &str =
+    "indexes are derived data: run `ballast fsck --repair DIR` to rebuild them from the segments";
+const HINT_REPUSH: &str =
+    "re-push the image (or delete the manifest) so the repository is consistent again";
+
+/// Progress callback: bytes processed so far of the given phase.
+pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
+
+/// Runs every check. `progress(phase, done, total)` is called as work proceeds.
+pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
+    let mut report = Report::default();
+    let mut chunks_at: HashMap<(u64, u64), ChunkId> = HashMap::new();
+    let mut recipes_at: HashMap<(u64, u64), Digest> = HashMap::new();
+    let mut recipes: Vec<(Location, Recipe)> = Vec::new();
+    let error =
+        |report: &mut Report, code, file: Option<PathBuf>, offset, message: String, hint| {
+            report.findings.push(Finding {
+                severity: Severity::Error,
+                code,
+                file,
+                offset,
+                message,
+                hint,
+            });
+        };
+
+    // 1. Every record of every segment: CRC, structure, chunk ids, recipe encoding.
+    let ids = store.segment_ids();
+    let total: u64 = ids
+        .iter()
+        .filter_map(|id| store.segment_handle(*id).ok())
+        .filter_map(|f| f.len().ok())
+        .sum();
+    let mut done = 0u64;
+    for id in ids {
+        let file = match store.segment_handle(id) {
+            Ok(f) => f,
+            Err(e) => {
+                error(
+                    &mut report,
+                    "segment_unreadable",
+                    None,
+                    None,
+                    e.to_string(),
+                    HINT_DAMAGE,
+                );
+                continue;
+            }
+        };
+        let path = file.path().to_path_buf();
+        let len = file.len().unwrap_or(0);
+        report.segments += 1;
+        report.segment_bytes += len;
+        let mut problems = Vec::new();
+        let scanned = segment::scan(&file, segment::FILE_HEADER_LEN as u64, |rec| {
+            match rec.header.kind {
+                RecordKind::Chunk => {
+                    report.chunks += 1;
+                    match check_chunk(rec.header.flags, &rec.payload) {
+                        Ok(id) => {
+                            chunks_at.insert((id_of(&path), rec.offset), id);
+                        }
+                        Err(why) => problems.push((rec.offset, "chunk_corrupt", why)),
+                    }
+                }
+                RecordKind::Recipe => match Recipe::decode(&path, rec.offset, &rec.payload) {
+                    Ok(r) => {
+                        let loc = Location {
+                            segment: id,
+                            offset: rec.offset,
+                            len: rec.header.len,
+                            aux: 0,
+                        };
+                        recipes_at.insert((id, rec.offset), r.digest.clone());
+                        recipes.push((loc, r));
+                    }
+                    Err(e) => problems.push((rec.offset, "recipe_corrupt", e.to_string())),
+                },
+                RecordKind::SyncMark => {}
+                RecordKind::CatalogBatch => problems.push((
+                    rec.offset,
+                    "record_misplaced",
+                    "catalog record in a segment".into(),
+                )),
+            }
+            done += rec.header.record_len();
+            progress("segments", done, total);
+            Ok(())
+        });
+        for (offset, code, why) in problems {
+            error(
+                &mut report,
+                code,
+                Some(path.clone()),
+                Some(offset),
+                why,
+                HINT_DAMAGE,
+            );
+        }
+        match scanned {
+            Ok((_, ScanEnd::Clean)) => {}
+            Ok((_, ScanEnd::Invalid { offset, reason })) => {
+                error(
+                    &mut report,
+                    "record_corrupt",
+                    Some(path.clone()),
+                    Some(offset),
+                    reason.to_string(),
+                    HINT_DAMAGE,
+                );
+            }
+            Err(e) => error(
+                &mut report,
+                "segment_unreadable",
+                Some(path.clone()),
+                None,
+                e.to_string(),
+                HINT_DAMAGE,
+            ),
+        }
+    }
+
+    // 2. Index files: checksums, order, and that every entry names the record it claims.
+    for file in store.index_files() {
+        if let Err(e) = file.verify() {
+            error(
+                &mut report,
+                "index_corrupt",
+                Some(file.path().to_path_buf()),
+                None,
+                e.to_string(),
+                HINT_REBUILD,
+            );
+            continue;
+        }
+        for (key, loc) in file.iter(Table::Chunks) {
+            report.index_entries += 1;
+            if chunks_at.get(&(loc.segment, loc.offset)).map(|c| c.0) != Some(key) {
+                error(
+                    &mut report,
+                    "index_mismatch",
+                    Some(file.path().to_path_buf()),
+                    None,
+                    format!(
+                        "chunk {} points at segment {} offset {}, which holds no such chunk",
+                        ChunkId(key),
+                        loc.segment,
+                        loc.offset
+                    ),
+                    HINT_REBUILD,
+                );
+            }
+        }
+        for (key, loc) in file.iter(Table::Blobs) {
+            report.index_entries += 1;
+            if recipes_at
+                .get(&(loc.segment, loc.offset))
+                .map(Digest::index_key)
+                != Some(key)
+            {
+                error(
+                    &mut report,
+                    "index_mismatch",
+                    Some(file.path().to_path_buf()),
+                    None,
+                    format!(
+                        "blob entry points at segment {} offset {}, which holds no such recipe",
+                        loc.segment, loc.offset
+                    ),
+                    HINT_REBUILD,
+                );
+            }
+        }
+    }
+    // Every record is reachable through the indexes.
+    for id in chunks_at.values() {
+        if store.chunk_location(id).is_none() {
+            error(
+                &mut report,
+                "index_missing",
+                None,
+                None,
+                format!("chunk {id} is stored but not indexed"),
+                HINT_REBUILD,
+            );
+        }
+    }
+
+    // 3. Every blob: its chunks exist, and reassembled it matches its digest.
+    let blob_total: u64 = recipes.iter().map(|(_, r)| r.size).sum();
+    let mut blob_done = 0u64;
+    let mut seen = HashSet::new();
+    for (loc, recipe) in &recipes {
+        if !seen.insert(recipe.digest.clone()) {
+            continue;
+        }
+        report.blobs += 1;
+        report.blob_bytes += recipe.size;
+        let file = store.segment_path(loc.segment);
+        if let Some(missing) = recipe.pieces.iter().find_map(|p| match p {
+            RecipePiece::Chunk { id, .. } if store.chunk_location(id).is_none() => Some(*id),
+            _ => None,
+        }) {
+            error(
+                &mut report,
+                "chunk_missing",
+                Some(file),
+                Some(loc.offset),
+                format!(
+                    "blob {} uses chunk {missing}, which is not stored",
+                    recipe.digest
+                ),
+                HINT_REPUSH,
+            );
+            continue;
+        }
+        match rehash(store, &recipe.digest, recipe.size) {
+            Ok(actual) if actual == recipe.digest => {}
+            Ok(actual) => error(
+                &mut report,
+                "blob_digest_mismatch",
+                Some(file),
+                Some(loc.offset),
+                format!("blob {} reassembles to {actual}", recipe.digest),
+                HINT_DAMAGE,
+            ),
+            Err(e) => error(
+                &mut report,
+                "blob_unreadable",
+                Some(file),
+                Some(loc.offset),
+                format!("blob {}: {e}", recipe.digest),
+                HINT_DAMAGE,
+            ),
+        }
+        blob_done += recipe.size;
+        progress("blobs", blob_done, blob_total);
+    }
+
+    // 4. The catalog: every link resolves, every manifest's references are in its repository.
+    let catalog = store.catalog().read();
+    for (name, repo) in &catalog.repos {
+        report.repositories += 1;
+        for digest in repo.blobs.keys() {
+            if !seen.contains(digest) {
+                error(
+                    &mut report,
+                    "blob_link_dangling",
+                    None,
+                    None,
+                    format!("{name} links blob {digest}, which is not stored"),
+                    HINT_REPUSH,
+                );
+            }
+        }
+        for (digest, link) in &repo.manifests {
+            if !seen.contains(digest) {
+                error(
+                    &mut report,
+                    "manifest_missing",
+                    None,
+                    None,
+                    format!("{name} has manifest {digest}, which is not stored"),
+                    HINT_REPUSH,
+                );
+            }
+            for r in &link.references {
+                if !repo.blobs.contains_key(r) && !repo.manifests.contains_key(r) {
+                    error(&mut report, "reference_dangling", None, None,
+                        format!("manifest {digest} in {name} references {r}, which the repository does not hold"), HINT_REPUSH);
+                }
+            }
+        }
+        for (tag, digest) in &repo.tags {
+            if !repo.manifests.contains_key(digest) {
+                error(
+                    &mut report,
+                    "tag_dangling",
+                    None,
+                    None,
+                    format!(
+                        "tag {name}:{tag} points at {digest}, which the repository does not hold"
+                    ),
+                    HINT_REPUSH,
+                );
+            }
+        }
+    }
+    report
+}
+
+fn id_of(path: &std::path::Path) -> u64 {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(segment::parse_segment_file_name)
+        .unwrap_or(0)
+}
+
+/// Checks a chunk record's payload: decompresses it and compares its BLAKE3 id.
+fn check_chunk(flags: u8, payload: &[u8]) -> Result<ChunkId, String> {
+    let id: [u8; 32] = payload
+        .get(..32)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("chunk record too short")?;
+    let raw_len = payload
+        .get(32..36)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .ok_or("chunk record too short")?;
+    let body = &payload[CHUNK_PREFIX_LEN.min(payload.len())..];
+    let actual = if flags & FLAG_ZSTD != 0 {
+        let raw =
+            zstd::bulk::decompress(body, raw_len as usize).map_err(|e| format!("zstd: {e}"))?;
+        if raw.len() != raw_len as usize {
+            return Err("decompressed length differs from the record".into());
+        }
+        ChunkId::of(&raw)
+    } else {
+        if body.len() != raw_len as usize {
+            return Err("chunk length differs from the record".into());
+        }
+        ChunkId::of(body)
+    };
+    if actual.0 != id {
+        return Err(format!(
+            "chunk bytes hash to {actual}, not to their id {}",
+            ChunkId(id)
+        ));
+    }
+    Ok(ChunkId(id))
+}
+
+fn rehash(store: &Store, digest: &Digest, size: u64) -> Result<Digest, Error> {
+    let reader = store.open_blob(digest)?;
+    let mut h = digest.algorithm().hasher();
+    for piece in reader.range(0, size)? {
+        h.update(&piece?);
+    }
+    Ok(h.finish())
+}
