@@ -1,5 +1,6 @@
 //! Real registry clients against a running server: skopeo (copy in and out, by tag and by
-//! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes).
+//! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes), podman (push,
+//! pull), and the oras Python client (artifacts with several files, chunked uploads).
 
 use std::path::Path;
 use std::process::Command;
@@ -198,4 +199,89 @@ fn skopeo_multi_arch_index_round_trip() {
     ]))
     .expect("json");
     assert_eq!(arm["Architecture"].as_str(), Some("arm64"));
+}
+
+#[test]
+fn podman_push_and_pull() {
+    require("podman");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // podman names an image pulled from a layout after its path, which must be lowercase.
+    let lower = tempfile::Builder::new()
+        .prefix(&format!("ballast-podman-{}", std::process::id()))
+        .rand_bytes(0)
+        .tempdir()
+        .expect("lowercase temp dir");
+    let layout = lower.path().join("in");
+    let manifest = oci::image(&layout, 60, 2, 200_000, "amd64");
+    oci::finish_layout(&layout, &manifest, "v1");
+    let r = Registry::start(&tmp.path().join("data"));
+    let (root, run) = (tmp.path().join("root"), tmp.path().join("run"));
+    let podman = |args: &[&str]| -> String {
+        let out = Command::new("podman")
+            .arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&run)
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .expect("run podman");
+        assert!(
+            out.status.success(),
+            "podman {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let image = format!("{}/pod/app:v1", r.host());
+    let id = podman(&["pull", "-q", &format!("oci:{}:v1", layout.display())])
+        .trim()
+        .to_owned();
+    podman(&["tag", &id, &image]);
+    podman(&["push", "-q", "--tls-verify=false", &image]);
+    podman(&["rmi", "-a", "-f"]);
+    let pulled = podman(&["pull", "-q", "--tls-verify=false", &image])
+        .trim()
+        .to_owned();
+    assert_eq!(pulled, id, "the same image (config digest) comes back");
+    let tags: Value =
+        serde_json::from_slice(&call("GET", &r.url("/v2/pod/app/tags/list"), &[], None).body)
+            .expect("json");
+    assert_eq!(tags["tags"], serde_json::json!(["v1"]));
+}
+
+#[test]
+fn oras_artifact_round_trip() {
+    let have_oras = Command::new("python3")
+        .args(["-c", "import oras.client"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have_oras,
+        "the oras Python package is not installed: run scripts/install-test-deps"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start(&tmp.path().join("data"));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/oras_roundtrip.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(r.host())
+        .arg(tmp.path().join("work"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "oras round trip failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tags: Value = serde_json::from_slice(
+        &call("GET", &r.url("/v2/artifacts/bundle/tags/list"), &[], None).body,
+    )
+    .expect("json");
+    assert_eq!(tags["tags"], serde_json::json!(["v1", "v1-chunked"]));
 }
