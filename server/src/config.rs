@@ -48,6 +48,19 @@ impl Default for Config {
     }
 }
 
+/// The names of the settings, as in the config file.
+pub const SETTINGS: &[&str] = &[
+    "listen",
+    "data",
+    "header_timeout_secs",
+    "body_idle_timeout_secs",
+    "upload_max_age_secs",
+    "shutdown_grace_secs",
+    "manifest_bytes_max",
+    "segment_bytes_max",
+    "log",
+];
+
 impl Config {
     /// Timeout for request headers.
     pub fn header_timeout(&self) -> Duration {
@@ -76,8 +89,14 @@ impl Config {
             let Some(name) = key.strip_prefix("BALLAST_") else {
                 continue;
             };
+            let name = name.to_ascii_lowercase();
+            if !SETTINGS.contains(&name.as_str()) {
+                // Other tools share the prefix (BALLAST_BENCH_*); a typo still gets a word.
+                eprintln!("warning: ignoring environment variable {key}: not a server setting");
+                continue;
+            }
             config
-                .set(&name.to_ascii_lowercase(), &value)
+                .set(&name, &value)
                 .with_context(|| format!("environment variable {key}"))?;
         }
         Ok(config)
@@ -132,7 +151,17 @@ mod tests {
         let c = Config::load(Some(&file), env.into_iter()).expect("load");
         assert_eq!(c.listen.port(), 6000);
         assert_eq!(c.data, PathBuf::from("/from/env"));
-        assert!(Config::load(None, vec![("BALLAST_NOPE".into(), "1".into())].into_iter()).is_err());
+        // Unknown BALLAST_* variables are ignored with a warning; bad values are errors.
+        assert!(Config::load(
+            None,
+            vec![("BALLAST_BENCH_MB".into(), "1".into())].into_iter()
+        )
+        .is_ok());
+        assert!(Config::load(
+            None,
+            vec![("BALLAST_LISTEN".into(), "nope".into())].into_iter()
+        )
+        .is_err());
         std::fs::write(&file, "bogus = 1\n").expect("write");
         assert!(Config::load(Some(&file), std::iter::empty()).is_err());
     }

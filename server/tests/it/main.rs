@@ -80,6 +80,9 @@ fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
     if !env.iter().any(|(k, _)| k == "BALLAST_LISTEN") {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BALLAST_")) {
+        cmd.env_remove(k);
+    }
     cmd.env("BALLAST_LOG", "warn");
     for (k, v) in env {
         cmd.env(k, v);
