@@ -49,9 +49,10 @@ pub struct Inspection {
     pub blob_bytes: u64,
     /// Sum over repositories of what they link: what a registry without dedup would store.
     pub logical_bytes: u64,
-    /// Bytes of records that something linked still needs.
+    /// Bytes of records that tags and manifests still need.
     pub live_bytes: u64,
-    /// Bytes of records nothing linked needs (reclaimable by GC).
+    /// Bytes of records nothing needs: what `ballast gc --grace 0` would free (blobs no
+    /// repository links, or that a repository links but no manifest references).
     pub dead_bytes: u64,
     /// `logical_bytes / segment_bytes`.
     pub reduction_ratio: f64,
@@ -108,6 +109,15 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
 
     // Which repositories use each chunk, through the blobs and manifests they link.
     let catalog = store.catalog().read();
+    // Live as a collection with no grace period would see it (docs/design.md).
+    let (_, needed) = crate::gc::mark(
+        &catalog,
+        u64::MAX,
+        &crate::gc::GcOptions {
+            grace_secs: 0,
+            ..Default::default()
+        },
+    );
     let mut users: HashMap<ChunkId, HashSet<&str>> = HashMap::new();
     let mut live_recipes: HashSet<&Digest> = HashSet::new();
     for (name, repo) in &catalog.repos {
@@ -120,6 +130,9 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
                 continue;
             };
             stats.logical_bytes += recipe.size;
+            if !needed.contains(digest) {
+                continue;
+            }
             live_recipes.insert(&recipe.digest);
             for p in &recipe.pieces {
                 if let RecipePiece::Chunk { id, .. } = p {

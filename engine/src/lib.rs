@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod chunker;
 pub mod digest;
 pub mod error;
+pub mod gc;
 pub mod index;
 pub mod inspect;
 pub mod io;

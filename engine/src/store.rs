@@ -1,7 +1,7 @@
 //! The store: segments, the chunk and blob indexes, the write path with group commit, the read
 //! path, and recovery at open (docs/design.md).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use crate::digest::{ChunkId, Digest};
 use crate::error::{Error, Result};
 use crate::index::{self, Entry, IndexFile, Location, Table};
 use crate::io::{FileHandle, OpenMode, RealStorage, Storage};
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, RecipePiece};
 use crate::segment::{
     self, check_file_header, file_header, parse_segment_file_name, record_header, segment_path,
     RecordKind, CHUNK_PREFIX_LEN, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_MAGIC,
@@ -88,6 +88,17 @@ struct Delta {
     blobs: HashMap<[u8; 32], Location>,
 }
 
+/// What a running collection needs from writers (docs/design.md, "Garbage collection").
+#[derive(Default)]
+pub(crate) struct GcState {
+    /// A collection is between its mark and the removal of its victims.
+    pub(crate) running: bool,
+    /// Chunks that writers deduplicated against while it ran.
+    pub(crate) pinned_chunks: HashSet<ChunkId>,
+    /// Blobs that something started to reference while it ran.
+    pub(crate) pinned_blobs: HashSet<Digest>,
+}
+
 /// The chunk and blob entries of one segment.
 type SegmentEntries = (Vec<Entry>, Vec<Entry>);
 
@@ -115,6 +126,9 @@ struct Inner {
     poisoned: RwLock<Option<String>>,
     recipes: Mutex<HashMap<[u8; 32], Arc<Recipe>>>,
     merge_lock: Mutex<()>,
+    gc: Mutex<GcState>,
+    /// Held for a whole collection: one at a time.
+    gc_lock: Mutex<()>,
     stats: Stats,
     catalog: Arc<Catalog>,
     uploads: Uploads,
@@ -256,6 +270,8 @@ impl Store {
             poisoned: RwLock::new(None),
             recipes: Mutex::new(HashMap::new()),
             merge_lock: Mutex::new(()),
+            gc: Mutex::new(GcState::default()),
+            gc_lock: Mutex::new(()),
             stats: Stats::default(),
             catalog,
             uploads,
@@ -323,26 +339,68 @@ impl Store {
 
     /// Looks up where a chunk is stored.
     pub fn chunk_location(&self, id: &ChunkId) -> Option<Location> {
-        if let Some(loc) = self.inner.delta.read().chunks.get(id) {
-            return Some(*loc);
-        }
-        let indexes = self.inner.indexes.read().clone();
-        indexes
-            .iter()
-            .rev()
-            .find_map(|f| f.get(Table::Chunks, &id.0))
+        self.locate(Table::Chunks, &id.0)
     }
 
     fn blob_location(&self, key: &[u8; 32]) -> Option<Location> {
-        if let Some(loc) = self.inner.delta.read().blobs.get(key) {
+        self.locate(Table::Blobs, key)
+    }
+
+    /// The current location of a key: the delta first, then index files newest first. Entries
+    /// into segments that GC removed are skipped.
+    fn locate(&self, table: Table, key: &[u8; 32]) -> Option<Location> {
+        let segments = self.inner.segments.read();
+        let delta = self.inner.delta.read();
+        let hit = match table {
+            Table::Chunks => delta.chunks.get(&ChunkId(*key)),
+            Table::Blobs => delta.blobs.get(key),
+        };
+        if let Some(loc) = hit.filter(|l| segments.contains_key(&l.segment)) {
             return Some(*loc);
         }
-        self.inner
-            .indexes
-            .read()
-            .iter()
-            .rev()
-            .find_map(|f| f.get(Table::Blobs, key))
+        drop(delta);
+        self.inner.indexes.read().iter().rev().find_map(|f| {
+            f.get(table, key)
+                .filter(|l| segments.contains_key(&l.segment))
+        })
+    }
+
+    /// The current location of a chunk or blob key (for GC).
+    pub(crate) fn current_location(&self, table: Table, key: &[u8; 32]) -> Option<Location> {
+        self.locate(table, key)
+    }
+
+    /// Records that a writer relies on the chunk at `segment` while a collection may run;
+    /// false when the segment is already gone (the caller must store the chunk again).
+    fn pin_chunk(&self, id: &ChunkId, segment: u64) -> bool {
+        let mut gc = self.inner.gc.lock();
+        if !self.inner.segments.read().contains_key(&segment) {
+            return false;
+        }
+        if gc.running {
+            gc.pinned_chunks.insert(*id);
+        }
+        true
+    }
+
+    /// Makes sure a committed blob outlives any collection in progress, before something
+    /// (a mount, a link, a manifest) starts to reference it. False when it is not stored.
+    pub fn pin_blob(&self, digest: &Digest) -> bool {
+        let key = digest.index_key();
+        let Some(loc) = self.blob_location(&key) else {
+            return false;
+        };
+        if self.recipe(digest).is_err() {
+            return false;
+        }
+        let mut gc = self.inner.gc.lock();
+        if !self.inner.segments.read().contains_key(&loc.segment) {
+            return false;
+        }
+        if gc.running {
+            gc.pinned_blobs.insert(digest.clone());
+        }
+        true
     }
 
     /// Stores a chunk unless it is already stored. Returns its id and whether it was new.
@@ -363,12 +421,14 @@ impl Store {
         try_compress: bool,
     ) -> Result<(bool, Option<bool>)> {
         self.check_poisoned()?;
-        if self.chunk_location(&id).is_some() {
-            self.inner
-                .stats
-                .chunks_deduped
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok((false, None));
+        if let Some(loc) = self.chunk_location(&id) {
+            if self.pin_chunk(&id, loc.segment) {
+                self.inner
+                    .stats
+                    .chunks_deduped
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok((false, None));
+            }
         }
         let raw_len = u32::try_from(data.len())
             .map_err(|_| Error::LimitExceeded("chunk larger than 4 GiB".into()))?;
@@ -551,7 +611,13 @@ impl Store {
                 .map(|f| f.as_ref())
                 .collect();
             let (lo, hi) = (group[0].lo, group[fanin - 1].hi);
-            let (chunks, blobs) = index::merge(&group);
+            let (mut chunks, mut blobs) = index::merge(&group);
+            {
+                // Entries into segments a collection removed are dropped for good.
+                let segments = self.inner.segments.read();
+                chunks.retain(|(_, l)| segments.contains_key(&l.segment));
+                blobs.retain(|(_, l)| segments.contains_key(&l.segment));
+            }
             let path = self.inner.idx_dir.join(index::index_file_name(lo, hi));
             index::write_index(self.inner.storage.as_ref(), &path, &chunks, &blobs)
                 .map_err(|e| self.poison(&e))?;
@@ -613,8 +679,10 @@ impl Store {
     /// Commits a recipe: appends it, makes it durable, then makes it visible.
     pub(crate) fn commit_recipe(&self, recipe: Recipe) -> Result<Arc<Recipe>> {
         let key = recipe.digest.index_key();
-        if let Ok(existing) = self.recipe(&recipe.digest) {
-            return Ok(existing);
+        if self.pin_blob(&recipe.digest) {
+            if let Ok(existing) = self.recipe(&recipe.digest) {
+                return Ok(existing);
+            }
         }
         let payload = recipe.encode();
         if payload.len() > segment::RECORD_PAYLOAD_MAX {
@@ -623,29 +691,39 @@ impl Store {
                 payload.len()
             )));
         }
+        // The index entry is queued with the append, under the writer lock: if the segment
+        // is sealed before this commit's sync returns, its index file must hold the recipe
+        // (sealing syncs first, so the entry is never visible before it is durable).
         let loc = {
             let mut w = self.inner.writer.lock();
-            self.append_locked(
+            let loc = self.append_locked(
                 &mut w,
                 RecordKind::Recipe,
                 0,
                 &[&payload],
                 u32::from(recipe.digest.algorithm().code()),
-            )?
+            )?;
+            self.inner
+                .pending
+                .lock()
+                .by_segment
+                .entry(loc.segment)
+                .or_default()
+                .1
+                .push((key, loc));
+            loc
         };
         self.sync_to(
             loc.segment,
             loc.offset + RECORD_HEADER_LEN as u64 + u64::from(loc.len),
         )?;
-        self.inner.delta.write().blobs.insert(key, loc);
-        self.inner
-            .pending
-            .lock()
-            .by_segment
-            .entry(loc.segment)
-            .or_default()
-            .1
-            .push((key, loc));
+        {
+            // Visible once durable; a segment sealed meanwhile already has it in its index.
+            let w = self.inner.writer.lock();
+            if w.id == loc.segment {
+                self.inner.delta.write().blobs.insert(key, loc);
+            }
+        }
         let recipe = Arc::new(recipe);
         self.cache_recipe(key, recipe.clone());
         Ok(recipe)
@@ -706,10 +784,7 @@ impl Store {
 
     /// The raw bytes of a chunk; uncompressed chunks of sealed segments are not copied.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Bytes> {
-        let loc = self
-            .chunk_location(id)
-            .ok_or_else(|| Error::NotFound(format!("chunk {id}")))?;
-        let (flags, payload) = self.read_record(&loc)?;
+        let (loc, flags, payload) = self.read_located(Table::Chunks, &id.0)?;
         let path = || segment_path(&self.inner.seg_dir, loc.segment);
         if payload.len() < CHUNK_PREFIX_LEN || payload[..32] != id.0 {
             return Err(Error::corrupted(
@@ -744,6 +819,29 @@ impl Store {
         Ok(data)
     }
 
+    /// Locates a key and reads its record. A collection may remove the segment between the
+    /// lookup and the read; the lookup is then repeated and finds the moved copy.
+    fn read_located(&self, table: Table, key: &[u8; 32]) -> Result<(Location, u8, Bytes)> {
+        let what = || match table {
+            Table::Chunks => format!("chunk {}", ChunkId(*key)),
+            Table::Blobs => format!("blob {}", hex::encode(key)),
+        };
+        for _ in 0..3 {
+            let loc = self
+                .locate(table, key)
+                .ok_or_else(|| Error::NotFound(what()))?;
+            if !self.inner.segments.read().contains_key(&loc.segment) {
+                continue;
+            }
+            match self.read_record(&loc) {
+                Ok((flags, payload)) => return Ok((loc, flags, payload)),
+                Err(e) if !self.inner.segments.read().contains_key(&loc.segment) => drop(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::NotFound(what()))
+    }
+
     /// The recipe of a committed blob.
     pub fn recipe(&self, digest: &Digest) -> Result<Arc<Recipe>> {
         let key = digest.index_key();
@@ -752,10 +850,7 @@ impl Store {
                 return Ok(r.clone());
             }
         }
-        let loc = self
-            .blob_location(&key)
-            .ok_or_else(|| Error::NotFound(format!("blob {digest}")))?;
-        let (_, payload) = self.read_record(&loc)?;
+        let (loc, _, payload) = self.read_located(Table::Blobs, &key)?;
         let recipe = Recipe::decode(
             &segment_path(&self.inner.seg_dir, loc.segment),
             loc.offset,
@@ -763,6 +858,15 @@ impl Store {
         )?;
         if recipe.digest != *digest {
             return Err(Error::NotFound(format!("blob {digest}")));
+        }
+        // A blob is visible only while all of its chunks are stored: GC may have collected
+        // the chunks of a blob nothing links any more while its recipe record lives on.
+        for piece in &recipe.pieces {
+            if let RecipePiece::Chunk { id, .. } = piece {
+                if self.chunk_location(id).is_none() {
+                    return Err(Error::NotFound(format!("blob {digest}")));
+                }
+            }
         }
         let recipe = Arc::new(recipe);
         self.cache_recipe(key, recipe.clone());
@@ -807,6 +911,202 @@ impl Store {
         let mut ids: Vec<u64> = self.inner.segments.read().keys().copied().collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// Starts a collection: from now on dedup hits and blob references are pinned. Returns
+    /// the guard that keeps other collections out, or `None` when one is running.
+    pub(crate) fn gc_start(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        let guard = self.inner.gc_lock.try_lock()?;
+        let mut gc = self.inner.gc.lock();
+        gc.running = true;
+        gc.pinned_chunks.clear();
+        gc.pinned_blobs.clear();
+        Some(guard)
+    }
+
+    /// Ids of the sealed segments (every segment but the active one) and the active id.
+    pub(crate) fn sealed_segments(&self) -> (Vec<u64>, u64) {
+        let active = self.inner.writer.lock().id;
+        let mut ids: Vec<u64> = self
+            .inner
+            .segments
+            .read()
+            .keys()
+            .copied()
+            .filter(|&id| id != active)
+            .collect();
+        ids.sort_unstable();
+        (ids, active)
+    }
+
+    /// Copies the record at `loc` (a chunk or a recipe) to the active segment and points the
+    /// index at the copy. The copy is durable after the next sync.
+    pub(crate) fn relocate(&self, table: Table, key: &[u8; 32], loc: &Location) -> Result<u64> {
+        let (flags, payload) = self.read_record(loc)?;
+        let mut w = self.inner.writer.lock();
+        self.relocate_locked(&mut w, table, key, loc, flags, &payload)
+    }
+
+    fn relocate_locked(
+        &self,
+        w: &mut Active,
+        table: Table,
+        key: &[u8; 32],
+        loc: &Location,
+        flags: u8,
+        payload: &[u8],
+    ) -> Result<u64> {
+        // Only the current copy moves; a newer one may exist already.
+        if self.locate(table, key) != Some(*loc) {
+            return Ok(0);
+        }
+        let kind = match table {
+            Table::Chunks => RecordKind::Chunk,
+            Table::Blobs => RecordKind::Recipe,
+        };
+        let new = self.append_locked(w, kind, flags, &[payload], loc.aux)?;
+        let mut delta = self.inner.delta.write();
+        match table {
+            Table::Chunks => {
+                delta.chunks.insert(ChunkId(*key), new);
+                self.inner
+                    .pending
+                    .lock()
+                    .by_segment
+                    .entry(new.segment)
+                    .or_default()
+                    .0
+                    .push((*key, new));
+            }
+            Table::Blobs => {
+                delta.blobs.insert(*key, new);
+                self.inner
+                    .pending
+                    .lock()
+                    .by_segment
+                    .entry(new.segment)
+                    .or_default()
+                    .1
+                    .push((*key, new));
+            }
+        }
+        Ok(RECORD_HEADER_LEN as u64 + payload.len() as u64)
+    }
+
+    /// Ends a collection: moves whatever writers pinned out of the victims, makes the copies
+    /// durable, and removes the victims from the store (their files are unlinked after the
+    /// last reader is gone: mappings stay valid). Returns the bytes moved for pins.
+    pub(crate) fn gc_finish(&self, victims: &HashSet<u64>) -> Result<u64> {
+        let mut gc = self.inner.gc.lock();
+        let mut moved = 0;
+        {
+            let mut w = self.inner.writer.lock();
+            let mut chunks: Vec<ChunkId> = gc.pinned_chunks.iter().copied().collect();
+            for digest in &gc.pinned_blobs {
+                let key = digest.index_key();
+                if let Some(loc) = self.blob_location(&key) {
+                    let (flags, payload) = self.read_record(&loc)?;
+                    if let Ok(r) =
+                        Recipe::decode(&self.segment_path(loc.segment), loc.offset, &payload)
+                    {
+                        chunks.extend(r.pieces.iter().filter_map(|p| match p {
+                            RecipePiece::Chunk { id, .. } => Some(*id),
+                            RecipePiece::Inline(_) => None,
+                        }));
+                    }
+                    if victims.contains(&loc.segment) {
+                        moved += self.relocate_locked(
+                            &mut w,
+                            Table::Blobs,
+                            &key,
+                            &loc,
+                            flags,
+                            &payload,
+                        )?;
+                    }
+                }
+            }
+            for id in chunks {
+                if let Some(loc) = self
+                    .chunk_location(&id)
+                    .filter(|l| victims.contains(&l.segment))
+                {
+                    let (flags, payload) = self.read_record(&loc)?;
+                    moved +=
+                        self.relocate_locked(&mut w, Table::Chunks, &id.0, &loc, flags, &payload)?;
+                }
+            }
+            // Every copy, from the whole collection, is durable before a victim goes.
+            // (The group-commit position is left alone: its lock is taken before the writer
+            // lock elsewhere. A committer that finds it stale syncs once more, harmlessly.)
+            w.file.sync().map_err(|e| self.poison(&e))?;
+            self.inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            let mark = w.len.to_le_bytes();
+            self.append_locked(&mut w, RecordKind::SyncMark, 0, &[&mark], 0)?;
+            let mut segments = self.inner.segments.write();
+            for id in victims {
+                segments.remove(id);
+            }
+        }
+        gc.running = false;
+        gc.pinned_chunks.clear();
+        gc.pinned_blobs.clear();
+        drop(gc);
+        self.inner.recipes.lock().clear();
+        for id in victims {
+            let path = segment_path(&self.inner.seg_dir, *id);
+            match self.inner.storage.remove(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        self.inner
+            .storage
+            .sync_dir(&self.inner.seg_dir)
+            .map_err(io_err(&self.inner.seg_dir))?;
+        Ok(moved)
+    }
+
+    /// Abandons a collection (on error): pins are dropped, nothing is removed.
+    pub(crate) fn gc_abort(&self) {
+        let mut gc = self.inner.gc.lock();
+        gc.running = false;
+        gc.pinned_chunks.clear();
+        gc.pinned_blobs.clear();
+    }
+
+    /// Live index entries of a sealed segment, from the index files: (table, key, location).
+    pub(crate) fn entries_in(&self, segment: u64) -> Vec<(Table, [u8; 32], Location)> {
+        let mut out = Vec::new();
+        for f in self
+            .inner
+            .indexes
+            .read()
+            .iter()
+            .filter(|f| (f.lo..=f.hi).contains(&segment))
+        {
+            for table in [Table::Chunks, Table::Blobs] {
+                out.extend(
+                    f.iter(table)
+                        .filter(|(_, l)| l.segment == segment)
+                        .map(|(k, l)| (table, k, l)),
+                );
+            }
+        }
+        out
+    }
+
+    /// Size of a segment file and its last modification time (seconds since the epoch).
+    pub(crate) fn segment_size_and_age(&self, id: u64) -> (u64, u64) {
+        let path = segment_path(&self.inner.seg_dir, id);
+        let len = self.segment_handle(id).and_then(|f| f.len()).unwrap_or(0);
+        let mtime = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        (len, mtime)
     }
 
     /// A read handle on a segment file (for fsck and inspect).

@@ -194,7 +194,9 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
         }
     }
 
-    // 2. Index files: checksums, order, and that every entry names the record it claims.
+    // 2. Index files: checksums, order, and that every entry names the record it claims
+    // (entries into segments that GC removed are skipped by lookups, and here).
+    let present: HashSet<u64> = store.segment_ids().into_iter().collect();
     for file in store.index_files() {
         if let Err(e) = file.verify() {
             error(
@@ -207,7 +209,10 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             );
             continue;
         }
-        for (key, loc) in file.iter(Table::Chunks) {
+        for (key, loc) in file
+            .iter(Table::Chunks)
+            .filter(|(_, l)| present.contains(&l.segment))
+        {
             report.index_entries += 1;
             if chunks_at.get(&(loc.segment, loc.offset)).map(|c| c.0) != Some(key) {
                 error(
@@ -225,7 +230,10 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 );
             }
         }
-        for (key, loc) in file.iter(Table::Blobs) {
+        for (key, loc) in file
+            .iter(Table::Blobs)
+            .filter(|(_, l)| present.contains(&l.segment))
+        {
             report.index_entries += 1;
             if recipes_at
                 .get(&(loc.segment, loc.offset))
@@ -260,7 +268,18 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
         }
     }
 
-    // 3. Every blob: its chunks exist, and reassembled it matches its digest.
+    // 3. Every blob something links: its chunks exist, and reassembled it matches its
+    // digest. (A recipe nothing links is garbage; GC may already have taken its chunks.)
+    let linked: HashSet<Digest> = {
+        let catalog = store.catalog().read();
+        catalog
+            .repos
+            .values()
+            .flat_map(|r| r.blobs.keys().chain(r.manifests.keys()))
+            .cloned()
+            .collect()
+    };
+    recipes.retain(|(_, r)| linked.contains(&r.digest));
     let blob_total: u64 = recipes.iter().map(|(_, r)| r.size).sum();
     let mut blob_done = 0u64;
     let mut seen = HashSet::new();

@@ -128,7 +128,8 @@ pub fn sha256(data: &[u8]) -> String {
 
 /// Deterministic pseudo-random bytes.
 pub fn seeded(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
+    // Distinct seeds give distinct streams (xorshift needs a non-zero state).
+    let mut s = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03).max(1);
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         s ^= s << 13;

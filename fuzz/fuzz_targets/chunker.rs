@@ -1,0 +1,27 @@
+//! Chunker rules hold for any input and any arrival pattern: pieces cover the input exactly,
+//! chunks respect the maximum, and the cuts do not depend on how the bytes arrive.
+#![no_main]
+use ballast_engine::chunker::{Mode, Piece, StreamChunker, CHUNK_LEN_MAX};
+use libfuzzer_sys::fuzz_target;
+
+fn cut(data: &[u8], step: usize) -> Vec<(bool, usize)> {
+    let mut out = Vec::new();
+    let mut c = StreamChunker::new(Mode::Auto);
+    let mut emit = |p: Piece<'_>| match p {
+        Piece::Inline(b) => out.push((true, b.len())),
+        Piece::Chunk(b) => out.push((false, b.len())),
+    };
+    for part in data.chunks(step.max(1)) {
+        c.push(part, &mut emit);
+    }
+    c.finish(&mut emit);
+    out
+}
+
+fuzz_target!(|input: (u16, &[u8])| {
+    let (step, data) = input;
+    let a = cut(data, usize::from(step));
+    assert_eq!(a.iter().map(|p| p.1).sum::<usize>(), data.len());
+    assert!(a.iter().all(|p| p.1 <= CHUNK_LEN_MAX && p.1 > 0));
+    assert_eq!(a, cut(data, data.len()));
+});
