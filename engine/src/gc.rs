@@ -69,7 +69,7 @@ pub fn mark(state: &State, now: u64, opts: &GcOptions) -> (Vec<Op>, HashSet<Dige
     for (name, repo) in &state.repos {
         let mut live: HashSet<&Digest> = repo.tags.values().collect();
         for (d, link) in &repo.manifests {
-            if !opts.delete_untagged || link.pushed_at >= cutoff {
+            if !opts.delete_untagged || link.pushed_at > cutoff {
                 live.insert(d);
             }
         }
@@ -108,7 +108,7 @@ pub fn mark(state: &State, now: u64, opts: &GcOptions) -> (Vec<Op>, HashSet<Dige
             }
         }
         for (d, at) in &repo.blobs {
-            if blobs.contains(d) || *at >= cutoff {
+            if blobs.contains(d) || *at > cutoff {
                 live_all.insert(d.clone());
             } else {
                 ops.push(Op::UnlinkBlob {

@@ -28,6 +28,12 @@ pub struct Config {
     pub manifest_bytes_max: usize,
     /// Segment size of the storage engine, in bytes.
     pub segment_bytes_max: u64,
+    /// Seconds between scheduled garbage collections (0: never on a schedule).
+    pub gc_interval_secs: u64,
+    /// Blob links, manifests and segments younger than this are never collected.
+    pub gc_grace_secs: u64,
+    /// Scheduled collections also remove manifests that no tag reaches.
+    pub gc_delete_untagged: bool,
     /// Log filter (tracing `EnvFilter` syntax).
     pub log: String,
 }
@@ -43,6 +49,9 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             manifest_bytes_max: 4 << 20,
             segment_bytes_max: 64 << 20,
+            gc_interval_secs: 3600,
+            gc_grace_secs: 3600,
+            gc_delete_untagged: false,
             log: "info".into(),
         }
     }
@@ -58,6 +67,9 @@ pub const SETTINGS: &[&str] = &[
     "shutdown_grace_secs",
     "manifest_bytes_max",
     "segment_bytes_max",
+    "gc_interval_secs",
+    "gc_grace_secs",
+    "gc_delete_untagged",
     "log",
 ];
 
@@ -124,6 +136,13 @@ impl Config {
             "shutdown_grace_secs" => self.shutdown_grace_secs = num(value)?,
             "manifest_bytes_max" => self.manifest_bytes_max = num(value)?,
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
+            "gc_interval_secs" => self.gc_interval_secs = num(value)?,
+            "gc_grace_secs" => self.gc_grace_secs = num(value)?,
+            "gc_delete_untagged" => {
+                self.gc_delete_untagged = value
+                    .parse()
+                    .with_context(|| format!("{value:?} is not true or false"))?
+            }
             "log" => self.log = value.to_owned(),
             other => bail!("unknown setting {other:?}"),
         }

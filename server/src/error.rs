@@ -43,6 +43,8 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -68,6 +70,7 @@ impl ApiError {
             NotFound(_) => ("NOT_FOUND", StatusCode::NOT_FOUND),
             Timeout(_) => ("TIMEOUT", StatusCode::REQUEST_TIMEOUT),
             Unavailable(_) => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
+            Busy(_) => ("BUSY", StatusCode::CONFLICT),
             Internal(_) => ("INTERNAL_ERROR", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }

@@ -90,6 +90,7 @@ async fn accept_loop(
 ) -> anyhow::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let expire = tokio::spawn(expire_uploads(app.clone()));
+    let scheduled_gc = tokio::spawn(scheduled_gc(app.clone()));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -123,6 +124,7 @@ async fn accept_loop(
     }
     drop(listener);
     expire.abort();
+    scheduled_gc.abort();
     let grace = Duration::from_secs(app.config.shutdown_grace_secs);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
@@ -152,6 +154,38 @@ async fn expire_uploads(app: Arc<App>) {
             _ => {}
         }
         tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+async fn scheduled_gc(app: Arc<App>) {
+    let interval = app.config.gc_interval_secs;
+    if interval == 0 {
+        return;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_secs(interval)).await;
+        let opts = ballast_engine::gc::GcOptions {
+            grace_secs: app.config.gc_grace_secs,
+            delete_untagged: app.config.gc_delete_untagged,
+            ..Default::default()
+        };
+        let store = app.store.clone();
+        match tokio::task::spawn_blocking(move || {
+            ballast_engine::gc::collect(&store, &opts, now_secs())
+        })
+        .await
+        {
+            Ok(Ok(r)) => tracing::info!(
+                reclaimed = r.bytes_reclaimed,
+                moved = r.bytes_moved,
+                segments = r.segments_compacted,
+                links = r.blob_links_removed,
+                manifests = r.manifests_removed,
+                "scheduled garbage collection"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "scheduled garbage collection failed"),
+            Err(e) => tracing::warn!(error = %e, "scheduled garbage collection panicked"),
+        }
     }
 }
 

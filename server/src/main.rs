@@ -42,6 +42,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Collects garbage offline: drops blob links no manifest references (and, with
+    /// --delete-untagged, manifests no tag reaches) once older than the grace period, then
+    /// compacts segments that are mostly dead.
+    Gc {
+        /// The data directory (the server must not be running on it).
+        dir: PathBuf,
+        /// Report what would be freed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep links, manifests and segments younger than this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        grace: u64,
+        /// Also remove manifests that no tag, index or subject reaches.
+        #[arg(long)]
+        delete_untagged: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Shows what a data directory holds: stored against logical bytes, live and dead bytes,
     /// per repository.
     Inspect {
@@ -62,6 +81,21 @@ fn main() -> anyhow::Result<()> {
             json,
             &mut std::io::stdout(),
         )),
+        Command::Gc {
+            dir,
+            dry_run,
+            grace,
+            delete_untagged,
+            json,
+        } => {
+            let opts = ballast_engine::gc::GcOptions {
+                grace_secs: grace,
+                delete_untagged,
+                dry_run,
+                ..Default::default()
+            };
+            std::process::exit(ballast_tools::gc(&dir, &opts, json, &mut std::io::stdout()))
+        }
         Command::Inspect { dir, json } => {
             std::process::exit(ballast_tools::inspect(&dir, json, &mut std::io::stdout()))
         }

@@ -21,6 +21,8 @@ pub enum Route<'a> {
     Referrers { name: &'a str, digest: &'a str },
     /// `/healthz`
     Health,
+    /// `/admin/gc`: run a garbage collection now.
+    AdminGc,
 }
 
 /// Resolves a request path. Repository names may contain `/`, and even path components such
@@ -28,6 +30,9 @@ pub enum Route<'a> {
 pub fn route(path: &str) -> Option<Route<'_>> {
     if path == "/healthz" {
         return Some(Route::Health);
+    }
+    if path == "/admin/gc" {
+        return Some(Route::AdminGc);
     }
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {

@@ -1,10 +1,10 @@
-//! Offline admin tools over a data directory: `fsck` and `inspect`. A thin layer over the
-//! engine's `verify` and `inspect` modules: opening, progress, output, exit codes.
+//! Offline admin tools over a data directory: `fsck`, `gc` and `inspect`. A thin layer over
+//! the engine's `verify`, `gc` and `inspect` modules: opening, progress, output, exit codes.
 
 use std::io::Write;
 use std::path::Path;
 
-use ballast_engine::{inspect, verify, Error, Options, Store};
+use ballast_engine::{gc, inspect, verify, Error, Options, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Exit code: clean (fsck) or success.
@@ -223,4 +223,58 @@ fn write_inspection(
         )?;
     }
     Ok(())
+}
+
+/// `ballast gc DIR [--dry-run] [--grace SECONDS] [--delete-untagged] [--json]`; returns the
+/// exit code (0 done, 2 could not run).
+pub fn gc(dir: &Path, opts: &gc::GcOptions, json: bool, out: &mut dyn Write) -> i32 {
+    let store = match open_offline(dir, Options::default()) {
+        Ok(s) => s,
+        Err(msg) => {
+            let _ = writeln!(out, "gc: {msg}");
+            return EXIT_FAILED;
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let report = match gc::collect(&store, opts, now) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(out, "gc: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    if let Err(e) = store.close() {
+        let _ = writeln!(out, "gc: closing the store: {e}");
+        return EXIT_FAILED;
+    }
+    let written = if json {
+        serde_json::to_string_pretty(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|s| writeln!(out, "{s}"))
+    } else {
+        let verb = if report.dry_run {
+            "would free"
+        } else {
+            "freed"
+        };
+        writeln!(
+            out,
+            "gc {}: {verb} {} ({} of {} segments compacted, {} live moved); {} blob links and {} manifests {}",
+            dir.display(),
+            human_bytes(report.bytes_reclaimed),
+            report.segments_compacted,
+            report.segments_examined,
+            human_bytes(report.bytes_moved),
+            report.blob_links_removed,
+            report.manifests_removed,
+            if report.dry_run { "would be removed" } else { "removed" }
+        )
+    };
+    if written.is_err() {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    }
 }

@@ -31,6 +31,7 @@ pub async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response<ResB
         (&Method::GET | &Method::HEAD, Route::Health) => {
             Ok(reply(StatusCode::OK).json(&serde_json::json!({"status": "ok"})))
         }
+        (&Method::POST, Route::AdminGc) => admin_gc(app, &req).await,
         (&Method::GET, Route::Catalog) => listing::catalog(app, &req),
         (&Method::GET, Route::Tags { name }) => listing::tags(app, name, &req),
         (&Method::GET, Route::Referrers { name, digest }) => {
@@ -58,6 +59,39 @@ pub async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response<ResB
             "{m} is not allowed on {path}"
         ))),
     }
+}
+
+/// `POST /admin/gc[?dry_run=true][&delete_untagged=true][&grace=SECONDS]`: runs a garbage
+/// collection now and answers its report. Pushes and pulls go on meanwhile.
+async fn admin_gc(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
+    let q = query(req);
+    let flag = |k: &str| first(&q, k).is_some_and(|v| v == "true" || v == "1");
+    let grace = match first(&q, "grace") {
+        Some(g) => g.parse().map_err(|_| {
+            ApiError::Unsupported(format!("grace={g:?} is not a number of seconds"))
+        })?,
+        None => app.config.gc_grace_secs,
+    };
+    let opts = ballast_engine::gc::GcOptions {
+        grace_secs: grace,
+        delete_untagged: flag("delete_untagged") || app.config.gc_delete_untagged,
+        dry_run: flag("dry_run"),
+        ..Default::default()
+    };
+    let store = app.store.clone();
+    let report = blocking(move || {
+        ballast_engine::gc::collect(&store, &opts, crate::now_secs()).map_err(|e| match e {
+            ballast_engine::Error::Invalid { what: "gc", reason } => ApiError::Busy(reason),
+            other => ApiError::from_engine(other),
+        })
+    })
+    .await?;
+    tracing::info!(
+        reclaimed = report.bytes_reclaimed,
+        dry_run = report.dry_run,
+        "garbage collection on request"
+    );
+    Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))
 }
 
 /// A response under construction.

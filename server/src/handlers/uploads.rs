@@ -69,11 +69,15 @@ async fn try_mount(
         let holds = |r: &ballast_engine::catalog::Repo| r.blobs.contains_key(digest);
         from.and_then(|f| cat.repos.get(f)).is_some_and(holds) || cat.repos.values().any(holds)
     };
-    if !readable || !app.store.contains(digest) {
+    if !readable {
         return Ok(None);
     }
-    link(app, name, digest).await?;
-    Ok(Some(created(name, digest)))
+    match link(app, name, digest).await {
+        Ok(()) => Ok(Some(created(name, digest))),
+        // Not stored (any more): the client uploads it instead.
+        Err(ApiError::BlobUnknown(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn created(name: &str, digest: &Digest) -> Response<ResBody> {
@@ -96,14 +100,28 @@ fn session_reply(status: StatusCode, name: &str, id: &str, len: u64) -> Response
         .empty()
 }
 
+/// Links a stored blob to a repository. The blob is pinned first, so a collection running
+/// at the same time cannot take it away under the new link.
 async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), ApiError> {
-    let catalog = app.store.catalog().clone();
+    let store = app.store.clone();
     let op = Op::LinkBlob {
         repo: name.to_owned(),
         digest: digest.clone(),
         at: now_secs(),
     };
-    blocking(move || catalog.commit(vec![op]).map_err(ApiError::from_engine)).await
+    let d = digest.clone();
+    blocking(move || {
+        if !store.pin_blob(&d) {
+            return Err(ApiError::BlobUnknown(format!(
+                "blob {d} is not stored (it may just have been garbage-collected); upload it again"
+            )));
+        }
+        store
+            .catalog()
+            .commit(vec![op])
+            .map_err(ApiError::from_engine)
+    })
+    .await
 }
 
 /// The session's byte count, checking that it belongs to `name`.

@@ -174,3 +174,90 @@ fn fsck_finds_damage_and_repair_rebuilds_indexes() {
     };
     assert!(!intact, "a damaged blob must not be served as if intact");
 }
+
+#[test]
+fn gc_online_on_request_and_offline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let dir = data.to_str().expect("utf8");
+    let mut r = Registry::start_with(
+        &data,
+        &[
+            ("BALLAST_SEGMENT_BYTES_MAX", "262144"),
+            ("BALLAST_GC_INTERVAL_SECS", "0"),
+        ],
+    );
+    push_image(&r, "app", "old", 10, 1_500_000);
+    push_image(&r, "app", "new", 11, 1_500_000);
+    let old = call("GET", &r.url("/v2/app/manifests/old"), &[], None);
+    let old_digest = old
+        .header("Docker-Content-Digest")
+        .expect("digest")
+        .to_owned();
+    let old_layer = serde_json::from_slice::<Value>(&old.body).expect("json")["layers"][0]
+        ["digest"]
+        .as_str()
+        .expect("layer")
+        .to_owned();
+    assert_eq!(
+        call(
+            "DELETE",
+            &r.url(&format!("/v2/app/manifests/{old_digest}")),
+            &[],
+            None
+        )
+        .status,
+        202
+    );
+
+    let dry = call("POST", &r.url("/admin/gc?grace=0&dry_run=true"), &[], None);
+    assert_eq!(dry.status, 200);
+    let dry = dry.json();
+    assert_eq!(dry["dry_run"], json!(true));
+    assert!(dry["bytes_reclaimed"].as_u64() > Some(1_000_000), "{dry}");
+    let res = call("POST", &r.url("/admin/gc?grace=0"), &[], None);
+    assert_eq!(res.status, 200);
+    let report = res.json();
+    // The old image's layer and config.
+    assert_eq!(report["blob_links_removed"], json!(2), "{report}");
+    assert!(
+        report["bytes_reclaimed"].as_u64() > Some(1_000_000),
+        "{report}"
+    );
+    assert_eq!(
+        call(
+            "GET",
+            &r.url(&format!("/v2/app/blobs/{old_layer}")),
+            &[],
+            None
+        )
+        .status,
+        404
+    );
+    let new = call("GET", &r.url("/v2/app/manifests/new"), &[], None);
+    let new_layer = serde_json::from_slice::<Value>(&new.body).expect("json")["layers"][0]
+        ["digest"]
+        .as_str()
+        .expect("layer")
+        .to_owned();
+    let layer = call(
+        "GET",
+        &r.url(&format!("/v2/app/blobs/{new_layer}")),
+        &[],
+        None,
+    );
+    assert_eq!(sha256(&layer.body), new_layer);
+    assert_eq!(layer.body, seeded(1_500_000, 11));
+    r.stop();
+
+    assert_eq!(ballast(&["fsck", dir]).0, 0);
+    let (code, text) = ballast(&["gc", "--grace", "0", "--json", dir]);
+    assert_eq!(code, 0, "{text}");
+    let offline: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(offline["blob_links_removed"], json!(0), "{offline}");
+    let (code, text) = ballast(&["gc", "--dry-run", dir]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("would free"), "{text}");
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 0, "{text}");
+}
