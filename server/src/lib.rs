@@ -32,6 +32,41 @@ pub struct App {
     pub store: Store,
     /// Effective configuration.
     pub config: Config,
+    /// Manifest bytes by digest (immutable, so never stale), bounded in bytes.
+    pub manifests: ManifestCache,
+}
+
+/// A small cache of manifest bytes: manifest GETs, the hottest request of a registry, are
+/// answered without touching the engine or the blocking pool.
+#[derive(Default)]
+pub struct ManifestCache {
+    entries: parking_lot::Mutex<(
+        std::collections::HashMap<ballast_engine::Digest, bytes::Bytes>,
+        usize,
+    )>,
+}
+
+/// Bytes of manifests kept in memory.
+const MANIFEST_CACHE_BYTES_MAX: usize = 64 << 20;
+
+impl ManifestCache {
+    /// The cached bytes of a manifest.
+    pub fn get(&self, digest: &ballast_engine::Digest) -> Option<bytes::Bytes> {
+        self.entries.lock().0.get(digest).cloned()
+    }
+
+    /// Remembers a manifest's bytes; the cache starts over when it would exceed its budget.
+    pub fn put(&self, digest: ballast_engine::Digest, bytes: bytes::Bytes) {
+        let mut e = self.entries.lock();
+        if e.1 + bytes.len() > MANIFEST_CACHE_BYTES_MAX {
+            e.0.clear();
+            e.1 = 0;
+        }
+        e.1 += bytes.len();
+        if let Some(old) = e.0.insert(digest, bytes) {
+            e.1 -= old.len();
+        }
+    }
 }
 
 /// A running server.
@@ -56,7 +91,11 @@ impl Server {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let app = Arc::new(App { store, config });
+        let app = Arc::new(App {
+            store,
+            config,
+            manifests: ManifestCache::default(),
+        });
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(app, listener, rx));
         Ok(Server {

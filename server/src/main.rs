@@ -117,10 +117,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
+    // Log lines are written by a background thread, so a request never waits on stderr; the
+    // guard flushes what is queued when the server stops.
+    let (log_writer, _flush_logs) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("log filter")?)
         .with_target(false)
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

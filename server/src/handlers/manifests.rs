@@ -198,11 +198,11 @@ fn analyze(bytes: &[u8], content_type: Option<&str>) -> Result<Analyzed, ApiErro
 }
 
 /// Resolves a reference to a manifest digest and its link.
-fn resolve(
-    state: &State,
+fn resolve<'s>(
+    state: &'s State,
     name: &str,
     reference: &Reference,
-) -> Result<(Digest, ManifestLink), ApiError> {
+) -> Result<(Digest, &'s ManifestLink), ApiError> {
     let repo = state
         .repos
         .get(name)
@@ -218,7 +218,7 @@ fn resolve(
         .manifests
         .get(digest)
         .ok_or_else(|| ApiError::ManifestUnknown(format!("manifest {digest} is not in {name}")))?;
-    Ok((digest.clone(), link.clone()))
+    Ok((digest.clone(), link))
 }
 
 pub async fn get(
@@ -229,23 +229,30 @@ pub async fn get(
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let reference = parse_reference(reference)?;
-    let (digest, link) = {
+    let (digest, media_type, size) = {
         let state = app.store.catalog().read();
-        resolve(&state, name, &reference).map_err(|e| match e {
+        let (digest, link) = resolve(&state, name, &reference).map_err(|e| match e {
             ApiError::NameUnknown(m) => ApiError::ManifestUnknown(m),
             other => other,
-        })?
+        })?;
+        (digest, link.media_type.clone(), link.size)
     };
     let r = reply(StatusCode::OK)
-        .header(CONTENT_TYPE, link.media_type.as_str())
+        .header(CONTENT_TYPE, media_type.as_str())
         .header("Docker-Content-Digest", digest.to_string())
         .header("ETag", format!("\"{digest}\""))
-        .header(CONTENT_LENGTH, link.size.to_string());
+        .header(CONTENT_LENGTH, size.to_string());
     if head {
         return Ok(r.body(crate::body::empty()));
     }
     let store = app.store.clone();
-    let bytes = blocking(move || store.read_blob(&digest).map_err(ApiError::from_engine)).await?;
+    if let Some(bytes) = app.manifests.get(&digest) {
+        return Ok(r.body(full(bytes)));
+    }
+    let d = digest.clone();
+    let bytes = blocking(move || store.read_blob(&d).map_err(ApiError::from_engine)).await?;
+    let bytes = Bytes::from(bytes);
+    app.manifests.put(digest, bytes.clone());
     Ok(r.body(full(bytes)))
 }
 
