@@ -4,7 +4,7 @@
 use ballast_engine::catalog::Op;
 use ballast_engine::io::FileHandle;
 use ballast_engine::uploads::SessionMeta;
-use ballast_engine::{BlobWriter, ChunkMode, Digest, Error as EngineError};
+use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Error as EngineError};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_RANGE, LOCATION, RANGE};
@@ -35,7 +35,7 @@ pub async fn start(
         // Monolithic upload: the body is the whole blob.
         let digest = parse_digest(d)?;
         let mut body = req.into_body();
-        ingest(app, None, Some(&mut body), &digest).await?;
+        ingest(app, None, Some(&mut body), &digest, None).await?;
         link(app, name, &digest).await?;
         return Ok(created(name, &digest));
     }
@@ -154,6 +154,7 @@ pub async fn status(app: &App, name: &str, id: &str) -> Result<Response<ResBody>
 pub async fn cancel(app: &App, name: &str, id: &str) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     session_len(app, name, id).await?;
+    app.warm.forget(id);
     let uploads = app.store.uploads().clone();
     let session = id.to_owned();
     blocking(move || uploads.remove(&session).map_err(ApiError::from_engine)).await?;
@@ -170,8 +171,21 @@ pub async fn patch(
     let len = session_len(app, name, id).await?;
     check_content_range(&req, name, id, len)?;
     let mut body = req.into_body();
-    let len = append(app, id, len, &mut body).await?;
-    Ok(session_reply(StatusCode::ACCEPTED, name, id, len))
+    // Feed a warm writer along with the spool when this process has seen the whole session.
+    let warm = app.warm.take(id, len).or_else(|| {
+        (len == 0 && app.warm.has_room())
+            .then(|| BlobWriter::new(&app.store, Algorithm::Sha256, ChunkMode::Auto))
+    });
+    let appended = append(app, id, len, &mut body, warm).await;
+    if let Some(writer) = appended.warm {
+        app.warm.put(id, writer, appended.len);
+    }
+    if let Some(e) = appended.error {
+        // What arrived before the failure is kept: the client can ask for the status and
+        // resume from there.
+        return Err(e);
+    }
+    Ok(session_reply(StatusCode::ACCEPTED, name, id, appended.len))
 }
 
 /// A chunk must start where the session ends (416 otherwise, with the current range).
@@ -196,26 +210,71 @@ fn check_content_range(
     }
 }
 
-/// Appends a request body to the session's spool and makes it durable; returns the new length.
-async fn append(app: &App, id: &str, offset: u64, body: &mut Incoming) -> Result<u64, ApiError> {
+/// What an append did: the session's length afterwards (bytes that arrived before a failure
+/// are kept), the warm writer if it is still in step with the spool, and the failure.
+struct Appended {
+    len: u64,
+    warm: Option<BlobWriter>,
+    error: Option<ApiError>,
+}
+
+/// Appends a request body to the session's spool and makes it durable, feeding `warm` the
+/// same bytes after they are written.
+async fn append(
+    app: &App,
+    id: &str,
+    offset: u64,
+    body: &mut Incoming,
+    warm: Option<BlobWriter>,
+) -> Appended {
     let uploads = app.store.uploads().clone();
     let session = id.to_owned();
-    let file = blocking(move || {
+    let file = match blocking(move || {
         uploads
             .appender(&session, offset)
             .map_err(ApiError::from_engine)
     })
-    .await?;
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
-    let writer = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
-        let mut at = offset;
-        while let Some(data) = rx.blocking_recv() {
-            file.write_all_at(&data, at)
-                .map_err(ApiError::from_engine)?;
-            at += data.len() as u64;
+    .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            return Appended {
+                len: offset,
+                warm: None,
+                error: Some(e),
+            }
         }
-        file.sync().map_err(ApiError::from_engine)?;
-        Ok(at)
+    };
+    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let writer = tokio::task::spawn_blocking(move || -> Appended {
+        let mut warm = warm;
+        let mut at = offset;
+        let mut error = None;
+        while let Some(data) = rx.blocking_recv() {
+            if let Err(e) = file.write_all_at(&data, at) {
+                error = Some(ApiError::from_engine(e));
+                break;
+            }
+            at += data.len() as u64;
+            if let Some(w) = &mut warm {
+                if w.write_bytes(data).is_err() {
+                    // The spool stays authoritative; the session finishes cold.
+                    warm = None;
+                }
+            }
+        }
+        if let Err(e) = file.sync() {
+            return Appended {
+                len: offset,
+                warm: None,
+                error: Some(ApiError::from_engine(e)),
+            };
+        }
+        Appended {
+            len: at,
+            warm,
+            error,
+        }
     });
     let idle = app.config.body_idle_timeout();
     let mut read_err = None;
@@ -234,15 +293,20 @@ async fn append(app: &App, id: &str, offset: u64, body: &mut Incoming) -> Result
         }
     }
     drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let Some(e) = read_err {
-        // What arrived before the failure is kept: the client can ask for the status and
-        // resume from there.
-        return Err(e);
+    let mut appended = match writer.await {
+        Ok(a) => a,
+        Err(e) => {
+            return Appended {
+                len: offset,
+                warm: None,
+                error: Some(ApiError::Internal(e.to_string())),
+            }
+        }
+    };
+    if appended.error.is_none() {
+        appended.error = read_err;
     }
-    written
+    appended
 }
 
 pub async fn finish(
@@ -264,12 +328,33 @@ pub async fn finish(
     let len = session_len(app, name, id).await?;
     check_content_range(&req, name, id, len)?;
     let mut body = req.into_body();
-    append(app, id, len, &mut body).await?;
-    let uploads = app.store.uploads().clone();
-    let session = id.to_owned();
-    let spool = blocking(move || uploads.reader(&session).map_err(ApiError::from_engine)).await?;
-    let result = ingest(app, Some(spool), None, &digest).await;
+    // Warm: the writer has seen every byte so far; the last chunk goes straight to it.
+    let warm = app
+        .warm
+        .take(id, len)
+        .filter(|_| digest.algorithm() == Algorithm::Sha256)
+        .or_else(|| {
+            (len == 0).then(|| BlobWriter::new(&app.store, digest.algorithm(), ChunkMode::Auto))
+        });
+    let result = match warm {
+        Some(writer) => ingest(app, None, Some(&mut body), &digest, Some(writer)).await,
+        None => {
+            let appended = append(app, id, len, &mut body, None).await;
+            match appended.error {
+                Some(e) => Err(e),
+                None => {
+                    let uploads = app.store.uploads().clone();
+                    let session = id.to_owned();
+                    let spool =
+                        blocking(move || uploads.reader(&session).map_err(ApiError::from_engine))
+                            .await?;
+                    ingest(app, Some(spool), None, &digest, None).await
+                }
+            }
+        }
+    };
     // Finished or failed, the session is over: nothing of a mismatched upload is kept.
+    app.warm.forget(id);
     let uploads = app.store.uploads().clone();
     let session = id.to_owned();
     blocking(move || uploads.remove(&session).map_err(ApiError::from_engine)).await?;
@@ -285,11 +370,15 @@ async fn ingest(
     spool: Option<FileHandle>,
     body: Option<&mut Incoming>,
     expected: &Digest,
+    warm: Option<BlobWriter>,
 ) -> Result<(), ApiError> {
     let store = app.store.clone();
-    let known = {
-        let (s, d) = (store.clone(), expected.clone());
-        blocking(move || Ok(s.contains(&d))).await?
+    let known = match warm {
+        Some(_) => false,
+        None => {
+            let (s, d) = (store.clone(), expected.clone());
+            blocking(move || Ok(s.contains(&d))).await?
+        }
     };
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let expected_owned = expected.clone();
@@ -299,14 +388,14 @@ async fn ingest(
             Store(Box<BlobWriter>),
         }
         let algorithm = expected_owned.algorithm();
-        let mut sink = if known {
-            Sink::Hash(Box::new(algorithm.hasher()))
-        } else {
-            Sink::Store(Box::new(BlobWriter::new(
+        let mut sink = match warm {
+            Some(w) => Sink::Store(Box::new(w)),
+            None if known => Sink::Hash(Box::new(algorithm.hasher())),
+            None => Sink::Store(Box::new(BlobWriter::new(
                 &store,
                 algorithm,
                 ChunkMode::Auto,
-            )))
+            ))),
         };
         let mut feed = |data: Bytes| -> Result<(), ApiError> {
             match &mut sink {
