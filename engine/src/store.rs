@@ -13,7 +13,7 @@ use crate::catalog::Catalog;
 use crate::digest::{ChunkId, Digest};
 use crate::error::{Error, Result};
 use crate::index::{self, Entry, IndexFile, Location, Table};
-use crate::io::{FileHandle, OpenMode, RealStorage, Storage};
+use crate::io::{write_atomic, FileHandle, OpenMode, RealStorage, Storage};
 use crate::recipe::{Recipe, RecipePiece};
 use crate::segment::{
     self, check_file_header, file_header, parse_segment_file_name, record_header, segment_path,
@@ -129,6 +129,8 @@ struct Inner {
     gc: Mutex<GcState>,
     /// Held for a whole collection: one at a time.
     gc_lock: Mutex<()>,
+    /// Segments removed by collections (the `removed-segments` file).
+    removed: Mutex<std::collections::BTreeSet<u64>>,
     stats: Stats,
     catalog: Arc<Catalog>,
     uploads: Uploads,
@@ -251,6 +253,7 @@ impl Store {
         }
 
         let next_id = last.map_or(1, |l| l + 1);
+        let removed = read_removed_segments(storage.as_ref(), dir)?;
         let inner = Arc::new(Inner {
             storage: storage.clone(),
             dir: dir.to_path_buf(),
@@ -272,6 +275,7 @@ impl Store {
             merge_lock: Mutex::new(()),
             gc: Mutex::new(GcState::default()),
             gc_lock: Mutex::new(()),
+            removed: Mutex::new(removed),
             stats: Stats::default(),
             catalog,
             uploads,
@@ -1053,6 +1057,20 @@ impl Store {
         gc.pinned_blobs.clear();
         drop(gc);
         self.inner.recipes.lock().clear();
+        // Remember which segments a collection removed, so fsck can tell them from lost ones.
+        let list = {
+            let mut removed = self.inner.removed.lock();
+            removed.extend(victims.iter().copied());
+            removed
+                .iter()
+                .map(|id| format!("{id}\n"))
+                .collect::<String>()
+        };
+        write_atomic(
+            self.inner.storage.as_ref(),
+            &self.inner.dir.join(REMOVED_SEGMENTS),
+            list.as_bytes(),
+        )?;
         for id in victims {
             let path = segment_path(&self.inner.seg_dir, *id);
             match self.inner.storage.remove(&path) {
@@ -1107,6 +1125,11 @@ impl Store {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs());
         (len, mtime)
+    }
+
+    /// True when a collection removed the segment (for fsck).
+    pub fn segment_was_collected(&self, id: u64) -> bool {
+        self.inner.removed.lock().contains(&id)
     }
 
     /// A read handle on a segment file (for fsck and inspect).
@@ -1165,6 +1188,30 @@ thread_local! {
     // Compression contexts are costly to set up; each writing thread keeps its own.
     static PROBER: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// File in the data directory listing segments removed by garbage collection, one id a line.
+pub const REMOVED_SEGMENTS: &str = "removed-segments";
+
+fn read_removed_segments(
+    storage: &dyn Storage,
+    dir: &Path,
+) -> Result<std::collections::BTreeSet<u64>> {
+    let path = dir.join(REMOVED_SEGMENTS);
+    let Ok(file) = FileHandle::open(storage, &path, OpenMode::Read) else {
+        return Ok(Default::default());
+    };
+    let mut bytes = vec![0u8; usize::try_from(file.len()?).unwrap_or(0)];
+    file.read_exact_at(&mut bytes, 0)?;
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.trim()
+                .parse()
+                .map_err(|_| Error::corrupted(&path, 0, format!("{l:?} is not a segment id")))
+        })
+        .collect()
 }
 
 fn compress_if_worth(data: &[u8], level: i32) -> Option<Vec<u8>> {

@@ -197,6 +197,27 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
     // 2. Index files: checksums, order, and that every entry names the record it claims
     // (entries into segments that GC removed are skipped by lookups, and here).
     let present: HashSet<u64> = store.segment_ids().into_iter().collect();
+    let mut missing = std::collections::BTreeSet::new();
+    for file in store.index_files() {
+        for table in [Table::Chunks, Table::Blobs] {
+            for (_, loc) in file.iter(table) {
+                if !present.contains(&loc.segment) && !store.segment_was_collected(loc.segment) {
+                    missing.insert(loc.segment);
+                }
+            }
+        }
+    }
+    for id in missing {
+        error(
+            &mut report,
+            "segment_missing",
+            Some(store.segment_path(id)),
+            None,
+            "the index refers to this segment file, but it is gone and no collection removed it"
+                .into(),
+            HINT_DAMAGE,
+        );
+    }
     for file in store.index_files() {
         if let Err(e) = file.verify() {
             error(

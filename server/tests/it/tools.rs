@@ -261,3 +261,93 @@ fn gc_online_on_request_and_offline() {
     let (code, text) = ballast(&["fsck", dir]);
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn fsck_reports_truncated_and_deleted_segments_and_damaged_recipes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let dir = data.to_str().expect("utf8");
+    let mut r = Registry::start_with(&data, &[("BALLAST_SEGMENT_BYTES_MAX", "262144")]);
+    push_image(&r, "a", "v1", 21, 900_000);
+    push_image(&r, "b", "v1", 22, 900_000);
+    r.stop();
+    assert_eq!(ballast(&["fsck", dir]).0, 0);
+    let mut segs: Vec<_> = std::fs::read_dir(data.join("segments"))
+        .expect("segments")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 4, "{segs:?}");
+
+    // A recipe record: find the layer digest's bytes in a segment and damage them.
+    let layer = seeded(900_000, 21);
+    let raw_digest = hex::decode(sha256(&layer).trim_start_matches("sha256:")).expect("hex");
+    let (seg, at) = segs
+        .iter()
+        .find_map(|p| {
+            let bytes = std::fs::read(p).ok()?;
+            bytes
+                .windows(32)
+                .position(|w| w == raw_digest.as_slice())
+                .map(|i| (p.clone(), i))
+        })
+        .expect("the layer's recipe is in some segment");
+    let mut bytes = std::fs::read(&seg).expect("read");
+    bytes[at + 5] ^= 0x20;
+    std::fs::write(&seg, &bytes).expect("write");
+    let (code, text) = ballast(&["fsck", "--json", dir]);
+    assert_eq!(code, 1, "{text}");
+    let report: Value = serde_json::from_str(&text).expect("json");
+    let found = report["findings"].as_array().expect("findings");
+    assert!(
+        found.iter().any(|f| f["file"].as_str() == seg.to_str()
+            && f["offset"].as_u64().is_some_and(|o| o <= at as u64)),
+        "{report}"
+    );
+    bytes[at + 5] ^= 0x20;
+    std::fs::write(&seg, &bytes).expect("restore");
+    assert_eq!(ballast(&["fsck", dir]).0, 0);
+
+    // A truncated segment.
+    let victim = segs[1].clone();
+    let original = std::fs::read(&victim).expect("read");
+    std::fs::write(&victim, &original[..original.len() / 2]).expect("truncate");
+    let (code, text) = ballast(&["fsck", "--json", dir]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(victim.file_name().and_then(|n| n.to_str()).expect("name")),
+        "{text}"
+    );
+    std::fs::write(&victim, &original).expect("restore");
+
+    // A deleted segment.
+    std::fs::remove_file(&victim).expect("delete");
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("segment_missing"), "{text}");
+    // The server answers what lived there as missing, never with other bytes.
+    let r = Registry::start(&data);
+    for repo in ["a", "b"] {
+        let m = call(
+            "GET",
+            &r.url(&format!("/v2/{repo}/manifests/v1")),
+            &[],
+            None,
+        );
+        if m.status != 200 {
+            continue;
+        }
+        let layer = serde_json::from_slice::<Value>(&m.body).expect("json")["layers"][0]["digest"]
+            .as_str()
+            .expect("digest")
+            .to_owned();
+        let res = ureq::get(&r.url(&format!("/v2/{repo}/blobs/{layer}"))).call();
+        if let Ok(resp) = res {
+            let mut body = Vec::new();
+            use std::io::Read;
+            if resp.into_reader().read_to_end(&mut body).is_ok() {
+                assert_eq!(sha256(&body), layer, "a served blob is always intact");
+            }
+        }
+    }
+}
