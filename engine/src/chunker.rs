@@ -156,17 +156,7 @@ impl StreamChunker {
             // Finish the pending tail with enough new bytes for its next cut.
             let take = data.len().min(CHUNK_LEN_MAX + TAR_BLOCK);
             self.buf.extend_from_slice(&data[..take]);
-            let mut start = self.start;
-            while let Some((inline, n)) = next_cut(&mut self.state, &self.buf[start..], false) {
-                let piece = &self.buf[start..start + n];
-                emit(if inline {
-                    Piece::Inline(piece)
-                } else {
-                    Piece::Chunk(piece)
-                });
-                start += n;
-            }
-            self.start = start;
+            self.start += cut_all(&mut self.state, &self.buf[self.start..], false, emit);
             let pending = self.buf.len() - self.start;
             if pending <= take {
                 // Everything left is new bytes: hand them back and cut them in place.
@@ -182,16 +172,7 @@ impl StreamChunker {
                 return;
             }
         }
-        let mut at = 0;
-        while let Some((inline, n)) = next_cut(&mut self.state, &data[at..], false) {
-            let piece = &data[at..at + n];
-            emit(if inline {
-                Piece::Inline(piece)
-            } else {
-                Piece::Chunk(piece)
-            });
-            at += n;
-        }
+        let at = cut_all(&mut self.state, data, false, emit);
         self.buf.drain(..self.start);
         self.start = 0;
         self.buf.extend_from_slice(&data[at..]);
@@ -199,20 +180,31 @@ impl StreamChunker {
 
     /// Emits everything still buffered.
     pub fn finish(&mut self, emit: &mut impl FnMut(Piece<'_>)) {
-        let mut start = self.start;
-        while let Some((inline, n)) = next_cut(&mut self.state, &self.buf[start..], true) {
-            let piece = &self.buf[start..start + n];
-            emit(if inline {
-                Piece::Inline(piece)
-            } else {
-                Piece::Chunk(piece)
-            });
-            start += n;
-        }
-        debug_assert_eq!(start, self.buf.len());
+        let consumed = cut_all(&mut self.state, &self.buf[self.start..], true, emit);
+        debug_assert_eq!(self.start + consumed, self.buf.len());
         self.buf.clear();
         self.start = 0;
     }
+}
+
+/// Emits every piece of `bytes` that can be decided now; returns how many bytes they cover.
+fn cut_all(
+    state: &mut State,
+    bytes: &[u8],
+    at_end: bool,
+    emit: &mut impl FnMut(Piece<'_>),
+) -> usize {
+    let mut at = 0;
+    while let Some((inline, n)) = next_cut(state, &bytes[at..], at_end) {
+        let piece = &bytes[at..at + n];
+        emit(if inline {
+            Piece::Inline(piece)
+        } else {
+            Piece::Chunk(piece)
+        });
+        at += n;
+    }
+    at
 }
 
 /// Decides the next piece at the start of `avail`: `(inline, length)`, or `None` when more

@@ -387,6 +387,33 @@ impl Store {
         true
     }
 
+    /// Commits a catalog batch like [`crate::Catalog::commit_with`], and pins every blob the
+    /// batch starts to reference (`LinkBlob`, `PutManifest`) under the catalog lock. A
+    /// collection marks under the same lock, so a new reference is either seen by its mark or
+    /// pinned against its compaction; a blob already collected fails the batch with
+    /// `NotFound` (the client uploads it again).
+    pub fn commit_catalog<T>(
+        &self,
+        plan: impl FnOnce(&crate::catalog::State) -> Result<(Vec<crate::catalog::Op>, T)>,
+    ) -> Result<T> {
+        self.inner.catalog.commit_with(|state| {
+            let (ops, out) = plan(state)?;
+            for op in &ops {
+                let digest = match op {
+                    crate::catalog::Op::LinkBlob { digest, .. }
+                    | crate::catalog::Op::PutManifest { digest, .. } => digest,
+                    _ => continue,
+                };
+                if !self.pin_blob(digest) {
+                    return Err(Error::NotFound(format!(
+                        "blob {digest} (collected meanwhile; upload it again)"
+                    )));
+                }
+            }
+            Ok((ops, out))
+        })
+    }
+
     /// Makes sure a committed blob outlives any collection in progress, before something
     /// (a mount, a link, a manifest) starts to reference it. False when it is not stored.
     pub fn pin_blob(&self, digest: &Digest) -> bool {

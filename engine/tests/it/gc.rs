@@ -18,14 +18,12 @@ fn now() -> u64 {
 }
 
 fn link(store: &Store, repo: &str, d: &Digest, at: u64) {
-    store
-        .catalog()
-        .commit(vec![Op::LinkBlob {
-            repo: repo.into(),
-            digest: d.clone(),
-            at,
-        }])
-        .expect("link");
+    let op = Op::LinkBlob {
+        repo: repo.into(),
+        digest: d.clone(),
+        at,
+    };
+    store.commit_catalog(|_| Ok((vec![op], ()))).expect("link");
 }
 
 /// Publishes `blob` under `repo:tag` through a stored manifest that references it, as a push
@@ -45,19 +43,23 @@ fn publish(store: &Store, repo: &str, tag: &str, blob: &Digest) -> Digest {
         pushed_at: now(),
     };
     store
-        .catalog()
-        .commit(vec![
-            Op::PutManifest {
-                repo: repo.into(),
-                digest: md.clone(),
-                link,
-            },
-            Op::Tag {
-                repo: repo.into(),
-                tag: tag.into(),
-                digest: md.clone(),
-            },
-        ])
+        .commit_catalog(|_| {
+            Ok((
+                vec![
+                    Op::PutManifest {
+                        repo: repo.into(),
+                        digest: md.clone(),
+                        link,
+                    },
+                    Op::Tag {
+                        repo: repo.into(),
+                        tag: tag.into(),
+                        digest: md.clone(),
+                    },
+                ],
+                (),
+            ))
+        })
         .expect("publish");
     md
 }

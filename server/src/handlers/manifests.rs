@@ -324,11 +324,12 @@ pub async fn put(
             .collect(),
         pushed_at: now_secs(),
     };
-    let catalog = app.store.catalog().clone();
+    let store = app.store.clone();
     let (repo, d, t) = (name.to_owned(), digest.clone(), tags.clone());
     blocking(move || {
         let mut failure = None;
-        let result = catalog.commit_with(|state| {
+        // Through the store: the manifest blob is pinned against a running collection.
+        let result = store.commit_catalog(|state| {
             // Checked under the commit lock, so a concurrent delete cannot slip in between.
             let r = state.repos.get(&repo);
             let has_blob = |x: &Digest| {

@@ -100,8 +100,8 @@ fn session_reply(status: StatusCode, name: &str, id: &str, len: u64) -> Response
         .empty()
 }
 
-/// Links a stored blob to a repository. The blob is pinned first, so a collection running
-/// at the same time cannot take it away under the new link.
+/// Links a stored blob to a repository. The blob is pinned in the same catalog commit, so a
+/// collection running at the same time cannot take it away under the new link.
 async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), ApiError> {
     let store = app.store.clone();
     let op = Op::LinkBlob {
@@ -111,15 +111,14 @@ async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), ApiError> {
     };
     let d = digest.clone();
     blocking(move || {
-        if !store.pin_blob(&d) {
-            return Err(ApiError::BlobUnknown(format!(
-                "blob {d} is not stored (it may just have been garbage-collected); upload it again"
-            )));
-        }
         store
-            .catalog()
-            .commit(vec![op])
-            .map_err(ApiError::from_engine)
+            .commit_catalog(|_| Ok((vec![op], ())))
+            .map_err(|e| match e {
+                EngineError::NotFound(_) => ApiError::BlobUnknown(format!(
+                "blob {d} is not stored (it may just have been garbage-collected); upload it again"
+            )),
+                other => ApiError::from_engine(other),
+            })
     })
     .await
 }
@@ -210,6 +209,26 @@ fn check_content_range(
     }
 }
 
+/// Sends a request body's data frames to a blocking consumer until the body ends, the
+/// consumer stops, or reading fails (returned). Dropping the sender tells the consumer the end.
+async fn pump(
+    body: &mut Incoming,
+    idle: std::time::Duration,
+    tx: mpsc::Sender<Bytes>,
+) -> Option<ApiError> {
+    loop {
+        match next_data(body, idle).await {
+            Ok(Some(data)) => {
+                if tx.send(data).await.is_err() {
+                    return None;
+                }
+            }
+            Ok(None) => return None,
+            Err(e) => return Some(e),
+        }
+    }
+}
+
 /// What an append did: the session's length afterwards (bytes that arrived before a failure
 /// are kept), the warm writer if it is still in step with the spool, and the failure.
 struct Appended {
@@ -276,23 +295,7 @@ async fn append(
             error,
         }
     });
-    let idle = app.config.body_idle_timeout();
-    let mut read_err = None;
-    loop {
-        match next_data(body, idle).await {
-            Ok(Some(data)) => {
-                if tx.send(data).await.is_err() {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                read_err = Some(e);
-                break;
-            }
-        }
-    }
-    drop(tx);
+    let read_err = pump(body, app.config.body_idle_timeout(), tx).await;
     let mut appended = match writer.await {
         Ok(a) => a,
         Err(e) => {
@@ -437,25 +440,13 @@ async fn ingest(
                 .map_err(ApiError::from_engine),
         }
     });
-    let mut read_err = None;
-    if let Some(body) = body {
-        let idle = app.config.body_idle_timeout();
-        loop {
-            match next_data(body, idle).await {
-                Ok(Some(data)) => {
-                    if tx.send(data).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    read_err = Some(e);
-                    break;
-                }
-            }
+    let read_err = match body {
+        Some(body) => pump(body, app.config.body_idle_timeout(), tx).await,
+        None => {
+            drop(tx);
+            None
         }
-    }
-    drop(tx);
+    };
     let result = worker
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
