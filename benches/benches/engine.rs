@@ -123,6 +123,46 @@ fn ingest_and_read(c: &mut Criterion) {
             }
         })
     });
+    // The same read with every chunk checked against its BLAKE3 id (the CRC is always
+    // checked): what `verify_chunk_ids` costs on pulls.
+    drop(store);
+    let store = Store::open(
+        dir.path(),
+        Options {
+            verify_chunk_ids: true,
+            ..Options::default()
+        },
+    )
+    .expect("reopen");
+    g.bench_function("blob_verified", |b| {
+        let reader = store.open_blob(&digest).expect("open blob");
+        let mut buf = vec![0u8; 1 << 20];
+        b.iter(|| {
+            for piece in reader.range(0, reader.size()).expect("range") {
+                let piece = piece.expect("piece");
+                let n = piece.len().min(buf.len());
+                buf[..n].copy_from_slice(&piece[..n]);
+            }
+        })
+    });
+    g.finish();
+
+    // fsck over the store: every record CRC, every chunk's BLAKE3, every blob's SHA-256.
+    drop(store);
+    let store = Store::open(dir.path(), Options::default()).expect("reopen");
+    let mut g = c.benchmark_group("fsck");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(30))
+        .throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("baseline_sha256", |b| {
+        b.iter(|| sha2::Sha256::digest(&data))
+    });
+    g.bench_function("fsck", |b| {
+        b.iter(|| {
+            let report = ballast_engine::verify::fsck(&store, &|_, _, _| {});
+            assert!(report.is_clean());
+        })
+    });
     g.finish();
 }
 
