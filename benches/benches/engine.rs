@@ -150,6 +150,13 @@ fn ingest_and_read(c: &mut Criterion) {
     // fsck over the store: every record CRC, every chunk's BLAKE3, every blob's SHA-256.
     drop(store);
     let store = Store::open(dir.path(), Options::default()).expect("reopen");
+    // fsck reassembles the blobs something links.
+    let link = ballast_engine::catalog::Op::LinkBlob {
+        repo: "bench".into(),
+        digest: digest.clone(),
+        at: 0,
+    };
+    store.catalog().commit(vec![link]).expect("link");
     let mut g = c.benchmark_group("fsck");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(30))

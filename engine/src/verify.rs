@@ -85,7 +85,6 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
     let mut report = Report::default();
     let mut chunks_at: HashMap<(u64, u64), ChunkId> = HashMap::new();
     let mut recipes_at: HashMap<(u64, u64), Digest> = HashMap::new();
-    let mut recipes: Vec<(Location, Recipe)> = Vec::new();
     let error =
         |report: &mut Report, code, file: Option<PathBuf>, offset, message: String, hint| {
             report.findings.push(Finding {
@@ -98,117 +97,116 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             });
         };
 
-    // 1. Every record of every segment: CRC, structure, chunk ids, recipe encoding.
-    let ids = store.segment_ids();
-    let total: u64 = ids
-        .iter()
-        .filter_map(|id| store.segment_handle(*id).ok())
-        .filter_map(|f| f.len().ok())
-        .sum();
-    let mut done = 0u64;
-    for id in ids {
-        let file = match store.segment_handle(id) {
-            Ok(f) => f,
-            Err(e) => {
+    // 3 runs beside 1 and 2: every blob something links is reassembled (SHA-256) while the
+    // segments are scanned (CRC, BLAKE3), so fsck takes about as long as the slower pass.
+    std::thread::scope(|scope| {
+        let blob_pass = scope.spawn(|| blob_pass(store, progress));
+
+        // 1. Every record of every segment: CRC, structure, chunk ids, recipe encoding.
+        let ids = store.segment_ids();
+        let total: u64 = ids
+            .iter()
+            .filter_map(|id| store.segment_handle(*id).ok())
+            .filter_map(|f| f.len().ok())
+            .sum();
+        let mut done = 0u64;
+        for id in ids {
+            let file = match store.segment_handle(id) {
+                Ok(f) => f,
+                Err(e) => {
+                    error(
+                        &mut report,
+                        "segment_unreadable",
+                        None,
+                        None,
+                        e.to_string(),
+                        HINT_DAMAGE,
+                    );
+                    continue;
+                }
+            };
+            let path = file.path().to_path_buf();
+            let len = file.len().unwrap_or(0);
+            report.segments += 1;
+            report.segment_bytes += len;
+            let mut problems = Vec::new();
+            let scanned = segment::scan(&file, segment::FILE_HEADER_LEN as u64, |rec| {
+                match rec.header.kind {
+                    RecordKind::Chunk => {
+                        report.chunks += 1;
+                        match check_chunk(rec.header.flags, &rec.payload) {
+                            Ok(id) => {
+                                chunks_at.insert((id_of(&path), rec.offset), id);
+                            }
+                            Err(why) => problems.push((rec.offset, "chunk_corrupt", why)),
+                        }
+                    }
+                    RecordKind::Recipe => match Recipe::decode(&path, rec.offset, &rec.payload) {
+                        Ok(r) => {
+                            recipes_at.insert((id, rec.offset), r.digest);
+                        }
+                        Err(e) => problems.push((rec.offset, "recipe_corrupt", e.to_string())),
+                    },
+                    RecordKind::SyncMark => {}
+                    RecordKind::CatalogBatch => problems.push((
+                        rec.offset,
+                        "record_misplaced",
+                        "catalog record in a segment".into(),
+                    )),
+                }
+                done += rec.header.record_len();
+                progress("segments", done, total);
+                Ok(())
+            });
+            for (offset, code, why) in problems {
                 error(
                     &mut report,
+                    code,
+                    Some(path.clone()),
+                    Some(offset),
+                    why,
+                    HINT_DAMAGE,
+                );
+            }
+            match scanned {
+                Ok((_, ScanEnd::Clean)) => {}
+                Ok((_, ScanEnd::Invalid { offset, reason })) => {
+                    error(
+                        &mut report,
+                        "record_corrupt",
+                        Some(path.clone()),
+                        Some(offset),
+                        reason.to_string(),
+                        HINT_DAMAGE,
+                    );
+                }
+                Err(e) => error(
+                    &mut report,
                     "segment_unreadable",
-                    None,
+                    Some(path.clone()),
                     None,
                     e.to_string(),
                     HINT_DAMAGE,
-                );
-                continue;
+                ),
             }
-        };
-        let path = file.path().to_path_buf();
-        let len = file.len().unwrap_or(0);
-        report.segments += 1;
-        report.segment_bytes += len;
-        let mut problems = Vec::new();
-        let scanned = segment::scan(&file, segment::FILE_HEADER_LEN as u64, |rec| {
-            match rec.header.kind {
-                RecordKind::Chunk => {
-                    report.chunks += 1;
-                    match check_chunk(rec.header.flags, &rec.payload) {
-                        Ok(id) => {
-                            chunks_at.insert((id_of(&path), rec.offset), id);
-                        }
-                        Err(why) => problems.push((rec.offset, "chunk_corrupt", why)),
-                    }
-                }
-                RecordKind::Recipe => match Recipe::decode(&path, rec.offset, &rec.payload) {
-                    Ok(r) => {
-                        let loc = Location {
-                            segment: id,
-                            offset: rec.offset,
-                            len: rec.header.len,
-                            aux: 0,
-                        };
-                        recipes_at.insert((id, rec.offset), r.digest.clone());
-                        recipes.push((loc, r));
-                    }
-                    Err(e) => problems.push((rec.offset, "recipe_corrupt", e.to_string())),
-                },
-                RecordKind::SyncMark => {}
-                RecordKind::CatalogBatch => problems.push((
-                    rec.offset,
-                    "record_misplaced",
-                    "catalog record in a segment".into(),
-                )),
-            }
-            done += rec.header.record_len();
-            progress("segments", done, total);
-            Ok(())
-        });
-        for (offset, code, why) in problems {
-            error(
-                &mut report,
-                code,
-                Some(path.clone()),
-                Some(offset),
-                why,
-                HINT_DAMAGE,
-            );
         }
-        match scanned {
-            Ok((_, ScanEnd::Clean)) => {}
-            Ok((_, ScanEnd::Invalid { offset, reason })) => {
-                error(
-                    &mut report,
-                    "record_corrupt",
-                    Some(path.clone()),
-                    Some(offset),
-                    reason.to_string(),
-                    HINT_DAMAGE,
-                );
-            }
-            Err(e) => error(
-                &mut report,
-                "segment_unreadable",
-                Some(path.clone()),
-                None,
-                e.to_string(),
-                HINT_DAMAGE,
-            ),
-        }
-    }
 
-    // 2. Index files: checksums, order, and that every entry names the record it claims
-    // (entries into segments that GC removed are skipped by lookups, and here).
-    let present: HashSet<u64> = store.segment_ids().into_iter().collect();
-    let mut missing = std::collections::BTreeSet::new();
-    for file in store.index_files() {
-        for table in [Table::Chunks, Table::Blobs] {
-            for (_, loc) in file.iter(table) {
-                if !present.contains(&loc.segment) && !store.segment_was_collected(loc.segment) {
-                    missing.insert(loc.segment);
+        // 2. Index files: checksums, order, and that every entry names the record it claims
+        // (entries into segments that GC removed are skipped by lookups, and here).
+        let present: HashSet<u64> = store.segment_ids().into_iter().collect();
+        let mut missing = std::collections::BTreeSet::new();
+        for file in store.index_files() {
+            for table in [Table::Chunks, Table::Blobs] {
+                for (_, loc) in file.iter(table) {
+                    if !present.contains(&loc.segment) && !store.segment_was_collected(loc.segment)
+                    {
+                        missing.insert(loc.segment);
+                    }
                 }
             }
         }
-    }
-    for id in missing {
-        error(
+        for id in missing {
+            error(
             &mut report,
             "segment_missing",
             Some(store.segment_path(id)),
@@ -217,80 +215,154 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 .into(),
             HINT_DAMAGE,
         );
-    }
-    for file in store.index_files() {
-        if let Err(e) = file.verify() {
-            error(
-                &mut report,
-                "index_corrupt",
-                Some(file.path().to_path_buf()),
-                None,
-                e.to_string(),
-                HINT_REBUILD,
-            );
-            continue;
         }
-        for (key, loc) in file
-            .iter(Table::Chunks)
-            .filter(|(_, l)| present.contains(&l.segment))
-        {
-            report.index_entries += 1;
-            if chunks_at.get(&(loc.segment, loc.offset)).map(|c| c.0) != Some(key) {
+        for file in store.index_files() {
+            if let Err(e) = file.verify() {
                 error(
                     &mut report,
-                    "index_mismatch",
+                    "index_corrupt",
                     Some(file.path().to_path_buf()),
                     None,
-                    format!(
-                        "chunk {} points at segment {} offset {}, which holds no such chunk",
-                        ChunkId(key),
-                        loc.segment,
-                        loc.offset
-                    ),
+                    e.to_string(),
                     HINT_REBUILD,
                 );
+                continue;
             }
-        }
-        for (key, loc) in file
-            .iter(Table::Blobs)
-            .filter(|(_, l)| present.contains(&l.segment))
-        {
-            report.index_entries += 1;
-            if recipes_at
-                .get(&(loc.segment, loc.offset))
-                .map(Digest::index_key)
-                != Some(key)
+            for (key, loc) in file
+                .iter(Table::Chunks)
+                .filter(|(_, l)| present.contains(&l.segment))
             {
+                report.index_entries += 1;
+                if chunks_at.get(&(loc.segment, loc.offset)).map(|c| c.0) != Some(key) {
+                    error(
+                        &mut report,
+                        "index_mismatch",
+                        Some(file.path().to_path_buf()),
+                        None,
+                        format!(
+                            "chunk {} points at segment {} offset {}, which holds no such chunk",
+                            ChunkId(key),
+                            loc.segment,
+                            loc.offset
+                        ),
+                        HINT_REBUILD,
+                    );
+                }
+            }
+            for (key, loc) in file
+                .iter(Table::Blobs)
+                .filter(|(_, l)| present.contains(&l.segment))
+            {
+                report.index_entries += 1;
+                if recipes_at
+                    .get(&(loc.segment, loc.offset))
+                    .map(Digest::index_key)
+                    != Some(key)
+                {
+                    error(
+                        &mut report,
+                        "index_mismatch",
+                        Some(file.path().to_path_buf()),
+                        None,
+                        format!(
+                            "blob entry points at segment {} offset {}, which holds no such recipe",
+                            loc.segment, loc.offset
+                        ),
+                        HINT_REBUILD,
+                    );
+                }
+            }
+        }
+        // Every record is reachable through the indexes.
+        for id in chunks_at.values() {
+            if store.chunk_location(id).is_none() {
                 error(
                     &mut report,
-                    "index_mismatch",
-                    Some(file.path().to_path_buf()),
+                    "index_missing",
                     None,
-                    format!(
-                        "blob entry points at segment {} offset {}, which holds no such recipe",
-                        loc.segment, loc.offset
-                    ),
+                    None,
+                    format!("chunk {id} is stored but not indexed"),
                     HINT_REBUILD,
                 );
             }
         }
-    }
-    // Every record is reachable through the indexes.
-    for id in chunks_at.values() {
-        if store.chunk_location(id).is_none() {
-            error(
-                &mut report,
-                "index_missing",
-                None,
-                None,
-                format!("chunk {id} is stored but not indexed"),
-                HINT_REBUILD,
-            );
-        }
-    }
 
-    // 3. Every blob something links: its chunks exist, and reassembled it matches its
-    // digest. (A recipe nothing links is garbage; GC may already have taken its chunks.)
+        // 3. (On its own thread, started above.)
+        let (findings, seen, blobs, blob_bytes) = match blob_pass.join() {
+            Ok(r) => r,
+            Err(_) => {
+                error(
+                    &mut report,
+                    "fsck_failed",
+                    None,
+                    None,
+                    "the blob pass panicked".into(),
+                    HINT_DAMAGE,
+                );
+                (Vec::new(), HashSet::new(), 0, 0)
+            }
+        };
+        report.findings.extend(findings);
+        report.blobs = blobs;
+        report.blob_bytes = blob_bytes;
+
+        // 4. The catalog: every link resolves, every manifest's references are in its repository.
+        let catalog = store.catalog().read();
+        for (name, repo) in &catalog.repos {
+            report.repositories += 1;
+            for digest in repo.blobs.keys() {
+                if !seen.contains(digest) {
+                    error(
+                        &mut report,
+                        "blob_link_dangling",
+                        None,
+                        None,
+                        format!("{name} links blob {digest}, which is not stored"),
+                        HINT_REPUSH,
+                    );
+                }
+            }
+            for (digest, link) in &repo.manifests {
+                if !seen.contains(digest) {
+                    error(
+                        &mut report,
+                        "manifest_missing",
+                        None,
+                        None,
+                        format!("{name} has manifest {digest}, which is not stored"),
+                        HINT_REPUSH,
+                    );
+                }
+                for r in &link.references {
+                    if !repo.blobs.contains_key(r) && !repo.manifests.contains_key(r) {
+                        error(&mut report, "reference_dangling", None, None,
+                        format!("manifest {digest} in {name} references {r}, which the repository does not hold"), HINT_REPUSH);
+                    }
+                }
+            }
+            for (tag, digest) in &repo.tags {
+                if !repo.manifests.contains_key(digest) {
+                    error(
+                        &mut report,
+                        "tag_dangling",
+                        None,
+                        None,
+                        format!(
+                        "tag {name}:{tag} points at {digest}, which the repository does not hold"
+                    ),
+                        HINT_REPUSH,
+                    );
+                }
+            }
+        }
+        report
+    })
+}
+
+/// Reassembles every blob something links from the indexes' recipes and checks its digest.
+/// Returns the findings, the digests seen, and how many blobs and bytes were checked.
+fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Digest>, u64, u64) {
+    // A recipe nothing links is garbage; GC may already have taken its chunks.
     let linked: HashSet<Digest> = {
         let catalog = store.catalog().read();
         catalog
@@ -300,107 +372,60 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             .cloned()
             .collect()
     };
-    recipes.retain(|(_, r)| linked.contains(&r.digest));
-    let blob_total: u64 = recipes.iter().map(|(_, r)| r.size).sum();
-    let mut blob_done = 0u64;
-    let mut seen = HashSet::new();
+    let mut recipes: Vec<(Location, Recipe)> = store
+        .blob_locations()
+        .into_iter()
+        .filter_map(|(_, loc)| store.recipe_at(&loc).ok().map(|r| (loc, r)))
+        .filter(|(_, r)| linked.contains(&r.digest))
+        .collect();
+    recipes.sort_by_key(|(loc, _)| (loc.segment, loc.offset));
+    let total: u64 = recipes.iter().map(|(_, r)| r.size).sum();
+    let (mut findings, mut seen, mut blobs, mut bytes) = (Vec::new(), HashSet::new(), 0u64, 0u64);
     for (loc, recipe) in &recipes {
         if !seen.insert(recipe.digest.clone()) {
             continue;
         }
-        report.blobs += 1;
-        report.blob_bytes += recipe.size;
-        let file = store.segment_path(loc.segment);
-        if let Some(missing) = recipe.pieces.iter().find_map(|p| match p {
+        blobs += 1;
+        bytes += recipe.size;
+        let finding = |code, message: String, hint| Finding {
+            severity: Severity::Error,
+            code,
+            file: Some(store.segment_path(loc.segment)),
+            offset: Some(loc.offset),
+            message,
+            hint,
+        };
+        let missing = recipe.pieces.iter().find_map(|p| match p {
             RecipePiece::Chunk { id, .. } if store.chunk_location(id).is_none() => Some(*id),
             _ => None,
-        }) {
-            error(
-                &mut report,
+        });
+        if let Some(missing) = missing {
+            findings.push(finding(
                 "chunk_missing",
-                Some(file),
-                Some(loc.offset),
                 format!(
                     "blob {} uses chunk {missing}, which is not stored",
                     recipe.digest
                 ),
                 HINT_REPUSH,
-            );
+            ));
             continue;
         }
         match rehash(store, &recipe.digest, recipe.size) {
             Ok(actual) if actual == recipe.digest => {}
-            Ok(actual) => error(
-                &mut report,
+            Ok(actual) => findings.push(finding(
                 "blob_digest_mismatch",
-                Some(file),
-                Some(loc.offset),
                 format!("blob {} reassembles to {actual}", recipe.digest),
                 HINT_DAMAGE,
-            ),
-            Err(e) => error(
-                &mut report,
+            )),
+            Err(e) => findings.push(finding(
                 "blob_unreadable",
-                Some(file),
-                Some(loc.offset),
                 format!("blob {}: {e}", recipe.digest),
                 HINT_DAMAGE,
-            ),
+            )),
         }
-        blob_done += recipe.size;
-        progress("blobs", blob_done, blob_total);
+        progress("blobs", bytes, total);
     }
-
-    // 4. The catalog: every link resolves, every manifest's references are in its repository.
-    let catalog = store.catalog().read();
-    for (name, repo) in &catalog.repos {
-        report.repositories += 1;
-        for digest in repo.blobs.keys() {
-            if !seen.contains(digest) {
-                error(
-                    &mut report,
-                    "blob_link_dangling",
-                    None,
-                    None,
-                    format!("{name} links blob {digest}, which is not stored"),
-                    HINT_REPUSH,
-                );
-            }
-        }
-        for (digest, link) in &repo.manifests {
-            if !seen.contains(digest) {
-                error(
-                    &mut report,
-                    "manifest_missing",
-                    None,
-                    None,
-                    format!("{name} has manifest {digest}, which is not stored"),
-                    HINT_REPUSH,
-                );
-            }
-            for r in &link.references {
-                if !repo.blobs.contains_key(r) && !repo.manifests.contains_key(r) {
-                    error(&mut report, "reference_dangling", None, None,
-                        format!("manifest {digest} in {name} references {r}, which the repository does not hold"), HINT_REPUSH);
-                }
-            }
-        }
-        for (tag, digest) in &repo.tags {
-            if !repo.manifests.contains_key(digest) {
-                error(
-                    &mut report,
-                    "tag_dangling",
-                    None,
-                    None,
-                    format!(
-                        "tag {name}:{tag} points at {digest}, which the repository does not hold"
-                    ),
-                    HINT_REPUSH,
-                );
-            }
-        }
-    }
-    report
+    (findings, seen, blobs, bytes)
 }
 
 fn id_of(path: &std::path::Path) -> u64 {
