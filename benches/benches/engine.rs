@@ -32,6 +32,12 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn bench_dir() -> tempfile::TempDir {
     // BALLAST_BENCH_DIR points the benchmarks at the storage being sized (default: /tmp).
     match std::env::var("BALLAST_BENCH_DIR") {
@@ -303,10 +309,7 @@ fn gc_compaction(c: &mut Criterion) {
                     },
                 )
                 .expect("open");
-                let future = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-                    + 3600;
+                let future = now_secs() + 3600;
                 for (i, data) in datas.iter().enumerate() {
                     let d = ingest(&store, data);
                     if i % 3 == 0 {
@@ -327,10 +330,8 @@ fn gc_compaction(c: &mut Criterion) {
                     ..Default::default()
                 };
                 let t = Instant::now();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-                    + 1;
+                // (+1: a segment written this second counts as older than no grace at all.)
+                let now = now_secs() + 1;
                 let report = ballast_engine::gc::collect(&store, &opts, now).expect("gc");
                 total += t.elapsed();
                 assert!(report.bytes_moved > live_bytes / 2, "{report:?}");
