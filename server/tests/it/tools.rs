@@ -18,8 +18,13 @@ fn ballast(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-/// Pushes an image with `layers` layers of `len` bytes to `repo:tag`.
+/// Pushes an image (a config and one layer of `len` bytes) to `repo:tag`.
 fn push_image(r: &Registry, repo: &str, tag: &str, seed: u64, len: usize) {
+    push_image_at(&r.url(""), repo, tag, seed, len);
+}
+
+/// [`push_image`] against a base URL.
+fn push_image_at(base: &str, repo: &str, tag: &str, seed: u64, len: usize) {
     let config = format!("{{\"seed\":{seed}}}").into_bytes();
     let layer = seeded(len, seed);
     let mut descs = Vec::new();
@@ -30,21 +35,21 @@ fn push_image(r: &Registry, repo: &str, tag: &str, seed: u64, len: usize) {
         let d = sha256(data);
         let res = call(
             "POST",
-            &r.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")),
+            &format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"),
             &[],
             Some(data),
         );
-        assert_eq!(res.status, 201);
+        assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
         descs.push(json!({"mediaType": media, "digest": d, "size": data.len()}));
     }
     let m = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": descs[0], "layers": [descs[1]]});
     let res = call(
         "PUT",
-        &r.url(&format!("/v2/{repo}/manifests/{tag}")),
+        &format!("{base}/v2/{repo}/manifests/{tag}"),
         &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
         Some(m.to_string().as_bytes()),
     );
-    assert_eq!(res.status, 201);
+    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
 }
 
 fn sealed_segment(dir: &Path) -> std::path::PathBuf {
@@ -350,4 +355,117 @@ fn fsck_reports_truncated_and_deleted_segments_and_damaged_recipes() {
             }
         }
     }
+}
+
+#[test]
+fn pushes_pulls_and_deletes_while_gc_runs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let mut r = Registry::start_with(
+        &data,
+        &[
+            ("BALLAST_SEGMENT_BYTES_MAX", "262144"),
+            ("BALLAST_GC_INTERVAL_SECS", "0"),
+        ],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = r.url("");
+    let mut writers = Vec::new();
+    for t in 0..2u64 {
+        let (stop, url) = (stop.clone(), url.clone());
+        writers.push(std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let repo = format!("w{t}");
+                // Every fourth push brings back the bytes of an image deleted earlier.
+                let seed = if i % 4 == 3 {
+                    t * 100_000 + i - 2
+                } else {
+                    t * 100_000 + i
+                };
+                push_image_at(&url, &repo, &format!("t{i}"), seed, 200_000);
+                let m = call("GET", &format!("{url}/v2/{repo}/manifests/t{i}"), &[], None);
+                assert_eq!(m.status, 200, "pull of a just-pushed manifest during GC");
+                let layer = serde_json::from_slice::<Value>(&m.body).expect("json")["layers"][0]
+                    ["digest"]
+                    .as_str()
+                    .expect("digest")
+                    .to_owned();
+                let blob = call("GET", &format!("{url}/v2/{repo}/blobs/{layer}"), &[], None);
+                assert_eq!(blob.status, 200);
+                assert_eq!(sha256(&blob.body), layer);
+                if i % 2 == 1 {
+                    let d = m
+                        .header("Docker-Content-Digest")
+                        .expect("digest")
+                        .to_owned();
+                    assert_eq!(
+                        call(
+                            "DELETE",
+                            &format!("{url}/v2/{repo}/manifests/{d}"),
+                            &[],
+                            None
+                        )
+                        .status,
+                        202
+                    );
+                }
+                i += 1;
+            }
+            i
+        }));
+    }
+    let started = std::time::Instant::now();
+    let mut runs = 0;
+    let mut reclaimed = 0;
+    while started.elapsed() < std::time::Duration::from_secs(5) {
+        let res = call("POST", &r.url("/admin/gc?grace=2"), &[], None);
+        assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+        reclaimed += res.json()["bytes_reclaimed"].as_u64().unwrap_or(0);
+        runs += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let pushed: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+    assert!(
+        runs > 10 && pushed > 20,
+        "{runs} collections, {pushed} pushes"
+    );
+    // One more collection once everything deleted is past the grace period.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    reclaimed += call("POST", &r.url("/admin/gc?grace=2"), &[], None).json()["bytes_reclaimed"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(reclaimed > 0, "collections reclaimed nothing");
+    // Every tagged image pulls byte-exact.
+    for t in 0..2 {
+        let tags = call("GET", &r.url(&format!("/v2/w{t}/tags/list")), &[], None).json();
+        for tag in tags["tags"].as_array().expect("tags") {
+            let tag = tag.as_str().expect("tag");
+            let m = call(
+                "GET",
+                &r.url(&format!("/v2/w{t}/manifests/{tag}")),
+                &[],
+                None,
+            );
+            assert_eq!(m.status, 200);
+            for layer in serde_json::from_slice::<Value>(&m.body).expect("json")["layers"]
+                .as_array()
+                .expect("layers")
+            {
+                let d = layer["digest"].as_str().expect("digest");
+                let blob = call("GET", &r.url(&format!("/v2/w{t}/blobs/{d}")), &[], None);
+                assert_eq!(
+                    (blob.status, sha256(&blob.body)),
+                    (200, d.to_owned()),
+                    "w{t}:{tag}"
+                );
+            }
+        }
+    }
+    r.stop();
+    let (code, text) = ballast(&["fsck", data.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{text}");
 }
