@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use ballast_engine::chunker::{Piece, StreamChunker};
+use ballast_engine::gc::now_secs;
 use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Options, Store};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sha2::Digest as _;
@@ -30,12 +31,6 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn bench_dir() -> tempfile::TempDir {

@@ -14,6 +14,13 @@ use crate::recipe::RecipePiece;
 use crate::segment::{FILE_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::store::Store;
 
+/// Seconds since the Unix epoch: the clock of grace periods, link times and segment ages.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// How to collect.
 #[derive(Clone, Debug)]
 pub struct GcOptions {

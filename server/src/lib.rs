@@ -284,12 +284,7 @@ async fn scheduled_gc(app: Arc<App>) {
     }
 }
 
-/// Seconds since the epoch.
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use ballast_engine::gc::now_secs;
 
 async fn handle(
     app: Arc<App>,

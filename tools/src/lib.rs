@@ -45,6 +45,21 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
+/// Writes a report as pretty JSON (`--json`) or in its human form.
+fn write_output<T: serde::Serialize>(
+    out: &mut dyn Write,
+    json: bool,
+    value: &T,
+    human: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    if json {
+        let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+        writeln!(out, "{text}")
+    } else {
+        human(out)
+    }
+}
+
 fn human_bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
 }
@@ -80,13 +95,9 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     });
     bar.finish_and_clear();
     drop(store);
-    let written = if json {
-        serde_json::to_string_pretty(&report)
-            .map_err(std::io::Error::other)
-            .and_then(|s| writeln!(out, "{s}"))
-    } else {
+    let written = write_output(out, json, &report, |out| {
         write_report(out, dir, repair, &report)
-    };
+    });
     if written.is_err() {
         return EXIT_FAILED;
     }
@@ -152,13 +163,7 @@ pub fn inspect(dir: &Path, json: bool, out: &mut dyn Write) -> i32 {
             return EXIT_FAILED;
         }
     };
-    let written = if json {
-        serde_json::to_string_pretty(&i)
-            .map_err(std::io::Error::other)
-            .and_then(|s| writeln!(out, "{s}"))
-    } else {
-        write_inspection(out, dir, &i)
-    };
+    let written = write_output(out, json, &i, |out| write_inspection(out, dir, &i));
     if written.is_err() {
         EXIT_FAILED
     } else {
@@ -236,10 +241,7 @@ pub fn gc(dir: &Path, opts: &gc::GcOptions, json: bool, out: &mut dyn Write) -> 
             return EXIT_FAILED;
         }
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let report = match gc::collect(&store, opts, now) {
+    let report = match gc::collect(&store, opts, gc::now_secs()) {
         Ok(r) => r,
         Err(e) => {
             let _ = writeln!(out, "gc: {e}");
@@ -250,11 +252,7 @@ pub fn gc(dir: &Path, opts: &gc::GcOptions, json: bool, out: &mut dyn Write) -> 
         let _ = writeln!(out, "gc: closing the store: {e}");
         return EXIT_FAILED;
     }
-    let written = if json {
-        serde_json::to_string_pretty(&report)
-            .map_err(std::io::Error::other)
-            .and_then(|s| writeln!(out, "{s}"))
-    } else {
+    let written = write_output(out, json, &report, |out| {
         let verb = if report.dry_run {
             "would free"
         } else {
@@ -272,7 +270,7 @@ pub fn gc(dir: &Path, opts: &gc::GcOptions, json: bool, out: &mut dyn Write) -> 
             report.manifests_removed,
             if report.dry_run { "would be removed" } else { "removed" }
         )
-    };
+    });
     if written.is_err() {
         EXIT_FAILED
     } else {

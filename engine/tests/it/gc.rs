@@ -6,16 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_engine::catalog::{ManifestLink, Op};
-use ballast_engine::gc::{collect, GcOptions};
+use ballast_engine::gc::{collect, now_secs, GcOptions};
 use ballast_engine::{inspect, verify, Digest, Options, Store};
 
 use crate::{seeded, sha256};
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 fn link(store: &Store, repo: &str, d: &Digest, at: u64) {
     let op = Op::LinkBlob {
@@ -40,7 +34,7 @@ fn publish(store: &Store, repo: &str, tag: &str, blob: &Digest) -> Digest {
         annotations: Default::default(),
         subject: None,
         references: vec![blob.clone()],
-        pushed_at: now(),
+        pushed_at: now_secs(),
     };
     store
         .commit_catalog(|_| {
@@ -108,7 +102,7 @@ fn gc_reclaims_exactly_what_nothing_links() {
             dry_run: true,
             ..opts.clone()
         },
-        now(),
+        now_secs(),
     )
     .expect("dry run");
     assert!(dry.segments_compacted > 0 && dry.bytes_reclaimed > 0);
@@ -118,7 +112,7 @@ fn gc_reclaims_exactly_what_nothing_links() {
         "dry run changes nothing"
     );
 
-    let report = collect(&store, &opts, now()).expect("gc");
+    let report = collect(&store, &opts, now_secs()).expect("gc");
     assert_eq!(report.segments_compacted, dry.segments_compacted);
     let after = inspect::inspect(&store).expect("inspect");
     let freed = before.segment_bytes - after.segment_bytes;
@@ -185,7 +179,7 @@ fn gc_online_with_concurrent_pushes_pulls_and_deletes() {
                 };
                 let d = sha256(&data);
                 store.put_blob(&data, None).expect("push during gc");
-                link(&store, &repo, &d, now());
+                link(&store, &repo, &d, now_secs());
                 let md = publish(&store, &repo, &format!("t{i}"), &d);
                 // Read back what was just pushed, and delete every other image again (its
                 // layer becomes garbage once the grace period is over).
@@ -211,7 +205,7 @@ fn gc_online_with_concurrent_pushes_pulls_and_deletes() {
     let mut runs = 0;
     let mut compacted = 0;
     while started.elapsed() < Duration::from_secs(6) {
-        let r = collect(&store, &opts, now()).expect("gc");
+        let r = collect(&store, &opts, now_secs()).expect("gc");
         compacted += r.segments_compacted;
         runs += 1;
         std::thread::sleep(Duration::from_millis(50));
