@@ -192,6 +192,12 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
             Ok((ops.clone(), (ops, live)))
         })?
     };
+    // Blobs committed within the grace period but not linked yet stay too (grace 0, for
+    // offline use, protects nothing).
+    let mut live = live;
+    if opts.grace_secs > 0 {
+        live.extend(store.leased_since(now.saturating_sub(opts.grace_secs)));
+    }
     for op in &ops {
         match op {
             Op::UnlinkBlob { .. } => report.blob_links_removed += 1,

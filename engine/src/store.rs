@@ -97,6 +97,10 @@ pub(crate) struct GcState {
     pub(crate) pinned_chunks: HashSet<ChunkId>,
     /// Blobs that something started to reference while it ran.
     pub(crate) pinned_blobs: HashSet<Digest>,
+    /// Blobs committed recently (new or deduplicated), with the time: a push links its blob
+    /// a moment after committing it, so a collection that starts in between must keep the
+    /// blob and its chunks (a lease for the grace period).
+    pub(crate) leases: HashMap<Digest, u64>,
 }
 
 /// The chunk and blob entries of one segment.
@@ -712,6 +716,11 @@ impl Store {
         let key = recipe.digest.index_key();
         if self.pin_blob(&recipe.digest) {
             if let Ok(existing) = self.recipe(&recipe.digest) {
+                self.inner
+                    .gc
+                    .lock()
+                    .leases
+                    .insert(recipe.digest.clone(), crate::gc::now_secs());
                 return Ok(existing);
             }
         }
@@ -756,6 +765,11 @@ impl Store {
             }
         }
         let recipe = Arc::new(recipe);
+        self.inner
+            .gc
+            .lock()
+            .leases
+            .insert(recipe.digest.clone(), crate::gc::now_secs());
         self.cache_recipe(key, recipe.clone());
         Ok(recipe)
     }
@@ -1099,6 +1113,14 @@ impl Store {
             .sync_dir(&self.inner.seg_dir)
             .map_err(io_err(&self.inner.seg_dir))?;
         Ok(moved)
+    }
+
+    /// Blobs committed at or after `since` (leases), forgetting older ones. Called by a
+    /// collection after it started, so a blob committed later is pinned instead.
+    pub fn leased_since(&self, since: u64) -> Vec<Digest> {
+        let mut gc = self.inner.gc.lock();
+        gc.leases.retain(|_, at| *at >= since);
+        gc.leases.keys().cloned().collect()
     }
 
     /// Abandons a collection (on error): pins are dropped, nothing is removed.
