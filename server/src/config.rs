@@ -1,6 +1,7 @@
 //! Configuration: embedded defaults, then a TOML file, then `BALLAST_*` environment
 //! variables, then command-line flags (each beats the one before).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +37,72 @@ pub struct Config {
     pub gc_delete_untagged: bool,
     /// Log filter (tracing `EnvFilter` syntax).
     pub log: String,
+    /// TLS certificate chain (PEM). With `tls_key`, the server speaks HTTPS (HTTP/1.1 and
+    /// HTTP/2 by ALPN).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on an address other than loopback (credentials and tokens then
+    /// cross the network in clear text).
+    pub insecure_plain_http: bool,
+    /// Audit log file (default `<data>/audit/audit.log`).
+    pub audit_log: Option<PathBuf>,
+    /// Size at which the audit log is rotated, in bytes.
+    pub audit_log_bytes_max: u64,
+    /// Rotated audit log files kept.
+    pub audit_log_keep: u32,
+    /// Authentication and authorization (`[auth]` in the config file).
+    pub auth: AuthConfig,
+}
+
+/// The `[auth]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Require credentials (or an anonymous grant) for every request.
+    pub enabled: bool,
+    /// htpasswd file of users (bcrypt hashes: `htpasswd -B` or `ballast passwd`).
+    pub htpasswd: Option<PathBuf>,
+    /// Robot accounts file (default `<data>/auth/robots.json`, managed by `ballast robot`).
+    pub robots: Option<PathBuf>,
+    /// Token signing key, created on first start (default `<data>/auth/token.key`).
+    pub token_key: Option<PathBuf>,
+    /// Token endpoint URL sent in challenges (default: this server's `/token`, from the
+    /// request's Host and the listener's scheme; set it behind a proxy).
+    pub realm: Option<String>,
+    /// Service name: the tokens' audience.
+    pub service: String,
+    /// The tokens' issuer.
+    pub issuer: String,
+    /// Seconds a token is valid.
+    pub token_ttl_secs: u64,
+    /// Failed logins (per client address, per account) before a lockout.
+    pub login_failures_max: u32,
+    /// First lockout, in seconds; it doubles with every further failure (up to 15 min).
+    pub login_lockout_secs: u64,
+    /// Groups: name → members (`user:NAME`, `robot:NAME`).
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Rules (`[[auth.policy]]`); nothing is allowed that no rule grants.
+    pub policy: Vec<crate::auth::Rule>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: false,
+            htpasswd: None,
+            robots: None,
+            token_key: None,
+            realm: None,
+            service: "ballast".into(),
+            issuer: "ballast".into(),
+            token_ttl_secs: 300,
+            login_failures_max: 5,
+            login_lockout_secs: 30,
+            groups: BTreeMap::new(),
+            policy: Vec::new(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -53,6 +120,13 @@ impl Default for Config {
             gc_grace_secs: 3600,
             gc_delete_untagged: false,
             log: "info".into(),
+            tls_cert: None,
+            tls_key: None,
+            insecure_plain_http: false,
+            audit_log: None,
+            audit_log_bytes_max: 64 << 20,
+            audit_log_keep: 10,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -71,6 +145,12 @@ pub const SETTINGS: &[&str] = &[
     "gc_grace_secs",
     "gc_delete_untagged",
     "log",
+    "tls_cert",
+    "tls_key",
+    "insecure_plain_http",
+    "audit_log",
+    "audit_log_bytes_max",
+    "audit_log_keep",
 ];
 
 impl Config {
@@ -81,6 +161,69 @@ impl Config {
     /// Idle timeout for request bodies.
     pub fn body_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.body_idle_timeout_secs)
+    }
+
+    /// True when the server speaks TLS.
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some()
+    }
+
+    /// The audit log's path.
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| default_audit_path(&self.data))
+    }
+
+    /// The robots file's path.
+    pub fn robots_path(&self) -> PathBuf {
+        self.auth
+            .robots
+            .clone()
+            .unwrap_or_else(|| default_robots_path(&self.data))
+    }
+
+    /// The token key's path.
+    pub fn token_key_path(&self) -> PathBuf {
+        self.auth
+            .token_key
+            .clone()
+            .unwrap_or_else(|| self.data.join("auth").join("token.key"))
+    }
+
+    /// Refuses unsafe or incomplete settings; returns warnings for merely risky ones.
+    pub fn check(&self) -> anyhow::Result<Vec<String>> {
+        let mut warnings = Vec::new();
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("tls_cert and tls_key go together: set both for HTTPS, or neither");
+        }
+        let loopback = self.listen.ip().is_loopback();
+        if !loopback && !self.tls() {
+            if !self.insecure_plain_http {
+                bail!(
+                    "refusing plain HTTP on {}: set tls_cert and tls_key, or listen on                      127.0.0.1, or set insecure_plain_http = true to accept that passwords                      and images cross the network unencrypted",
+                    self.listen
+                );
+            }
+            warnings.push(format!(
+                "plain HTTP on {} (insecure_plain_http): credentials and tokens cross the                  network in clear text",
+                self.listen
+            ));
+        }
+        if !loopback && !self.auth.enabled {
+            warnings.push(format!(
+                "authentication is off: anyone who can reach {} may push and delete",
+                self.listen
+            ));
+        }
+        if self.auth.enabled {
+            crate::auth::Policy::compile(&self.auth.policy, &self.auth.groups)
+                .context("[auth] policy")?;
+            if self.auth.token_ttl_secs == 0 {
+                bail!("[auth] token_ttl_secs must be at least 1");
+            }
+        }
+        Ok(warnings)
     }
 
     /// Builds the effective config: defaults, then `file`, then the environment.
@@ -123,6 +266,10 @@ impl Config {
             v.parse()
                 .map_err(|e| anyhow::anyhow!("{v:?} is not a valid number: {e}"))
         }
+        fn boolean(v: &str) -> anyhow::Result<bool> {
+            v.parse()
+                .with_context(|| format!("{v:?} is not true or false"))
+        }
         match name {
             "listen" => {
                 self.listen = value
@@ -138,16 +285,28 @@ impl Config {
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
             "gc_interval_secs" => self.gc_interval_secs = num(value)?,
             "gc_grace_secs" => self.gc_grace_secs = num(value)?,
-            "gc_delete_untagged" => {
-                self.gc_delete_untagged = value
-                    .parse()
-                    .with_context(|| format!("{value:?} is not true or false"))?
-            }
+            "gc_delete_untagged" => self.gc_delete_untagged = boolean(value)?,
             "log" => self.log = value.to_owned(),
+            "tls_cert" => self.tls_cert = Some(PathBuf::from(value)),
+            "tls_key" => self.tls_key = Some(PathBuf::from(value)),
+            "insecure_plain_http" => self.insecure_plain_http = boolean(value)?,
+            "audit_log" => self.audit_log = Some(PathBuf::from(value)),
+            "audit_log_bytes_max" => self.audit_log_bytes_max = num(value)?,
+            "audit_log_keep" => self.audit_log_keep = num(value)?,
             other => bail!("unknown setting {other:?}"),
         }
         Ok(())
     }
+}
+
+/// Where the audit log is when the config does not say.
+pub fn default_audit_path(data: &Path) -> PathBuf {
+    data.join("audit").join("audit.log")
+}
+
+/// Where the robots file is when the config does not say.
+pub fn default_robots_path(data: &Path) -> PathBuf {
+    data.join("auth").join("robots.json")
 }
 
 #[cfg(test)]
@@ -183,5 +342,43 @@ mod tests {
         .is_err());
         std::fs::write(&file, "bogus = 1\n").expect("write");
         assert!(Config::load(Some(&file), std::iter::empty()).is_err());
+    }
+
+    #[test]
+    fn auth_tables_and_safety_checks() {
+        let text = r#"
+listen = "0.0.0.0:5000"
+tls_cert = "/etc/ballast/cert.pem"
+tls_key = "/etc/ballast/key.pem"
+[auth]
+enabled = true
+htpasswd = "/etc/ballast/htpasswd"
+[auth.groups]
+ci = ["robot:builder"]
+[[auth.policy]]
+subjects = ["group:ci"]
+repositories = ["team-a/**"]
+actions = ["pull", "push"]
+"#;
+        let mut c: Config = toml::from_str(text).expect("parse");
+        assert_eq!(c.auth.policy.len(), 1);
+        assert!(c.check().expect("valid").is_empty());
+        // Plain HTTP off loopback needs an explicit opt-in, and then warns.
+        c.tls_cert = None;
+        c.tls_key = None;
+        assert!(c.check().is_err());
+        c.insecure_plain_http = true;
+        assert_eq!(c.check().expect("opted in").len(), 1);
+        c.tls_key = Some("/k".into());
+        assert!(c.check().is_err(), "a key without a certificate");
+        let mut c = Config::default();
+        c.auth.enabled = true;
+        c.auth.policy.push(crate::auth::Rule {
+            subjects: vec!["group:missing".into()],
+            repositories: vec!["**".into()],
+            actions: vec![crate::auth::Action::Pull],
+        });
+        assert!(c.check().is_err());
+        assert!(toml::from_str::<Config>("[auth]\nenabeld = true\n").is_err());
     }
 }

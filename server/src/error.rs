@@ -45,6 +45,12 @@ pub enum ApiError {
     #[error("{0}")]
     Busy(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    TooManyRequests(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -71,6 +77,9 @@ impl ApiError {
             Timeout(_) => ("TIMEOUT", StatusCode::REQUEST_TIMEOUT),
             Unavailable(_) => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
             Busy(_) => ("BUSY", StatusCode::CONFLICT),
+            Unauthorized(_) => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
+            Denied(_) => ("DENIED", StatusCode::FORBIDDEN),
+            TooManyRequests(_) => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
             Internal(_) => ("INTERNAL_ERROR", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }

@@ -1,10 +1,15 @@
 //! Ballast's OCI distribution server: tokio + hyper at the edge, the storage engine behind.
 
+pub mod audit;
+pub mod auth;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod error;
+mod guard;
 mod handlers;
 pub mod routes;
+mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,10 +20,11 @@ use anyhow::Context;
 use ballast_engine::{Options, Store};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -37,6 +43,10 @@ pub struct App {
     /// Upload sessions whose bytes this process has seen in order, with a blob writer fed as
     /// they arrived (see handlers/uploads.rs).
     pub warm: WarmUploads,
+    /// Accounts, policy and tokens.
+    pub auth: Arc<auth::Auth>,
+    /// The audit log.
+    pub audit: audit::Audit,
 }
 
 /// Blob writers of live upload sessions: a PATCH spools its bytes (durably, for restarts)
@@ -128,6 +138,13 @@ pub struct Server {
 impl Server {
     /// Opens the store and binds the listener; requests are served on the current runtime.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        for w in config.check()? {
+            tracing::warn!("{w}");
+        }
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => Some(tls::acceptor(c, k)?),
+            _ => None,
+        };
         let data = config.data.clone();
         let opts = Options {
             segment_bytes_max: config.segment_bytes_max,
@@ -140,14 +157,24 @@ impl Server {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let auth = Arc::new(auth::Auth::new(&config)?);
+        let audit_path = config.audit_path();
+        let audit = audit::Audit::open(
+            &audit_path,
+            config.audit_log_bytes_max,
+            config.audit_log_keep,
+        )
+        .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let app = Arc::new(App {
             store,
             config,
             manifests: ManifestCache::default(),
             warm: WarmUploads::default(),
+            auth,
+            audit,
         });
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(app, listener, rx));
+        let task = tokio::spawn(accept_loop(app, listener, tls, rx));
         Ok(Server {
             addr,
             shutdown: tx,
@@ -175,6 +202,7 @@ impl Server {
 async fn accept_loop(
     app: Arc<App>,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -193,20 +221,30 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let header_timeout = app.config.header_timeout();
+                let watcher = graceful.watcher();
                 let app = app.clone();
-                let svc = service_fn(move |req| handle(app.clone(), peer, req));
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .max_buf_size(1 << 20)
-                    .serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                match &tls {
+                    None => {
+                        tokio::spawn(serve_connection(app, stream, peer, false, watcher));
                     }
-                });
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            // The handshake counts against the header timeout.
+                            let timeout = app.config.header_timeout();
+                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => {
+                                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                                    serve_connection(app, tls, peer, h2, watcher).await
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                                }
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
             }
             _ = stop.changed() => break,
         }
@@ -231,6 +269,39 @@ async fn accept_loop(
         .context("closing the store")?;
     tracing::info!("store closed");
     Ok(())
+}
+
+/// Serves one connection, HTTP/2 when ALPN chose it, HTTP/1.1 otherwise.
+async fn serve_connection<I>(
+    app: Arc<App>,
+    io: I,
+    peer: SocketAddr,
+    h2: bool,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = app.config.header_timeout();
+    let svc = service_fn(move |req| handle(app.clone(), peer, req));
+    let io = TokioIo::new(io);
+    let result = if h2 {
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(1 << 20)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(header_timeout);
+        watcher.watch(b.serve_connection(io, svc)).await
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(1 << 20)
+            .serve_connection(io, svc);
+        watcher.watch(conn).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 async fn expire_uploads(app: Arc<App>) {
@@ -270,15 +341,29 @@ async fn scheduled_gc(app: Arc<App>) {
         })
         .await
         {
-            Ok(Ok(r)) => tracing::info!(
-                reclaimed = r.bytes_reclaimed,
-                moved = r.bytes_moved,
-                segments = r.segments_compacted,
-                links = r.blob_links_removed,
-                manifests = r.manifests_removed,
-                "scheduled garbage collection"
-            ),
-            Ok(Err(e)) => tracing::warn!(error = %e, "scheduled garbage collection failed"),
+            Ok(Ok(r)) => {
+                tracing::info!(
+                    reclaimed = r.bytes_reclaimed,
+                    moved = r.bytes_moved,
+                    segments = r.segments_compacted,
+                    links = r.blob_links_removed,
+                    manifests = r.manifests_removed,
+                    "scheduled garbage collection"
+                );
+                let mut e = audit::Event::new("system", "gc.run");
+                e.reason = Some(format!(
+                    "scheduled: {} bytes reclaimed, {} blob links and {} manifests removed",
+                    r.bytes_reclaimed, r.blob_links_removed, r.manifests_removed
+                ));
+                app.audit.record(e).await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "scheduled garbage collection failed");
+                let mut ev = audit::Event::new("system", "gc.run");
+                ev.outcome = "failed".into();
+                ev.reason = Some(e.to_string());
+                app.audit.record(ev).await;
+            }
             Err(e) => tracing::warn!(error = %e, "scheduled garbage collection panicked"),
         }
     }
@@ -294,10 +379,7 @@ async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let res = match handlers::dispatch(&app, req).await {
-        Ok(res) => res,
-        Err(e) => error_response(&e),
-    };
+    let res = guard::serve(&app, peer, req).await;
     let status = res.status().as_u16();
     let bytes = res
         .headers()

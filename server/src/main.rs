@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use ballast_server::{Config, Server};
+use ballast_server::{cli, Config, Server};
 use clap::{Parser, Subcommand};
 
 /// Ballast: an OCI container registry with its own storage engine.
@@ -61,11 +61,95 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manages robot accounts (long random tokens for CI), kept in DIR/auth/robots.json.
+    /// Changes take effect on a running server within a second.
+    Robot {
+        #[command(subcommand)]
+        command: RobotCommand,
+    },
+    /// Sets a user's password in an htpasswd file (bcrypt, as `htpasswd -B` writes),
+    /// reading it from standard input; or removes the user with --delete.
+    Passwd {
+        /// The htpasswd file (created if absent).
+        file: PathBuf,
+        /// The user name.
+        user: String,
+        /// Remove the user instead.
+        #[arg(long)]
+        delete: bool,
+        /// Audit log to record the change in (e.g. DIR/audit/audit.log).
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        /// bcrypt cost (work factor, 4 to 31): each step doubles the time a login takes.
+        #[arg(long, default_value_t = 10)]
+        cost: u32,
+    },
+    /// Queries the audit log (the data directory's, or a log file) and its rotated files.
+    Audit {
+        /// The data directory, or an audit log file.
+        path: PathBuf,
+        /// Only this actor (user:NAME, robot:NAME, anonymous, system, cli:NAME).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this action; a trailing '.' matches a family (manifest.).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this repository.
+        #[arg(long)]
+        repository: Option<String>,
+        /// Only this outcome (ok, denied, failed).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only events since a time (2026-11-28T10:00:00Z) or for a duration back (2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the JSON lines as stored.
+        #[arg(long)]
+        json: bool,
+    },
     /// Shows what a data directory holds: stored against logical bytes, live and dead bytes,
     /// per repository.
     Inspect {
         /// The data directory (the server must not be running on it).
         dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RobotCommand {
+    /// Creates a robot and prints its token once.
+    Create {
+        /// The data directory.
+        dir: PathBuf,
+        /// The robot's name (its login user name).
+        name: String,
+        /// What the robot is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Robots file, when the config names another than DIR/auth/robots.json.
+        #[arg(long)]
+        robots: Option<PathBuf>,
+    },
+    /// Revokes a robot: its token, and every token issued to it, stop working.
+    Revoke {
+        /// The data directory.
+        dir: PathBuf,
+        /// The robot's name.
+        name: String,
+        /// Robots file, when the config names another than DIR/auth/robots.json.
+        #[arg(long)]
+        robots: Option<PathBuf>,
+    },
+    /// Lists robots (never their tokens).
+    List {
+        /// The data directory.
+        dir: PathBuf,
+        /// Robots file, when the config names another than DIR/auth/robots.json.
+        #[arg(long)]
+        robots: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -99,6 +183,69 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect { dir, json } => {
             std::process::exit(ballast_tools::inspect(&dir, json, &mut std::io::stdout()))
         }
+        Command::Robot { command } => {
+            let robots_of = |dir: &PathBuf, f: Option<PathBuf>| {
+                f.unwrap_or_else(|| ballast_server::config::default_robots_path(dir))
+            };
+            let audit_of = |dir: &PathBuf| ballast_server::config::default_audit_path(dir);
+            match command {
+                RobotCommand::Create {
+                    dir,
+                    name,
+                    description,
+                    robots,
+                } => cli::robot_create(
+                    &robots_of(&dir, robots),
+                    &audit_of(&dir),
+                    &name,
+                    &description,
+                    &mut std::io::stdout(),
+                ),
+                RobotCommand::Revoke { dir, name, robots } => {
+                    cli::robot_revoke(&robots_of(&dir, robots), &audit_of(&dir), &name)
+                }
+                RobotCommand::List { dir, robots, json } => {
+                    cli::robot_list(&robots_of(&dir, robots), json, &mut std::io::stdout())
+                }
+            }
+        }
+        Command::Passwd {
+            file,
+            user,
+            delete,
+            audit_log,
+            cost,
+        } => cli::passwd(
+            &file,
+            audit_log.as_deref(),
+            &user,
+            delete,
+            cost,
+            &mut std::io::stdin().lock(),
+        ),
+        Command::Audit {
+            path,
+            actor,
+            action,
+            repository,
+            outcome,
+            since,
+            json,
+        } => {
+            let log = if path.is_dir() {
+                ballast_server::config::default_audit_path(&path)
+            } else {
+                path
+            };
+            let filter = cli::AuditFilter {
+                actor,
+                action,
+                repository,
+                outcome,
+                since,
+            };
+            cli::audit_query(&log, &filter, json, &mut std::io::stdout()).map(|_| ())
+        }
         Command::Serve {
             listen,
             data,
@@ -131,8 +278,9 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let server = Server::start(cfg.clone()).await?;
         println!(
-            "ballast {} listening on http://{} with data in {}",
+            "ballast {} listening on {}://{} with data in {}",
             env!("CARGO_PKG_VERSION"),
+            if cfg.tls() { "https" } else { "http" },
             server.addr(),
             cfg.data.display()
         );

@@ -23,6 +23,8 @@ pub enum Route<'a> {
     Health,
     /// `/admin/gc`: run a garbage collection now.
     AdminGc,
+    /// `/token`: the token endpoint of the Docker token flow.
+    Token,
 }
 
 /// Resolves a request path. Repository names may contain `/`, and even path components such
@@ -33,6 +35,9 @@ pub fn route(path: &str) -> Option<Route<'_>> {
     }
     if path == "/admin/gc" {
         return Some(Route::AdminGc);
+    }
+    if path == "/token" {
+        return Some(Route::Token);
     }
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {

@@ -38,12 +38,21 @@ fn next_link(path: &str, n: Option<usize>, items: &[String]) -> Option<String> {
     Some(format!("<{path}?{n}last={last}>; rel=\"next\""))
 }
 
-pub fn catalog(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
+pub fn catalog(
+    app: &App,
+    access: &crate::auth::Access,
+    req: &Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
     let q = query(req);
     let n = page_size(&q)?;
     let (repos, more) = {
         let state = app.store.catalog().read();
-        page(state.repos.keys(), first(&q, "last"), n)
+        // Only what the caller may pull is listed (everything with authentication off).
+        let visible = state
+            .repos
+            .keys()
+            .filter(|name| access.may_see(&app.auth, name));
+        page(visible, first(&q, "last"), n)
     };
     let mut r = reply(StatusCode::OK);
     if more {

@@ -12,13 +12,41 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
+use crate::auth::{Access, Action, Need};
 use crate::body::{self, ResBody};
 use crate::error::ApiError;
 use crate::routes::{route, Route};
 use crate::App;
 
+/// What a request needs to be allowed (see auth.rs).
+pub fn need(method: &Method, r: &Route<'_>) -> Need {
+    let repo = |name: &str, a| Need::Repo(name.to_owned(), a);
+    match (method, r) {
+        (_, Route::Health | Route::Token) => Need::Nothing,
+        (_, Route::Base) => Need::Authenticated,
+        (_, Route::Catalog) => Need::Catalog,
+        (_, Route::AdminGc) => Need::Admin,
+        (&Method::DELETE, Route::Manifest { name, .. } | Route::Blob { name, .. }) => {
+            repo(name, Action::Delete)
+        }
+        (_, Route::UploadStart { name } | Route::Upload { name, .. }) => repo(name, Action::Push),
+        (&Method::PUT, Route::Manifest { name, .. }) => repo(name, Action::Push),
+        (
+            _,
+            Route::Tags { name }
+            | Route::Referrers { name, .. }
+            | Route::Manifest { name, .. }
+            | Route::Blob { name, .. },
+        ) => repo(name, Action::Pull),
+    }
+}
+
 /// Routes a request to its handler.
-pub async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
+pub async fn dispatch(
+    app: &App,
+    access: &Access,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let Some(r) = route(&path) else {
@@ -32,7 +60,7 @@ pub async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response<ResB
             Ok(reply(StatusCode::OK).json(&serde_json::json!({"status": "ok"})))
         }
         (&Method::POST, Route::AdminGc) => admin_gc(app, &req).await,
-        (&Method::GET, Route::Catalog) => listing::catalog(app, &req),
+        (&Method::GET, Route::Catalog) => listing::catalog(app, access, &req),
         (&Method::GET, Route::Tags { name }) => listing::tags(app, name, &req),
         (&Method::GET, Route::Referrers { name, digest }) => {
             listing::referrers(app, name, digest, &req)
@@ -41,7 +69,9 @@ pub async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response<ResB
             blobs::get(app, name, digest, &req, method == Method::HEAD).await
         }
         (&Method::DELETE, Route::Blob { name, digest }) => blobs::delete(app, name, digest).await,
-        (&Method::POST, Route::UploadStart { name }) => uploads::start(app, name, req).await,
+        (&Method::POST, Route::UploadStart { name }) => {
+            uploads::start(app, access, name, req).await
+        }
         (&Method::PATCH, Route::Upload { name, id }) => uploads::patch(app, name, id, req).await,
         (&Method::PUT, Route::Upload { name, id }) => uploads::finish(app, name, id, req).await,
         (&Method::GET, Route::Upload { name, id }) => uploads::status(app, name, id).await,
@@ -147,14 +177,13 @@ pub fn parse_digest(s: &str) -> Result<Digest, ApiError> {
 
 /// Query parameters, percent-decoded; repeated keys keep every value in order.
 pub fn query(req: &Request<Incoming>) -> BTreeMap<String, Vec<String>> {
+    parse_form(req.uri().query().unwrap_or(""))
+}
+
+/// Parses `application/x-www-form-urlencoded` text (a query string or a form body).
+pub fn parse_form(text: &str) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for pair in req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         out.entry(percent_decode(k))
             .or_default()

@@ -21,6 +21,7 @@ const SPOOL_READ_LEN: usize = 1 << 20;
 
 pub async fn start(
     app: &App,
+    access: &crate::auth::Access,
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<ResBody>, ApiError> {
@@ -28,7 +29,7 @@ pub async fn start(
     let q = query(&req);
     if let Some(mount) = first(&q, "mount") {
         let digest = parse_digest(mount)?;
-        if let Some(res) = try_mount(app, name, &digest, first(&q, "from")).await? {
+        if let Some(res) = try_mount(app, access, name, &digest, first(&q, "from")).await? {
             return Ok(res);
         }
     } else if let Some(d) = first(&q, "digest") {
@@ -57,17 +58,24 @@ pub async fn start(
 
 /// Cross-repository mount: links a blob the registry already holds. `from` names where the
 /// client saw it; when it is missing there, the blob is still mounted if another repository
-/// holds it (automatic mount). `None` means "start a normal upload instead".
+/// holds it (automatic mount). Either way the caller must be allowed to pull the source:
+/// a mount must not reveal or copy a blob the caller could not read. `None` means "start a
+/// normal upload instead".
 async fn try_mount(
     app: &App,
+    access: &crate::auth::Access,
     name: &str,
     digest: &Digest,
     from: Option<&str>,
 ) -> Result<Option<Response<ResBody>>, ApiError> {
     let readable = {
         let cat = app.store.catalog().read();
-        let holds = |r: &ballast_engine::catalog::Repo| r.blobs.contains_key(digest);
-        from.and_then(|f| cat.repos.get(f)).is_some_and(holds) || cat.repos.values().any(holds)
+        let source = |(repo, r): (&String, &ballast_engine::catalog::Repo)| {
+            r.blobs.contains_key(digest) && access.may(&app.auth, repo, crate::auth::Action::Pull)
+        };
+        from.and_then(|f| cat.repos.get_key_value(f))
+            .is_some_and(source)
+            || cat.repos.iter().any(source)
     };
     if !readable {
         return Ok(None);

@@ -1,5 +1,6 @@
 //! The server's integration tests (one binary): HTTP behaviour, restarts, real clients.
 
+mod auth;
 mod clients;
 mod http;
 pub mod oci;
@@ -18,6 +19,8 @@ pub struct Registry {
     pub addr: SocketAddr,
     pub data: PathBuf,
     env: Vec<(String, String)>,
+    args: Vec<String>,
+    scheme: &'static str,
 }
 
 impl Registry {
@@ -28,22 +31,30 @@ impl Registry {
 
     /// Starts a registry with extra `BALLAST_*` environment settings.
     pub fn start_with(data: &Path, env: &[(&str, &str)]) -> Registry {
+        Self::start_args(data, env, &[])
+    }
+
+    /// Starts a registry with extra settings and command-line arguments (`--config FILE`).
+    pub fn start_args(data: &Path, env: &[(&str, &str)], args: &[&str]) -> Registry {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let (child, addr) = spawn(data, &env);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, addr, scheme) = spawn(data, &env, &args);
         Registry {
             child: Some(child),
             addr,
             data: data.to_path_buf(),
             env,
+            args,
+            scheme,
         }
     }
 
     /// Base URL.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     /// `host:port` for clients.
@@ -68,15 +79,19 @@ impl Registry {
         self.stop();
         let mut env = self.env.clone();
         env.push(("BALLAST_LISTEN".into(), self.addr.to_string()));
-        let (child, addr) = spawn(&self.data, &env);
+        let (child, addr, _) = spawn(&self.data, &env, &self.args);
         assert_eq!(addr, self.addr);
         self.child = Some(child);
     }
 }
 
-fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
+fn spawn(
+    data: &Path,
+    env: &[(String, String)],
+    args: &[String],
+) -> (Child, SocketAddr, &'static str) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ballast"));
-    cmd.arg("serve").arg("--data").arg(data);
+    cmd.arg("serve").arg("--data").arg(data).args(args);
     if !env.iter().any(|(k, _)| k == "BALLAST_LISTEN") {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }
@@ -96,8 +111,13 @@ fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
     let mut lines = BufReader::new(stdout);
     let mut line = String::new();
     lines.read_line(&mut line).expect("banner");
+    let scheme = if line.contains("https://") {
+        "https"
+    } else {
+        "http"
+    };
     let addr = line
-        .split("http://")
+        .split("://")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|a| a.parse().ok())
@@ -107,7 +127,7 @@ fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
         let mut sink = Vec::new();
         let _ = lines.read_to_end(&mut sink);
     });
-    (child, addr)
+    (child, addr, scheme)
 }
 
 impl Drop for Registry {
@@ -148,4 +168,47 @@ pub fn have(program: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Pushes an image (a config and one layer of `len` bytes) to `repo:tag` with extra request
+/// headers (credentials); returns the manifest's digest.
+pub fn push_image_as(
+    base: &str,
+    repo: &str,
+    tag: &str,
+    seed: u64,
+    len: usize,
+    headers: &[(&str, &str)],
+) -> String {
+    use http::call;
+    use serde_json::json;
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layer = seeded(len, seed);
+    let mut descs = Vec::new();
+    for (data, media) in [
+        (&config, "application/vnd.oci.image.config.v1+json"),
+        (&layer, "application/vnd.oci.image.layer.v1.tar"),
+    ] {
+        let d = sha256(data);
+        let res = call(
+            "POST",
+            &format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"),
+            headers,
+            Some(data),
+        );
+        assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+        descs.push(json!({"mediaType": media, "digest": d, "size": data.len()}));
+    }
+    let m = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": descs[0], "layers": [descs[1]]});
+    let mut h = headers.to_vec();
+    h.push(("Content-Type", "application/vnd.oci.image.manifest.v1+json"));
+    let body = m.to_string().into_bytes();
+    let res = call(
+        "PUT",
+        &format!("{base}/v2/{repo}/manifests/{tag}"),
+        &h,
+        Some(&body),
+    );
+    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    sha256(&body)
 }

@@ -25,31 +25,7 @@ fn push_image(r: &Registry, repo: &str, tag: &str, seed: u64, len: usize) {
 
 /// [`push_image`] against a base URL.
 fn push_image_at(base: &str, repo: &str, tag: &str, seed: u64, len: usize) {
-    let config = format!("{{\"seed\":{seed}}}").into_bytes();
-    let layer = seeded(len, seed);
-    let mut descs = Vec::new();
-    for (data, media) in [
-        (&config, "application/vnd.oci.image.config.v1+json"),
-        (&layer, "application/vnd.oci.image.layer.v1.tar"),
-    ] {
-        let d = sha256(data);
-        let res = call(
-            "POST",
-            &format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"),
-            &[],
-            Some(data),
-        );
-        assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
-        descs.push(json!({"mediaType": media, "digest": d, "size": data.len()}));
-    }
-    let m = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": descs[0], "layers": [descs[1]]});
-    let res = call(
-        "PUT",
-        &format!("{base}/v2/{repo}/manifests/{tag}"),
-        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
-        Some(m.to_string().as_bytes()),
-    );
-    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    crate::push_image_as(base, repo, tag, seed, len, &[]);
 }
 
 fn sealed_segment(dir: &Path) -> std::path::PathBuf {

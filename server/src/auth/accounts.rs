@@ -1,0 +1,375 @@
+//! Accounts: users from an htpasswd file (bcrypt hashes only, as `htpasswd -B` writes them)
+//! and robot accounts with long random tokens (`ballast robot create`). Both files are read
+//! again when they change, so adding a user or revoking a robot needs no restart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::policy::Principal;
+
+/// Robot tokens start with this, so a robot's secret is recognisable in a leak scanner and
+/// distinguishable from a user's password.
+pub const ROBOT_TOKEN_PREFIX: &str = "blt_";
+
+/// How often a changed account file is noticed, at most.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Cost of the hash checked for an unknown user, so that its answer takes as long as a
+/// wrong password's (htpasswd -B's default cost).
+const DUMMY_COST: u32 = 5;
+
+/// A file read again when its modification time or length changes.
+struct Watched<T> {
+    path: PathBuf,
+    stamp: Option<(SystemTime, u64)>,
+    checked: Option<Instant>,
+    value: T,
+}
+
+impl<T: Default> Watched<T> {
+    fn new(path: PathBuf) -> Self {
+        Watched {
+            path,
+            stamp: None,
+            checked: None,
+            value: T::default(),
+        }
+    }
+
+    /// Re-reads the file when it changed (checked at most once per [`RECHECK`]). A file
+    /// that fails to parse keeps the previous contents and is reported; a missing file is
+    /// empty.
+    fn refresh(&mut self, parse: impl Fn(&str) -> anyhow::Result<T>) -> &T {
+        if self.checked.is_some_and(|t| t.elapsed() < RECHECK) {
+            return &self.value;
+        }
+        self.checked = Some(Instant::now());
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+        if stamp == self.stamp {
+            return &self.value;
+        }
+        let text = match stamp {
+            None => Ok(String::new()),
+            Some(_) => std::fs::read_to_string(&self.path),
+        };
+        match text.map_err(anyhow::Error::from).and_then(|t| parse(&t)) {
+            Ok(v) => {
+                self.value = v;
+                self.stamp = stamp;
+            }
+            Err(e) => tracing::error!(
+                file = %self.path.display(),
+                error = %format!("{e:#}"),
+                "account file is unreadable; keeping the accounts read before"
+            ),
+        }
+        &self.value
+    }
+}
+
+/// Users and their bcrypt hashes, parsed from htpasswd text. Lines that are not
+/// `name:$2y$…` bcrypt entries are refused (MD5, SHA-1 and crypt hashes are too weak).
+pub fn parse_htpasswd(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut users = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((name, hash)) = line.split_once(':') else {
+            bail!("line {}: not NAME:HASH", i + 1);
+        };
+        if !["$2y$", "$2a$", "$2b$"].iter().any(|p| hash.starts_with(p)) {
+            bail!(
+                "line {} (user {name:?}): only bcrypt hashes are accepted (htpasswd -B, or \
+                 `ballast passwd`)",
+                i + 1
+            );
+        }
+        users.insert(name.to_owned(), hash.to_owned());
+    }
+    Ok(users)
+}
+
+/// One robot account as stored.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct Robot {
+    /// Its name (the login user name).
+    pub name: String,
+    /// SHA-256 of its token, hex. Tokens carry 256 random bits, so a fast hash suffices.
+    pub token_sha256: String,
+    /// When it was created (seconds since the epoch).
+    pub created_at: u64,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// The robots file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct RobotsFile {
+    /// Every robot, by creation.
+    pub robots: Vec<Robot>,
+}
+
+impl RobotsFile {
+    fn parse(text: &str) -> anyhow::Result<RobotsFile> {
+        if text.trim().is_empty() {
+            return Ok(RobotsFile::default());
+        }
+        serde_json::from_str(text).context("parsing the robots file")
+    }
+
+    /// Reads the file (missing: no robots).
+    pub fn load(path: &Path) -> anyhow::Result<RobotsFile> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => RobotsFile::parse(&t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RobotsFile::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the file atomically, readable by its owner only.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)?;
+        super::write_private(path, &bytes)
+    }
+
+    /// Adds a robot and returns its token (shown once, never stored).
+    pub fn create(&mut self, name: &str, description: &str, now: u64) -> anyhow::Result<String> {
+        validate_robot_name(name)?;
+        if self.robots.iter().any(|r| r.name == name) {
+            bail!("robot {name:?} exists; revoke it first to replace its token");
+        }
+        let secret: [u8; 32] = rand::random();
+        let token = format!(
+            "{ROBOT_TOKEN_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+        );
+        self.robots.push(Robot {
+            name: name.to_owned(),
+            token_sha256: hex_sha256(token.as_bytes()),
+            created_at: now,
+            description: description.to_owned(),
+        });
+        Ok(token)
+    }
+
+    /// Removes a robot; false when there was none of that name.
+    pub fn revoke(&mut self, name: &str) -> bool {
+        let before = self.robots.len();
+        self.robots.retain(|r| r.name != name);
+        self.robots.len() != before
+    }
+}
+
+/// Robot names: lowercase letters, digits, `.`, `_`, `-`, up to 64, starting alphanumeric.
+pub fn validate_robot_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || (i > 0 && matches!(b, b'.' | b'_' | b'-'))
+        });
+    if !ok {
+        bail!(
+            "robot name {name:?}: use lowercase letters, digits, '.', '_' and '-' (up to 64, \
+             starting with a letter or digit)"
+        );
+    }
+    Ok(())
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The accounts the server checks credentials against.
+pub struct Accounts {
+    users: Option<Mutex<Watched<BTreeMap<String, String>>>>,
+    robots: Mutex<Watched<RobotsFile>>,
+    dummy_hash: String,
+}
+
+impl Accounts {
+    /// Accounts from an optional htpasswd file and the robots file.
+    pub fn new(htpasswd: Option<PathBuf>, robots: PathBuf) -> anyhow::Result<Accounts> {
+        if let Some(p) = &htpasswd {
+            // Fail at start, not at the first login, when the file is there but wrong.
+            if p.exists() {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading htpasswd file {}", p.display()))?;
+                parse_htpasswd(&text).with_context(|| format!("htpasswd file {}", p.display()))?;
+            } else {
+                tracing::warn!(file = %p.display(), "htpasswd file does not exist (yet): no users");
+            }
+        }
+        RobotsFile::load(&robots)?;
+        Ok(Accounts {
+            users: htpasswd.map(|p| Mutex::new(Watched::new(p))),
+            robots: Mutex::new(Watched::new(robots)),
+            dummy_hash: bcrypt::hash("not a password", DUMMY_COST)
+                .context("preparing the password checker")?,
+        })
+    }
+
+    /// Checks a user name and secret; blocking (bcrypt is deliberately slow). Robot tokens
+    /// are recognised by their prefix; everything else is a user's password.
+    pub fn verify(&self, name: &str, secret: &str) -> Option<Principal> {
+        if secret.starts_with(ROBOT_TOKEN_PREFIX) {
+            let want = {
+                let mut robots = self.robots.lock();
+                robots
+                    .refresh(RobotsFile::parse)
+                    .robots
+                    .iter()
+                    .find(|r| r.name == name)
+                    .map(|r| r.token_sha256.clone())
+            };
+            let got = hex_sha256(secret.as_bytes());
+            // Compare even when the robot is unknown, so timing tells nothing.
+            let want_bytes = want.clone().unwrap_or_else(|| "0".repeat(64));
+            let same: bool = got.as_bytes().ct_eq(want_bytes.as_bytes()).into();
+            return (same && want.is_some()).then(|| Principal::Robot(name.to_owned()));
+        }
+        let hash = self.users.as_ref().and_then(|u| {
+            let mut u = u.lock();
+            u.refresh(parse_htpasswd).get(name).cloned()
+        });
+        match hash {
+            Some(h) => bcrypt::verify(secret, &h)
+                .unwrap_or(false)
+                .then(|| Principal::User(name.to_owned())),
+            None => {
+                let _ = bcrypt::verify(secret, &self.dummy_hash);
+                None
+            }
+        }
+    }
+
+    /// True while the account behind a principal still exists (a token outlives neither a
+    /// revoked robot nor a removed user).
+    pub fn exists(&self, p: &Principal) -> bool {
+        match p {
+            Principal::Anonymous => true,
+            Principal::Robot(n) => self
+                .robots
+                .lock()
+                .refresh(RobotsFile::parse)
+                .robots
+                .iter()
+                .any(|r| &r.name == n),
+            Principal::User(n) => self
+                .users
+                .as_ref()
+                .is_some_and(|u| u.lock().refresh(parse_htpasswd).contains_key(n)),
+        }
+    }
+}
+
+/// Sets (or with `password == None` removes) a user in an htpasswd file, keeping the other
+/// lines; the hash is bcrypt `$2y$`, as `htpasswd -B` writes.
+pub fn set_password(
+    path: &Path,
+    user: &str,
+    password: Option<&str>,
+    cost: u32,
+) -> anyhow::Result<bool> {
+    if user.is_empty() || user.contains(':') || user.chars().any(char::is_whitespace) {
+        bail!("user name {user:?} may not be empty or contain ':' or spaces");
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut found = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.split_once(':').is_some_and(|(n, _)| n == user) {
+            found = true;
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if let Some(pw) = password {
+        let hash = bcrypt::hash_with_result(pw, cost)
+            .context("hashing the password")?
+            .format_for_version(bcrypt::Version::TwoY);
+        out.push_str(&format!("{user}:{hash}\n"));
+    }
+    parse_htpasswd(&out)?;
+    super::write_private(path, out.as_bytes())?;
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Written by Apache's `htpasswd -nbB alice s3cret` (apache2-utils 2.4.71, Debian 12).
+    const HTPASSWD_B: &str = "alice:$2y$05$Bi9AWYoxlo1p3gvi6TO57uGfM.Fysy27OaZlXsVAiul1vvMLV.Kca\n";
+
+    #[test]
+    fn htpasswd_from_apache() {
+        let users = parse_htpasswd(HTPASSWD_B).expect("parse");
+        let hash = &users["alice"];
+        assert!(bcrypt::verify("s3cret", hash).expect("verify"));
+        assert!(!bcrypt::verify("s3cret ", hash).expect("verify"));
+        assert!(parse_htpasswd("bob:$apr1$abc$def\n").is_err());
+        assert!(parse_htpasswd("no colon\n").is_err());
+        assert!(parse_htpasswd("# comment\n\n").expect("parse").is_empty());
+    }
+
+    #[test]
+    fn users_and_robots_verify_and_reload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let htpasswd = dir.path().join("htpasswd");
+        let robots = dir.path().join("robots.json");
+        set_password(&htpasswd, "bob", Some("hunter22"), 4).expect("set");
+        let accounts = Accounts::new(Some(htpasswd.clone()), robots.clone()).expect("accounts");
+        assert_eq!(
+            accounts.verify("bob", "hunter22"),
+            Some(Principal::User("bob".into()))
+        );
+        assert_eq!(accounts.verify("bob", "hunter2"), None);
+        assert_eq!(accounts.verify("eve", "hunter22"), None);
+
+        let mut file = RobotsFile::load(&robots).expect("load");
+        let token = file.create("ci", "builds", 1).expect("create");
+        assert!(file.create("ci", "again", 2).is_err());
+        assert!(file.create("Bad Name", "", 2).is_err());
+        file.save(&robots).expect("save");
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert_eq!(
+            accounts.verify("ci", &token),
+            Some(Principal::Robot("ci".into()))
+        );
+        assert_eq!(accounts.verify("other", &token), None);
+        assert_eq!(accounts.verify("ci", &format!("{token}x")), None);
+        assert!(accounts.exists(&Principal::Robot("ci".into())));
+
+        // Revocation and password removal take effect without a restart.
+        assert!(file.revoke("ci"));
+        file.save(&robots).expect("save");
+        assert!(set_password(&htpasswd, "bob", None, 4).expect("remove"));
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert_eq!(accounts.verify("ci", &token), None);
+        assert!(!accounts.exists(&Principal::Robot("ci".into())));
+        assert!(!accounts.exists(&Principal::User("bob".into())));
+        let text = std::fs::read_to_string(&htpasswd).expect("read");
+        assert!(!text.contains("bob"));
+    }
+}

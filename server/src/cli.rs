@@ -1,0 +1,260 @@
+//! Account and audit commands of the `ballast` binary: robot accounts, htpasswd users, and
+//! queries over the audit log. They work on files, beside a running server or without one.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use fs2::FileExt;
+
+use crate::audit::{self, Event};
+use crate::auth::accounts::{self, RobotsFile};
+
+/// The actor of account changes made from the command line.
+fn cli_actor() -> String {
+    let who = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{who}")
+}
+
+fn audit_change(log: &Path, action: &str, what: &str, reason: Option<String>) {
+    let mut e = Event::new(cli_actor(), action);
+    e.tag = Some(what.to_owned());
+    e.reason = reason;
+    if let Err(err) = audit::append(log, &e) {
+        eprintln!(
+            "warning: could not write the audit log {}: {err}",
+            log.display()
+        );
+    }
+}
+
+/// Holds an exclusive lock beside `path` while an account file is edited.
+fn edit_lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    let lock = PathBuf::from(format!("{}.lock", path.display()));
+    if let Some(dir) = lock.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .with_context(|| format!("opening {}", lock.display()))?;
+    f.lock_exclusive()
+        .with_context(|| format!("locking {}", lock.display()))?;
+    Ok(f)
+}
+
+/// `ballast robot create`: adds a robot and prints its token, once.
+pub fn robot_create(
+    robots: &Path,
+    audit_log: &Path,
+    name: &str,
+    description: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let _lock = edit_lock(robots)?;
+    let mut file = RobotsFile::load(robots)?;
+    let token = file.create(name, description, crate::now_secs())?;
+    file.save(robots)?;
+    audit_change(audit_log, "robot.create", &format!("robot:{name}"), None);
+    writeln!(out, "{token}")?;
+    eprintln!(
+        "robot {name:?} created. Its token is printed above, once: store it now (it cannot \
+         be shown again). Log in with user name {name:?} and the token as password; grant it \
+         rights with subject \"robot:{name}\" in [[auth.policy]]."
+    );
+    Ok(())
+}
+
+/// `ballast robot revoke`: removes a robot; its token and tokens issued to it stop working.
+pub fn robot_revoke(robots: &Path, audit_log: &Path, name: &str) -> anyhow::Result<()> {
+    let _lock = edit_lock(robots)?;
+    let mut file = RobotsFile::load(robots)?;
+    if !file.revoke(name) {
+        bail!("there is no robot {name:?} in {}", robots.display());
+    }
+    file.save(robots)?;
+    audit_change(audit_log, "robot.revoke", &format!("robot:{name}"), None);
+    eprintln!("robot {name:?} revoked");
+    Ok(())
+}
+
+/// `ballast robot list`.
+pub fn robot_list(robots: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let file = RobotsFile::load(robots)?;
+    if json {
+        let list: Vec<_> = file
+            .robots
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "created_at": r.created_at,
+                    "description": r.description,
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+        return Ok(());
+    }
+    if file.robots.is_empty() {
+        writeln!(out, "no robots in {}", robots.display())?;
+    }
+    for r in &file.robots {
+        let created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.created_at);
+        writeln!(
+            out,
+            "{:<24} created {}  {}",
+            r.name,
+            humantime::format_rfc3339_seconds(created),
+            r.description
+        )?;
+    }
+    Ok(())
+}
+
+/// `ballast passwd`: sets a user's password (read from `input`'s first line) or removes the
+/// user, in an htpasswd file.
+pub fn passwd(
+    htpasswd: &Path,
+    audit_log: Option<&Path>,
+    user: &str,
+    delete: bool,
+    cost: u32,
+    input: &mut dyn BufRead,
+) -> anyhow::Result<()> {
+    if !(4..=31).contains(&cost) {
+        bail!("--cost must be between 4 and 31");
+    }
+    let _lock = edit_lock(htpasswd)?;
+    if delete {
+        if !accounts::set_password(htpasswd, user, None, 0)? {
+            bail!("there is no user {user:?} in {}", htpasswd.display());
+        }
+        if let Some(log) = audit_log {
+            audit_change(log, "user.delete", &format!("user:{user}"), None);
+        }
+        eprintln!("user {user:?} removed");
+        return Ok(());
+    }
+    let mut line = String::new();
+    input.read_line(&mut line).context("reading the password")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.len() < 8 {
+        bail!("the password must be at least 8 characters");
+    }
+    // bcrypt uses the first 72 bytes only; refuse rather than silently truncate.
+    if password.len() > 72 {
+        bail!("the password must be at most 72 bytes (bcrypt's limit)");
+    }
+    let existed = accounts::set_password(htpasswd, user, Some(password), cost)?;
+    if let Some(log) = audit_log {
+        let why = if existed {
+            "password changed"
+        } else {
+            "user added"
+        };
+        audit_change(log, "user.set", &format!("user:{user}"), Some(why.into()));
+    }
+    eprintln!(
+        "user {user:?} {} in {}",
+        if existed { "updated" } else { "added" },
+        htpasswd.display()
+    );
+    Ok(())
+}
+
+/// Filters of `ballast audit`.
+#[derive(Debug, Default)]
+pub struct AuditFilter {
+    /// Actor, exactly (`user:alice`).
+    pub actor: Option<String>,
+    /// Action, exactly or by prefix with a trailing `.` (`manifest.`).
+    pub action: Option<String>,
+    /// Repository, exactly.
+    pub repository: Option<String>,
+    /// Outcome (`ok`, `denied`, `failed`).
+    pub outcome: Option<String>,
+    /// Only events at or after this time (RFC 3339), or this long ago (`2h`, `30m`).
+    pub since: Option<String>,
+}
+
+/// `ballast audit`: prints the matching lines of the log and its rotated files, oldest first.
+pub fn audit_query(
+    log: &Path,
+    filter: &AuditFilter,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<usize> {
+    let since = match &filter.since {
+        None => None,
+        Some(s) => Some(match humantime::parse_rfc3339_weak(s) {
+            Ok(t) => t,
+            Err(_) => {
+                let ago = humantime::parse_duration(s).with_context(|| {
+                    format!("--since {s:?} is neither a time (2026-11-28T10:00:00Z) nor a duration (2h)")
+                })?;
+                std::time::SystemTime::now() - ago
+            }
+        }),
+    };
+    let files = audit::files(log);
+    if files.is_empty() {
+        bail!("no audit log at {}", log.display());
+    }
+    let mut n = 0;
+    for f in files {
+        let file = std::fs::File::open(&f).with_context(|| format!("opening {}", f.display()))?;
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line?;
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+            let matches = |want: &Option<String>, k: &str| match want {
+                None => true,
+                Some(w) => {
+                    let got = field(k);
+                    got == w || (w.ends_with('.') && got.starts_with(w.as_str()))
+                }
+            };
+            if !(matches(&filter.actor, "actor")
+                && matches(&filter.action, "action")
+                && matches(&filter.repository, "repository")
+                && matches(&filter.outcome, "outcome"))
+            {
+                continue;
+            }
+            if let Some(since) = since {
+                match humantime::parse_rfc3339_weak(field("time")) {
+                    Ok(t) if t >= since => {}
+                    _ => continue,
+                }
+            }
+            n += 1;
+            if json {
+                writeln!(out, "{line}")?;
+            } else {
+                let what = [field("repository"), field("tag"), field("digest")]
+                    .into_iter()
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                writeln!(
+                    out,
+                    "{} {:<8} {:<20} {:<16} {} {}",
+                    field("time"),
+                    field("outcome"),
+                    field("actor"),
+                    field("action"),
+                    what,
+                    field("reason")
+                )?;
+            }
+        }
+    }
+    Ok(n)
+}
