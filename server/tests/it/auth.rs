@@ -614,6 +614,47 @@ fn authorization_matrix_tokens_and_audit() {
     );
     assert_eq!(res.status, 202);
 
+    // A failed upload (wrong digest) and a cancelled session are audited with their outcome.
+    let res = call(
+        "POST",
+        &s.r.url(&format!(
+            "/v2/team-a/app/blobs/uploads/?digest={}",
+            sha256(b"other")
+        )),
+        &[("Authorization", &admin)],
+        Some(b"these bytes"),
+    );
+    assert_eq!(res.status, 400);
+    let res = call(
+        "POST",
+        &s.r.url("/v2/team-a/app/blobs/uploads/"),
+        &[("Authorization", &admin)],
+        None,
+    );
+    assert_eq!(res.status, 202);
+    let session = res.header("location").expect("Location").to_owned();
+    let res = call(
+        "DELETE",
+        &s.r.url(&session),
+        &[("Authorization", &admin)],
+        None,
+    );
+    assert_eq!(res.status, 204);
+    let htpasswd = s._tmp.path().join("htpasswd");
+    let audit_path = s.r.data.join("audit").join("audit.log");
+    let (code, _, err) = ballast(
+        &[
+            "passwd",
+            &htpasswd.to_string_lossy(),
+            "outsider",
+            "--delete",
+            "--audit-log",
+            &audit_path.to_string_lossy(),
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+
     // A revoked robot's token stops working at once, and so does its secret.
     let (_, ci_token) = s.token("ci", &["repository:team-a/app:pull"]);
     let pull = s.r.url("/v2/team-a/app/tags/list");
@@ -741,6 +782,24 @@ fn authorization_matrix_tokens_and_audit() {
     find(
         &|l| l["action"] == "gc.run" && l["actor"] == "user:admin",
         "gc.run",
+    );
+    let ev = find(
+        &|l| l["action"] == "blob.upload" && l["outcome"] == "failed",
+        "failed upload",
+    );
+    assert!(
+        ev["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("DIGEST_INVALID")),
+        "{ev}"
+    );
+    find(
+        &|l| l["action"] == "upload.cancel" && l["actor"] == "user:admin",
+        "upload.cancel",
+    );
+    find(
+        &|l| l["action"] == "user.delete" && l["tag"] == "user:outsider",
+        "user.delete",
     );
     let ev = find(
         &|l| {
