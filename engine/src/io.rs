@@ -506,3 +506,10 @@ impl Storage for SimStorage {
         Ok(Box::new(()))
     }
 }
+
+/// Drops a file's clean pages from the page cache (after an fsync), so the next read of it
+/// comes from the storage device: for benchmarks that measure cold reads.
+pub fn drop_page_cache(path: &Path) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    crate::sys::drop_page_cache(&file)
+}

@@ -67,3 +67,17 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<
         Err(io::Error::last_os_error())
     }
 }
+
+/// Asks the kernel to drop a file's clean pages from the page cache (Linux
+/// `posix_fadvise(POSIX_FADV_DONTNEED)`), so the next read comes from the disk. Pages still
+/// dirty or mapped stay; callers sync and unmap first. Used by `ballast bench` for cold reads.
+pub(crate) fn drop_page_cache(file: &File) -> io::Result<()> {
+    // SAFETY: plain syscall on a file descriptor that `file` keeps open for the duration of
+    // the call; no memory is passed.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}

@@ -61,6 +61,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmarks the storage under a directory: engine ingest, reads, small commits, open,
+    /// fsck and GC, each next to the hardware's own baseline measured in the same run.
+    Bench {
+        /// A directory on the storage to measure (a scratch subdirectory is made and removed).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Small sizes (64 MB instead of 1 GB): about a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Keep the scratch directory afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Manages robot accounts (long random tokens for CI), kept in DIR/auth/robots.json.
     /// Changes take effect on a running server within a second.
     Robot {
@@ -182,6 +198,15 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Inspect { dir, json } => {
             std::process::exit(ballast_tools::inspect(&dir, json, &mut std::io::stdout()))
+        }
+        Command::Bench {
+            dir,
+            quick,
+            json,
+            keep,
+        } => {
+            let opts = ballast_tools::bench::BenchOptions { dir, quick, keep };
+            std::process::exit(ballast_tools::bench(&opts, json, &mut std::io::stdout()))
         }
         Command::Robot { command } => {
             let robots_of = |dir: &PathBuf, f: Option<PathBuf>| {

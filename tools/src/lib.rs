@@ -1,6 +1,8 @@
 //! Offline admin tools over a data directory: `fsck`, `gc` and `inspect`. A thin layer over
 //! the engine's `verify`, `gc` and `inspect` modules: opening, progress, output, exit codes.
 
+pub mod bench;
+
 use std::io::Write;
 use std::path::Path;
 
@@ -275,5 +277,23 @@ pub fn gc(dir: &Path, opts: &gc::GcOptions, json: bool, out: &mut dyn Write) -> 
         EXIT_FAILED
     } else {
         EXIT_OK
+    }
+}
+
+/// `ballast bench`: runs the suite and prints a table or JSON. Exit 0, or 2 when it could not
+/// run.
+pub fn bench(opts: &bench::BenchOptions, json: bool, out: &mut dyn Write) -> i32 {
+    match bench::run(opts) {
+        Ok(report) => {
+            let written = write_output(out, json, &report, |o| bench::print_table(&report, o));
+            if written.is_err() {
+                return EXIT_FAILED;
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("ballast bench: {e}");
+            EXIT_FAILED
+        }
     }
 }

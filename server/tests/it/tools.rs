@@ -445,3 +445,46 @@ fn pushes_pulls_and_deletes_while_gc_runs() {
     let (code, text) = ballast(&["fsck", data.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn bench_quick_reports_every_figure_with_its_baseline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_str().expect("utf8");
+    let (code, text) = ballast(&["bench", "--quick", "--json", "--dir", dir]);
+    assert_eq!(code, 0, "{text}");
+    let report: Value = serde_json::from_str(&text).expect("json");
+    let rows = report["results"].as_array().expect("results");
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    for want in [
+        "disk: sequential write + fsync",
+        "disk: sequential read (cold)",
+        "cpu: SHA-256",
+        "disk: small write + fdatasync",
+        "engine: ingest unique (durable)",
+        "engine: ingest duplicate",
+        "engine: small blob commits (durable)",
+        "engine: store open",
+        "engine: blob read (cold)",
+        "engine: fsck",
+        "engine: GC compaction (live bytes moved)",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for r in rows {
+        let v = r["value"].as_f64().expect("value");
+        assert!(v.is_finite() && v > 0.0, "{r}");
+        if let Some(b) = r["baseline_value"].as_f64() {
+            let ratio = r["ratio"].as_f64().expect("ratio");
+            assert!((ratio - v / b).abs() < 1e-6 * ratio.max(1.0), "{r}");
+        }
+    }
+    // The scratch directory is gone.
+    assert_eq!(std::fs::read_dir(tmp.path()).expect("dir").count(), 0);
+    // A directory that cannot be made (under a regular file) is a clear error.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").expect("file");
+    let bad = file.join("x");
+    let (code, text) = ballast(&["bench", "--quick", "--dir", bad.to_str().expect("utf8")]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("scratch directory"), "{text}");
+}

@@ -1,0 +1,454 @@
+//! `ballast bench`: the storage benchmark suite an operator runs on the storage they are
+//! sizing. Every engine figure is reported next to a baseline of the same hardware measured
+//! in the same run on the same directory (sequential write + fsync, sequential read from the
+//! device, SHA-256 in memory, small synced writes), so the ratios travel between machines.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ballast_engine::catalog::Op;
+use ballast_engine::{gc, io::drop_page_cache, verify, Algorithm, BlobWriter, ChunkMode};
+use ballast_engine::{Digest, Options, Store};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use sha2::Digest as _;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Directory on the storage to measure (a scratch subdirectory is made and removed).
+    pub dir: PathBuf,
+    /// Small sizes: a minute instead of several.
+    pub quick: bool,
+    /// Keep the scratch directory (to inspect it).
+    pub keep: bool,
+}
+
+/// One measured figure and its baseline.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    /// What was measured.
+    pub name: &'static str,
+    /// The figure.
+    pub value: f64,
+    /// Its unit (`MB/s`, `ops/s`, `ms`).
+    pub unit: &'static str,
+    /// The hardware baseline it is compared with.
+    pub baseline: Option<&'static str>,
+    /// The baseline's figure, in the same unit.
+    pub baseline_value: Option<f64>,
+    /// value / baseline (higher is better for rates).
+    pub ratio: Option<f64>,
+}
+
+/// A whole run.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Where it ran.
+    pub dir: PathBuf,
+    /// Bytes of blob data ingested.
+    pub data_bytes: u64,
+    /// Whether `--quick` sizes were used.
+    pub quick: bool,
+    /// The storage I/O backend measured.
+    pub io_backend: &'static str,
+    /// Hardware baselines, then engine figures.
+    pub results: Vec<Row>,
+}
+
+const MB: f64 = 1_000_000.0;
+
+fn rate(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / MB / took.as_secs_f64().max(1e-9)
+}
+
+/// Deterministic incompressible bytes (xorshift; distinct seeds give distinct streams).
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03).max(1);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+struct Sizes {
+    blobs: usize,
+    blob_len: usize,
+    small_ops: usize,
+}
+
+impl Sizes {
+    fn of(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                blobs: 4,
+                blob_len: 16 << 20,
+                small_ops: 300,
+            }
+        } else {
+            Sizes {
+                blobs: 16,
+                blob_len: 64 << 20,
+                small_ops: 2000,
+            }
+        }
+    }
+    fn total(&self) -> u64 {
+        (self.blobs * self.blob_len) as u64
+    }
+}
+
+/// A small manifest-sized JSON document, distinct per `i`.
+fn manifest_like(i: usize) -> Vec<u8> {
+    let mut m = format!(
+        "{{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"n\":{i},\"layers\":["
+    );
+    for l in 0..12 {
+        m.push_str(&format!(
+            "{{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:{:064x}\",\"size\":{}}},",
+            (i as u128) << 8 | l as u128,
+            1000 + l
+        ));
+    }
+    m.pop();
+    m.push_str("]}");
+    m.into_bytes()
+}
+
+fn ingest(store: &Store, data: &[u8]) -> ballast_engine::Result<Digest> {
+    let mut w = BlobWriter::new(store, Algorithm::Sha256, ChunkMode::Plain);
+    for piece in data.chunks(1 << 20) {
+        w.write(piece)?;
+    }
+    Ok(w.finish(None)?.recipe.digest.clone())
+}
+
+fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Drops the page cache of every file under `dir` (synced files only).
+fn drop_cache_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            drop_cache_under(&p);
+        } else {
+            let _ = drop_page_cache(&p);
+        }
+    }
+}
+
+struct Run<'a> {
+    bar: &'a ProgressBar,
+    rows: Vec<Row>,
+}
+
+impl Run<'_> {
+    fn step(&self, msg: &'static str) {
+        self.bar.set_message(msg);
+    }
+    fn done(&mut self, row: Row) {
+        self.bar.inc(1);
+        self.rows.push(row);
+    }
+    fn value(&self, name: &str) -> f64 {
+        self.rows
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.value)
+            .unwrap_or(f64::NAN)
+    }
+    fn compared(&mut self, name: &'static str, value: f64, unit: &'static str, base: &'static str) {
+        let b = self.value(base);
+        self.done(Row {
+            name,
+            value,
+            unit,
+            baseline: Some(base),
+            baseline_value: Some(b),
+            ratio: Some(value / b),
+        });
+    }
+    fn plain(&mut self, name: &'static str, value: f64, unit: &'static str) {
+        self.done(Row {
+            name,
+            value,
+            unit,
+            baseline: None,
+            baseline_value: None,
+            ratio: None,
+        });
+    }
+}
+
+const STEPS: u64 = 11;
+
+/// Runs the suite in a scratch directory under `opts.dir`.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
+    let scratch = opts
+        .dir
+        .join(format!("ballast-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(err("creating the scratch directory"))?;
+    let result = run_in(&scratch, opts);
+    if !opts.keep {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    result
+}
+
+fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
+    let sizes = Sizes::of(opts.quick);
+    let bar = ProgressBar::new(STEPS);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut run = Run {
+        bar: &bar,
+        rows: Vec::new(),
+    };
+
+    // Hardware baselines on the same directory.
+    run.step("sequential write + fsync");
+    let raw = scratch.join("raw.bin");
+    let total = sizes.total();
+    let took = {
+        let mut f = File::create(&raw).map_err(err("creating the baseline file"))?;
+        let mut t = Duration::ZERO;
+        for i in 0..sizes.blobs {
+            let block = random_bytes(sizes.blob_len, 1_000 + i as u64);
+            let start = Instant::now();
+            f.write_all(&block)
+                .map_err(err("writing the baseline file"))?;
+            t += start.elapsed();
+        }
+        let start = Instant::now();
+        f.sync_all().map_err(err("syncing the baseline file"))?;
+        t + start.elapsed()
+    };
+    run.plain("disk: sequential write + fsync", rate(total, took), "MB/s");
+
+    run.step("sequential read (cold)");
+    drop_page_cache(&raw).map_err(err("dropping the page cache"))?;
+    let took = {
+        let mut f = File::open(&raw).map_err(err("opening the baseline file"))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let start = Instant::now();
+        while f.read(&mut buf).map_err(err("reading the baseline file"))? > 0 {}
+        start.elapsed()
+    };
+    run.plain("disk: sequential read (cold)", rate(total, took), "MB/s");
+    let _ = std::fs::remove_file(&raw);
+
+    run.step("SHA-256 in memory");
+    let sample = random_bytes(sizes.blob_len, 7);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_millis(if opts.quick { 300 } else { 1500 }) {
+        std::hint::black_box(sha2::Sha256::digest(&sample));
+        n += sample.len() as u64;
+    }
+    run.plain("cpu: SHA-256", rate(n, start.elapsed()), "MB/s");
+
+    run.step("small write + fdatasync");
+    let small = scratch.join("small.bin");
+    let took = {
+        let mut f = File::create(&small).map_err(err("creating the baseline file"))?;
+        let doc = manifest_like(0);
+        let start = Instant::now();
+        for _ in 0..sizes.small_ops {
+            f.write_all(&doc).map_err(err("writing"))?;
+            f.sync_data().map_err(err("syncing"))?;
+        }
+        start.elapsed()
+    };
+    let small_rate = sizes.small_ops as f64 / took.as_secs_f64().max(1e-9);
+    run.plain("disk: small write + fdatasync", small_rate, "ops/s");
+    let _ = std::fs::remove_file(&small);
+
+    // The engine, on the same directory.
+    let data_dir = scratch.join("data");
+    let store = Store::open(&data_dir, Options::default()).map_err(err("opening the store"))?;
+    run.step("ingest unique");
+    let mut digests = Vec::new();
+    let mut took = Duration::ZERO;
+    for i in 0..sizes.blobs {
+        let blob = random_bytes(sizes.blob_len, 1 + i as u64);
+        let start = Instant::now();
+        digests.push(ingest(&store, &blob).map_err(err("ingesting"))?);
+        took += start.elapsed();
+    }
+    run.compared(
+        "engine: ingest unique (durable)",
+        rate(total, took),
+        "MB/s",
+        "disk: sequential write + fsync",
+    );
+    let unique = run.value("engine: ingest unique (durable)");
+    run.rows.push(Row {
+        name: "engine: ingest unique vs SHA-256",
+        value: unique,
+        unit: "MB/s",
+        baseline: Some("cpu: SHA-256"),
+        baseline_value: Some(run.value("cpu: SHA-256")),
+        ratio: Some(unique / run.value("cpu: SHA-256")),
+    });
+
+    run.step("ingest duplicate");
+    let mut took = Duration::ZERO;
+    for i in 0..sizes.blobs {
+        let blob = random_bytes(sizes.blob_len, 1 + i as u64);
+        let start = Instant::now();
+        ingest(&store, &blob).map_err(err("ingesting again"))?;
+        took += start.elapsed();
+    }
+    run.compared(
+        "engine: ingest duplicate",
+        rate(total, took),
+        "MB/s",
+        "cpu: SHA-256",
+    );
+
+    run.step("small blob commits");
+    let start = Instant::now();
+    for i in 0..sizes.small_ops {
+        store
+            .put_blob(&manifest_like(i + 1), None)
+            .map_err(err("committing a small blob"))?;
+    }
+    let ops = sizes.small_ops as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    run.compared(
+        "engine: small blob commits (durable)",
+        ops,
+        "ops/s",
+        "disk: small write + fdatasync",
+    );
+
+    // Link a third of the blobs (the rest is garbage for the GC figure).
+    let future = gc::now_secs() + 3600;
+    let ops: Vec<Op> = digests
+        .iter()
+        .step_by(3)
+        .map(|d| Op::LinkBlob {
+            repo: "bench".into(),
+            digest: d.clone(),
+            at: future,
+        })
+        .collect();
+    store
+        .commit_catalog(|_| Ok((ops, ())))
+        .map_err(err("linking"))?;
+    store.close().map_err(err("closing the store"))?;
+
+    run.step("store open");
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let s = Store::open(&data_dir, Options::default()).map_err(err("reopening"))?;
+        best = best.min(start.elapsed());
+        s.close().map_err(err("closing"))?;
+    }
+    run.plain("engine: store open", best.as_secs_f64() * 1000.0, "ms");
+
+    run.step("blob read (cold)");
+    drop_cache_under(&data_dir);
+    let store = Store::open(&data_dir, Options::default()).map_err(err("reopening"))?;
+    let start = Instant::now();
+    let mut read = 0u64;
+    for d in &digests {
+        let reader = store.open_blob(d).map_err(err("opening a blob"))?;
+        for piece in reader.range(0, reader.size()).map_err(err("reading"))? {
+            read += piece.map_err(err("reading"))?.len() as u64;
+        }
+    }
+    run.compared(
+        "engine: blob read (cold)",
+        rate(read, start.elapsed()),
+        "MB/s",
+        "disk: sequential read (cold)",
+    );
+
+    run.step("fsck");
+    let stored: u64 = std::fs::read_dir(data_dir.join("segments"))
+        .map_err(err("listing segments"))?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let start = Instant::now();
+    let report = verify::fsck(&store, &|_, _, _| {});
+    let took = start.elapsed();
+    if !report.is_clean() {
+        return Err(format!(
+            "fsck found problems in the benchmark's own store: {:?}",
+            report.findings
+        ));
+    }
+    run.compared("engine: fsck", rate(stored, took), "MB/s", "cpu: SHA-256");
+
+    run.step("GC compaction");
+    let opts_gc = gc::GcOptions {
+        grace_secs: 0,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let report = gc::collect(&store, &opts_gc, gc::now_secs() + 1).map_err(err("collecting"))?;
+    let took = start.elapsed();
+    run.compared(
+        "engine: GC compaction (live bytes moved)",
+        rate(report.bytes_moved, took),
+        "MB/s",
+        "disk: sequential write + fsync",
+    );
+    store.close().map_err(err("closing the store"))?;
+    bar.finish_and_clear();
+    Ok(BenchReport {
+        dir: opts.dir.clone(),
+        data_bytes: total,
+        quick: opts.quick,
+        io_backend: "pread/pwrite + mmap of sealed segments (no io_uring backend is built)",
+        results: run.rows,
+    })
+}
+
+/// Prints a report as a table.
+pub fn print_table(r: &BenchReport, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "ballast bench on {} ({} MB of blob data{}; I/O: {})",
+        r.dir.display(),
+        r.data_bytes / 1_000_000,
+        if r.quick { ", --quick" } else { "" },
+        r.io_backend
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<42} {:>12} {:<6}  {:<32} {:>7}",
+        "benchmark", "result", "", "baseline (same run)", "ratio"
+    )?;
+    for row in &r.results {
+        let (base, ratio) = match (row.baseline, row.ratio) {
+            (Some(b), Some(x)) => (b.to_owned(), format!("{x:.2}x")),
+            _ => ("-".to_owned(), String::new()),
+        };
+        writeln!(
+            out,
+            "{:<42} {:>12.1} {:<6}  {:<32} {:>7}",
+            row.name, row.value, row.unit, base, ratio
+        )?;
+    }
+    Ok(())
+}
