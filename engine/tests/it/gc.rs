@@ -23,10 +23,21 @@ fn link(store: &Store, repo: &str, d: &Digest, at: u64) {
 /// Publishes `blob` under `repo:tag` through a stored manifest that references it, as a push
 /// does; returns the manifest digest.
 fn publish(store: &Store, repo: &str, tag: &str, blob: &Digest) -> Digest {
+    try_publish(store, repo, tag, blob).expect("publish").0
+}
+
+/// [`publish`] that reports failures (for crash tests); returns the manifest's digest and
+/// bytes.
+pub fn try_publish(
+    store: &Store,
+    repo: &str,
+    tag: &str,
+    blob: &Digest,
+) -> ballast_engine::Result<(Digest, Vec<u8>)> {
     let manifest =
         format!("{{\"schemaVersion\":2,\"layers\":[\"{blob}\"],\"tag\":\"{tag}\"}}").into_bytes();
     let md = sha256(&manifest);
-    store.put_blob(&manifest, None).expect("manifest blob");
+    store.put_blob(&manifest, None)?;
     let link = ManifestLink {
         media_type: "application/vnd.oci.image.manifest.v1+json".into(),
         size: manifest.len() as u64,
@@ -36,26 +47,24 @@ fn publish(store: &Store, repo: &str, tag: &str, blob: &Digest) -> Digest {
         references: vec![blob.clone()],
         pushed_at: now_secs(),
     };
-    store
-        .commit_catalog(|_| {
-            Ok((
-                vec![
-                    Op::PutManifest {
-                        repo: repo.into(),
-                        digest: md.clone(),
-                        link,
-                    },
-                    Op::Tag {
-                        repo: repo.into(),
-                        tag: tag.into(),
-                        digest: md.clone(),
-                    },
-                ],
-                (),
-            ))
-        })
-        .expect("publish");
-    md
+    store.commit_catalog(|_| {
+        Ok((
+            vec![
+                Op::PutManifest {
+                    repo: repo.into(),
+                    digest: md.clone(),
+                    link,
+                },
+                Op::Tag {
+                    repo: repo.into(),
+                    tag: tag.into(),
+                    digest: md.clone(),
+                },
+            ],
+            (),
+        ))
+    })?;
+    Ok((md, manifest))
 }
 
 fn small() -> Options {
