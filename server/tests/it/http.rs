@@ -34,7 +34,21 @@ impl Res {
 }
 
 pub fn call(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Res {
-    let mut req = ureq::request(method, url);
+    try_call(method, url, headers, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// [`call`] that reports transport failures (connection refused or reset) instead of
+/// panicking: for tests that kill the server under its clients.
+pub fn try_call(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Res, String> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build();
+    let mut req = agent.request(method, url);
     for (k, v) in headers {
         req = req.set(k, v);
     }
@@ -45,7 +59,7 @@ pub fn call(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8
     let resp = match result {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {url}: {e}"),
+        Err(e) => return Err(e.to_string()),
     };
     let status = resp.status();
     let headers = resp
@@ -57,12 +71,14 @@ pub fn call(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8
         })
         .collect();
     let mut body = Vec::new();
-    resp.into_reader().read_to_end(&mut body).expect("body");
-    Res {
+    resp.into_reader()
+        .read_to_end(&mut body)
+        .map_err(|e| format!("reading the body: {e}"))?;
+    Ok(Res {
         status,
         headers,
         body,
-    }
+    })
 }
 
 fn push_blob(r: &Registry, repo: &str, data: &[u8]) -> String {

@@ -5,6 +5,7 @@ mod clients;
 mod http;
 pub mod oci;
 mod tools;
+mod torture;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -71,6 +72,14 @@ impl Registry {
                 .status();
             let status = child.wait().expect("wait for ballast");
             assert!(status.success(), "ballast exited with {status}");
+        }
+    }
+
+    /// Kills the process with SIGKILL (no shutdown at all) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL ballast");
+            let _ = child.wait();
         }
     }
 
