@@ -192,7 +192,7 @@ impl Run<'_> {
     }
 }
 
-const STEPS: u64 = 11;
+const STEPS: u64 = 12;
 
 /// Runs the suite in a scratch directory under `opts.dir`.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
@@ -221,10 +221,14 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     };
 
     // Hardware baselines on the same directory.
+    // Each disk baseline is the better of two passes: these figures are what the storage
+    // can do, and a shared machine's noise should not flatter the engine's ratios.
     run.step("sequential write + fsync");
     let raw = scratch.join("raw.bin");
     let total = sizes.total();
-    let took = {
+    let (mut write_best, mut read_best) = (Duration::MAX, Duration::MAX);
+    for _ in 0..2 {
+        let _ = std::fs::remove_file(&raw);
         let mut f = File::create(&raw).map_err(err("creating the baseline file"))?;
         let mut t = Duration::ZERO;
         for i in 0..sizes.blobs {
@@ -236,20 +240,26 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         }
         let start = Instant::now();
         f.sync_all().map_err(err("syncing the baseline file"))?;
-        t + start.elapsed()
-    };
-    run.plain("disk: sequential write + fsync", rate(total, took), "MB/s");
-
-    run.step("sequential read (cold)");
-    drop_page_cache(&raw).map_err(err("dropping the page cache"))?;
-    let took = {
+        write_best = write_best.min(t + start.elapsed());
+        drop(f);
+        drop_page_cache(&raw).map_err(err("dropping the page cache"))?;
         let mut f = File::open(&raw).map_err(err("opening the baseline file"))?;
         let mut buf = vec![0u8; 1 << 20];
         let start = Instant::now();
         while f.read(&mut buf).map_err(err("reading the baseline file"))? > 0 {}
-        start.elapsed()
-    };
-    run.plain("disk: sequential read (cold)", rate(total, took), "MB/s");
+        read_best = read_best.min(start.elapsed());
+    }
+    run.plain(
+        "disk: sequential write + fsync",
+        rate(total, write_best),
+        "MB/s",
+    );
+    run.step("sequential read (cold)");
+    run.plain(
+        "disk: sequential read (cold)",
+        rate(total, read_best),
+        "MB/s",
+    );
     let _ = std::fs::remove_file(&raw);
 
     run.step("SHA-256 in memory");
@@ -336,17 +346,28 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         "disk: small write + fdatasync",
     );
 
-    // Link a third of the blobs (the rest is garbage for the GC figure).
+    // Garbage for the GC figure: 4 MiB blobs of which every third stays linked, so the
+    // segments holding them are two-thirds dead and their live third must move. The big
+    // blobs above stay linked (live segments, examined but not compacted).
     let future = gc::now_secs() + 3600;
-    let ops: Vec<Op> = digests
-        .iter()
-        .step_by(3)
-        .map(|d| Op::LinkBlob {
-            repo: "bench".into(),
-            digest: d.clone(),
-            at: future,
-        })
-        .collect();
+    let gc_blob = 4 << 20;
+    let mut ops: Vec<Op> = Vec::new();
+    for i in 0..(total as usize / 4) / gc_blob {
+        let d =
+            ingest(&store, &random_bytes(gc_blob, 500_000 + i as u64)).map_err(err("ingesting"))?;
+        if i % 3 == 0 {
+            ops.push(Op::LinkBlob {
+                repo: "bench".into(),
+                digest: d,
+                at: future,
+            });
+        }
+    }
+    ops.extend(digests.iter().map(|d| Op::LinkBlob {
+        repo: "bench".into(),
+        digest: d.clone(),
+        at: future,
+    }));
     store
         .commit_catalog(|_| Ok((ops, ())))
         .map_err(err("linking"))?;
@@ -406,11 +427,19 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     let start = Instant::now();
     let report = gc::collect(&store, &opts_gc, gc::now_secs() + 1).map_err(err("collecting"))?;
     let took = start.elapsed();
+    if report.bytes_moved == 0 {
+        return Err(format!("the collection moved nothing: {report:?}"));
+    }
     run.compared(
         "engine: GC compaction (live bytes moved)",
         rate(report.bytes_moved, took),
         "MB/s",
         "disk: sequential write + fsync",
+    );
+    run.plain(
+        "engine: GC space reclaimed",
+        rate(report.bytes_reclaimed, took),
+        "MB/s",
     );
     store.close().map_err(err("closing the store"))?;
     bar.finish_and_clear();

@@ -467,6 +467,7 @@ fn bench_quick_reports_every_figure_with_its_baseline() {
         "engine: blob read (cold)",
         "engine: fsck",
         "engine: GC compaction (live bytes moved)",
+        "engine: GC space reclaimed",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
