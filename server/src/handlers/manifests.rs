@@ -95,6 +95,12 @@ fn descriptor(v: &Value, what: &str) -> Result<(Digest, Option<String>, bool), A
     Ok((digest, media_type, foreign))
 }
 
+/// Validates a manifest as a push would (JSON, schema, media type): its media type, or the
+/// error a client gets. For the fuzz target and tests.
+pub fn validate(bytes: &[u8], content_type: Option<&str>) -> Result<String, ApiError> {
+    analyze(bytes, content_type).map(|a| a.media_type)
+}
+
 fn analyze(bytes: &[u8], content_type: Option<&str>) -> Result<Analyzed, ApiError> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::ManifestInvalid(format!("not valid JSON: {e}")))?;

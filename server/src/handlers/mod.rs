@@ -18,6 +18,8 @@ use crate::error::ApiError;
 use crate::routes::{route, Route};
 use crate::App;
 
+pub use manifests::validate as validate_manifest;
+
 /// What a request needs to be allowed (see auth.rs).
 pub fn need(method: &Method, r: &Route<'_>) -> Need {
     let repo = |name: &str, a| Need::Repo(name.to_owned(), a);
