@@ -2,6 +2,7 @@
 
 mod auth;
 mod clients;
+mod hostile;
 mod http;
 pub mod oci;
 mod tools;

@@ -1,0 +1,267 @@
+//! Load and hostile input against a running server: a thousand concurrent connections,
+//! oversized headers, manifests and range lists, invalid digests, path traversal in names
+//! and references, and uploads cut off at random points. The server stays up, answers with
+//! the spec's errors, and keeps nothing partial or visible from a failed request.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::http::call;
+use crate::{seeded, sha256, Registry};
+
+/// Sends raw bytes and reads what comes back until the server closes or `limit` passes.
+fn raw(r: &Registry, request: &[u8], limit: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(r.addr).expect("connect");
+    s.set_read_timeout(Some(limit)).expect("timeout");
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn status_of(response: &[u8]) -> u16 {
+    std::str::from_utf8(&response[..response.len().min(12)])
+        .ok()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_thousand_concurrent_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start(dir.path());
+    let data = seeded(50_000, 3);
+    let d = sha256(&data);
+    let res = call(
+        "POST",
+        &r.url(&format!("/v2/load/app/blobs/uploads/?digest={d}")),
+        &[],
+        Some(&data),
+    );
+    assert_eq!(res.status, 201);
+    // Open them all first, then send a request on each, then read every answer.
+    let mut conns: Vec<TcpStream> = (0..1000)
+        .map(|_| TcpStream::connect(r.addr).expect("connect"))
+        .collect();
+    let request = format!("GET /v2/load/app/blobs/{d} HTTP/1.1\r\nHost: x\r\n\r\n");
+    for c in &mut conns {
+        c.write_all(request.as_bytes()).expect("send");
+    }
+    // With a thousand connections open, another client is still served promptly.
+    let t0 = Instant::now();
+    assert_eq!(call("GET", &r.url("/v2/"), &[], None).status, 200);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        // Headers, then exactly the blob's bytes.
+        let body_at = loop {
+            let n = c.read(&mut buf).expect("read");
+            assert!(n > 0, "connection {i} closed early");
+            got.extend_from_slice(&buf[..n]);
+            if let Some(p) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+        };
+        assert_eq!(status_of(&got), 200, "connection {i}");
+        while got.len() < body_at + data.len() {
+            let n = c.read(&mut buf).expect("read body");
+            assert!(n > 0, "connection {i} closed mid-body");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got[body_at..] == data[..], "connection {i} got other bytes");
+    }
+}
+
+#[test]
+fn hostile_requests_get_spec_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start_with(dir.path(), &[("BALLAST_BODY_IDLE_TIMEOUT_SECS", "2")]);
+
+    // Oversized headers: refused, the connection dropped, the server unharmed.
+    let big = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(2 << 20)
+    );
+    let out = raw(&r, big.as_bytes(), Duration::from_secs(10));
+    assert!(
+        out.is_empty() || [431, 400].contains(&status_of(&out)),
+        "{}",
+        String::from_utf8_lossy(&out[..out.len().min(200)])
+    );
+    let many: String = (0..20_000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let out = raw(
+        &r,
+        format!("GET /v2/ HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+        Duration::from_secs(10),
+    );
+    assert!(out.is_empty() || [431, 400].contains(&status_of(&out)));
+
+    // Path traversal and junk in names, references and digests: 4xx with a spec code, never
+    // a 5xx, and nothing appears outside the data directory.
+    let cases: &[(&str, &str)] = &[
+        ("GET", "/v2/../../etc/passwd/manifests/latest"),
+        ("GET", "/v2/a/..%2F..%2Fetc/manifests/latest"),
+        ("GET", "/v2/a/manifests/..%2F..%2Fpasswd"),
+        ("PUT", "/v2/a/manifests/..%2Fx"),
+        ("GET", "/v2/a/blobs/sha256:..%2F..%2Fetc%2Fpasswd"),
+        ("GET", "/v2/a/blobs/sha256:zz"),
+        ("GET", "/v2/a/blobs/md5:d41d8cd98f00b204e9800998ecf8427e"),
+        ("HEAD", "/v2/UPPER/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000"),
+        ("POST", "/v2/a/blobs/uploads/?digest=sha256:short"),
+        ("POST", "/v2/a/blobs/uploads/?mount=sha256:..%2F&from=..%2F..%2F"),
+        ("PATCH", "/v2/a/blobs/uploads/..%2F..%2Fsegments"),
+        ("PUT", "/v2/a/blobs/uploads/%2Fetc%2Fpasswd?digest=sha256:00"),
+        ("GET", "/v2/a/referrers/sha256:not-hex"),
+        ("DELETE", "/v2/a/manifests/sha256:%00%00"),
+        ("GET", &format!("/v2/{}/tags/list", "a/".repeat(200))),
+    ];
+    for (method, path) in cases {
+        let res = call(method, &r.url(path), &[], Some(b"x"));
+        assert!(
+            (400..500).contains(&res.status),
+            "{method} {path}: {} {}",
+            res.status,
+            String::from_utf8_lossy(&res.body)
+        );
+        if res.status != 405 && !res.body.is_empty() {
+            assert!(!res.code().is_empty(), "{method} {path}: no OCI error code");
+        }
+    }
+    for outside in ["/etc/passwd.ballast", "/tmp/segments"] {
+        assert!(!std::path::Path::new(outside).exists());
+    }
+    assert_eq!(
+        call("GET", &r.url("/v2/_catalog"), &[], None).json()["repositories"],
+        json!([])
+    );
+
+    // A manifest with twenty thousand layers (under the size limit; the limit itself is
+    // tested in http.rs): its references are checked, it is refused with the spec's code,
+    // and nothing is stored.
+    let layers: Vec<_> = (0..20_000)
+        .map(|i| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{i:064x}"), "size": 1}))
+        .collect();
+    let huge = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": layers[0], "layers": layers}).to_string();
+    assert!(huge.len() < 4 << 20);
+    let t0 = Instant::now();
+    let res = call(
+        "PUT",
+        &r.url("/v2/big/manifests/v1"),
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+        Some(huge.as_bytes()),
+    );
+    assert_eq!(
+        (res.status, res.code().as_str()),
+        (400, "MANIFEST_BLOB_UNKNOWN")
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(
+        call("GET", &r.url("/v2/big/manifests/v1"), &[], None).status,
+        404
+    );
+
+    // A Range header with far too many ranges is served whole (as RFC 9110 allows), not
+    // turned into a huge multipart answer.
+    let data = seeded(10_000, 5);
+    let d = sha256(&data);
+    let url = r.url(&format!("/v2/ranges/app/blobs/uploads/?digest={d}"));
+    assert_eq!(call("POST", &url, &[], Some(&data)).status, 201);
+    let many: Vec<String> = (0..5_000).map(|i| format!("{i}-{i}")).collect();
+    let res = call(
+        "GET",
+        &r.url(&format!("/v2/ranges/app/blobs/{d}")),
+        &[("Range", &format!("bytes={}", many.join(",")))],
+        None,
+    );
+    assert_eq!(res.status, 200);
+    assert_eq!(res.body, data);
+
+    // Uploads cut off at random points: nothing becomes visible, and the same blob uploads
+    // cleanly afterwards.
+    let blob = seeded(300_000, 9);
+    let bd = sha256(&blob);
+    let mut rng = 0x1234_5678_9ABC_DEF1u64;
+    for round in 0..8 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let cut = (rng % blob.len() as u64) as usize;
+        let mut s = TcpStream::connect(r.addr).expect("connect");
+        if round % 2 == 0 {
+            // Monolithic POST announcing the whole length, closed after `cut` bytes.
+            write!(
+                s,
+                "POST /v2/cut/app/blobs/uploads/?digest={bd} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                blob.len()
+            )
+            .expect("head");
+            s.write_all(&blob[..cut]).expect("part");
+            drop(s);
+        } else {
+            // A chunked session whose PATCH is cut: the session keeps a consistent offset.
+            let res = call("POST", &r.url("/v2/cut/app/blobs/uploads/"), &[], None);
+            assert_eq!(res.status, 202);
+            let loc = res.header("location").expect("Location").to_owned();
+            write!(
+                s,
+                "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                blob.len()
+            )
+            .expect("head");
+            s.write_all(&blob[..cut]).expect("part");
+            drop(s);
+            // The server notices the broken body; the session's range never runs past what
+            // arrived, and finishing it with the wrong bytes is refused.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut offset = None;
+            while Instant::now() < deadline {
+                let st = call("GET", &r.url(&loc), &[], None);
+                if st.status == 204 {
+                    let end: usize = st
+                        .header("range")
+                        .and_then(|v| v.split('-').nth(1))
+                        .and_then(|v| v.parse().ok())
+                        .expect("Range");
+                    offset = Some(end);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let end = offset.expect("upload status");
+            assert!(
+                end <= cut.max(1),
+                "session claims {end} bytes, {cut} arrived"
+            );
+            let fin = call("PUT", &r.url(&format!("{loc}&digest={bd}")), &[], None);
+            assert!((400..500).contains(&fin.status), "{}", fin.status);
+        }
+        let head = call(
+            "HEAD",
+            &r.url(&format!("/v2/cut/app/blobs/{bd}")),
+            &[],
+            None,
+        );
+        assert_eq!(
+            head.status, 404,
+            "round {round}: a cut upload became visible"
+        );
+    }
+    let res = call(
+        "POST",
+        &r.url(&format!("/v2/cut/app/blobs/uploads/?digest={bd}")),
+        &[],
+        Some(&blob),
+    );
+    assert_eq!(res.status, 201);
+    let back = call("GET", &r.url(&format!("/v2/cut/app/blobs/{bd}")), &[], None);
+    assert_eq!(back.body, blob);
+    // And the server is still healthy.
+    assert_eq!(call("GET", &r.url("/healthz"), &[], None).status, 200);
+}
