@@ -15,6 +15,7 @@ pub mod index;
 pub mod inspect;
 pub mod io;
 pub mod names;
+pub mod quarantine;
 pub mod recipe;
 pub mod segment;
 pub mod store;

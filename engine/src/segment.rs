@@ -282,6 +282,70 @@ pub fn scan(
 /// sync mark found after the damage. In the file being appended to (`is_last`), damage after
 /// both is a torn tail from a crash: the file is cut back to the last valid record. Anything
 /// else is corruption, reported and never dropped.
+/// A damaged stretch of a segment found by [`scan_salvaging`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// Where the invalid record starts.
+    pub offset: u64,
+    /// Where the next valid record starts (or the file's end).
+    pub resumed_at: u64,
+    /// What was wrong.
+    pub reason: &'static str,
+}
+
+/// Scans like [`scan`], but after an invalid record looks for the next valid one (a header
+/// whose CRC matches its payload: a false match in damaged bytes is practically impossible)
+/// and goes on from there, so the records after a damaged one are not lost. For `fsck`, and
+/// for rebuilding the indexes of a damaged sealed segment (`fsck --repair`).
+pub fn scan_salvaging(
+    file: &FileHandle,
+    start: u64,
+    mut visit: impl FnMut(ScannedRecord) -> Result<()>,
+) -> Result<(u64, Vec<Damage>)> {
+    let len = file.len()?;
+    let mut offset = start;
+    let mut damage = Vec::new();
+    loop {
+        let (end, how) = scan(file, offset, &mut visit)?;
+        let ScanEnd::Invalid {
+            offset: bad,
+            reason,
+        } = how
+        else {
+            return Ok((end, damage));
+        };
+        let resumed_at = find_record_after(file, bad)?.unwrap_or(len);
+        damage.push(Damage {
+            offset: bad,
+            resumed_at,
+            reason,
+        });
+        if resumed_at >= len {
+            return Ok((len, damage));
+        }
+        offset = resumed_at;
+    }
+}
+
+/// The offset of the first valid record after `from`, if any.
+fn find_record_after(file: &FileHandle, from: u64) -> Result<Option<u64>> {
+    let len = file.len()?;
+    let n = usize::try_from(len.saturating_sub(from))
+        .map_err(|_| Error::LimitExceeded("file too large".into()))?;
+    let mut bytes = vec![0u8; n];
+    file.read_exact_at(&mut bytes, from)?;
+    for i in 1..bytes.len().saturating_sub(RECORD_HEADER_LEN - 1) {
+        // Cheap rejections first: most positions do not even decode as a header.
+        if RecordHeader::decode(&bytes[i..i + RECORD_HEADER_LEN]).is_none() {
+            continue;
+        }
+        if decode_record(file.path(), from + i as u64, &bytes[i..]).is_ok() {
+            return Ok(Some(from + i as u64));
+        }
+    }
+    Ok(None)
+}
+
 pub fn settle_tail(
     file: &FileHandle,
     how: &ScanEnd,

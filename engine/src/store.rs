@@ -136,6 +136,10 @@ struct Inner {
     /// Segments removed by collections (the `removed-segments` file).
     removed: Mutex<std::collections::BTreeSet<u64>>,
     stats: Stats,
+    /// Damaged records and blobs set aside by `fsck --repair` (quarantine.rs); `damage` is
+    /// true when it is not empty, so lookups pay nothing otherwise.
+    quarantine: RwLock<Arc<crate::quarantine::Quarantine>>,
+    damage: std::sync::atomic::AtomicBool,
     catalog: Arc<Catalog>,
     uploads: Uploads,
     _lock: Box<dyn Send + Sync>,
@@ -179,6 +183,7 @@ impl Store {
         storage.sync_dir(dir).map_err(io_err(dir))?;
         let catalog = Arc::new(Catalog::open(storage.clone(), &dir.join("catalog"))?);
         let uploads = Uploads::open(storage.clone(), &dir.join("uploads"))?;
+        let quarantine = crate::quarantine::Quarantine::load(storage.as_ref(), dir)?;
 
         // Index files: keep a non-overlapping covering set, widest first; drop the rest (the
         // inputs of a merge that finished) and leftover temp files.
@@ -235,7 +240,7 @@ impl Store {
             }
             let is_last = Some(id) == last;
             let file = FileHandle::open(storage.as_ref(), &path, OpenMode::ReadWrite)?;
-            let (len, entries) = replay_segment(&file, id, is_last)?;
+            let (len, entries) = replay_segment(&file, id, is_last, opts.rebuild_indexes)?;
             for (key, loc) in &entries.0 {
                 delta.chunks.insert(ChunkId(*key), *loc);
             }
@@ -276,6 +281,8 @@ impl Store {
             segments: RwLock::new(segments),
             poisoned: RwLock::new(None),
             recipes: Mutex::new(HashMap::new()),
+            damage: std::sync::atomic::AtomicBool::new(!quarantine.is_empty()),
+            quarantine: RwLock::new(Arc::new(quarantine)),
             merge_lock: Mutex::new(()),
             gc: Mutex::new(GcState::default()),
             gc_lock: Mutex::new(()),
@@ -363,14 +370,45 @@ impl Store {
             Table::Chunks => delta.chunks.get(&ChunkId(*key)),
             Table::Blobs => delta.blobs.get(key),
         };
-        if let Some(loc) = hit.filter(|l| segments.contains_key(&l.segment)) {
+        let damage = self.inner.damage.load(Ordering::Relaxed);
+        let quarantine = damage.then(|| self.inner.quarantine.read().clone());
+        // Records fsck --repair found damaged count as absent.
+        let usable = |l: &Location| {
+            segments.contains_key(&l.segment)
+                && !quarantine
+                    .as_ref()
+                    .is_some_and(|q| q.is_damaged(l.segment, l.offset))
+        };
+        if let Some(loc) = hit.filter(|l| usable(l)) {
             return Some(*loc);
         }
         drop(delta);
-        self.inner.indexes.read().iter().rev().find_map(|f| {
-            f.get(table, key)
-                .filter(|l| segments.contains_key(&l.segment))
-        })
+        self.inner
+            .indexes
+            .read()
+            .iter()
+            .rev()
+            .find_map(|f| f.get(table, key).filter(|l| usable(l)))
+    }
+
+    /// What is quarantined (see quarantine.rs).
+    pub fn quarantine(&self) -> Arc<crate::quarantine::Quarantine> {
+        self.inner.quarantine.read().clone()
+    }
+
+    /// Replaces the quarantine, durably. Damaged records count as absent from now on, and
+    /// quarantined blobs as missing.
+    pub fn set_quarantine(&self, q: crate::quarantine::Quarantine) -> Result<()> {
+        q.save(self.inner.storage.as_ref(), &self.inner.dir)?;
+        self.inner.recipes.lock().clear();
+        self.inner.damage.store(!q.is_empty(), Ordering::Relaxed);
+        *self.inner.quarantine.write() = Arc::new(q);
+        Ok(())
+    }
+
+    fn is_quarantined(&self, digest: &Digest) -> bool {
+        self.inner.damage.load(Ordering::Relaxed)
+            && self.inner.quarantine.read().blobs.contains_key(digest)
     }
 
     /// The current location of a chunk or blob key (for GC).
@@ -770,6 +808,12 @@ impl Store {
             .lock()
             .leases
             .insert(recipe.digest.clone(), crate::gc::now_secs());
+        if self.is_quarantined(&recipe.digest) {
+            // Pushed again, from fresh chunks (damaged ones count as absent): it is whole.
+            let mut q = (*self.quarantine()).clone();
+            q.blobs.remove(&recipe.digest);
+            self.set_quarantine(q)?;
+        }
         self.cache_recipe(key, recipe.clone());
         Ok(recipe)
     }
@@ -889,6 +933,11 @@ impl Store {
 
     /// The recipe of a committed blob.
     pub fn recipe(&self, digest: &Digest) -> Result<Arc<Recipe>> {
+        if self.is_quarantined(digest) {
+            return Err(Error::NotFound(format!(
+                "blob {digest} (quarantined: damaged)"
+            )));
+        }
         let key = digest.index_key();
         if let Some(r) = self.inner.recipes.lock().get(&key) {
             if r.digest == *digest {
@@ -1303,8 +1352,16 @@ fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> Result<Acti
 
 /// Replays a segment without an index file: collects its entries, and decides what an invalid
 /// record means. In the last segment, bytes after the last sync mark were never acknowledged,
-/// so damage there is a torn tail and is truncated; damage before it is corruption.
-fn replay_segment(file: &FileHandle, id: u64, is_last: bool) -> Result<(u64, SegmentEntries)> {
+/// so damage there is a torn tail and is truncated; damage before it is corruption. With
+/// `salvage` (`fsck --repair`), corruption does not stop the open: the records after each
+/// damaged stretch are found again and indexed, and the damaged ones are left for fsck to
+/// report and quarantine.
+fn replay_segment(
+    file: &FileHandle,
+    id: u64,
+    is_last: bool,
+    salvage: bool,
+) -> Result<(u64, SegmentEntries)> {
     let path = file.path().to_path_buf();
     let len = file.len()?;
     let mut head = [0u8; FILE_HEADER_LEN];
@@ -1323,8 +1380,8 @@ fn replay_segment(file: &FileHandle, id: u64, is_last: bool) -> Result<(u64, Seg
     }
     let mut chunks = Vec::new();
     let mut blobs = Vec::new();
-    let mut durable_end = FILE_HEADER_LEN as u64;
-    let (end, how) = segment::scan(file, FILE_HEADER_LEN as u64, |rec| {
+    let durable_end = std::cell::Cell::new(FILE_HEADER_LEN as u64);
+    let mut visit = |rec: segment::ScannedRecord| {
         let loc = Location {
             segment: id,
             offset: rec.offset,
@@ -1346,7 +1403,12 @@ fn replay_segment(file: &FileHandle, id: u64, is_last: bool) -> Result<(u64, Seg
                 chunks.push((key, Location { aux: raw, ..loc }));
             }
             RecordKind::Recipe => {
-                let r = Recipe::decode(&path, rec.offset, &rec.payload)?;
+                let r = match Recipe::decode(&path, rec.offset, &rec.payload) {
+                    Ok(r) => r,
+                    // A CRC-valid record that does not decode: fsck reports it.
+                    Err(_) if salvage => return Ok(()),
+                    Err(e) => return Err(e),
+                };
                 blobs.push((
                     r.digest.index_key(),
                     Location {
@@ -1355,7 +1417,8 @@ fn replay_segment(file: &FileHandle, id: u64, is_last: bool) -> Result<(u64, Seg
                     },
                 ));
             }
-            RecordKind::SyncMark => durable_end = rec.offset,
+            RecordKind::SyncMark => durable_end.set(rec.offset),
+            RecordKind::CatalogBatch if salvage => {}
             RecordKind::CatalogBatch => {
                 return Err(Error::corrupted(
                     &path,
@@ -1365,7 +1428,18 @@ fn replay_segment(file: &FileHandle, id: u64, is_last: bool) -> Result<(u64, Seg
             }
         }
         Ok(())
-    })?;
-    segment::settle_tail(file, &how, durable_end, is_last)?;
-    Ok((end, (chunks, blobs)))
+    };
+    let (end, how) = segment::scan(file, FILE_HEADER_LEN as u64, &mut visit)?;
+    match segment::settle_tail(file, &how, durable_end.get(), is_last) {
+        Ok(()) => Ok((end, (chunks, blobs))),
+        Err(Error::Corrupted { .. }) if salvage => {
+            // Damage in acknowledged data: index everything readable around it.
+            let segment::ScanEnd::Invalid { offset, .. } = how else {
+                return Ok((end, (chunks, blobs)));
+            };
+            let (end, _damage) = segment::scan_salvaging(file, offset, &mut visit)?;
+            Ok((end, (chunks, blobs)))
+        }
+        Err(e) => Err(e),
+    }
 }

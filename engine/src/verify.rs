@@ -10,7 +10,7 @@ use crate::digest::{ChunkId, Digest};
 use crate::error::Error;
 use crate::index::{Location, Table};
 use crate::recipe::{Recipe, RecipePiece};
-use crate::segment::{self, RecordKind, ScanEnd, CHUNK_PREFIX_LEN, FLAG_ZSTD};
+use crate::segment::{self, RecordKind, CHUNK_PREFIX_LEN, FLAG_ZSTD};
 use crate::store::Store;
 
 /// How bad a finding is.
@@ -36,6 +36,9 @@ pub struct Finding {
     /// The offset in that file, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
+    /// The blob concerned, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
     /// What is wrong.
     pub message: String,
     /// What to do about it.
@@ -61,6 +64,10 @@ pub struct Report {
     pub repositories: u64,
     /// Problems.
     pub findings: Vec<Finding>,
+    /// Damaged records set aside by an earlier `fsck --repair` (not findings any more).
+    pub quarantined_records: u64,
+    /// Blobs set aside by an earlier `fsck --repair`: answered as missing until pushed again.
+    pub quarantined_blobs: Vec<Digest>,
 }
 
 impl Report {
@@ -83,6 +90,8 @@ pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
 /// Runs every check. `progress(phase, done, total)` is called as work proceeds.
 pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
     let mut report = Report::default();
+    let quarantine = store.quarantine();
+    report.quarantined_blobs = quarantine.blobs.keys().cloned().collect();
     let mut chunks_at: HashMap<(u64, u64), ChunkId> = HashMap::new();
     let mut recipes_at: HashMap<(u64, u64), Digest> = HashMap::new();
     let error =
@@ -92,6 +101,7 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 code,
                 file,
                 offset,
+                digest: None,
                 message,
                 hint,
             });
@@ -130,7 +140,9 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             report.segments += 1;
             report.segment_bytes += len;
             let mut problems = Vec::new();
-            let scanned = segment::scan(&file, segment::FILE_HEADER_LEN as u64, |rec| {
+            // Past a damaged record the scan finds the next valid one, so one flipped byte
+            // hides nothing after it.
+            let scanned = segment::scan_salvaging(&file, segment::FILE_HEADER_LEN as u64, |rec| {
                 match rec.header.kind {
                     RecordKind::Chunk => {
                         report.chunks += 1;
@@ -159,6 +171,10 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 Ok(())
             });
             for (offset, code, why) in problems {
+                if quarantine.is_damaged(id, offset) {
+                    report.quarantined_records += 1;
+                    continue;
+                }
                 error(
                     &mut report,
                     code,
@@ -169,16 +185,26 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 );
             }
             match scanned {
-                Ok((_, ScanEnd::Clean)) => {}
-                Ok((_, ScanEnd::Invalid { offset, reason })) => {
-                    error(
-                        &mut report,
-                        "record_corrupt",
-                        Some(path.clone()),
-                        Some(offset),
-                        reason.to_string(),
-                        HINT_DAMAGE,
-                    );
+                Ok((_, damage)) => {
+                    for d in damage {
+                        if quarantine.is_damaged(id, d.offset) {
+                            report.quarantined_records += 1;
+                            continue;
+                        }
+                        error(
+                            &mut report,
+                            "record_corrupt",
+                            Some(path.clone()),
+                            Some(d.offset),
+                            format!(
+                                "{} ({} bytes unreadable up to offset {})",
+                                d.reason,
+                                d.resumed_at - d.offset,
+                                d.resumed_at
+                            ),
+                            HINT_DAMAGE,
+                        );
+                    }
                 }
                 Err(e) => error(
                     &mut report,
@@ -231,6 +257,7 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             for (key, loc) in file
                 .iter(Table::Chunks)
                 .filter(|(_, l)| present.contains(&l.segment))
+                .filter(|(_, l)| !quarantine.is_damaged(l.segment, l.offset))
             {
                 report.index_entries += 1;
                 if chunks_at.get(&(loc.segment, loc.offset)).map(|c| c.0) != Some(key) {
@@ -252,6 +279,7 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             for (key, loc) in file
                 .iter(Table::Blobs)
                 .filter(|(_, l)| present.contains(&l.segment))
+                .filter(|(_, l)| !quarantine.is_damaged(l.segment, l.offset))
             {
                 report.index_entries += 1;
                 if recipes_at
@@ -311,27 +339,29 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
         for (name, repo) in &catalog.repos {
             report.repositories += 1;
             for digest in repo.blobs.keys() {
-                if !seen.contains(digest) {
-                    error(
-                        &mut report,
-                        "blob_link_dangling",
-                        None,
-                        None,
-                        format!("{name} links blob {digest}, which is not stored"),
-                        HINT_REPUSH,
-                    );
+                if !seen.contains(digest) && !quarantine.blobs.contains_key(digest) {
+                    report.findings.push(Finding {
+                        severity: Severity::Error,
+                        code: "blob_link_dangling",
+                        file: None,
+                        offset: None,
+                        digest: Some(digest.clone()),
+                        message: format!("{name} links blob {digest}, which is not stored"),
+                        hint: HINT_REPUSH,
+                    });
                 }
             }
             for (digest, link) in &repo.manifests {
-                if !seen.contains(digest) {
-                    error(
-                        &mut report,
-                        "manifest_missing",
-                        None,
-                        None,
-                        format!("{name} has manifest {digest}, which is not stored"),
-                        HINT_REPUSH,
-                    );
+                if !seen.contains(digest) && !quarantine.blobs.contains_key(digest) {
+                    report.findings.push(Finding {
+                        severity: Severity::Error,
+                        code: "manifest_missing",
+                        file: None,
+                        offset: None,
+                        digest: Some(digest.clone()),
+                        message: format!("{name} has manifest {digest}, which is not stored"),
+                        hint: HINT_REPUSH,
+                    });
                 }
                 for r in &link.references {
                     if !repo.blobs.contains_key(r) && !repo.manifests.contains_key(r) {
@@ -377,6 +407,7 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
         .into_iter()
         .filter_map(|(_, loc)| store.recipe_at(&loc).ok().map(|r| (loc, r)))
         .filter(|(_, r)| linked.contains(&r.digest))
+        .filter(|(_, r)| !store.quarantine().blobs.contains_key(&r.digest))
         .collect();
     recipes.sort_by_key(|(loc, _)| (loc.segment, loc.offset));
     let total: u64 = recipes.iter().map(|(_, r)| r.size).sum();
@@ -392,6 +423,7 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
             code,
             file: Some(store.segment_path(loc.segment)),
             offset: Some(loc.offset),
+            digest: Some(recipe.digest.clone()),
             message,
             hint,
         };
@@ -476,4 +508,53 @@ fn rehash(store: &Store, digest: &Digest, size: u64) -> Result<Digest, Error> {
         h.update(&piece?);
     }
     Ok(h.finish())
+}
+
+/// `fsck --repair`'s second step: sets aside what `report` found damaged. Damaged records
+/// (by segment and offset) count as absent from now on, so nothing deduplicates against them
+/// and a re-push stores fresh copies; blobs that could not be reassembled are quarantined
+/// and answered as missing until they are pushed again. Nothing is deleted. Returns how many
+/// records and blobs were added.
+pub fn quarantine_damage(
+    store: &Store,
+    report: &Report,
+    now: u64,
+) -> crate::Result<(usize, usize)> {
+    let mut q = (*store.quarantine()).clone();
+    let (records, blobs) = (q.records.len(), q.blobs.len());
+    for f in &report.findings {
+        match f.code {
+            "chunk_corrupt" | "recipe_corrupt" | "record_corrupt" => {
+                let segment = f.file.as_deref().map(id_of);
+                if let (Some(segment), Some(offset)) = (segment, f.offset) {
+                    q.records.insert(crate::quarantine::DamagedRecord {
+                        segment,
+                        offset,
+                        reason: format!("{}: {}", f.code, f.message),
+                    });
+                }
+            }
+            "chunk_missing"
+            | "blob_digest_mismatch"
+            | "blob_unreadable"
+            | "blob_link_dangling"
+            | "manifest_missing" => {
+                if let Some(d) = &f.digest {
+                    q.blobs.insert(
+                        d.clone(),
+                        crate::quarantine::QuarantinedBlob {
+                            reason: format!("{}: {}", f.code, f.message),
+                            at: now,
+                        },
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    let added = (q.records.len() - records, q.blobs.len() - blobs);
+    if added != (0, 0) {
+        store.set_quarantine(q)?;
+    }
+    Ok(added)
 }

@@ -90,15 +90,42 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
         }
     };
     let bar = progress_bar();
-    let report = verify::fsck(&store, &|phase, done, total| {
-        bar.set_message(phase.to_owned());
-        bar.set_length(total);
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
+    let check = |store: &Store| {
+        let r = verify::fsck(store, &|phase, done, total| {
+            bar.set_message(phase.to_owned());
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        r
+    };
+    let mut report = check(&store);
+    let mut summary = None;
+    if repair && !report.is_clean() {
+        // Set aside what is damaged, then check again: what remains is what repair could
+        // not fix.
+        match verify::quarantine_damage(&store, &report, gc::now_secs()) {
+            Ok((records, blobs)) => {
+                summary = Some(RepairSummary {
+                    findings_before: report.findings.len(),
+                    records_quarantined: records,
+                    blobs_quarantined: blobs,
+                });
+                report = check(&store);
+            }
+            Err(e) => {
+                let _ = writeln!(out, "fsck: could not write the quarantine: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    }
     drop(store);
-    let written = write_output(out, json, &report, |out| {
-        write_report(out, dir, repair, &report)
+    let output = FsckOutput {
+        repair: summary,
+        report: &report,
+    };
+    let written = write_output(out, json, &output, |out| {
+        write_report(out, dir, repair, summary.as_ref(), &report)
     });
     if written.is_err() {
         return EXIT_FAILED;
@@ -110,14 +137,53 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     }
 }
 
+/// What `fsck --repair` did beyond rebuilding the indexes.
+#[derive(Clone, Copy, serde::Serialize)]
+struct RepairSummary {
+    /// Findings of the first pass.
+    findings_before: usize,
+    /// Damaged records newly set aside.
+    records_quarantined: usize,
+    /// Blobs newly quarantined.
+    blobs_quarantined: usize,
+}
+
+#[derive(serde::Serialize)]
+struct FsckOutput<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repair: Option<RepairSummary>,
+    #[serde(flatten)]
+    report: &'a verify::Report,
+}
+
 fn write_report(
     out: &mut dyn Write,
     dir: &Path,
     repair: bool,
+    summary: Option<&RepairSummary>,
     r: &verify::Report,
 ) -> std::io::Result<()> {
     if repair {
         writeln!(out, "repair: indexes rebuilt from the segments")?;
+    }
+    if let Some(s) = summary {
+        writeln!(
+            out,
+            "repair: the first pass found {} problems; {} damaged records and {} blobs set aside \
+             in the quarantine (nothing deleted); second pass below",
+            s.findings_before, s.records_quarantined, s.blobs_quarantined
+        )?;
+    }
+    if !r.quarantined_blobs.is_empty() || r.quarantined_records > 0 {
+        writeln!(
+            out,
+            "quarantined: {} damaged records, {} blobs answered as missing until pushed again:",
+            r.quarantined_records,
+            r.quarantined_blobs.len()
+        )?;
+        for d in &r.quarantined_blobs {
+            writeln!(out, "  {d}")?;
+        }
     }
     writeln!(
         out,

@@ -334,3 +334,79 @@ fn failed_sync_poisons_the_store() {
     // Reads still work.
     assert_eq!(store.read_blob(&sha256(b"first")).expect("read"), b"first");
 }
+
+#[test]
+fn repair_salvages_records_after_damage_and_quarantines_the_rest() {
+    use ballast_engine::catalog::Op;
+    use ballast_engine::verify;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || Options {
+        compress: false,
+        ..Options::default()
+    };
+    let (a, b) = (seeded(300_000, 71), seeded(300_000, 72));
+    let (da, db) = (sha256(&a), sha256(&b));
+    {
+        let store = Store::open(dir.path(), opts()).expect("open");
+        for (data, d) in [(&a, &da), (&b, &db)] {
+            store.put_blob(data, None).expect("put");
+            let op = Op::LinkBlob {
+                repo: "r".into(),
+                digest: d.clone(),
+                at: ballast_engine::gc::now_secs(),
+            };
+            store.commit_catalog(|_| Ok((vec![op], ()))).expect("link");
+        }
+        store.close().expect("close");
+    }
+    // Damage a byte inside `a`'s first chunk; `b`'s records come after it in the same file.
+    let seg = dir.path().join("segments").join(format!("{:020}.seg", 1));
+    let mut bytes = std::fs::read(&seg).expect("segment");
+    let at = bytes
+        .windows(64)
+        .position(|w| w == &a[..64])
+        .expect("a's bytes in the segment");
+    bytes[at + 100] ^= 0x40;
+    std::fs::write(&seg, &bytes).expect("write");
+
+    // Rebuilding the indexes (fsck --repair) used to stop at the damage and refuse to open;
+    // now everything after it is found again.
+    let store = Store::open(
+        dir.path(),
+        Options {
+            rebuild_indexes: true,
+            ..opts()
+        },
+    )
+    .expect("a damaged sealed segment is salvaged");
+    assert_eq!(store.read_blob(&db).expect("b survives"), b);
+    let report = verify::fsck(&store, &|_, _, _| {});
+    let codes: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
+    assert!(codes.contains(&"record_corrupt"), "{codes:?}");
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.digest.as_ref() == Some(&da)),
+        "{codes:?}"
+    );
+    let (records, blobs) =
+        verify::quarantine_damage(&store, &report, ballast_engine::gc::now_secs())
+            .expect("quarantine");
+    assert!(records >= 1 && blobs == 1, "{records} {blobs}");
+    let again = verify::fsck(&store, &|_, _, _| {});
+    assert!(again.is_clean(), "{:?}", again.findings);
+    assert_eq!(again.quarantined_blobs, vec![da.clone()]);
+    assert!(matches!(store.read_blob(&da), Err(Error::NotFound(_))));
+    drop(store);
+
+    // The quarantine survives a reopen; pushing `a` again stores fresh chunks and heals it.
+    let store = Store::open(dir.path(), opts()).expect("reopen");
+    assert!(matches!(store.read_blob(&da), Err(Error::NotFound(_))));
+    store.put_blob(&a, None).expect("push again");
+    assert_eq!(store.read_blob(&da).expect("healed"), a);
+    assert!(store.quarantine().blobs.is_empty());
+    let last = verify::fsck(&store, &|_, _, _| {});
+    assert!(last.is_clean(), "{:?}", last.findings);
+    assert!(last.quarantined_records >= 1);
+}

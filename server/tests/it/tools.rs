@@ -154,6 +154,52 @@ fn fsck_finds_damage_and_repair_rebuilds_indexes() {
         Err(_) => false,
     };
     assert!(!intact, "a damaged blob must not be served as if intact");
+    drop(r);
+
+    // --repair sets the damage aside: the damaged record and the blob that needs it go into
+    // the quarantine (nothing is deleted), and the second pass is clean apart from them.
+    let (code, text) = ballast(&["fsck", "--repair", "--json", dir]);
+    assert_eq!(code, 0, "{text}");
+    let report: Value = serde_json::from_str(&text).expect("json");
+    assert!(
+        report["repair"]["findings_before"].as_u64() >= Some(1),
+        "{report}"
+    );
+    assert!(
+        report["repair"]["records_quarantined"].as_u64() >= Some(1),
+        "{report}"
+    );
+    assert_eq!(report["findings"], json!([]), "{report}");
+    assert_eq!(report["quarantined_blobs"], json!([layer]), "{report}");
+    assert!(data.join("quarantine.json").exists());
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("quarantined: ") && text.contains(&layer),
+        "{text}"
+    );
+    // The server answers the quarantined blob as missing; pushing it again heals it (fresh
+    // chunks are stored: nothing deduplicates against the damaged record).
+    let mut r = Registry::start(&data);
+    let res = call("GET", &r.url(&format!("/v2/x/blobs/{layer}")), &[], None);
+    assert_eq!((res.status, res.code().as_str()), (404, "BLOB_UNKNOWN"));
+    let again = seeded(700_000, 5);
+    assert_eq!(sha256(&again), layer);
+    let res = call(
+        "POST",
+        &r.url(&format!("/v2/x/blobs/uploads/?digest={layer}")),
+        &[],
+        Some(&again),
+    );
+    assert_eq!(res.status, 201);
+    let res = call("GET", &r.url(&format!("/v2/x/blobs/{layer}")), &[], None);
+    assert_eq!(res.status, 200);
+    assert!(res.body == again);
+    r.stop();
+    let (code, text) = ballast(&["fsck", "--json", dir]);
+    assert_eq!(code, 0, "{text}");
+    let report: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(report["quarantined_blobs"], json!([]), "{report}");
 }
 
 #[test]
