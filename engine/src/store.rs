@@ -589,6 +589,17 @@ impl Store {
         })
     }
 
+    /// Seals the active segment now when it holds any record, so everything written so far
+    /// is in sealed segments (which a collection may compact). For benchmarks and tests.
+    pub fn seal_active(&self) -> Result<()> {
+        self.check_poisoned()?;
+        let mut w = self.inner.writer.lock();
+        if w.len > FILE_HEADER_LEN as u64 {
+            self.roll_locked(&mut w)?;
+        }
+        Ok(())
+    }
+
     /// Seals the active segment (fsync, map, index file) and starts the next one.
     fn roll_locked(&self, w: &mut Active) -> Result<()> {
         w.file.sync().map_err(|e| self.poison(&e))?;

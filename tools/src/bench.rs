@@ -192,7 +192,7 @@ impl Run<'_> {
     }
 }
 
-const STEPS: u64 = 12;
+const STEPS: u64 = 15;
 
 /// Runs the suite in a scratch directory under `opts.dir`.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
@@ -350,19 +350,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     // segments holding them are two-thirds dead and their live third must move. The big
     // blobs above stay linked (live segments, examined but not compacted).
     let future = gc::now_secs() + 3600;
-    let gc_blob = 4 << 20;
-    let mut ops: Vec<Op> = Vec::new();
-    for i in 0..(total as usize / 4) / gc_blob {
-        let d =
-            ingest(&store, &random_bytes(gc_blob, 500_000 + i as u64)).map_err(err("ingesting"))?;
-        if i % 3 == 0 {
-            ops.push(Op::LinkBlob {
-                repo: "bench".into(),
-                digest: d,
-                at: future,
-            });
-        }
-    }
+    let mut ops = make_garbage(&store, total / 4, 500_000)?;
     ops.extend(digests.iter().map(|d| Op::LinkBlob {
         repo: "bench".into(),
         digest: d.clone(),
@@ -441,6 +429,84 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         rate(report.bytes_reclaimed, took),
         "MB/s",
     );
+
+    // Pushes and pulls while a collection compacts: fresh garbage (sealed), then ingest and
+    // read in small steps for as long as one collection runs.
+    run.step("ingest and read under GC");
+    let step = 4 << 20;
+    let baseline_read = {
+        let start = Instant::now();
+        let mut n = 0u64;
+        for d in &digests {
+            n += read_all(&store, d)?;
+        }
+        rate(n, start.elapsed())
+    };
+    run.plain("engine: blob read (warm)", baseline_read, "MB/s");
+    let under_gc =
+        |work: &mut dyn FnMut(usize) -> Result<u64, String>, seed: u64| -> Result<f64, String> {
+            let ops = make_garbage(&store, total / 4, seed)?;
+            store
+                .commit_catalog(|_| Ok((ops, ())))
+                .map_err(err("linking"))?;
+            let done = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                let collector = scope.spawn(|| {
+                    // A lower threshold than the default: the segment the fresh garbage lands
+                    // in also holds data moved by the collection before.
+                    let opts = gc::GcOptions {
+                        dead_fraction_min: 0.2,
+                        ..opts_gc.clone()
+                    };
+                    let r = gc::collect(&store, &opts, gc::now_secs() + 1);
+                    done.store(true, std::sync::atomic::Ordering::Relaxed);
+                    r
+                });
+                let (mut bytes, mut took, mut i) = (0u64, Duration::ZERO, 0usize);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) || i == 0 {
+                    let start = Instant::now();
+                    bytes += work(i)?;
+                    took += start.elapsed();
+                    i += 1;
+                }
+                let report = collector
+                    .join()
+                    .map_err(|_| "the collection panicked".to_owned())?
+                    .map_err(err("collecting"))?;
+                if report.bytes_moved == 0 {
+                    return Err(format!(
+                        "the collection under load moved nothing: {report:?}"
+                    ));
+                }
+                Ok(rate(bytes, took))
+            })
+        };
+    let mut seed = 800_000u64;
+    let ingest_rate = under_gc(
+        &mut |_| {
+            seed += 1;
+            let blob = random_bytes(step, seed);
+            ingest(&store, &blob).map_err(err("ingesting"))?;
+            Ok(step as u64)
+        },
+        600_000,
+    )?;
+    run.compared(
+        "engine: ingest unique while GC compacts",
+        ingest_rate,
+        "MB/s",
+        "engine: ingest unique (durable)",
+    );
+    let read_rate = under_gc(
+        &mut |i| read_all(&store, &digests[i % digests.len()]),
+        700_000,
+    )?;
+    run.compared(
+        "engine: blob read while GC compacts",
+        read_rate,
+        "MB/s",
+        "engine: blob read (warm)",
+    );
     store.close().map_err(err("closing the store"))?;
     bar.finish_and_clear();
     Ok(BenchReport {
@@ -450,6 +516,36 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         io_backend: "pread/pwrite + mmap of sealed segments (no io_uring backend is built)",
         results: run.rows,
     })
+}
+
+/// Ingests `bytes` of 4 MiB blobs; returns links (far in the future, so kept) for every third
+/// one: the rest is garbage, interleaved with live data in the same segments, which are
+/// sealed (the active segment is never compacted).
+fn make_garbage(store: &Store, bytes: u64, seed: u64) -> Result<Vec<Op>, String> {
+    let blob = 4 << 20;
+    let mut ops = Vec::new();
+    for i in 0..(bytes as usize / blob).max(6) {
+        let d = ingest(store, &random_bytes(blob, seed + i as u64)).map_err(err("ingesting"))?;
+        if i % 3 == 0 {
+            ops.push(Op::LinkBlob {
+                repo: "bench".into(),
+                digest: d,
+                at: gc::now_secs() + 3600,
+            });
+        }
+    }
+    store.seal_active().map_err(err("sealing"))?;
+    Ok(ops)
+}
+
+/// Reads a whole blob; returns its size.
+fn read_all(store: &Store, d: &Digest) -> Result<u64, String> {
+    let reader = store.open_blob(d).map_err(err("opening a blob"))?;
+    let mut n = 0u64;
+    for piece in reader.range(0, reader.size()).map_err(err("reading"))? {
+        n += piece.map_err(err("reading"))?.len() as u64;
+    }
+    Ok(n)
 }
 
 /// Prints a report as a table.

@@ -47,7 +47,18 @@ pub fn try_publish(
         references: vec![blob.clone()],
         pushed_at: now_secs(),
     };
-    store.commit_catalog(|_| {
+    store.commit_catalog(|state| {
+        // As the server does: the layer must be linked in the repository at commit time (a
+        // collection may have removed an old link meanwhile; the client then uploads again).
+        if !state
+            .repos
+            .get(repo)
+            .is_some_and(|r| r.blobs.contains_key(blob))
+        {
+            return Err(ballast_engine::Error::NotFound(format!(
+                "blob {blob} is not in {repo}"
+            )));
+        }
         Ok((
             vec![
                 Op::PutManifest {
@@ -187,9 +198,22 @@ fn gc_online_with_concurrent_pushes_pulls_and_deletes() {
                     seeded(90_000, 2 * (t * 1_000_000 + i) + 1)
                 };
                 let d = sha256(&data);
-                store.put_blob(&data, None).expect("push during gc");
-                link(&store, &repo, &d, now_secs());
-                let md = publish(&store, &repo, &format!("t{i}"), &d);
+                // A client whose manifest is refused because a collection took its layer's
+                // link (under heavy load, the link can outlive the 1 s grace before the
+                // manifest arrives) uploads the layer again, as registries clients do.
+                let mut attempts = 0;
+                let md = loop {
+                    store.put_blob(&data, None).expect("push during gc");
+                    link(&store, &repo, &d, now_secs());
+                    match try_publish(&store, &repo, &format!("t{i}"), &d) {
+                        Ok((md, _)) => break md,
+                        Err(e) if attempts < 5 => {
+                            attempts += 1;
+                            eprintln!("retrying a push refused meanwhile: {e}");
+                        }
+                        Err(e) => panic!("publish: {e}"),
+                    }
+                };
                 // Read back what was just pushed, and delete every other image again (its
                 // layer becomes garbage once the grace period is over).
                 assert_eq!(store.read_blob(&d).expect("pull during gc"), data);

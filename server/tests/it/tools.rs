@@ -514,6 +514,9 @@ fn bench_quick_reports_every_figure_with_its_baseline() {
         "engine: fsck",
         "engine: GC compaction (live bytes moved)",
         "engine: GC space reclaimed",
+        "engine: blob read (warm)",
+        "engine: ingest unique while GC compacts",
+        "engine: blob read while GC compacts",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
