@@ -1,6 +1,7 @@
 //! The engine's integration tests (one binary).
 
 mod crash;
+mod fixture;
 mod gc;
 mod store;
 
