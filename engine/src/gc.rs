@@ -263,9 +263,23 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
         report.bytes_reclaimed = victim_bytes.saturating_sub(live_in_victims);
         return Ok(report);
     }
+    // Copied in batches of about 2 MiB: one writer-lock hold per batch.
+    const BATCH_BYTES: u64 = 2 << 20;
     for id in &victims {
-        for (table, key, loc) in live_entries.remove(id).unwrap_or_default() {
-            report.bytes_moved += store.relocate(table, &key, &loc)?;
+        let entries = live_entries.remove(id).unwrap_or_default();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0u64;
+        for entry in entries {
+            batch_bytes += u64::from(entry.2.len);
+            batch.push(entry);
+            if batch_bytes >= BATCH_BYTES {
+                report.bytes_moved += store.relocate_batch(&batch)?;
+                batch.clear();
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            report.bytes_moved += store.relocate_batch(&batch)?;
         }
     }
     report.bytes_moved += store.gc_finish(&victims)?;
