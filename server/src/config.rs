@@ -29,6 +29,9 @@ pub struct Config {
     pub manifest_bytes_max: usize,
     /// Segment size of the storage engine, in bytes.
     pub segment_bytes_max: u64,
+    /// Check every chunk read from disk against its BLAKE3 id before serving it (besides
+    /// the record CRC, which is always checked).
+    pub verify_chunks: bool,
     /// Seconds between scheduled garbage collections (0: never on a schedule).
     pub gc_interval_secs: u64,
     /// Blob links, manifests and segments younger than this are never collected.
@@ -116,6 +119,7 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             manifest_bytes_max: 4 << 20,
             segment_bytes_max: 64 << 20,
+            verify_chunks: true,
             gc_interval_secs: 3600,
             gc_grace_secs: 3600,
             gc_delete_untagged: false,
@@ -141,6 +145,7 @@ pub const SETTINGS: &[&str] = &[
     "shutdown_grace_secs",
     "manifest_bytes_max",
     "segment_bytes_max",
+    "verify_chunks",
     "gc_interval_secs",
     "gc_grace_secs",
     "gc_delete_untagged",
@@ -283,6 +288,7 @@ impl Config {
             "shutdown_grace_secs" => self.shutdown_grace_secs = num(value)?,
             "manifest_bytes_max" => self.manifest_bytes_max = num(value)?,
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
+            "verify_chunks" => self.verify_chunks = boolean(value)?,
             "gc_interval_secs" => self.gc_interval_secs = num(value)?,
             "gc_grace_secs" => self.gc_grace_secs = num(value)?,
             "gc_delete_untagged" => self.gc_delete_untagged = boolean(value)?,

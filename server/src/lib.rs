@@ -148,6 +148,7 @@ impl Server {
         let data = config.data.clone();
         let opts = Options {
             segment_bytes_max: config.segment_bytes_max,
+            verify_chunk_ids: config.verify_chunks,
             ..Options::default()
         };
         let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
