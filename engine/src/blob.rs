@@ -50,6 +50,8 @@ struct Stored {
     /// New chunks in a row whose compression did not pay; past a few, only every
     /// `PROBE_EVERY`th chunk is tried (gzip and zstd layers never compress again).
     incompressible_run: u32,
+    /// The writer's registration with the store (dedup hits stay alive until it commits).
+    writer: Option<u64>,
 }
 
 /// Compression attempts in a row that must fail before attempts become sparse.
@@ -68,7 +70,7 @@ impl Stored {
                 let id = ChunkId::of(&bytes);
                 let run = self.incompressible_run;
                 let try_compress = run < INCOMPRESSIBLE_RUN_MIN || run.is_multiple_of(PROBE_EVERY);
-                match store.put_chunk_with_id(id, &bytes, try_compress) {
+                match store.put_chunk_with_id(id, &bytes, try_compress, self.writer) {
                     Ok((new, paid)) => {
                         match paid {
                             Some(true) => self.incompressible_run = 0,
@@ -140,9 +142,24 @@ fn thread_error(why: &str) -> Error {
     Error::io("blob writer thread", std::io::Error::other(why.to_owned()))
 }
 
+/// A writer's registration with its store, ended when the writer goes (committed or not).
+struct WriteLease {
+    store: Store,
+    id: u64,
+}
+
+impl Drop for WriteLease {
+    fn drop(&mut self) {
+        self.store.end_write(self.id);
+    }
+}
+
 /// A blob being written. Nothing becomes visible until [`BlobWriter::finish`] succeeds.
 pub struct BlobWriter {
     store: Store,
+    // Dropped after the commit in `finish` (fields drop after the body), when the blob's own
+    // lease already protects its chunks.
+    _lease: WriteLease,
     chunker: StreamChunker,
     size: u64,
     digest: DigestState,
@@ -163,12 +180,20 @@ pub struct Committed {
 impl BlobWriter {
     /// Starts a blob whose digest uses `algorithm`.
     pub fn new(store: &Store, algorithm: Algorithm, mode: Mode) -> Self {
+        let id = store.begin_write();
         BlobWriter {
             store: store.clone(),
+            _lease: WriteLease {
+                store: store.clone(),
+                id,
+            },
             chunker: StreamChunker::new(mode),
             size: 0,
             digest: DigestState::Inline(algorithm.hasher()),
-            sink: ChunkSink::Inline(Stored::default()),
+            sink: ChunkSink::Inline(Stored {
+                writer: Some(id),
+                ..Stored::default()
+            }),
         }
     }
 

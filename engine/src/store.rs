@@ -101,6 +101,12 @@ pub(crate) struct GcState {
     /// a moment after committing it, so a collection that starts in between must keep the
     /// blob and its chunks (a lease for the grace period).
     pub(crate) leases: HashMap<Digest, u64>,
+    /// Blob writers still running → the chunks they deduplicated against while no
+    /// collection ran: a collection that starts before they commit keeps those chunks (their
+    /// recipes do not exist yet to say so).
+    pub(crate) writing: HashMap<u64, Vec<ChunkId>>,
+    /// The last writer id handed out.
+    pub(crate) next_writer: u64,
 }
 
 /// The chunk and blob entries of one segment.
@@ -418,15 +424,40 @@ impl Store {
 
     /// Records that a writer relies on the chunk at `segment` while a collection may run;
     /// false when the segment is already gone (the caller must store the chunk again).
-    fn pin_chunk(&self, id: &ChunkId, segment: u64) -> bool {
+    fn pin_chunk(&self, id: &ChunkId, segment: u64, writer: Option<u64>) -> bool {
         let mut gc = self.inner.gc.lock();
         if !self.inner.segments.read().contains_key(&segment) {
             return false;
         }
         if gc.running {
             gc.pinned_chunks.insert(*id);
+        } else if let Some(list) = writer.and_then(|w| gc.writing.get_mut(&w)) {
+            // Under the same lock that starts a collection: either this is seen by its
+            // snapshot of running writers, or the collection is already running and pins it.
+            list.push(*id);
         }
         true
+    }
+
+    /// Registers a blob writer; its dedup hits are kept alive until [`Store::end_write`].
+    pub(crate) fn begin_write(&self) -> u64 {
+        let mut gc = self.inner.gc.lock();
+        gc.next_writer += 1;
+        let id = gc.next_writer;
+        gc.writing.insert(id, Vec::new());
+        id
+    }
+
+    /// Forgets a blob writer (its blob committed, with its own lease, or abandoned).
+    pub(crate) fn end_write(&self, writer: u64) {
+        self.inner.gc.lock().writing.remove(&writer);
+    }
+
+    /// Chunks that running blob writers deduplicated against (for a collection's mark,
+    /// called after it started).
+    pub(crate) fn writing_chunks(&self) -> Vec<ChunkId> {
+        let gc = self.inner.gc.lock();
+        gc.writing.values().flatten().copied().collect()
     }
 
     /// Commits a catalog batch like [`crate::Catalog::commit_with`], and pins every blob the
@@ -480,7 +511,7 @@ impl Store {
     /// The chunk is durable once a later commit's sync covers it.
     pub fn put_chunk(&self, data: &[u8]) -> Result<(ChunkId, bool)> {
         let id = ChunkId::of(data);
-        self.put_chunk_with_id(id, data, true)
+        self.put_chunk_with_id(id, data, true, None)
             .map(|(new, _)| (id, new))
     }
 
@@ -492,10 +523,11 @@ impl Store {
         id: ChunkId,
         data: &[u8],
         try_compress: bool,
+        writer: Option<u64>,
     ) -> Result<(bool, Option<bool>)> {
         self.check_poisoned()?;
         if let Some(loc) = self.chunk_location(&id) {
-            if self.pin_chunk(&id, loc.segment) {
+            if self.pin_chunk(&id, loc.segment, writer) {
                 self.inner
                     .stats
                     .chunks_deduped
