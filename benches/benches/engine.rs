@@ -20,18 +20,7 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use ballast_engine::testdata::seeded as random_bytes;
 
 fn bench_dir() -> tempfile::TempDir {
     // BALLAST_BENCH_DIR points the benchmarks at the storage being sized (default: /tmp).

@@ -403,19 +403,8 @@ mod tests {
 #[cfg(test)]
 mod writer_race {
     use super::*;
+    use crate::testdata::seeded as random;
     use crate::{Options, Store};
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect()
-    }
 
     /// A push that deduplicates against an unreferenced old chunk just before a collection
     /// starts, and commits its recipe after it ended, must find the chunk still there. Two

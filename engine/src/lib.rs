@@ -20,6 +20,7 @@ pub mod recipe;
 pub mod segment;
 pub mod store;
 mod sys;
+pub mod testdata;
 pub mod uploads;
 pub mod verify;
 

@@ -340,28 +340,20 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             report.repositories += 1;
             for digest in repo.blobs.keys() {
                 if !seen.contains(digest) && !quarantine.blobs.contains_key(digest) {
-                    report.findings.push(Finding {
-                        severity: Severity::Error,
-                        code: "blob_link_dangling",
-                        file: None,
-                        offset: None,
-                        digest: Some(digest.clone()),
-                        message: format!("{name} links blob {digest}, which is not stored"),
-                        hint: HINT_REPUSH,
-                    });
+                    report.findings.push(not_stored(
+                        "blob_link_dangling",
+                        digest,
+                        format!("{name} links blob {digest}, which is not stored"),
+                    ));
                 }
             }
             for (digest, link) in &repo.manifests {
                 if !seen.contains(digest) && !quarantine.blobs.contains_key(digest) {
-                    report.findings.push(Finding {
-                        severity: Severity::Error,
-                        code: "manifest_missing",
-                        file: None,
-                        offset: None,
-                        digest: Some(digest.clone()),
-                        message: format!("{name} has manifest {digest}, which is not stored"),
-                        hint: HINT_REPUSH,
-                    });
+                    report.findings.push(not_stored(
+                        "manifest_missing",
+                        digest,
+                        format!("{name} has manifest {digest}, which is not stored"),
+                    ));
                 }
                 for r in &link.references {
                     if !repo.blobs.contains_key(r) && !repo.manifests.contains_key(r) {
@@ -389,9 +381,24 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
     })
 }
 
+/// A finding for a blob or manifest the catalog names but the store does not hold (repair
+/// quarantines it by its digest).
+fn not_stored(code: &'static str, digest: &Digest, message: String) -> Finding {
+    Finding {
+        severity: Severity::Error,
+        code,
+        file: None,
+        offset: None,
+        digest: Some(digest.clone()),
+        message,
+        hint: HINT_REPUSH,
+    }
+}
+
 /// Reassembles every blob something links from the indexes' recipes and checks its digest.
 /// Returns the findings, the digests seen, and how many blobs and bytes were checked.
 fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Digest>, u64, u64) {
+    let quarantine = store.quarantine();
     // A recipe nothing links is garbage; GC may already have taken its chunks.
     let linked: HashSet<Digest> = {
         let catalog = store.catalog().read();
@@ -407,7 +414,7 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
         .into_iter()
         .filter_map(|(_, loc)| store.recipe_at(&loc).ok().map(|r| (loc, r)))
         .filter(|(_, r)| linked.contains(&r.digest))
-        .filter(|(_, r)| !store.quarantine().blobs.contains_key(&r.digest))
+        .filter(|(_, r)| !quarantine.blobs.contains_key(&r.digest))
         .collect();
     recipes.sort_by_key(|(loc, _)| (loc.segment, loc.offset));
     let total: u64 = recipes.iter().map(|(_, r)| r.size).sum();

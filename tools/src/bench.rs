@@ -64,19 +64,7 @@ fn rate(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / MB / took.as_secs_f64().max(1e-9)
 }
 
-/// Deterministic incompressible bytes (xorshift; distinct seeds give distinct streams).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03).max(1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use ballast_engine::testdata::seeded as random_bytes;
 
 struct Sizes {
     blobs: usize,
@@ -377,10 +365,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     let start = Instant::now();
     let mut read = 0u64;
     for d in &digests {
-        let reader = store.open_blob(d).map_err(err("opening a blob"))?;
-        for piece in reader.range(0, reader.size()).map_err(err("reading"))? {
-            read += piece.map_err(err("reading"))?.len() as u64;
-        }
+        read += read_all(&store, d)?;
     }
     run.compared(
         "engine: blob read (cold)",

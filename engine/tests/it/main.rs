@@ -7,20 +7,8 @@ mod store;
 
 use ballast_engine::Digest;
 
-/// Deterministic pseudo-random bytes.
-pub fn seeded(len: usize, seed: u64) -> Vec<u8> {
-    // Distinct seeds give distinct streams (xorshift needs a non-zero state).
-    let mut s = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03).max(1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// Deterministic pseudo-random bytes (the engine's one generator).
+pub use ballast_engine::testdata::seeded;
 
 /// sha256 digest of bytes.
 pub fn sha256(data: &[u8]) -> Digest {

@@ -156,20 +156,8 @@ pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn seeded(len: usize, seed: u64) -> Vec<u8> {
-    // Distinct seeds give distinct streams (xorshift needs a non-zero state).
-    let mut s = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03).max(1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// Deterministic pseudo-random bytes (the engine's one generator).
+pub use ballast_engine::testdata::seeded;
 
 /// True when a program is on PATH.
 pub fn have(program: &str) -> bool {
