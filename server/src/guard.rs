@@ -42,7 +42,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         Err(d) => return denied(app, d).await,
     };
     let plan = Plan::before(app, &method, &r, &req, &access, peer);
-    let (res, failure) = match handlers::dispatch(app, &access, req).await {
+    let (res, failure) = match handlers::dispatch(app, &access, &path, r, req).await {
         Ok(res) => (res, None),
         Err(e) => {
             let (code, _) = e.code_and_status();

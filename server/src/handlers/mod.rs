@@ -15,7 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use crate::auth::{Access, Action, Need};
 use crate::body::{self, ResBody};
 use crate::error::ApiError;
-use crate::routes::{route, Route};
+use crate::routes::Route;
 use crate::App;
 
 pub use manifests::validate as validate_manifest;
@@ -43,17 +43,15 @@ pub fn need(method: &Method, r: &Route<'_>) -> Need {
     }
 }
 
-/// Routes a request to its handler.
+/// Routes a request to its handler; `r` is the route of `path`, resolved by the caller.
 pub async fn dispatch(
     app: &App,
     access: &Access,
+    path: &str,
+    r: Route<'_>,
     req: Request<Incoming>,
 ) -> Result<Response<ResBody>, ApiError> {
-    let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    let Some(r) = route(&path) else {
-        return Err(ApiError::NotFound(format!("no endpoint at {path}")));
-    };
     match (&method, r) {
         (&Method::GET | &Method::HEAD, Route::Base) => {
             Ok(reply(StatusCode::OK).json(&serde_json::json!({})))
