@@ -1,5 +1,6 @@
 //! The `ballast` binary: the registry server and the offline admin tools.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -290,11 +291,17 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
     // Log lines are written by a background thread, so a request never waits on stderr; the
-    // guard flushes what is queued when the server stops.
-    let (log_writer, _flush_logs) = tracing_appender::non_blocking(std::io::stderr());
+    // guard flushes what is queued when the server stops. The thread writes whatever lines
+    // are queued in one system call (it flushes when the queue runs dry), not one per line;
+    // colours only on a terminal, never in a log file.
+    let stderr = std::io::stderr();
+    let ansi = stderr.is_terminal();
+    let (log_writer, _flush_logs) =
+        tracing_appender::non_blocking(std::io::BufWriter::with_capacity(64 << 10, stderr));
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("log filter")?)
         .with_target(false)
+        .with_ansi(ansi)
         .with_writer(log_writer)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
