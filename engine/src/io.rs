@@ -71,6 +71,22 @@ pub trait Storage: Send + Sync + 'static {
     fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>>;
 }
 
+/// Appended bytes between writeback hints.
+pub const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Where the last writeback hint of an appended file ended (see [`FileHandle::appended`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WritebackHints {
+    hinted: u64,
+}
+
+impl WritebackHints {
+    /// Hints for a file whose appends start at `at`.
+    pub fn from(at: u64) -> Self {
+        WritebackHints { hinted: at }
+    }
+}
+
 /// A file handle that remembers its path, so every error names the file.
 #[derive(Clone)]
 pub struct FileHandle {
@@ -130,6 +146,15 @@ impl FileHandle {
     /// See [`StorageFile::start_writeback`]; failures are ignored (it is only a hint).
     pub fn start_writeback(&self, offset: u64, len: u64) {
         let _ = self.file.start_writeback(offset, len);
+    }
+    /// Notes that the file now ends at `end` after appends, starting writeback of what was
+    /// appended since the last hint once that reaches [`WRITEBACK_STEP`]: the fsync that ends
+    /// a long append then finds most bytes already on their way to disk.
+    pub fn appended(&self, hints: &mut WritebackHints, end: u64) {
+        if end.saturating_sub(hints.hinted) >= WRITEBACK_STEP {
+            self.start_writeback(hints.hinted, end - hints.hinted);
+            hints.hinted = end;
+        }
     }
     /// See [`StorageFile::map`].
     pub fn map(&self) -> Result<Option<Map>> {

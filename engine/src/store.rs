@@ -13,7 +13,7 @@ use crate::catalog::Catalog;
 use crate::digest::{ChunkId, Digest};
 use crate::error::{Error, Result};
 use crate::index::{self, Entry, IndexFile, Location, Table};
-use crate::io::{write_atomic, FileHandle, OpenMode, RealStorage, Storage};
+use crate::io::{write_atomic, FileHandle, OpenMode, RealStorage, Storage, WritebackHints};
 use crate::recipe::{Recipe, RecipePiece};
 use crate::segment::{
     self, check_file_header, file_header, parse_segment_file_name, record_header, segment_path,
@@ -75,12 +75,8 @@ struct Active {
     id: u64,
     file: FileHandle,
     len: u64,
-    /// Where the last writeback hint ended.
-    hinted: u64,
+    hints: WritebackHints,
 }
-
-/// Appended bytes between writeback hints.
-const WRITEBACK_STEP: u64 = 8 << 20;
 
 #[derive(Default)]
 struct Delta {
@@ -260,7 +256,7 @@ impl Store {
                     id,
                     file,
                     len,
-                    hinted: len,
+                    hints: WritebackHints::from(len),
                 });
             } else {
                 segments.insert(id, open_sealed(&file)?);
@@ -605,10 +601,7 @@ impl Store {
             at += part.len() as u64;
         }
         w.len += rec_len;
-        if w.len - w.hinted >= WRITEBACK_STEP {
-            w.file.start_writeback(w.hinted, w.len - w.hinted);
-            w.hinted = w.len;
-        }
+        w.file.appended(&mut w.hints, w.len);
         self.inner
             .stats
             .bytes_appended
@@ -1400,7 +1393,7 @@ fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> Result<Acti
         id,
         file,
         len: FILE_HEADER_LEN as u64,
-        hinted: 0,
+        hints: WritebackHints::default(),
     })
 }
 

@@ -2,7 +2,7 @@
 //! (chunked and streamed), `GET` (status), `PUT` (finish), `DELETE` (cancel).
 
 use ballast_engine::catalog::Op;
-use ballast_engine::io::FileHandle;
+use ballast_engine::io::{FileHandle, WritebackHints};
 use ballast_engine::uploads::SessionMeta;
 use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Error as EngineError};
 use bytes::Bytes;
@@ -223,10 +223,17 @@ async fn pump(
     body: &mut Incoming,
     idle: std::time::Duration,
     tx: mpsc::Sender<Bytes>,
+    mut also: Option<mpsc::Sender<Bytes>>,
 ) -> Option<ApiError> {
     loop {
         match next_data(body, idle).await {
             Ok(Some(data)) => {
+                if let Some(also_tx) = &also {
+                    // A second consumer that stops (its own failure) is dropped, not waited on.
+                    if also_tx.send(data.clone()).await.is_err() {
+                        also = None;
+                    }
+                }
                 if tx.send(data).await.is_err() {
                     return None;
                 }
@@ -246,7 +253,7 @@ struct Appended {
 }
 
 /// Appends a request body to the session's spool and makes it durable, feeding `warm` the
-/// same bytes after they are written.
+/// same bytes on a thread of its own, so chunking overlaps with the spool's write and fsync.
 async fn append(
     app: &App,
     id: &str,
@@ -273,9 +280,9 @@ async fn append(
         }
     };
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
-    let writer = tokio::task::spawn_blocking(move || -> Appended {
-        let mut warm = warm;
+    let spool = tokio::task::spawn_blocking(move || -> (u64, Option<ApiError>) {
         let mut at = offset;
+        let mut hints = WritebackHints::from(offset);
         let mut error = None;
         while let Some(data) = rx.blocking_recv() {
             if let Err(e) = file.write_all_at(&data, at) {
@@ -283,29 +290,41 @@ async fn append(
                 break;
             }
             at += data.len() as u64;
-            if let Some(w) = &mut warm {
-                if w.write_bytes(data).is_err() {
-                    // The spool stays authoritative; the session finishes cold.
-                    warm = None;
-                }
-            }
+            // The fsync before the reply then waits for the last few MiB, not the whole PATCH.
+            file.appended(&mut hints, at);
         }
-        if let Err(e) = file.sync() {
-            return Appended {
-                len: offset,
-                warm: None,
-                error: Some(ApiError::from_engine(e)),
-            };
-        }
-        Appended {
-            len: at,
-            warm,
-            error,
+        match file.sync() {
+            Ok(()) => (at, error),
+            Err(e) => (offset, Some(ApiError::from_engine(e))),
         }
     });
-    let read_err = pump(body, app.config.body_idle_timeout(), tx).await;
-    let mut appended = match writer.await {
-        Ok(a) => a,
+    // The warm writer gets the same frames; it stays in step only if it took every byte the
+    // spool kept.
+    let (feeder, warm_tx) = match warm {
+        Some(mut w) => {
+            let (wtx, mut wrx) = mpsc::channel::<Bytes>(8);
+            let handle = tokio::task::spawn_blocking(move || -> Option<(BlobWriter, u64)> {
+                let mut fed = 0u64;
+                while let Some(data) = wrx.blocking_recv() {
+                    let n = data.len() as u64;
+                    // On failure the session finishes cold, from the spool.
+                    w.write_bytes(data).ok()?;
+                    fed += n;
+                }
+                Some((w, fed))
+            });
+            (Some(handle), Some(wtx))
+        }
+        None => (None, None),
+    };
+    let read_err = pump(body, app.config.body_idle_timeout(), tx, warm_tx).await;
+    let spooled = spool.await;
+    let warm = match feeder {
+        Some(h) => h.await.ok().flatten(),
+        None => None,
+    };
+    let (len, error) = match spooled {
+        Ok(r) => r,
         Err(e) => {
             return Appended {
                 len: offset,
@@ -314,10 +333,15 @@ async fn append(
             }
         }
     };
-    if appended.error.is_none() {
-        appended.error = read_err;
+    let warm = match (&error, warm) {
+        (None, Some((w, fed))) if fed == len - offset => Some(w),
+        _ => None,
+    };
+    Appended {
+        len,
+        warm,
+        error: error.or(read_err),
     }
-    appended
 }
 
 pub async fn finish(
@@ -449,7 +473,7 @@ async fn ingest(
         }
     });
     let read_err = match body {
-        Some(body) => pump(body, app.config.body_idle_timeout(), tx).await,
+        Some(body) => pump(body, app.config.body_idle_timeout(), tx, None).await,
         None => {
             drop(tx);
             None
