@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -20,10 +21,18 @@ pub struct SessionMeta {
 }
 
 /// The upload sessions of a data directory.
+///
+/// A session is its `.data` file (the bytes) and its `.meta` file (made after the data file,
+/// so a session is known once its meta exists). A finished session's data file is renamed to
+/// `.done` and removed later ([`Uploads::discard`]): dropping a large spool from the page
+/// cache takes a while and need not hold up the reply.
 #[derive(Clone)]
 pub struct Uploads {
     storage: Arc<dyn Storage>,
     dir: PathBuf,
+    /// Held while a session is created and while `expire` lists the directory, so a sweep
+    /// never takes the data file of a session being created for a leftover.
+    creating: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for Uploads {
@@ -55,6 +64,7 @@ impl Uploads {
         Ok(Uploads {
             storage,
             dir: dir.to_path_buf(),
+            creating: Arc::new(Mutex::new(())),
         })
     }
 
@@ -66,9 +76,14 @@ impl Uploads {
         self.dir.join(format!("{id}.meta"))
     }
 
+    fn done_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.done"))
+    }
+
     /// Starts a session with a fresh id chosen by the caller.
     pub fn create(&self, id: &str, meta: &SessionMeta) -> Result<()> {
         validate_id(id)?;
+        let _creating = self.creating.lock();
         let data = FileHandle::open(
             self.storage.as_ref(),
             &self.data_path(id),
@@ -119,23 +134,47 @@ impl Uploads {
             .map_err(|_| Error::NotFound(format!("upload {id}")))
     }
 
-    /// Ends a session (finished or cancelled), removing its files.
-    pub fn remove(&self, id: &str) -> Result<()> {
+    /// Ends a session (finished or cancelled): it is unknown from then on. Its data file is
+    /// renamed to `.done` for [`Uploads::discard`] (or the next [`Uploads::expire`]) to remove.
+    pub fn end(&self, id: &str) -> Result<()> {
         validate_id(id)?;
-        let mut found = false;
-        for p in [self.meta_path(id), self.data_path(id)] {
-            match self.storage.remove(&p) {
-                Ok(()) => found = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&p, e)),
-            }
-        }
-        if !found {
+        let data = match self
+            .storage
+            .rename(&self.data_path(id), &self.done_path(id))
+        {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io(self.data_path(id), e)),
+        };
+        // The data file went first: a crash here leaves a meta without data, which is an
+        // unknown session that `expire` sweeps.
+        let meta = match self.storage.remove(&self.meta_path(id)) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io(self.meta_path(id), e)),
+        };
+        if !data && !meta {
             return Err(Error::NotFound(format!("upload {id}")));
         }
         self.storage
             .sync_dir(&self.dir)
             .map_err(|e| Error::io(&self.dir, e))
+    }
+
+    /// Removes the data of a session that [`Uploads::end`] ended (nothing when it is gone).
+    pub fn discard(&self, id: &str) -> Result<()> {
+        validate_id(id)?;
+        match self.storage.remove(&self.done_path(id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(self.done_path(id), e)),
+        }
+    }
+
+    /// Ends a session and removes its data now.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        self.end(id)?;
+        self.discard(id)
     }
 
     /// Ids of all sessions.
@@ -152,16 +191,131 @@ impl Uploads {
             .collect())
     }
 
-    /// Removes sessions started before `cutoff` (seconds since the epoch); returns how many.
+    /// Removes sessions started before `cutoff` (seconds since the epoch), and what crashes
+    /// or deferred removals left behind: data of ended sessions, a data file whose session
+    /// was never completed, a meta file whose data is gone. Returns how many sessions and
+    /// leftovers went.
     pub fn expire(&self, cutoff: u64) -> Result<usize> {
+        // Listed while no session is half created: a data file without its meta here is a
+        // leftover, not a session whose meta is about to be written.
+        let names = {
+            let _creating = self.creating.lock();
+            self.storage
+                .list(&self.dir)
+                .map_err(|e| Error::io(&self.dir, e))?
+        };
+        let has = |id: &str, ext: &str| names.iter().any(|n| *n == format!("{id}.{ext}"));
         let mut n = 0;
-        for id in self.list()? {
-            if let Ok((meta, _)) = self.status(&id) {
-                if meta.started_at < cutoff && self.remove(&id).is_ok() {
-                    n += 1;
-                }
+        for name in &names {
+            let Some((id, ext)) = name.rsplit_once('.') else {
+                continue;
+            };
+            if validate_id(id).is_err() {
+                continue;
             }
+            let gone = match ext {
+                "done" => self.discard(id).is_ok(),
+                "data" if !has(id, "meta") => self.remove_file(&self.data_path(id)),
+                "meta" if !has(id, "data") => self.remove_file(&self.meta_path(id)),
+                "meta" => match self.status(id) {
+                    Ok((meta, _)) => meta.started_at < cutoff && self.remove(id).is_ok(),
+                    // Unreadable meta: the session cannot be used; its files go.
+                    Err(Error::Corrupted { .. }) => self.remove(id).is_ok(),
+                    Err(_) => false,
+                },
+                _ => false,
+            };
+            n += usize::from(gone);
         }
         Ok(n)
+    }
+
+    fn remove_file(&self, path: &Path) -> bool {
+        self.storage.remove(path).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::RealStorage;
+
+    const A: &str = "0123456789abcdef0123456789abcdef";
+    const B: &str = "fedcba9876543210fedcba9876543210";
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn meta(started_at: u64) -> SessionMeta {
+        SessionMeta {
+            repo: "r".into(),
+            started_at,
+        }
+    }
+
+    #[test]
+    fn an_ended_session_is_unknown_at_once_and_its_data_goes_with_discard() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let up = Uploads::open(Arc::new(RealStorage), tmp.path()).expect("open");
+        up.create(A, &meta(100)).expect("create");
+        let f = up.appender(A, 0).expect("appender");
+        f.write_all_at(b"hello", 0).expect("write");
+        f.sync().expect("sync");
+        assert_eq!(up.status(A).expect("status").1, 5);
+
+        up.end(A).expect("end");
+        assert!(matches!(up.status(A), Err(Error::NotFound(_))));
+        assert!(matches!(up.appender(A, 5), Err(Error::NotFound(_))));
+        assert!(matches!(up.end(A), Err(Error::NotFound(_))));
+        assert!(up.list().expect("list").is_empty());
+        assert_eq!(files(tmp.path()), vec![format!("{A}.done")]);
+
+        up.discard(A).expect("discard");
+        up.discard(A).expect("discard twice is fine");
+        assert!(files(tmp.path()).is_empty());
+    }
+
+    #[test]
+    fn expire_sweeps_old_sessions_and_every_kind_of_leftover() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let up = Uploads::open(Arc::new(RealStorage), tmp.path()).expect("open");
+        up.create(A, &meta(100)).expect("old session");
+        up.create(B, &meta(1_000)).expect("fresh session");
+        let ids = [
+            "11111111111111111111111111111111",
+            "22222222222222222222222222222222",
+            "33333333333333333333333333333333",
+            "44444444444444444444444444444444",
+        ];
+        // An ended session whose data was never discarded (the server stopped first).
+        std::fs::write(tmp.path().join(format!("{}.done", ids[0])), b"x").expect("done");
+        // A session whose creation stopped before its meta was written.
+        std::fs::write(tmp.path().join(format!("{}.data", ids[1])), b"").expect("data");
+        // A session whose end stopped between renaming its data and removing its meta.
+        std::fs::write(tmp.path().join(format!("{}.meta", ids[2])), b"{}").expect("meta");
+        // A session whose meta cannot be read.
+        std::fs::write(tmp.path().join(format!("{}.meta", ids[3])), b"not json").expect("meta");
+        std::fs::write(tmp.path().join(format!("{}.data", ids[3])), b"abc").expect("data");
+        // Something that is not a session at all stays.
+        std::fs::write(tmp.path().join("README"), b"keep").expect("other");
+
+        let n = up.expire(500).expect("expire");
+        assert_eq!(n, 5, "the old session and four leftovers");
+        assert_eq!(
+            files(tmp.path()),
+            vec![
+                "README".to_owned(),
+                format!("{B}.data"),
+                format!("{B}.meta")
+            ]
+        );
+        assert_eq!(up.list().expect("list"), vec![B.to_owned()]);
+        assert_eq!(up.expire(500).expect("again"), 0);
     }
 }

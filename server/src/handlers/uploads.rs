@@ -161,11 +161,26 @@ pub async fn status(app: &App, name: &str, id: &str) -> Result<Response<ResBody>
 pub async fn cancel(app: &App, name: &str, id: &str) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     session_len(app, name, id).await?;
+    end_session(app, id).await?;
+    Ok(reply(StatusCode::NO_CONTENT).empty())
+}
+
+/// Ends a session before the reply: from then on it is unknown. Its spool is removed after
+/// the reply (dropping hundreds of MiB from the page cache takes a good part of a second);
+/// if the server stops first, the next expiry pass removes it.
+async fn end_session(app: &App, id: &str) -> Result<(), ApiError> {
     app.warm.forget(id);
     let uploads = app.store.uploads().clone();
     let session = id.to_owned();
-    blocking(move || uploads.remove(&session).map_err(ApiError::from_engine)).await?;
-    Ok(reply(StatusCode::NO_CONTENT).empty())
+    blocking(move || uploads.end(&session).map_err(ApiError::from_engine)).await?;
+    let uploads = app.store.uploads().clone();
+    let session = id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = uploads.discard(&session) {
+            tracing::warn!(upload = %session, error = %e, "removing a finished upload's spool failed; the next expiry pass retries");
+        }
+    });
+    Ok(())
 }
 
 pub async fn patch(
@@ -389,10 +404,7 @@ pub async fn finish(
         }
     };
     // Finished or failed, the session is over: nothing of a mismatched upload is kept.
-    app.warm.forget(id);
-    let uploads = app.store.uploads().clone();
-    let session = id.to_owned();
-    blocking(move || uploads.remove(&session).map_err(ApiError::from_engine)).await?;
+    end_session(app, id).await?;
     result?;
     link(app, name, &digest).await?;
     Ok(created(name, &digest))
