@@ -42,7 +42,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         Err(d) => return denied(app, d).await,
     };
     let plan = Plan::before(app, &method, &r, &req, &access, peer);
-    let (res, failure) = match handlers::dispatch(app, &access, &path, r, req).await {
+    let (mut res, failure) = match handlers::dispatch(app, &access, &path, r, req).await {
         Ok(res) => (res, None),
         Err(e) => {
             let (code, _) = e.code_and_status();
@@ -54,8 +54,13 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
             app.audit.record(e).await;
         }
     }
+    res.extensions_mut().insert(Actor(access.actor()));
     res
 }
+
+/// Who made a request, as the audit log names them, for the request log line.
+#[derive(Clone, Debug)]
+pub struct Actor(pub String);
 
 /// The request's host, for the token realm (`Host`, or the authority of an HTTP/2 URI).
 fn host(req: &Request<Incoming>) -> Option<String> {
@@ -76,6 +81,7 @@ async fn denied(app: &App, d: Denial) -> Response<ResBody> {
         res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
     }
     if let Some(e) = d.audit {
+        res.extensions_mut().insert(Actor(e.actor.clone()));
         app.audit.record(e).await;
     }
     res

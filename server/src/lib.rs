@@ -385,13 +385,17 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let res = guard::serve(&app, peer, req).await;
     let status = res.status().as_u16();
-    let bytes = res
+    // A number when the length is known (absent for streamed bodies without one).
+    let bytes: Option<u64> = res
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
-    tracing::info!(%peer, %method, path, status, bytes, ms = started.elapsed().as_secs_f64() * 1000.0, "request");
+        .and_then(|v| v.parse().ok());
+    let actor = res
+        .extensions()
+        .get::<guard::Actor>()
+        .map_or("-", |a| a.0.as_str());
+    tracing::info!(%peer, actor, %method, path, status, bytes, ms = started.elapsed().as_secs_f64() * 1000.0, "request");
     Ok(res)
 }
 

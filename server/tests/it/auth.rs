@@ -12,7 +12,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::http::{call, Res};
-use crate::{have, oci, push_image_as, seeded, sha256, Registry};
+use crate::{have, oci, push_image_as, seeded, sha256, Registry, STDERR_FILE};
 use ballast_server::auth::token::{AccessEntry, Signer};
 
 /// Runs `ballast` with `stdin`; returns (exit code, stdout, stderr).
@@ -1212,4 +1212,72 @@ fn plain_http_off_loopback_needs_an_explicit_opt_in() {
         err.contains("refusing plain HTTP") && err.contains("insecure_plain_http"),
         "{err}"
     );
+}
+
+/// The request log names who made each request (also when they were denied), and a log
+/// written to a file carries no terminal colour codes.
+#[test]
+fn request_log_lines_name_the_actor() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let htpasswd = dir.join("htpasswd");
+    let (code, _, err) = ballast(
+        &[
+            "passwd",
+            &htpasswd.to_string_lossy(),
+            "runtime",
+            "--cost",
+            "4",
+        ],
+        &format!("{RUNTIME_PW}\n"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let config = dir.join("ballast.toml");
+    std::fs::write(&config, policy_toml(dir)).expect("config");
+    let log = dir.join("server.log");
+    let log_s = log.to_string_lossy().into_owned();
+    let mut r = Registry::start_args(
+        &dir.join("data"),
+        &[("BALLAST_LOG", "info"), (STDERR_FILE, log_s.as_str())],
+        &["--config", &config.to_string_lossy()],
+    );
+    let runtime = basic("runtime", RUNTIME_PW);
+    let as_runtime = [("Authorization", runtime.as_str())];
+    assert_eq!(
+        call("GET", &r.url("/v2/team-a/api/tags/list"), &as_runtime, None).status,
+        404
+    );
+    assert_eq!(
+        call("GET", &r.url("/v2/team-c/api/tags/list"), &as_runtime, None).status,
+        403
+    );
+    assert_eq!(
+        call("GET", &r.url("/v2/public/base/tags/list"), &[], None).status,
+        404
+    );
+    r.stop();
+
+    let text = std::fs::read_to_string(&log).expect("server log");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file:\n{text}"
+    );
+    let line = |path: &str| {
+        text.lines()
+            .find(|l| l.contains(" request ") && l.contains(&format!("path=\"{path}\"")))
+            .unwrap_or_else(|| panic!("no request line for {path} in:\n{text}"))
+            .to_owned()
+    };
+    let granted = line("/v2/team-a/api/tags/list");
+    assert!(
+        granted.contains("actor=\"user:runtime\"") && granted.contains("status=404"),
+        "{granted}"
+    );
+    let denied = line("/v2/team-c/api/tags/list");
+    assert!(
+        denied.contains("actor=\"user:runtime\"") && denied.contains("status=403"),
+        "{denied}"
+    );
+    let anonymous = line("/v2/public/base/tags/list");
+    assert!(anonymous.contains("actor=\"anonymous\""), "{anonymous}");
 }

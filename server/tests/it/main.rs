@@ -15,6 +15,9 @@ use std::process::{Child, Command, Stdio};
 
 use sha2::Digest as _;
 
+/// A setting for [`Registry::start_with`]: the file the server's log (stderr) goes to.
+pub const STDERR_FILE: &str = "STDERR_FILE";
+
 /// A `ballast serve` process on a free loopback port, stopped (SIGTERM) on drop.
 pub struct Registry {
     child: Option<Child>,
@@ -109,12 +112,24 @@ fn spawn(
         cmd.env_remove(k);
     }
     cmd.env("BALLAST_LOG", "warn");
+    // `(STDERR_FILE, path)` among the settings sends the server's log to a file (appended,
+    // so it survives a restart) instead of the test's own stderr.
+    let mut stderr = Stdio::inherit();
     for (k, v) in env {
-        cmd.env(k, v);
+        if k == STDERR_FILE {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(v)
+                .expect("log file");
+            stderr = Stdio::from(f);
+        } else {
+            cmd.env(k, v);
+        }
     }
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("start ballast");
     let stdout = child.stdout.take().expect("stdout");
