@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 mod guard;
 mod handlers;
+pub mod logbuf;
 pub mod routes;
 mod tls;
 

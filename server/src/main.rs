@@ -290,14 +290,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
-    // Log lines are written by a background thread, so a request never waits on stderr; the
-    // guard flushes what is queued when the server stops. The thread writes whatever lines
-    // are queued in one system call (it flushes when the queue runs dry), not one per line;
-    // colours only on a terminal, never in a log file.
+    // Log lines are gathered in memory and written by a background thread (logbuf.rs), so a
+    // request never waits on stderr; the guard flushes what is left when the server stops.
+    // Colours only on a terminal, never in a log file.
     let stderr = std::io::stderr();
     let ansi = stderr.is_terminal();
-    let (log_writer, _flush_logs) =
-        tracing_appender::non_blocking(std::io::BufWriter::with_capacity(64 << 10, stderr));
+    let (log_writer, _flush_logs) = ballast_server::logbuf::batched(stderr);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("log filter")?)
         .with_target(false)
