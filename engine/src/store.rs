@@ -17,7 +17,8 @@ use crate::io::{write_atomic, FileHandle, OpenMode, RealStorage, Storage, Writeb
 use crate::recipe::{Recipe, RecipePiece};
 use crate::segment::{
     self, check_file_header, file_header, parse_segment_file_name, record_header, segment_path,
-    RecordKind, CHUNK_PREFIX_LEN, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_MAGIC,
+    Check, RecordKind, CHUNK_PREFIX_LEN, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN,
+    SEGMENT_MAGIC,
 };
 use crate::sys::Map;
 use crate::uploads::Uploads;
@@ -874,6 +875,11 @@ impl Store {
 
     /// Reads and checks the record at `loc`; returns its flags and payload.
     fn read_record(&self, loc: &Location) -> Result<(u8, Bytes)> {
+        self.read_record_with(loc, Check::Crc)
+    }
+
+    /// [`Store::read_record`], checking as `check` says.
+    fn read_record_with(&self, loc: &Location, check: Check) -> Result<(u8, Bytes)> {
         let path = || segment_path(&self.inner.seg_dir, loc.segment);
         match self.segment_data(loc.segment)? {
             SegmentData::Mapped(map) => {
@@ -881,7 +887,7 @@ impl Store {
                 let bytes = map.get(start..).ok_or_else(|| {
                     Error::corrupted(path(), loc.offset, "record offset past end of segment")
                 })?;
-                let (h, payload) = segment::decode_record(&path(), loc.offset, bytes)?;
+                let (h, payload) = segment::decode_record_with(&path(), loc.offset, bytes, check)?;
                 if h.len != loc.len {
                     return Err(Error::corrupted(
                         path(),
@@ -894,7 +900,7 @@ impl Store {
                 Ok((h.flags, Bytes::from_owner(MapSlice { map, begin, end })))
             }
             SegmentData::File(file) => {
-                let (h, payload) = segment::read_record(&file, loc.offset)?;
+                let (h, payload) = segment::read_record_with(&file, loc.offset, check)?;
                 if h.len != loc.len {
                     return Err(Error::corrupted(
                         path(),
@@ -909,7 +915,13 @@ impl Store {
 
     /// The raw bytes of a chunk; uncompressed chunks of sealed segments are not copied.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Bytes> {
-        let (loc, flags, payload) = self.read_located(Table::Chunks, &id.0)?;
+        // With BLAKE3 verification on, the id check below covers what the record's CRC would.
+        let check = if self.inner.opts.verify_chunk_ids {
+            Check::Content
+        } else {
+            Check::Crc
+        };
+        let (loc, flags, payload) = self.read_located(Table::Chunks, &id.0, check)?;
         let path = || segment_path(&self.inner.seg_dir, loc.segment);
         if payload.len() < CHUNK_PREFIX_LEN || payload[..32] != id.0 {
             return Err(Error::corrupted(
@@ -946,7 +958,12 @@ impl Store {
 
     /// Locates a key and reads its record. A collection may remove the segment between the
     /// lookup and the read; the lookup is then repeated and finds the moved copy.
-    fn read_located(&self, table: Table, key: &[u8; 32]) -> Result<(Location, u8, Bytes)> {
+    fn read_located(
+        &self,
+        table: Table,
+        key: &[u8; 32],
+        check: Check,
+    ) -> Result<(Location, u8, Bytes)> {
         let what = || match table {
             Table::Chunks => format!("chunk {}", ChunkId(*key)),
             Table::Blobs => format!("blob {}", hex::encode(key)),
@@ -958,7 +975,7 @@ impl Store {
             if !self.inner.segments.read().contains_key(&loc.segment) {
                 continue;
             }
-            match self.read_record(&loc) {
+            match self.read_record_with(&loc, check) {
                 Ok((flags, payload)) => return Ok((loc, flags, payload)),
                 Err(e) if !self.inner.segments.read().contains_key(&loc.segment) => drop(e),
                 Err(e) => return Err(e),
@@ -980,7 +997,7 @@ impl Store {
                 return Ok(r.clone());
             }
         }
-        let (loc, _, payload) = self.read_located(Table::Blobs, &key)?;
+        let (loc, _, payload) = self.read_located(Table::Blobs, &key, Check::Crc)?;
         let recipe = Recipe::decode(
             &segment_path(&self.inner.seg_dir, loc.segment),
             loc.offset,
