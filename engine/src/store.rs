@@ -450,6 +450,11 @@ impl Store {
         self.inner.gc.lock().writing.remove(&writer);
     }
 
+    /// True while blob writers run (a collection paces its compaction then).
+    pub(crate) fn has_writers(&self) -> bool {
+        !self.inner.gc.lock().writing.is_empty()
+    }
+
     /// Chunks that running blob writers deduplicated against (for a collection's mark,
     /// called after it started).
     pub(crate) fn writing_chunks(&self) -> Vec<ChunkId> {

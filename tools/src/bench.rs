@@ -65,6 +65,7 @@ fn rate(bytes: u64, took: Duration) -> f64 {
 }
 
 use ballast_engine::testdata::seeded as random_bytes;
+use bytes::Bytes;
 
 struct Sizes {
     blobs: usize,
@@ -110,10 +111,15 @@ fn manifest_like(i: usize) -> Vec<u8> {
     m.into_bytes()
 }
 
-fn ingest(store: &Store, data: &[u8]) -> ballast_engine::Result<Digest> {
+/// Writes a blob in 1 MiB pieces of shared bytes, as the server feeds request bodies (the
+/// writer's threads share them instead of copying).
+fn ingest(store: &Store, data: &Bytes) -> ballast_engine::Result<Digest> {
     let mut w = BlobWriter::new(store, Algorithm::Sha256, ChunkMode::Plain);
-    for piece in data.chunks(1 << 20) {
-        w.write(piece)?;
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + (1 << 20)).min(data.len());
+        w.write_bytes(data.slice(at..end))?;
+        at = end;
     }
     Ok(w.finish(None)?.recipe.digest.clone())
 }
@@ -283,7 +289,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     let mut digests = Vec::new();
     let mut took = Duration::ZERO;
     for i in 0..sizes.blobs {
-        let blob = random_bytes(sizes.blob_len, 1 + i as u64);
+        let blob = Bytes::from(random_bytes(sizes.blob_len, 1 + i as u64));
         let start = Instant::now();
         digests.push(ingest(&store, &blob).map_err(err("ingesting"))?);
         took += start.elapsed();
@@ -307,7 +313,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     run.step("ingest duplicate");
     let mut took = Duration::ZERO;
     for i in 0..sizes.blobs {
-        let blob = random_bytes(sizes.blob_len, 1 + i as u64);
+        let blob = Bytes::from(random_bytes(sizes.blob_len, 1 + i as u64));
         let start = Instant::now();
         ingest(&store, &blob).map_err(err("ingesting again"))?;
         took += start.elapsed();
@@ -470,7 +476,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     let ingest_rate = under_gc(
         &mut |_| {
             seed += 1;
-            let blob = random_bytes(step, seed);
+            let blob = Bytes::from(random_bytes(step, seed));
             ingest(&store, &blob).map_err(err("ingesting"))?;
             Ok(step as u64)
         },
@@ -510,7 +516,8 @@ fn make_garbage(store: &Store, bytes: u64, seed: u64) -> Result<Vec<Op>, String>
     let blob = 4 << 20;
     let mut ops = Vec::new();
     for i in 0..(bytes as usize / blob).max(6) {
-        let d = ingest(store, &random_bytes(blob, seed + i as u64)).map_err(err("ingesting"))?;
+        let d = ingest(store, &Bytes::from(random_bytes(blob, seed + i as u64)))
+            .map_err(err("ingesting"))?;
         if i % 3 == 0 {
             ops.push(Op::LinkBlob {
                 repo: "bench".into(),
