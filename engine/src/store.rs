@@ -1204,10 +1204,17 @@ impl Store {
         gc.pinned_blobs.clear();
         drop(gc);
         self.inner.recipes.lock().clear();
-        // Remember which segments a collection removed, so fsck can tell them from lost ones.
+        // Remember which segments a collection removed, so fsck can tell them from lost ones,
+        // for as long as an index file still names them: index merges drop the entries into
+        // removed segments, and later index files never name them, so the list stays as long
+        // as what the indexes still name, not as long as the store's history.
         let list = {
+            let mut candidates = self.inner.removed.lock().clone();
+            candidates.extend(victims.iter().copied());
+            let named = self.segments_named_by_indexes(&candidates);
             let mut removed = self.inner.removed.lock();
             removed.extend(victims.iter().copied());
+            removed.retain(|id| named.contains(id));
             removed
                 .iter()
                 .map(|id| format!("{id}\n"))
@@ -1280,6 +1287,40 @@ impl Store {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs());
         (len, mtime)
+    }
+
+    /// Which of `candidates` some index file has an entry into.
+    fn segments_named_by_indexes(
+        &self,
+        candidates: &std::collections::BTreeSet<u64>,
+    ) -> HashSet<u64> {
+        let mut named = HashSet::new();
+        // A snapshot: lookups and index swaps go on meanwhile (swaps only ever drop entries
+        // into removed segments).
+        let files = self.inner.indexes.read().clone();
+        for file in files.iter() {
+            let mut in_range = candidates.range(file.lo..=file.hi).peekable();
+            if in_range.peek().is_none() {
+                continue;
+            }
+            if file.lo == file.hi {
+                // A segment's own index file names nothing but that segment.
+                if file.iter(Table::Chunks).next().is_some()
+                    || file.iter(Table::Blobs).next().is_some()
+                {
+                    named.insert(file.lo);
+                }
+                continue;
+            }
+            for table in [Table::Chunks, Table::Blobs] {
+                for (_, loc) in file.iter(table) {
+                    if candidates.contains(&loc.segment) {
+                        named.insert(loc.segment);
+                    }
+                }
+            }
+        }
+        named
     }
 
     /// True when a collection removed the segment (for fsck).

@@ -276,3 +276,96 @@ fn gc_online_with_concurrent_pushes_pulls_and_deletes() {
     drop(store);
     check(&Store::open(dir.path(), small()).expect("reopen"));
 }
+
+fn removed_list(dir: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(dir.join("removed-segments"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.parse().expect("segment id"))
+        .collect()
+}
+
+/// The list of segments collections removed keeps an id only while an index file still names
+/// that segment: once merges have dropped its entries, the next collection forgets it, so the
+/// list (read at every open) does not grow with the store's history.
+#[test]
+fn removed_segments_are_forgotten_once_no_index_names_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), small()).expect("open");
+    let opts = GcOptions {
+        grace_secs: 0,
+        dead_fraction_min: 0.01,
+        ..GcOptions::default()
+    };
+    // Garbage: blobs nothing links.
+    for i in 0..6u64 {
+        store
+            .put_blob(&seeded(150_000, 5000 + i), None)
+            .expect("put");
+    }
+    store.seal_active().expect("seal");
+    collect(&store, &opts, now_secs()).expect("first gc");
+    let first = removed_list(dir.path());
+    assert!(!first.is_empty(), "the first collection removed segments");
+
+    // Many more segments (kept), so the index files of the removed ones merge away.
+    let mut kept = Vec::new();
+    for i in 0..60u64 {
+        let data = seeded(100_000, 7000 + i);
+        let d = sha256(&data);
+        store.put_blob(&data, None).expect("put");
+        link(&store, "repo", &d, now_secs());
+        publish(&store, "repo", &format!("k{i}"), &d);
+        kept.push(data);
+    }
+    store.seal_active().expect("seal");
+    let named_before: std::collections::HashSet<u64> = store
+        .index_files()
+        .iter()
+        .flat_map(|f| {
+            f.iter(ballast_engine::index::Table::Chunks)
+                .chain(f.iter(ballast_engine::index::Table::Blobs))
+                .map(|(_, l)| l.segment)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let still_named: Vec<u64> = first
+        .iter()
+        .copied()
+        .filter(|id| named_before.contains(id))
+        .collect();
+    assert!(
+        still_named.len() < first.len(),
+        "merges dropped the entries of some removed segments ({still_named:?} of {first:?})"
+    );
+
+    // More garbage, and a second collection.
+    for i in 0..3u64 {
+        store
+            .put_blob(&seeded(150_000, 9000 + i), None)
+            .expect("put");
+    }
+    store.seal_active().expect("seal");
+    collect(&store, &opts, now_secs()).expect("second gc");
+    let second = removed_list(dir.path());
+    for id in &first {
+        assert_eq!(
+            second.contains(id),
+            still_named.contains(id),
+            "segment {id}: kept in the list exactly while an index names it"
+        );
+    }
+    assert!(
+        second.iter().any(|id| !first.contains(id)),
+        "the second collection's victims are listed"
+    );
+    let report = verify::fsck(&store, &|_, _, _| {});
+    assert!(report.is_clean(), "{:?}", report.findings);
+    drop(store);
+    let store = Store::open(dir.path(), small()).expect("reopen");
+    for data in &kept {
+        assert_eq!(&store.read_blob(&sha256(data)).expect("kept"), data);
+    }
+    let report = verify::fsck(&store, &|_, _, _| {});
+    assert!(report.is_clean(), "{:?}", report.findings);
+}
