@@ -56,6 +56,10 @@ pub struct Inspection {
     pub dead_bytes: u64,
     /// `logical_bytes / segment_bytes`.
     pub reduction_ratio: f64,
+    /// Unfinished upload sessions.
+    pub upload_sessions: u64,
+    /// Bytes their spools hold (they expire after `upload_max_age_secs`).
+    pub upload_bytes: u64,
     /// Per repository.
     pub repositories: BTreeMap<String, RepoStats>,
 }
@@ -166,5 +170,13 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
     } else {
         out.logical_bytes as f64 / out.segment_bytes as f64
     };
+    let uploads = store.uploads();
+    for id in uploads.list()? {
+        // A session that ends meanwhile is simply not counted.
+        if let Ok((_, len)) = uploads.status(&id) {
+            out.upload_sessions += 1;
+            out.upload_bytes += len;
+        }
+    }
     Ok(out)
 }

@@ -279,6 +279,12 @@ fn write_inspection(
         human_bytes(i.live_bytes),
         human_bytes(i.dead_bytes)
     )?;
+    writeln!(
+        out,
+        "  uploads         {} unfinished, {} spooled",
+        i.upload_sessions,
+        human_bytes(i.upload_bytes)
+    )?;
     if !i.repositories.is_empty() {
         writeln!(
             out,

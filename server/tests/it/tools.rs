@@ -52,6 +52,17 @@ fn fsck_and_inspect_on_a_real_directory() {
     push_image(&r, "team-a/api", "v1", 1, 600_000);
     push_image(&r, "team-b/web", "v1", 1, 600_000); // the same layer: stored once
     push_image(&r, "team-b/web", "v2", 2, 300_000);
+    // An unfinished chunked upload, which inspect counts.
+    let started = call("POST", &r.url("/v2/team-a/api/blobs/uploads/"), &[], None);
+    assert_eq!(started.status, 202);
+    let location = started.header("location").expect("location").to_owned();
+    let patched = call(
+        "PATCH",
+        &r.url(&location),
+        &[("Content-Type", "application/octet-stream")],
+        Some(&[7u8; 12_345]),
+    );
+    assert_eq!(patched.status, 202);
 
     // While the server holds the directory, the tools refuse with a clear message.
     let (code, text) = ballast(&["fsck", dir]);
@@ -87,9 +98,12 @@ fn fsck_and_inspect_on_a_real_directory() {
         "its layer is shared"
     );
     assert!(i["repositories"]["team-b/web"]["unique_bytes"].as_u64() > Some(250_000));
+    assert_eq!(i["upload_sessions"], json!(1), "{i}");
+    assert_eq!(i["upload_bytes"], json!(12_345), "{i}");
     let (code, text) = ballast(&["inspect", dir]);
     assert_eq!(code, 0);
     assert!(text.contains("team-b/web"), "{text}");
+    assert!(text.contains("1 unfinished"), "{text}");
 
     let (code, text) = ballast(&["fsck", tmp.path().join("nothing").to_str().expect("utf8")]);
     assert_eq!(code, 2);
