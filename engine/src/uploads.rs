@@ -191,6 +191,20 @@ impl Uploads {
             .collect())
     }
 
+    /// Sessions started before `cutoff` (seconds since the epoch), with their lengths: what
+    /// [`Uploads::expire`] would remove.
+    pub fn started_before(&self, cutoff: u64) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for id in self.list()? {
+            if let Ok((meta, len)) = self.status(&id) {
+                if meta.started_at < cutoff {
+                    out.push((id, len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes sessions started before `cutoff` (seconds since the epoch), and what crashes
     /// or deferred removals left behind: data of ended sessions, a data file whose session
     /// was never completed, a meta file whose data is gone. Returns how many sessions and

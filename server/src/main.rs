@@ -58,6 +58,10 @@ enum Command {
         /// Also remove manifests that no tag, index or subject reaches.
         #[arg(long)]
         delete_untagged: bool,
+        /// Remove unfinished upload sessions started more than this many seconds ago (the
+        /// server's `upload_max_age_secs` does the same while it runs).
+        #[arg(long, default_value_t = 86400)]
+        upload_max_age: u64,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -187,6 +191,7 @@ fn main() -> anyhow::Result<()> {
             dry_run,
             grace,
             delete_untagged,
+            upload_max_age,
             json,
         } => {
             let opts = ballast_engine::gc::GcOptions {
@@ -195,7 +200,13 @@ fn main() -> anyhow::Result<()> {
                 dry_run,
                 ..Default::default()
             };
-            std::process::exit(ballast_tools::gc(&dir, &opts, json, &mut std::io::stdout()))
+            std::process::exit(ballast_tools::gc(
+                &dir,
+                &opts,
+                upload_max_age,
+                json,
+                &mut std::io::stdout(),
+            ))
         }
         Command::Inspect { dir, json } => {
             std::process::exit(ballast_tools::inspect(&dir, json, &mut std::io::stdout()))

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use ballast_engine::{gc, inspect, verify, Error, Options, Store};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
 
 /// Exit code: clean (fsck) or success.
 pub const EXIT_OK: i32 = 0;
@@ -305,9 +306,26 @@ fn write_inspection(
     Ok(())
 }
 
-/// `ballast gc DIR [--dry-run] [--grace SECONDS] [--delete-untagged] [--json]`; returns the
-/// exit code (0 done, 2 could not run).
-pub fn gc(dir: &Path, opts: &gc::GcOptions, json: bool, out: &mut dyn Write) -> i32 {
+/// What `ballast gc` reports: the collection, and the upload sessions it expired.
+#[derive(Serialize)]
+struct GcOutput {
+    #[serde(flatten)]
+    report: gc::GcReport,
+    /// Unfinished upload sessions removed (or that would be, with `--dry-run`).
+    uploads_expired: u64,
+    /// Bytes their spools held.
+    upload_bytes_freed: u64,
+}
+
+/// `ballast gc DIR [--dry-run] [--grace SECONDS] [--delete-untagged] [--upload-max-age
+/// SECONDS] [--json]`; returns the exit code (0 done, 2 could not run).
+pub fn gc(
+    dir: &Path,
+    opts: &gc::GcOptions,
+    upload_max_age_secs: u64,
+    json: bool,
+    out: &mut dyn Write,
+) -> i32 {
     let store = match open_offline(dir, Options::default()) {
         Ok(s) => s,
         Err(msg) => {
@@ -315,8 +333,28 @@ pub fn gc(dir: &Path, opts: &gc::GcOptions, json: bool, out: &mut dyn Write) -> 
             return EXIT_FAILED;
         }
     };
-    let report = match gc::collect(&store, opts, gc::now_secs()) {
-        Ok(r) => r,
+    let now = gc::now_secs();
+    // Abandoned uploads first: their spools are what a collection reclaims besides segments.
+    let uploads = store.uploads();
+    let old = match uploads.started_before(now.saturating_sub(upload_max_age_secs)) {
+        Ok(old) => old,
+        Err(e) => {
+            let _ = writeln!(out, "gc: listing upload sessions: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    if !opts.dry_run {
+        if let Err(e) = uploads.expire(now.saturating_sub(upload_max_age_secs)) {
+            let _ = writeln!(out, "gc: removing old upload sessions: {e}");
+            return EXIT_FAILED;
+        }
+    }
+    let report = match gc::collect(&store, opts, now) {
+        Ok(r) => GcOutput {
+            report: r,
+            uploads_expired: old.len() as u64,
+            upload_bytes_freed: old.iter().map(|(_, len)| len).sum(),
+        },
         Err(e) => {
             let _ = writeln!(out, "gc: {e}");
             return EXIT_FAILED;
@@ -327,22 +365,26 @@ pub fn gc(dir: &Path, opts: &gc::GcOptions, json: bool, out: &mut dyn Write) -> 
         return EXIT_FAILED;
     }
     let written = write_output(out, json, &report, |out| {
-        let verb = if report.dry_run {
+        let verb = if report.report.dry_run {
             "would free"
         } else {
             "freed"
         };
+        let r = &report.report;
         writeln!(
             out,
-            "gc {}: {verb} {} ({} of {} segments compacted, {} live moved); {} blob links and {} manifests {}",
+            "gc {}: {verb} {} ({} of {} segments compacted, {} live moved); {} blob links and {} manifests {}; {} unfinished uploads ({}) {}",
             dir.display(),
-            human_bytes(report.bytes_reclaimed),
-            report.segments_compacted,
-            report.segments_examined,
-            human_bytes(report.bytes_moved),
-            report.blob_links_removed,
-            report.manifests_removed,
-            if report.dry_run { "would be removed" } else { "removed" }
+            human_bytes(r.bytes_reclaimed),
+            r.segments_compacted,
+            r.segments_examined,
+            human_bytes(r.bytes_moved),
+            r.blob_links_removed,
+            r.manifests_removed,
+            if r.dry_run { "would be removed" } else { "removed" },
+            report.uploads_expired,
+            human_bytes(report.upload_bytes_freed),
+            if r.dry_run { "would expire" } else { "expired" },
         )
     });
     if written.is_err() {

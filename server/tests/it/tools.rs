@@ -289,16 +289,48 @@ fn gc_online_on_request_and_offline() {
     );
     assert_eq!(sha256(&layer.body), new_layer);
     assert_eq!(layer.body, seeded(1_500_000, 11));
+    // Two unfinished uploads; one of them will have been abandoned two days ago.
+    let mut sessions = Vec::new();
+    for len in [4321usize, 1234] {
+        let started = call("POST", &r.url("/v2/app/blobs/uploads/"), &[], None);
+        let location = started.header("location").expect("location").to_owned();
+        let patched = call("PATCH", &r.url(&location), &[], Some(&vec![1u8; len]));
+        assert_eq!(patched.status, 202);
+        sessions.push(location.rsplit('/').next().expect("id").to_owned());
+    }
     r.stop();
+    let meta = data.join("uploads").join(format!("{}.meta", sessions[0]));
+    let two_days_ago = ballast_server::now_secs() - 2 * 86400;
+    std::fs::write(
+        &meta,
+        format!("{{\"repo\":\"app\",\"started_at\":{two_days_ago}}}"),
+    )
+    .expect("age the session");
 
     assert_eq!(ballast(&["fsck", dir]).0, 0);
+    let (code, text) = ballast(&["gc", "--dry-run", dir]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("would free"), "{text}");
+    assert!(
+        text.contains("1 unfinished uploads (4.22 KiB) would expire"),
+        "{text}"
+    );
+    assert!(meta.exists(), "a dry run removes nothing");
     let (code, text) = ballast(&["gc", "--grace", "0", "--json", dir]);
     assert_eq!(code, 0, "{text}");
     let offline: Value = serde_json::from_str(&text).expect("json");
     assert_eq!(offline["blob_links_removed"], json!(0), "{offline}");
-    let (code, text) = ballast(&["gc", "--dry-run", dir]);
+    assert_eq!(offline["uploads_expired"], json!(1), "{offline}");
+    assert_eq!(offline["upload_bytes_freed"], json!(4321), "{offline}");
+    let (code, text) = ballast(&["inspect", "--json", dir]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("would free"), "{text}");
+    let i: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        i["upload_sessions"],
+        json!(1),
+        "the recent session stays: {i}"
+    );
+    assert_eq!(i["upload_bytes"], json!(1234), "{i}");
     let (code, text) = ballast(&["fsck", dir]);
     assert_eq!(code, 0, "{text}");
 }
