@@ -6,14 +6,14 @@ use ballast_engine::catalog::{ManifestLink, Op, State};
 use ballast_engine::{names, Algorithm, Digest, Error as EngineError};
 use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use hyper::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, ETAG, LOCATION};
 use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
 
 use super::{blocking, check_name, query, reply};
 use crate::body::{full, read_limited, ResBody};
 use crate::error::ApiError;
-use crate::{now_secs, App};
+use crate::{now_secs, App, CachedManifest};
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -243,24 +243,29 @@ pub async fn get(
         })?;
         (digest, link.media_type.clone(), link.size)
     };
+    let cached = match app.manifests.get(&digest) {
+        Some(c) => c,
+        None => {
+            let (store, d) = (app.store.clone(), digest.clone());
+            let bytes =
+                blocking(move || store.read_blob(&d).map_err(ApiError::from_engine)).await?;
+            let c = CachedManifest::new(&digest, Bytes::from(bytes));
+            app.manifests.put(digest, c.clone());
+            c
+        }
+    };
     let r = reply(StatusCode::OK)
         .header(CONTENT_TYPE, media_type.as_str())
-        .header("Docker-Content-Digest", digest.to_string())
-        .header("ETag", format!("\"{digest}\""))
-        .header(CONTENT_LENGTH, size.to_string());
+        .header(DOCKER_CONTENT_DIGEST, cached.digest)
+        .header(ETAG, cached.etag)
+        .header(CONTENT_LENGTH, size);
     if head {
         return Ok(r.body(crate::body::empty()));
     }
-    let store = app.store.clone();
-    if let Some(bytes) = app.manifests.get(&digest) {
-        return Ok(r.body(full(bytes)));
-    }
-    let d = digest.clone();
-    let bytes = blocking(move || store.read_blob(&d).map_err(ApiError::from_engine)).await?;
-    let bytes = Bytes::from(bytes);
-    app.manifests.put(digest, bytes.clone());
-    Ok(r.body(full(bytes)))
+    Ok(r.body(full(cached.bytes)))
 }
+
+const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 
 pub async fn put(
     app: &App,
