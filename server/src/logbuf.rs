@@ -18,6 +18,9 @@ use tracing_subscriber::fmt::MakeWriter;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Buffered bytes that wake the writer at once.
 pub const BUFFER_MAX: usize = 256 << 10;
+/// Past this many buffered bytes (stderr is not being read), new lines are dropped and
+/// counted rather than held: a stuck log reader must not grow the server's memory.
+pub const BUFFER_LIMIT: usize = 16 << 20;
 
 struct Shared {
     buf: Mutex<Buffer>,
@@ -27,6 +30,8 @@ struct Shared {
 #[derive(Default)]
 struct Buffer {
     bytes: Vec<u8>,
+    /// Lines dropped since the last write because the buffer was full.
+    dropped: u64,
     stop: bool,
 }
 
@@ -81,6 +86,15 @@ fn run(shared: &Shared, mut out: impl Write) {
                 shared.wake.wait_for(&mut buf, FLUSH_INTERVAL);
             }
             std::mem::swap(&mut buf.bytes, &mut spare);
+            let dropped = std::mem::take(&mut buf.dropped);
+            if dropped > 0 {
+                spare.extend_from_slice(
+                    format!(
+                        "ballast: {dropped} log lines dropped: stderr was not read fast enough\n"
+                    )
+                    .as_bytes(),
+                );
+            }
             buf.stop
         };
         if !spare.is_empty() {
@@ -106,7 +120,11 @@ impl BatchedWriter {
 impl Write for BatchedWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         let mut buf = self.shared.buf.lock();
-        buf.bytes.extend_from_slice(data);
+        if buf.bytes.len() + data.len() > BUFFER_LIMIT {
+            buf.dropped += 1;
+        } else {
+            buf.bytes.extend_from_slice(data);
+        }
         if buf.bytes.len() >= BUFFER_MAX {
             self.shared.wake.notify_one();
         }
@@ -151,6 +169,60 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A sink that blocks until released, as a stderr nobody reads.
+    #[derive(Clone)]
+    struct Stuck {
+        inner: Sink,
+        open: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            let mut open = self.open.0.lock();
+            while !*open {
+                self.open.1.wait(&mut open);
+            }
+            self.inner.write(data)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_reader_costs_bounded_memory_and_the_drops_are_reported() {
+        let stuck = Stuck {
+            inner: Sink::default(),
+            open: Arc::new((Mutex::new(false), Condvar::new())),
+        };
+        let (w, guard) = batched(stuck.clone());
+        let mut lw = w.make_writer();
+        // The writer thread takes a first line and blocks on it.
+        lw.write_all(b"first\n").expect("write");
+        while !w.shared.buf.lock().bytes.is_empty() {
+            std::thread::sleep(FLUSH_INTERVAL / 10);
+        }
+        let line = [b'x'; 1023];
+        let lines = 2 * BUFFER_LIMIT / 1024;
+        for _ in 0..lines {
+            lw.write_all(&line).expect("write");
+            lw.write_all(b"\n").expect("write");
+        }
+        assert!(
+            w.shared.buf.lock().bytes.len() <= BUFFER_LIMIT,
+            "the buffer stays within its limit"
+        );
+        *stuck.open.0.lock() = true;
+        stuck.open.1.notify_all();
+        drop(guard);
+        let text = String::from_utf8(stuck.inner.0.lock().clone()).expect("utf-8");
+        assert!(text.starts_with("first\n"), "{}", &text[..20]);
+        assert!(
+            text.contains("log lines dropped: stderr was not read fast enough"),
+            "the drops are reported"
+        );
     }
 
     #[test]
