@@ -119,16 +119,27 @@ impl Audit {
 
     /// Records an event and waits (at most [`WAIT`]) until it is durable.
     pub async fn record(&self, event: Event) {
+        self.record_all(vec![event]).await;
+    }
+
+    /// Records events in order and waits (at most [`WAIT`]) until all are durable: one wait
+    /// for the last, since the writer syncs in order.
+    pub async fn record_all(&self, events: Vec<Event>) {
         let Some(tx) = &self.tx else { return };
-        let (ack, done) = tokio::sync::oneshot::channel();
-        match tx.try_send((event.line(), Some(ack))) {
-            Ok(()) => {
-                if tokio::time::timeout(WAIT, done).await.is_err() {
-                    tracing::warn!("audit log is slow: a line took over 1 s to become durable");
+        // The wait is for the last line that was queued.
+        let mut last = None;
+        for event in events {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            match tx.try_send((event.line(), Some(ack))) {
+                Ok(()) => last = Some(done),
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(done) = last {
+            if tokio::time::timeout(WAIT, done).await.is_err() {
+                tracing::warn!("audit log is slow: a line took over 1 s to become durable");
             }
         }
     }
@@ -316,5 +327,28 @@ mod tests {
         append(&path, &Event::new("cli:root", "robot.create")).expect("append");
         let last = std::fs::read_to_string(&path).expect("read");
         assert!(last.lines().last().expect("line").contains("robot.create"));
+    }
+
+    #[tokio::test]
+    async fn events_of_one_request_are_all_written_in_order_when_record_all_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        let audit = Audit::open(&path, 1 << 20, 2).expect("open");
+        let events = ["manifest.put", "tag.create", "tag.move"]
+            .iter()
+            .map(|a| Event::new("user:a", *a))
+            .collect();
+        audit.record_all(events).await;
+        // Read while the writer still runs: what record_all waited for is in the file.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let actions: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("json");
+                v["action"].as_str().expect("action").to_owned()
+            })
+            .collect();
+        assert_eq!(actions, ["manifest.put", "tag.create", "tag.move"]);
+        audit.close();
     }
 }

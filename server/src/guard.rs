@@ -50,9 +50,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         }
     };
     if let Some(plan) = plan {
-        for e in plan.after(&res, failure) {
-            app.audit.record(e).await;
-        }
+        app.audit.record_all(plan.after(&res, failure)).await;
     }
     res.extensions_mut().insert(Actor(access.actor()));
     res
