@@ -265,3 +265,79 @@ fn hostile_requests_get_spec_errors_and_change_nothing() {
     // And the server is still healthy.
     assert_eq!(call("GET", &r.url("/healthz"), &[], None).status, 200);
 }
+
+/// A PATCH cut off mid-body keeps what arrived, and the client resumes from the offset the
+/// session reports: the finished blob is byte-exact (the session's writer stayed in step with
+/// its spool, or the finish read the spool).
+#[test]
+fn a_cut_patch_resumes_from_the_reported_offset() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start(&tmp.path().join("data"));
+    // Large enough that the cut lands past the writer's threads starting (1 MiB).
+    let blob = seeded(3_000_000, 12);
+    let bd = sha256(&blob);
+    for (round, cut) in [1_700_000usize, 2_999_999, 12_345].into_iter().enumerate() {
+        let repo = format!("resume/r{round}");
+        let res = call(
+            "POST",
+            &r.url(&format!("/v2/{repo}/blobs/uploads/")),
+            &[],
+            None,
+        );
+        assert_eq!(res.status, 202);
+        let loc = res.header("location").expect("Location").to_owned();
+        let mut s = TcpStream::connect(r.addr).expect("connect");
+        write!(
+            s,
+            "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            blob.len()
+        )
+        .expect("head");
+        s.write_all(&blob[..cut]).expect("part");
+        drop(s);
+        // The server notices the broken body; then the session reports what it kept.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let kept = loop {
+            let st = call("GET", &r.url(&loc), &[], None);
+            assert_eq!(st.status, 204);
+            let end: usize = st
+                .header("range")
+                .and_then(|v| v.split('-').nth(1))
+                .and_then(|v| v.parse().ok())
+                .expect("Range");
+            // `Range: 0-0` is also what an empty session says.
+            let kept = if end == 0 { 0 } else { end + 1 };
+            if kept == cut || Instant::now() > deadline {
+                break kept;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(kept <= cut, "round {round}: {kept} kept, {cut} sent");
+        let rest = call(
+            "PATCH",
+            &r.url(&loc),
+            &[
+                ("Content-Type", "application/octet-stream"),
+                ("Content-Range", &format!("{kept}-{}", blob.len() - 1)),
+            ],
+            Some(&blob[kept..]),
+        );
+        assert_eq!(
+            rest.status,
+            202,
+            "round {round}: {}",
+            String::from_utf8_lossy(&rest.body)
+        );
+        let loc = rest.header("location").expect("Location").to_owned();
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let fin = call("PUT", &r.url(&format!("{loc}{sep}digest={bd}")), &[], None);
+        assert_eq!(
+            fin.status,
+            201,
+            "round {round}: {}",
+            String::from_utf8_lossy(&fin.body)
+        );
+        let back = call("GET", &r.url(&format!("/v2/{repo}/blobs/{bd}")), &[], None);
+        assert!(back.body == blob, "round {round}: the resumed blob differs");
+    }
+}
