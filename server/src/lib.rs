@@ -424,7 +424,7 @@ async fn handle(
         .extensions()
         .get::<guard::Actor>()
         .map_or("-", |a| a.0.as_str());
-    tracing::info!(%peer, actor, %method, path, status, bytes, ms = started.elapsed().as_secs_f64() * 1000.0, "request");
+    tracing::info!(%peer, actor, %method, path, status, bytes, ms = %format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0), "request");
     Ok(res)
 }
 

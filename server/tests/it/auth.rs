@@ -1278,6 +1278,14 @@ fn request_log_lines_name_the_actor() {
         denied.contains("actor=\"user:runtime\"") && denied.contains("status=403"),
         "{denied}"
     );
+    let ms = granted
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("ms="))
+        .expect("ms field");
+    assert!(
+        ms.split_once('.').is_some_and(|(_, frac)| frac.len() == 3),
+        "duration in ms with three decimals: {granted}"
+    );
     let anonymous = line("/v2/public/base/tags/list");
     assert!(anonymous.contains("actor=\"anonymous\""), "{anonymous}");
 }
