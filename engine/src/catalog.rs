@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::io::{write_atomic, FileHandle, OpenMode, Storage};
+use crate::io::{existed, write_atomic, FileHandle, OpenMode, Storage};
 use crate::segment::{
     self, check_file_header, file_header, record_header, RecordKind, JOURNAL_MAGIC,
 };
@@ -344,11 +344,7 @@ impl Catalog {
             self.dir.join(journal_name(old.generation)),
             self.dir.join(snapshot_name(old.generation)),
         ] {
-            match self.storage.remove(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&p, e)),
-            }
+            existed(&p, self.storage.remove(&p))?;
         }
         self.storage.sync_dir(&self.dir).map_err(io_err(&self.dir))
     }

@@ -170,13 +170,9 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
     } else {
         out.logical_bytes as f64 / out.segment_bytes as f64
     };
-    let uploads = store.uploads();
-    for id in uploads.list()? {
-        // A session that ends meanwhile is simply not counted.
-        if let Ok((_, len)) = uploads.status(&id) {
-            out.upload_sessions += 1;
-            out.upload_bytes += len;
-        }
-    }
+    // Every session started before the end of time (one that ends meanwhile is not counted).
+    let sessions = store.uploads().started_before(u64::MAX)?;
+    out.upload_sessions = sessions.len() as u64;
+    out.upload_bytes = sessions.iter().map(|(_, len)| len).sum();
     Ok(out)
 }

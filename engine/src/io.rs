@@ -71,6 +71,16 @@ pub trait Storage: Send + Sync + 'static {
     fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>>;
 }
 
+/// The outcome of removing or renaming `path` when it may already be gone: `Ok(true)` when
+/// it was there, `Ok(false)` when it was not, an error naming the path otherwise.
+pub fn existed(path: &Path, result: io::Result<()>) -> Result<bool> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// Appended bytes between writeback hints.
 pub const WRITEBACK_STEP: u64 = 8 << 20;
 

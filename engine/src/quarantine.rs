@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::io::{write_atomic, OpenMode, Storage};
+use crate::io::{existed, write_atomic, OpenMode, Storage};
 use crate::{Digest, Error, Result};
 
 /// File name in the data directory.
@@ -104,14 +104,10 @@ impl Quarantine {
     pub fn save(&self, storage: &dyn Storage, dir: &Path) -> Result<()> {
         let path = dir.join(FILE);
         if self.is_empty() {
-            return match storage.remove(&path) {
-                Ok(()) => storage.sync_dir(dir).map_err(|e| Error::Io {
-                    path: dir.to_path_buf(),
-                    source: e,
-                }),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::Io { path, source: e }),
-            };
+            if existed(&path, storage.remove(&path))? {
+                storage.sync_dir(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            return Ok(());
         }
         let mut q = self.clone();
         q.version = VERSION;

@@ -13,7 +13,9 @@ use crate::catalog::Catalog;
 use crate::digest::{ChunkId, Digest};
 use crate::error::{Error, Result};
 use crate::index::{self, Entry, IndexFile, Location, Table};
-use crate::io::{write_atomic, FileHandle, OpenMode, RealStorage, Storage, WritebackHints};
+use crate::io::{
+    existed, write_atomic, FileHandle, OpenMode, RealStorage, Storage, WritebackHints,
+};
 use crate::recipe::{Recipe, RecipePiece};
 use crate::segment::{
     self, check_file_header, file_header, parse_segment_file_name, record_header, segment_path,
@@ -1227,11 +1229,7 @@ impl Store {
         )?;
         for id in victims {
             let path = segment_path(&self.inner.seg_dir, *id);
-            match self.inner.storage.remove(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&path, e)),
-            }
+            existed(&path, self.inner.storage.remove(&path))?;
         }
         self.inner
             .storage
@@ -1299,8 +1297,7 @@ impl Store {
         // into removed segments).
         let files = self.inner.indexes.read().clone();
         for file in files.iter() {
-            let mut in_range = candidates.range(file.lo..=file.hi).peekable();
-            if in_range.peek().is_none() {
+            if candidates.range(file.lo..=file.hi).next().is_none() {
                 continue;
             }
             if file.lo == file.hi {

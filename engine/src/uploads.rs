@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::io::{write_atomic, FileHandle, OpenMode, Storage};
+use crate::io::{existed, write_atomic, FileHandle, OpenMode, Storage};
 
 /// What is kept about a session besides its bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,21 +138,15 @@ impl Uploads {
     /// renamed to `.done` for [`Uploads::discard`] (or the next [`Uploads::expire`]) to remove.
     pub fn end(&self, id: &str) -> Result<()> {
         validate_id(id)?;
-        let data = match self
-            .storage
-            .rename(&self.data_path(id), &self.done_path(id))
-        {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(Error::io(self.data_path(id), e)),
-        };
+        let data_path = self.data_path(id);
+        let data = existed(
+            &data_path,
+            self.storage.rename(&data_path, &self.done_path(id)),
+        )?;
         // The data file went first: a crash here leaves a meta without data, which is an
         // unknown session that `expire` sweeps.
-        let meta = match self.storage.remove(&self.meta_path(id)) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(Error::io(self.meta_path(id), e)),
-        };
+        let meta_path = self.meta_path(id);
+        let meta = existed(&meta_path, self.storage.remove(&meta_path))?;
         if !data && !meta {
             return Err(Error::NotFound(format!("upload {id}")));
         }
@@ -164,11 +158,8 @@ impl Uploads {
     /// Removes the data of a session that [`Uploads::end`] ended (nothing when it is gone).
     pub fn discard(&self, id: &str) -> Result<()> {
         validate_id(id)?;
-        match self.storage.remove(&self.done_path(id)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(self.done_path(id), e)),
-        }
+        let path = self.done_path(id);
+        existed(&path, self.storage.remove(&path)).map(drop)
     }
 
     /// Ends a session and removes its data now.
@@ -218,7 +209,8 @@ impl Uploads {
                 .list(&self.dir)
                 .map_err(|e| Error::io(&self.dir, e))?
         };
-        let has = |id: &str, ext: &str| names.iter().any(|n| *n == format!("{id}.{ext}"));
+        let present: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let has = |id: &str, ext: &str| present.contains(format!("{id}.{ext}").as_str());
         let mut n = 0;
         for name in &names {
             let Some((id, ext)) = name.rsplit_once('.') else {
@@ -229,8 +221,8 @@ impl Uploads {
             }
             let gone = match ext {
                 "done" => self.discard(id).is_ok(),
-                "data" if !has(id, "meta") => self.remove_file(&self.data_path(id)),
-                "meta" if !has(id, "data") => self.remove_file(&self.meta_path(id)),
+                "data" if !has(id, "meta") => self.storage.remove(&self.data_path(id)).is_ok(),
+                "meta" if !has(id, "data") => self.storage.remove(&self.meta_path(id)).is_ok(),
                 "meta" => match self.status(id) {
                     Ok((meta, _)) => meta.started_at < cutoff && self.remove(id).is_ok(),
                     // Unreadable meta: the session cannot be used; its files go.
@@ -242,10 +234,6 @@ impl Uploads {
             n += usize::from(gone);
         }
         Ok(n)
-    }
-
-    fn remove_file(&self, path: &Path) -> bool {
-        self.storage.remove(path).is_ok()
     }
 }
 

@@ -336,7 +336,8 @@ pub fn gc(
     let now = gc::now_secs();
     // Abandoned uploads first: their spools are what a collection reclaims besides segments.
     let uploads = store.uploads();
-    let old = match uploads.started_before(now.saturating_sub(upload_max_age_secs)) {
+    let cutoff = now.saturating_sub(upload_max_age_secs);
+    let old = match uploads.started_before(cutoff) {
         Ok(old) => old,
         Err(e) => {
             let _ = writeln!(out, "gc: listing upload sessions: {e}");
@@ -344,7 +345,7 @@ pub fn gc(
         }
     };
     if !opts.dry_run {
-        if let Err(e) = uploads.expire(now.saturating_sub(upload_max_age_secs)) {
+        if let Err(e) = uploads.expire(cutoff) {
             let _ = writeln!(out, "gc: removing old upload sessions: {e}");
             return EXIT_FAILED;
         }
