@@ -297,15 +297,18 @@ fn removed_segments_are_forgotten_once_no_index_names_them() {
         dead_fraction_min: 0.01,
         ..GcOptions::default()
     };
-    // Garbage: blobs nothing links.
-    for i in 0..6u64 {
-        store
-            .put_blob(&seeded(150_000, 5000 + i), None)
-            .expect("put");
-    }
-    store.seal_active().expect("seal");
-    collect(&store, &opts, now_secs()).expect("first gc");
-    let first = removed_list(dir.path());
+    // Garbage (blobs nothing links), sealed, then a collection.
+    let collect_garbage = |blobs: u64, seed: u64| {
+        for i in 0..blobs {
+            store
+                .put_blob(&seeded(150_000, seed + i), None)
+                .expect("put");
+        }
+        store.seal_active().expect("seal");
+        collect(&store, &opts, now_secs()).expect("gc");
+        removed_list(dir.path())
+    };
+    let first = collect_garbage(6, 5000);
     assert!(!first.is_empty(), "the first collection removed segments");
 
     // Many more segments (kept), so the index files of the removed ones merge away.
@@ -340,14 +343,7 @@ fn removed_segments_are_forgotten_once_no_index_names_them() {
     );
 
     // More garbage, and a second collection.
-    for i in 0..3u64 {
-        store
-            .put_blob(&seeded(150_000, 9000 + i), None)
-            .expect("put");
-    }
-    store.seal_active().expect("seal");
-    collect(&store, &opts, now_secs()).expect("second gc");
-    let second = removed_list(dir.path());
+    let second = collect_garbage(3, 9000);
     for id in &first {
         assert_eq!(
             second.contains(id),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::http::call;
+use crate::http::{call, Res};
 use crate::{seeded, sha256, Registry};
 
 /// Sends raw bytes and reads what comes back until the server closes or `limit` passes.
@@ -20,6 +20,25 @@ fn raw(r: &Registry, request: &[u8], limit: Duration) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     out
+}
+
+/// Sends a PATCH announcing `announced` body bytes, then only `part` of them, and hangs up.
+fn cut_patch(mut s: TcpStream, loc: &str, announced: usize, part: &[u8]) {
+    write!(
+        s,
+        "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {announced}\r\n\r\n"
+    )
+    .expect("head");
+    s.write_all(part).expect("part");
+}
+
+/// The last offset an upload status answer's `Range: 0-<end>` names.
+fn range_end(status: &Res) -> usize {
+    status
+        .header("range")
+        .and_then(|v| v.split('-').nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("Range")
 }
 
 fn status_of(response: &[u8]) -> u16 {
@@ -209,14 +228,7 @@ fn hostile_requests_get_spec_errors_and_change_nothing() {
             let res = call("POST", &r.url("/v2/cut/app/blobs/uploads/"), &[], None);
             assert_eq!(res.status, 202);
             let loc = res.header("location").expect("Location").to_owned();
-            write!(
-                s,
-                "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-                blob.len()
-            )
-            .expect("head");
-            s.write_all(&blob[..cut]).expect("part");
-            drop(s);
+            cut_patch(s, &loc, blob.len(), &blob[..cut]);
             // The server notices the broken body; the session's range never runs past what
             // arrived, and finishing it with the wrong bytes is refused.
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -224,12 +236,7 @@ fn hostile_requests_get_spec_errors_and_change_nothing() {
             while Instant::now() < deadline {
                 let st = call("GET", &r.url(&loc), &[], None);
                 if st.status == 204 {
-                    let end: usize = st
-                        .header("range")
-                        .and_then(|v| v.split('-').nth(1))
-                        .and_then(|v| v.parse().ok())
-                        .expect("Range");
-                    offset = Some(end);
+                    offset = Some(range_end(&st));
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -286,25 +293,18 @@ fn a_cut_patch_resumes_from_the_reported_offset() {
         );
         assert_eq!(res.status, 202);
         let loc = res.header("location").expect("Location").to_owned();
-        let mut s = TcpStream::connect(r.addr).expect("connect");
-        write!(
-            s,
-            "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-            blob.len()
-        )
-        .expect("head");
-        s.write_all(&blob[..cut]).expect("part");
-        drop(s);
+        cut_patch(
+            TcpStream::connect(r.addr).expect("connect"),
+            &loc,
+            blob.len(),
+            &blob[..cut],
+        );
         // The server notices the broken body; then the session reports what it kept.
         let deadline = Instant::now() + Duration::from_secs(10);
         let kept = loop {
             let st = call("GET", &r.url(&loc), &[], None);
             assert_eq!(st.status, 204);
-            let end: usize = st
-                .header("range")
-                .and_then(|v| v.split('-').nth(1))
-                .and_then(|v| v.parse().ok())
-                .expect("Range");
+            let end = range_end(&st);
             // `Range: 0-0` is also what an empty session says.
             let kept = if end == 0 { 0 } else { end + 1 };
             if kept == cut || Instant::now() > deadline {
