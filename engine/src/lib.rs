@@ -22,6 +22,7 @@ pub mod store;
 mod sys;
 pub mod testdata;
 pub mod uploads;
+mod verified;
 pub mod verify;
 
 pub use blob::{BlobReader, BlobWriter, Committed};

@@ -36,6 +36,10 @@ pub struct Options {
     pub zstd_level: i32,
     /// Check every chunk read against its BLAKE3 id (CRC is always checked).
     pub verify_chunk_ids: bool,
+    /// With `verify_chunk_ids`: a chunk verified at the same place less than this long ago
+    /// is not hashed again (concurrent pulls of one image read each chunk several times in
+    /// a moment). Zero hashes every read.
+    pub verify_reuse: std::time::Duration,
     /// Ignore index files and rebuild them from the segments (fsck's repair).
     pub rebuild_indexes: bool,
     /// Merge this many index files of one level into one.
@@ -49,6 +53,7 @@ impl Default for Options {
             compress: true,
             zstd_level: 1,
             verify_chunk_ids: false,
+            verify_reuse: std::time::Duration::ZERO,
             rebuild_indexes: false,
             index_merge_fanin: 4,
         }
@@ -66,6 +71,8 @@ pub struct Stats {
     pub bytes_appended: AtomicU64,
     /// fsyncs of segment files.
     pub syncs: AtomicU64,
+    /// Chunks read and checked against their BLAKE3 id.
+    pub chunks_verified: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -141,6 +148,8 @@ struct Inner {
     /// Segments removed by collections (the `removed-segments` file).
     removed: Mutex<std::collections::BTreeSet<u64>>,
     stats: Stats,
+    /// Verifications of chunk reads that later reads may reuse (verified.rs).
+    verified: crate::verified::RecentlyVerified,
     /// Damaged records and blobs set aside by `fsck --repair` (quarantine.rs); `damage` is
     /// true when it is not empty, so lookups pay nothing otherwise.
     quarantine: RwLock<Arc<crate::quarantine::Quarantine>>,
@@ -268,6 +277,7 @@ impl Store {
 
         let next_id = last.map_or(1, |l| l + 1);
         let removed = read_removed_segments(storage.as_ref(), dir)?;
+        let verified = crate::verified::RecentlyVerified::new(opts.verify_reuse);
         let inner = Arc::new(Inner {
             storage: storage.clone(),
             dir: dir.to_path_buf(),
@@ -293,6 +303,7 @@ impl Store {
             gc_lock: Mutex::new(()),
             removed: Mutex::new(removed),
             stats: Stats::default(),
+            verified,
             catalog,
             uploads,
             _lock: lock,
@@ -953,12 +964,19 @@ impl Store {
                 "chunk length differs from its header",
             ));
         }
-        if self.inner.opts.verify_chunk_ids && ChunkId::of(&data) != *id {
-            return Err(Error::corrupted(
-                path(),
-                loc.offset,
-                "chunk bytes do not match their BLAKE3 id",
-            ));
+        if self.inner.opts.verify_chunk_ids && !self.inner.verified.fresh(id, &loc) {
+            self.inner
+                .stats
+                .chunks_verified
+                .fetch_add(1, Ordering::Relaxed);
+            if ChunkId::of(&data) != *id {
+                return Err(Error::corrupted(
+                    path(),
+                    loc.offset,
+                    "chunk bytes do not match their BLAKE3 id",
+                ));
+            }
+            self.inner.verified.record(id, &loc);
         }
         Ok(data)
     }

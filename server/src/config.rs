@@ -32,6 +32,10 @@ pub struct Config {
     /// Check every chunk read from disk against its BLAKE3 id before serving it (besides
     /// the record CRC, which is always checked).
     pub verify_chunks: bool,
+    /// With `verify_chunks`: a chunk verified less than this many milliseconds ago at the
+    /// same place is served without hashing it again (many clients pulling one image at
+    /// once). 0: hash every read.
+    pub verify_reuse_ms: u64,
     /// Seconds between scheduled garbage collections (0: never on a schedule).
     pub gc_interval_secs: u64,
     /// Blob links, manifests and segments younger than this are never collected.
@@ -120,6 +124,7 @@ impl Default for Config {
             manifest_bytes_max: 4 << 20,
             segment_bytes_max: 64 << 20,
             verify_chunks: true,
+            verify_reuse_ms: 1000,
             gc_interval_secs: 3600,
             gc_grace_secs: 3600,
             gc_delete_untagged: false,
@@ -146,6 +151,7 @@ pub const SETTINGS: &[&str] = &[
     "manifest_bytes_max",
     "segment_bytes_max",
     "verify_chunks",
+    "verify_reuse_ms",
     "gc_interval_secs",
     "gc_grace_secs",
     "gc_delete_untagged",
@@ -289,6 +295,7 @@ impl Config {
             "manifest_bytes_max" => self.manifest_bytes_max = num(value)?,
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
             "verify_chunks" => self.verify_chunks = boolean(value)?,
+            "verify_reuse_ms" => self.verify_reuse_ms = num(value)?,
             "gc_interval_secs" => self.gc_interval_secs = num(value)?,
             "gc_grace_secs" => self.gc_grace_secs = num(value)?,
             "gc_delete_untagged" => self.gc_delete_untagged = boolean(value)?,

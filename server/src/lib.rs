@@ -178,6 +178,7 @@ impl Server {
         let opts = Options {
             segment_bytes_max: config.segment_bytes_max,
             verify_chunk_ids: config.verify_chunks,
+            verify_reuse: std::time::Duration::from_millis(config.verify_reuse_ms),
             ..Options::default()
         };
         let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))

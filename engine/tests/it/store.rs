@@ -1,6 +1,7 @@
 //! Store behaviour: dedup, digests, ranges, reopen, corruption.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ballast_engine::io::SimStorage;
@@ -414,6 +415,53 @@ fn repair_salvages_records_after_damage_and_quarantines_the_rest() {
 /// With BLAKE3 verification on, chunk reads skip the record CRC: a flipped bit anywhere in a
 /// segment (headers, chunk prefixes, raw and zstd payloads) must still fail the read with a
 /// corruption error, or leave the bytes read exact — never return other bytes.
+#[test]
+fn reads_of_a_chunk_in_quick_succession_share_one_verification() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reuse = |window: std::time::Duration| Options {
+        verify_chunk_ids: true,
+        verify_reuse: window,
+        ..Options::default()
+    };
+    let data = seeded(1_000_000, 12);
+    let digest = sha256(&data);
+    let chunks = {
+        let store = Store::open(dir.path(), reuse(std::time::Duration::ZERO)).expect("open");
+        let chunks = store
+            .put_blob(&data, Some(&digest))
+            .expect("put")
+            .recipe
+            .pieces
+            .len();
+        store.close().expect("close");
+        chunks as u64
+    };
+    assert!(chunks > 4, "the blob has {chunks} chunks");
+    let verified = |store: &Store| store.stats().chunks_verified.load(Ordering::Relaxed);
+    for (window, expected) in [
+        (std::time::Duration::ZERO, 3 * chunks),
+        (std::time::Duration::from_secs(3600), chunks),
+    ] {
+        let store = Store::open(dir.path(), reuse(window)).expect("open");
+        for _ in 0..3 {
+            assert!(store.read_blob(&digest).expect("read") == data);
+        }
+        assert_eq!(verified(&store), expected, "window {window:?}");
+    }
+    // Reuse never spans stores: a chunk damaged while the store was closed is caught on the
+    // first read after it opens again, window or not.
+    let seg = dir.path().join("segments").join("00000000000000000001.seg");
+    let mut bytes = std::fs::read(&seg).expect("read segment");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&seg, &bytes).expect("write segment");
+    let store = Store::open(dir.path(), reuse(std::time::Duration::from_secs(3600))).expect("open");
+    let err = store
+        .read_blob(&digest)
+        .expect_err("a damaged chunk is not served");
+    assert!(err.is_corruption(), "{err}");
+}
+
 #[test]
 fn verified_reads_without_the_crc_never_return_damaged_bytes() {
     let dir = tempfile::tempdir().expect("tempdir");
