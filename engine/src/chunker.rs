@@ -160,16 +160,25 @@ impl StreamChunker {
     /// the pieces that straddle two calls; the rest is cut in place.
     pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(Piece<'_>)) {
         if self.start < self.buf.len() {
-            // Finish the pending tail with enough new bytes for its next cut.
+            // Finish the pending tail with enough new bytes for its next cut. Only pieces that
+            // start in the pending bytes are cut from the buffer; from the first piece that
+            // starts in `data`, cutting goes on in place (those pieces are not copied).
+            let pending = self.buf.len() - self.start;
             let take = data.len().min(CHUNK_LEN_MAX + TAR_BLOCK);
             self.buf.extend_from_slice(&data[..take]);
-            self.start += cut_all(&mut self.state, &self.buf[self.start..], false, emit);
-            let pending = self.buf.len() - self.start;
-            if pending <= take {
-                // Everything left is new bytes: hand them back and cut them in place.
+            let cut = cut_all(
+                &mut self.state,
+                &self.buf[self.start..],
+                false,
+                pending,
+                emit,
+            );
+            self.start += cut;
+            if cut >= pending {
+                // The next piece starts in the new bytes: cut them in place.
                 self.buf.clear();
                 self.start = 0;
-                data = &data[take - pending..];
+                data = &data[cut - pending..];
             } else {
                 data = &data[take..];
                 if !data.is_empty() {
@@ -179,7 +188,7 @@ impl StreamChunker {
                 return;
             }
         }
-        let at = cut_all(&mut self.state, data, false, emit);
+        let at = cut_all(&mut self.state, data, false, usize::MAX, emit);
         self.buf.drain(..self.start);
         self.start = 0;
         self.buf.extend_from_slice(&data[at..]);
@@ -187,22 +196,33 @@ impl StreamChunker {
 
     /// Emits everything still buffered.
     pub fn finish(&mut self, emit: &mut impl FnMut(Piece<'_>)) {
-        let consumed = cut_all(&mut self.state, &self.buf[self.start..], true, emit);
+        let consumed = cut_all(
+            &mut self.state,
+            &self.buf[self.start..],
+            true,
+            usize::MAX,
+            emit,
+        );
         debug_assert_eq!(self.start + consumed, self.buf.len());
         self.buf.clear();
         self.start = 0;
     }
 }
 
-/// Emits every piece of `bytes` that can be decided now; returns how many bytes they cover.
+/// Emits the pieces of `bytes` that can be decided now and start before `limit`; returns how
+/// many bytes they cover.
 fn cut_all(
     state: &mut State,
     bytes: &[u8],
     at_end: bool,
+    limit: usize,
     emit: &mut impl FnMut(Piece<'_>),
 ) -> usize {
     let mut at = 0;
-    while let Some((inline, n)) = next_cut(state, &bytes[at..], at_end) {
+    while at < limit {
+        let Some((inline, n)) = next_cut(state, &bytes[at..], at_end) else {
+            break;
+        };
         let piece = &bytes[at..at + n];
         emit(if inline {
             Piece::Inline(piece)
@@ -398,6 +418,20 @@ mod tests {
                 prop_assert_eq!(n, cut_bytewise(&data[at..]), "at {}", at);
                 at += n;
             }
+        }
+
+        #[test]
+        fn tar_cuts_do_not_depend_on_how_the_stream_arrives(sizes in proptest::collection::vec(0usize..400_000, 1..6), seed in 1u64..u64::MAX, step in 1usize..300_000) {
+            let files: Vec<(String, Vec<u8>)> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (format!("f{i}"), seeded(n, seed.wrapping_add(i as u64))))
+                .collect();
+            let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+            let tar = test_tar(&refs);
+            let ps = pieces(&tar, Mode::Auto, step);
+            prop_assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), tar.len());
+            prop_assert_eq!(ps, pieces(&tar, Mode::Auto, tar.len()));
         }
 
         #[test]
