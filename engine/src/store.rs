@@ -624,8 +624,7 @@ impl Store {
         if w.len > FILE_HEADER_LEN as u64 && w.len + rec_len > self.inner.opts.segment_bytes_max {
             self.roll_locked(w)?;
         }
-        // Header and payload parts go out as separate positional writes: no copy of the
-        // payload into a record buffer.
+        // The record is staged; staged records go to the file together (flush_locked).
         let offset = w.len;
         let header = record_header(kind, flags, parts);
         w.staged.extend_from_slice(&header);
