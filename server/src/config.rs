@@ -358,6 +358,56 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_can_come_from_the_file_and_from_the_environment() {
+        // Each name in SETTINGS must be settable both ways (a new field that is missing from
+        // `set` or from the file's schema fails here).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        let value = |name: &str| match name {
+            "listen" => "127.0.0.1:6001",
+            "data" | "tls_cert" | "tls_key" | "audit_log" => "/x",
+            "log" => "debug",
+            // Booleans: the opposite of the default.
+            "verify_chunks" => "false",
+            "gc_delete_untagged" | "insecure_plain_http" => "true",
+            _ => "7",
+        };
+        for name in SETTINGS {
+            let v = value(name);
+            let toml_value = match v.parse::<u64>() {
+                Ok(_) => v.to_owned(),
+                Err(_) if v == "true" || v == "false" => v.to_owned(),
+                Err(_) => format!("{v:?}"),
+            };
+            std::fs::write(&file, format!("{name} = {toml_value}\n")).expect("write");
+            let from_file = Config::load(Some(&file), std::iter::empty())
+                .unwrap_or_else(|e| panic!("{name} from the file: {e:#}"));
+            let env = vec![(
+                format!("BALLAST_{}", name.to_ascii_uppercase()),
+                v.to_owned(),
+            )];
+            let from_env = Config::load(None, env.into_iter())
+                .unwrap_or_else(|e| panic!("{name} from the environment: {e:#}"));
+            assert_eq!(
+                format!("{from_file:?}"),
+                format!("{from_env:?}"),
+                "{name}: file and environment disagree"
+            );
+            assert_ne!(
+                format!("{from_env:?}"),
+                format!("{:?}", Config::default()),
+                "{name}: setting it changed nothing"
+            );
+        }
+        let c = Config::load(
+            None,
+            vec![("BALLAST_VERIFY_REUSE_MS".into(), "0".into())].into_iter(),
+        )
+        .expect("load");
+        assert_eq!(c.verify_reuse_ms, 0);
+    }
+
+    #[test]
     fn auth_tables_and_safety_checks() {
         let text = r#"
 listen = "0.0.0.0:5000"
