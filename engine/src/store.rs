@@ -682,13 +682,21 @@ impl Store {
     /// Before reading the record at `loc` from a file: writes the staged records when the
     /// record is among them.
     fn flush_for_read(&self, loc: &Location) -> Result<()> {
-        let end = loc.offset + RECORD_HEADER_LEN as u64 + u64::from(loc.len);
-        let (id, written) = *self.inner.written.lock();
-        if loc.segment == id && end > written {
+        let (active, written) = *self.inner.written.lock();
+        if is_staged(loc, active, written) {
             let mut w = self.inner.writer.lock();
             self.flush_locked(&mut w)?;
         }
         Ok(())
+    }
+
+    /// [`Store::read_record`] for a caller that holds the writer lock (the read path would
+    /// wait for it to write a staged record): a staged record is written here first.
+    fn read_record_locked(&self, w: &mut Active, loc: &Location) -> Result<(u8, Bytes)> {
+        if is_staged(loc, w.id, w.flushed) {
+            self.flush_locked(w)?;
+        }
+        self.read_record(loc)
     }
 
     /// Seals the active segment (fsync, map, index file) and starts the next one.
@@ -1227,9 +1235,7 @@ impl Store {
             for digest in &gc.pinned_blobs {
                 let key = digest.index_key();
                 if let Some(loc) = self.blob_location(&key) {
-                    // Reads here hold the writer lock: what they read must be in the file.
-                    self.flush_locked(&mut w)?;
-                    let (flags, payload) = self.read_record(&loc)?;
+                    let (flags, payload) = self.read_record_locked(&mut w, &loc)?;
                     if let Ok(r) =
                         Recipe::decode(&self.segment_path(loc.segment), loc.offset, &payload)
                     {
@@ -1255,8 +1261,7 @@ impl Store {
                     .chunk_location(&id)
                     .filter(|l| victims.contains(&l.segment))
                 {
-                    self.flush_locked(&mut w)?;
-                    let (flags, payload) = self.read_record(&loc)?;
+                    let (flags, payload) = self.read_record_locked(&mut w, &loc)?;
                     moved +=
                         self.relocate_locked(&mut w, Table::Chunks, &id.0, &loc, flags, &payload)?;
                 }
@@ -1514,6 +1519,12 @@ fn open_sealed(file: &FileHandle) -> Result<SegmentData> {
         Some(map) => SegmentData::Mapped(map),
         None => SegmentData::File(file.clone()),
     })
+}
+
+/// True when the record at `loc` is still staged, given the active segment's id and how
+/// much of it is in the file.
+fn is_staged(loc: &Location, active: u64, written: u64) -> bool {
+    loc.segment == active && loc.offset + RECORD_HEADER_LEN as u64 + u64::from(loc.len) > written
 }
 
 fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> Result<Active> {
