@@ -112,6 +112,10 @@ impl Default for AuthConfig {
     }
 }
 
+/// Default age at which unfinished upload sessions are removed (the server's
+/// `upload_max_age_secs` and `ballast gc --upload-max-age`).
+pub const UPLOAD_MAX_AGE_SECS_DEFAULT: u64 = 24 * 3600;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -119,7 +123,7 @@ impl Default for Config {
             data: PathBuf::from("./ballast-data"),
             header_timeout_secs: 30,
             body_idle_timeout_secs: 60,
-            upload_max_age_secs: 24 * 3600,
+            upload_max_age_secs: UPLOAD_MAX_AGE_SECS_DEFAULT,
             shutdown_grace_secs: 30,
             manifest_bytes_max: 4 << 20,
             segment_bytes_max: 64 << 20,

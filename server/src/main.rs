@@ -60,7 +60,7 @@ enum Command {
         delete_untagged: bool,
         /// Remove unfinished upload sessions started more than this many seconds ago (the
         /// server's `upload_max_age_secs` does the same while it runs).
-        #[arg(long, default_value_t = 86400)]
+        #[arg(long, default_value_t = ballast_server::config::UPLOAD_MAX_AGE_SECS_DEFAULT)]
         upload_max_age: u64,
         /// Machine-readable output.
         #[arg(long)]

@@ -366,12 +366,8 @@ pub fn gc(
         return EXIT_FAILED;
     }
     let written = write_output(out, json, &report, |out| {
-        let verb = if report.report.dry_run {
-            "would free"
-        } else {
-            "freed"
-        };
         let r = &report.report;
+        let verb = if r.dry_run { "would free" } else { "freed" };
         writeln!(
             out,
             "gc {}: {verb} {} ({} of {} segments compacted, {} live moved); {} blob links and {} manifests {}; {} unfinished uploads ({}) {}",
