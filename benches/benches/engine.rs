@@ -326,8 +326,60 @@ fn gc_compaction(c: &mut Criterion) {
     g.finish();
 }
 
+/// Catalog commits (one blob link each) from one thread and from eight at once: concurrent
+/// committers share fsyncs. Baseline: one write and fdatasync of a small file, the cost of a
+/// commit that syncs alone.
+fn catalog_commits(c: &mut Criterion) {
+    let mut g = c.benchmark_group("catalog");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(1));
+    let dir = bench_dir();
+    let file = std::fs::File::create(dir.path().join("plain")).expect("file");
+    let mut at = 0u64;
+    g.bench_function("baseline_write_fdatasync", |b| {
+        b.iter(|| {
+            file.write_all_at(&[7u8; 200], at).expect("write");
+            file.sync_data().expect("sync");
+            at += 200;
+        })
+    });
+    let store = Store::open(dir.path().join("store"), Options::default()).expect("open");
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let commit = || {
+        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let op = ballast_engine::catalog::Op::LinkBlob {
+            repo: format!("r{}", n % 64),
+            digest: Digest::of(Algorithm::Sha256, &n.to_le_bytes()),
+            at: n,
+        };
+        store.catalog().commit(vec![op]).expect("commit");
+    };
+    for threads in [1usize, 8] {
+        g.bench_function(
+            BenchmarkId::new("link_commit", format!("{threads}_threads")),
+            |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    std::thread::scope(|s| {
+                        for i in 0..threads as u64 {
+                            let share =
+                                iters / threads as u64 + u64::from(i < iters % threads as u64);
+                            let commit = &commit;
+                            s.spawn(move || (0..share).for_each(|_| commit()));
+                        }
+                    });
+                    t.elapsed()
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    catalog_commits,
     chunking,
     open_and_lookup,
     ingest_and_read,

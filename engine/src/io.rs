@@ -320,6 +320,11 @@ impl SimStorage {
         self.state.lock().fail_syncs = true;
     }
 
+    /// Syncs work again after [`SimStorage::fail_syncs`] (a transient device error).
+    pub fn heal_syncs(&self) {
+        self.state.lock().fail_syncs = false;
+    }
+
     /// How many sync points (file or directory syncs) have been passed.
     pub fn sync_count(&self) -> u64 {
         self.state.lock().sync_count
