@@ -393,7 +393,8 @@ impl Catalog {
         Ok(())
     }
 
-    fn check_poisoned(&self) -> Result<()> {
+    /// `Err(Poisoned)` once a failed fsync poisoned the catalog.
+    pub fn check_poisoned(&self) -> Result<()> {
         match &*self.poisoned.read() {
             Some(why) => Err(Error::Poisoned(why.clone())),
             None => Ok(()),

@@ -371,6 +371,13 @@ impl Store {
         &self.inner.opts
     }
 
+    /// `Err(Poisoned)` once a failed write or fsync poisoned the store or its catalog: it
+    /// then refuses every write until it is reopened (for health checks).
+    pub fn health(&self) -> Result<()> {
+        self.check_poisoned()?;
+        self.inner.catalog.check_poisoned()
+    }
+
     fn check_poisoned(&self) -> Result<()> {
         match &*self.inner.poisoned.read() {
             Some(why) => Err(Error::Poisoned(why.clone())),

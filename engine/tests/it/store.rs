@@ -337,6 +337,39 @@ fn failed_sync_poisons_the_store() {
 }
 
 #[test]
+fn health_reports_a_poisoned_store_or_catalog() {
+    use ballast_engine::catalog::Op;
+    for catalog in [false, true] {
+        let sim = SimStorage::new();
+        let store = Store::open_on(Arc::new(sim.clone()), Path::new("/s"), Options::default())
+            .expect("open");
+        let digest = store
+            .put_blob(b"first", None)
+            .expect("put")
+            .recipe
+            .digest
+            .clone();
+        assert!(store.health().is_ok());
+        sim.fail_syncs();
+        if catalog {
+            let op = Op::LinkBlob {
+                repo: "r".into(),
+                digest,
+                at: 0,
+            };
+            assert!(store.commit_catalog(|_| Ok((vec![op], ()))).is_err());
+        } else {
+            assert!(store.put_blob(b"second", None).is_err());
+        }
+        sim.heal_syncs();
+        match store.health() {
+            Err(Error::Poisoned(why)) => assert!(why.contains("simulated sync failure"), "{why}"),
+            other => panic!("catalog={catalog}: expected poisoned, got {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn repair_salvages_records_after_damage_and_quarantines_the_rest() {
     use ballast_engine::catalog::Op;
     use ballast_engine::verify;

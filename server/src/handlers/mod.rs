@@ -56,9 +56,7 @@ pub async fn dispatch(
         (&Method::GET | &Method::HEAD, Route::Base) => {
             Ok(reply(StatusCode::OK).json(&serde_json::json!({})))
         }
-        (&Method::GET | &Method::HEAD, Route::Health) => {
-            Ok(reply(StatusCode::OK).json(&serde_json::json!({"status": "ok"})))
-        }
+        (&Method::GET | &Method::HEAD, Route::Health) => Ok(health(&app.store)),
         (&Method::POST, Route::AdminGc) => admin_gc(app, &req).await,
         (&Method::GET, Route::Catalog) => listing::catalog(app, access, &req),
         (&Method::GET, Route::Tags { name }) => listing::tags(app, name, &req),
@@ -259,6 +257,24 @@ pub fn linked(app: &App, name: &str, digest: &Digest) -> bool {
         .is_some_and(|r| r.blobs.contains_key(digest) || r.manifests.contains_key(digest))
 }
 
+/// `/healthz`: 200 while the store takes writes; 503 once a failed write or fsync poisoned
+/// it (it refuses writes until restarted, which recovers from the disk), so a supervisor's
+/// health check restarts it. The reason names files, so it goes to the log, not to the
+/// (unauthenticated) caller.
+fn health(store: &ballast_engine::Store) -> Response<ResBody> {
+    match store.health() {
+        Ok(()) => reply(StatusCode::OK).json(&serde_json::json!({"status": "ok"})),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: the store refuses writes");
+            reply(StatusCode::SERVICE_UNAVAILABLE).json(&serde_json::json!({
+                "status": "poisoned",
+                "detail": "a write or fsync failed, so the store refuses writes; restart the \
+                           server to recover from the disk (the reason is in the server log)",
+            }))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +286,37 @@ mod tests {
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
         assert_eq!(percent_decode("%4"), "%4");
+    }
+
+    #[test]
+    fn healthz_answers_503_once_the_store_is_poisoned() {
+        use ballast_engine::io::SimStorage;
+        use http_body_util::BodyExt;
+        let sim = SimStorage::new();
+        let store = ballast_engine::Store::open_on(
+            std::sync::Arc::new(sim.clone()),
+            std::path::Path::new("/s"),
+            ballast_engine::Options::default(),
+        )
+        .expect("open");
+        assert_eq!(health(&store).status(), StatusCode::OK);
+        sim.fail_syncs();
+        assert!(store.put_blob(b"lost", None).is_err());
+        let res = health(&store);
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(res.into_body().collect())
+            .expect("body")
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["status"], "poisoned");
+        let detail = v["detail"].as_str().expect("detail");
+        assert!(detail.contains("restart"), "{detail}");
+        assert!(
+            !detail.contains("/s"),
+            "no paths to anonymous callers: {detail}"
+        );
     }
 }
