@@ -1,6 +1,7 @@
 //! Real registry clients against a running server: skopeo (copy in and out, by tag and by
 //! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes), podman (push,
-//! pull), and the oras Python client (artifacts with several files, chunked uploads).
+//! pull; podman 5 for a partial pull of a zstd:chunked layer, in many byte ranges per request),
+//! and the oras Python client (artifacts with several files, chunked uploads).
 
 use std::path::Path;
 use std::process::Command;
@@ -249,6 +250,173 @@ fn podman_push_and_pull() {
         serde_json::from_slice(&call("GET", &r.url("/v2/pod/app/tags/list"), &[], None).body)
             .expect("json");
     assert_eq!(tags["tags"], serde_json::json!(["v1"]));
+}
+
+/// podman 5 from Debian trixie, provisioned by scripts/install-podman5 (bookworm's 4.3 cannot
+/// pull zstd:chunked layers partially).
+fn podman5() -> std::path::PathBuf {
+    let bin = std::env::var_os("BALLAST_TEST_PODMAN5").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/test-tools/podman5/root/usr/bin/podman")
+        },
+        Into::into,
+    );
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/install-test-deps",
+        bin.display()
+    );
+    bin
+}
+
+/// A root file system of `files` files of seeded bytes, as a tar file.
+fn rootfs_tar(dir: &Path, name: &str, files: &[(String, Vec<u8>)]) -> std::path::PathBuf {
+    let root = dir.join(name);
+    for (path, bytes) in files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, bytes).expect("write");
+    }
+    let tar = dir.join(format!("{name}.tar"));
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(ok.success());
+    tar
+}
+
+#[test]
+fn podman_partial_pull_of_a_zstd_chunked_layer_fetches_only_changed_files() {
+    // A zstd:chunked layer carries a table of its files; podman with partial pulls enabled
+    // (overlay storage) fetches the table, then only the files it does not have, as many
+    // byte ranges in one request (answered 206 multipart/byteranges).
+    let podman = podman5();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let storage_conf = tmp.path().join("storage.conf");
+    std::fs::write(
+        &storage_conf,
+        format!(
+            "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n\
+             [storage.options]\npull_options = {{enable_partial_images = \"true\", \
+             use_hard_links = \"false\", ostree_repos = \"\"}}\n",
+            tmp.path().join("root").display(),
+            tmp.path().join("run").display()
+        ),
+    )
+    .expect("storage.conf");
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(&podman)
+            .env("CONTAINERS_STORAGE_CONF", &storage_conf)
+            .env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
+            .args(args)
+            .output()
+            .expect("run podman 5");
+        assert!(
+            out.status.success(),
+            "podman {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // v2 changes 3 of 40 files, spread through the layer.
+    let v1: Vec<(String, Vec<u8>)> = (0..40u64)
+        .map(|i| {
+            let len = 20_000 + 1_000 * i as usize;
+            (format!("data/f{i:02}"), crate::seeded(len, 100 + i))
+        })
+        .collect();
+    let mut v2 = v1.clone();
+    for i in [5usize, 17, 33] {
+        v2[i].1 = crate::seeded(30_000, 900 + i as u64);
+    }
+    let log = tmp.path().join("server.log");
+    let log_s = log.to_string_lossy().into_owned();
+    let mut r = Registry::start_with(
+        &tmp.path().join("data"),
+        &[
+            ("BALLAST_LOG", "info"),
+            (crate::STDERR_FILE, log_s.as_str()),
+        ],
+    );
+    for (tag, files) in [("v1", &v1), ("v2", &v2)] {
+        let tar = rootfs_tar(tmp.path(), tag, files);
+        let local = format!("localhost/partial:{tag}");
+        run(&["import", "-q", &tar.to_string_lossy(), &local]);
+        let remote = format!("{}/partial/app:{tag}", r.host());
+        run(&[
+            "push",
+            "-q",
+            "--tls-verify=false",
+            "--compression-format",
+            "zstd:chunked",
+            &local,
+            &remote,
+        ]);
+    }
+    run(&["rmi", "-a", "-f"]);
+    let image = |tag: &str| format!("{}/partial/app:{tag}", r.host());
+    run(&["pull", "-q", "--tls-verify=false", &image("v1")]);
+    run(&["pull", "-q", "--tls-verify=false", &image("v2")]);
+
+    // What was pulled is v2, file for file.
+    let mounted = run(&["image", "mount", &image("v2")]);
+    for (path, bytes) in &v2 {
+        let got = std::fs::read(Path::new(&mounted).join(path)).expect("pulled file");
+        assert!(&got == bytes, "{path} differs after the partial pull");
+    }
+    run(&["image", "unmount", &image("v2")]);
+    run(&["rmi", "-a", "-f"]);
+
+    // The v2 layer came in byte ranges, far fewer bytes than the layer: only the changed
+    // files. They lie far apart in the layer, so one contiguous range covering them would
+    // be most of it: this took several ranges in a request.
+    let manifest: Value = serde_json::from_slice(
+        &call(
+            "GET",
+            &r.url("/v2/partial/app/manifests/v2"),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            None,
+        )
+        .body,
+    )
+    .expect("manifest");
+    let layer = &manifest["layers"][0];
+    assert!(
+        layer["annotations"]["io.github.containers.zstd-chunked.manifest-position"].is_string(),
+        "podman pushed zstd:chunked: {layer}"
+    );
+    let (digest, size) = (
+        layer["digest"].as_str().expect("digest"),
+        layer["size"].as_u64().expect("size"),
+    );
+    r.stop();
+    let text = std::fs::read_to_string(&log).expect("server log");
+    let gets: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("method=GET") && l.contains(&format!("/blobs/{digest}")))
+        .collect();
+    assert!(
+        !gets.is_empty() && gets.iter().all(|l| l.contains("status=206")),
+        "the v2 layer was fetched in ranges only:\n{}",
+        gets.join("\n")
+    );
+    let fetched: u64 = gets
+        .iter()
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("bytes=")))
+        .map(|b| b.parse::<u64>().expect("bytes"))
+        .sum();
+    assert!(
+        fetched < size / 4,
+        "{fetched} of the layer's {size} bytes fetched:\n{}",
+        gets.join("\n")
+    );
 }
 
 #[test]
