@@ -1,7 +1,8 @@
 //! Real registry clients against a running server: skopeo (copy in and out, by tag and by
 //! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes), podman (push,
 //! pull; podman 5 for a partial pull of a zstd:chunked layer, in many byte ranges per request),
-//! and the oras Python client (artifacts with several files, chunked uploads).
+//! the Docker Engine (a daemon of the test's own: push, pull by tag and by digest), and the oras
+//! Python client (artifacts with several files, chunked uploads).
 
 use std::path::Path;
 use std::process::Command;
@@ -417,6 +418,144 @@ fn podman_partial_pull_of_a_zstd_chunked_layer_fetches_only_changed_files() {
         "{fetched} of the layer's {size} bytes fetched:\n{}",
         gets.join("\n")
     );
+}
+
+/// A Docker daemon of the test's own: private data and exec roots, a unix socket in a temp
+/// directory, no networking set up; stopped (SIGTERM, then waited for) when dropped.
+struct Dockerd {
+    child: std::process::Child,
+    sock: String,
+}
+
+impl Dockerd {
+    fn start(dir: &Path) -> Dockerd {
+        require("dockerd");
+        let sock = format!("unix://{}", dir.join("docker.sock").display());
+        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .args(["-H", &sock])
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        let d = Dockerd { child, sock };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !d.try_run(&["version"]).0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dockerd did not come up:\n{}",
+                std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        d
+    }
+
+    fn try_run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("docker")
+            .args(["-H", &self.sock])
+            .args(args)
+            .output()
+            .expect("run docker");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.try_run(args);
+        assert!(ok, "docker {} failed:\n{err}", args.join(" "));
+        out
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn docker_push_and_pull_by_tag_and_by_digest() {
+    // The Docker Engine pushes Docker schema 2 manifests and gzip layers with its own upload
+    // sequence (POST, streamed PATCH, PUT).
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let docker = Dockerd::start(tmp.path());
+    let r = Registry::start(&tmp.path().join("data"));
+    let files: Vec<(String, Vec<u8>)> = (0..12u64)
+        .map(|i| {
+            (
+                format!("srv/f{i:02}"),
+                crate::seeded(10_000 + 5_000 * i as usize, 300 + i),
+            )
+        })
+        .collect();
+    let tar = rootfs_tar(tmp.path(), "rootfs", &files);
+    let image = format!("{}/dock/app:v1", r.host());
+    docker.run(&["import", &tar.to_string_lossy(), "localhost/dock:1"]);
+    docker.run(&["tag", "localhost/dock:1", &image]);
+    let pushed = docker.run(&["push", &image]);
+    let digest = pushed
+        .split_whitespace()
+        .skip_while(|w| *w != "digest:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no digest in the push output:\n{pushed}"))
+        .to_owned();
+    // The registry holds what docker pushed: a Docker schema 2 manifest under that digest.
+    let res = call(
+        "GET",
+        &r.url("/v2/dock/app/manifests/v1"),
+        &[(
+            "Accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )],
+        None,
+    );
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("docker-content-digest"), Some(digest.as_str()));
+    let manifest: Value = serde_json::from_slice(&res.body).expect("manifest");
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+
+    docker.run(&["rmi", &image, "localhost/dock:1"]);
+    docker.run(&["pull", &image]);
+    docker.run(&["create", "--name", "by-tag", &image, "/none"]);
+    let exported = tmp.path().join("exported.tar");
+    docker.run(&["export", "-o", &exported.to_string_lossy(), "by-tag"]);
+    let out = tmp.path().join("exported");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&out)
+        .arg("-xf")
+        .arg(&exported)
+        .status()
+        .expect("tar");
+    assert!(ok.success());
+    for (path, bytes) in &files {
+        let got = std::fs::read(out.join(path)).expect("pulled file");
+        assert!(&got == bytes, "{path} differs after the pull");
+    }
+    docker.run(&["rm", "by-tag"]);
+    docker.run(&["rmi", &image]);
+    let by_digest = format!("{}/dock/app@{digest}", r.host());
+    docker.run(&["pull", &by_digest]);
+    let id = docker.run(&["image", "inspect", "--format", "{{.Id}}", &by_digest]);
+    assert!(id.trim().starts_with("sha256:"), "{id}");
 }
 
 #[test]
