@@ -1,7 +1,8 @@
 //! Real registry clients against a running server: skopeo (copy in and out, by tag and by
 //! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes), podman (push,
 //! pull; podman 5 for a partial pull of a zstd:chunked layer, in many byte ranges per request),
-//! the Docker Engine (a daemon of the test's own: push, pull by tag and by digest), and the oras
+//! the Docker Engine (a daemon of the test's own: push, pull by tag and by digest), containerd
+//! (one platform of an index, by tag and by digest, as Kubernetes nodes pull), and the oras
 //! Python client (artifacts with several files, chunked uploads).
 
 use std::path::Path;
@@ -556,6 +557,166 @@ fn docker_push_and_pull_by_tag_and_by_digest() {
     docker.run(&["pull", &by_digest]);
     let id = docker.run(&["image", "inspect", "--format", "{{.Id}}", &by_digest]);
     assert!(id.trim().starts_with("sha256:"), "{id}");
+}
+
+/// A containerd of the test's own (what Kubernetes nodes pull with, through its CRI plugin):
+/// private root, state and socket; stopped (SIGTERM, then waited for) when dropped.
+struct Containerd {
+    child: std::process::Child,
+    sock: String,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Containerd {
+        require("containerd");
+        std::fs::create_dir_all(dir).expect("containerd dir");
+        let sock = dir.join("containerd.sock").display().to_string();
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\naddress = \"{sock}\"\n\
+                 [ttrpc]\naddress = \"{sock}.ttrpc\"\n[debug]\naddress = \"\"\n\
+                 [metrics]\naddress = \"\"\n",
+                dir.join("root").display(),
+                dir.join("state").display()
+            ),
+        )
+        .expect("containerd config");
+        let log = std::fs::File::create(dir.join("containerd.log")).expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let c = Containerd { child, sock };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !c.try_ctr(&["version"]).0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd did not come up:\n{}",
+                std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn try_ctr(&self, args: &[&str]) -> (bool, Vec<u8>, String) {
+        let out = Command::new("ctr")
+            .args(["--address", &self.sock, "--namespace", "ballast-test"])
+            .args(args)
+            .output()
+            .expect("run ctr");
+        (
+            out.status.success(),
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ctr(&self, args: &[&str]) -> Vec<u8> {
+        let (ok, out, err) = self.try_ctr(args);
+        assert!(ok, "ctr {} failed:\n{err}", args.join(" "));
+        out
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn containerd_pulls_one_platform_of_an_index_and_by_digest() {
+    // containerd resolves and fetches with its own client (the one Kubernetes nodes use):
+    // the index by tag, the manifest of the asked platform, its config and layers, which it
+    // unpacks and checks against the config's diff ids.
+    require("skopeo");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("in");
+    let index = oci::multi_arch(&layout, 60);
+    oci::finish_layout(&layout, &index, "multi");
+    let r = Registry::start(&tmp.path().join("data"));
+    let dest = format!("docker://{}/k8s/app:v1", r.host());
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:multi", layout.display()),
+        &dest,
+    ]);
+    let blob = |digest: &str| -> Vec<u8> {
+        std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .expect("layout blob")
+    };
+    let index_json: Value = serde_json::from_slice(&blob(&index.digest)).expect("index");
+    let arm = index_json["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|m| m["platform"]["architecture"] == "arm64")
+        .expect("arm64 manifest");
+    let arm_digest = arm["digest"].as_str().expect("digest").to_owned();
+    let arm_manifest: Value = serde_json::from_slice(&blob(&arm_digest)).expect("manifest");
+
+    let c = Containerd::start(&tmp.path().join("containerd"));
+    let by_tag = format!("{}/k8s/app:v1", r.host());
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--platform",
+        "linux/arm64",
+        &by_tag,
+    ]);
+    let listed = String::from_utf8_lossy(&c.ctr(&["images", "ls"])).into_owned();
+    assert!(
+        listed.contains(&by_tag) && listed.contains(&index.digest),
+        "the tag resolves to the index:\n{listed}"
+    );
+    // What containerd stored is byte for byte what was pushed.
+    let mut wanted = vec![
+        arm_digest.clone(),
+        arm_manifest["config"]["digest"]
+            .as_str()
+            .expect("config")
+            .to_owned(),
+    ];
+    for l in arm_manifest["layers"].as_array().expect("layers") {
+        wanted.push(l["digest"].as_str().expect("layer").to_owned());
+    }
+    for d in &wanted {
+        assert!(
+            c.ctr(&["content", "get", d]) == blob(d),
+            "{d} differs in containerd's store"
+        );
+    }
+
+    let by_digest = format!("{}/k8s/app@{arm_digest}", r.host());
+    c.ctr(&["images", "rm", &by_tag]);
+    c.ctr(&["content", "rm", &wanted[0]]);
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--platform",
+        "linux/arm64",
+        &by_digest,
+    ]);
+    assert!(c.ctr(&["content", "get", &arm_digest]) == blob(&arm_digest));
 }
 
 #[test]
