@@ -2,7 +2,8 @@
 //! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes), podman (push,
 //! pull; podman 5 for a partial pull of a zstd:chunked layer, in many byte ranges per request),
 //! the Docker Engine (a daemon of the test's own: push, pull by tag and by digest), containerd
-//! (one platform of an index, by tag and by digest, as Kubernetes nodes pull), and the oras
+//! (one platform of an index, by tag and by digest, as Kubernetes nodes pull), the oras CLI
+//! (an artifact, a referrer attached and discovered through the referrers API), and the oras
 //! Python client (artifacts with several files, chunked uploads).
 
 use std::path::Path;
@@ -254,16 +255,14 @@ fn podman_push_and_pull() {
     assert_eq!(tags["tags"], serde_json::json!(["v1"]));
 }
 
-/// podman 5 from Debian trixie, provisioned by scripts/install-podman5 (bookworm's 4.3 cannot
-/// pull zstd:chunked layers partially).
-fn podman5() -> std::path::PathBuf {
-    let bin = std::env::var_os("BALLAST_TEST_PODMAN5").map_or_else(
-        || {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/test-tools/podman5/root/usr/bin/podman")
-        },
+/// A client from Debian trixie, provisioned by scripts/install-trixie-clients (podman 5:
+/// bookworm's 4.3 cannot pull zstd:chunked layers partially; oras: bookworm has none).
+fn trixie_client(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("BALLAST_TEST_TRIXIE_CLIENTS").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-tools/trixie"),
         Into::into,
     );
+    let bin = dir.join("root/usr/bin").join(name);
     assert!(
         bin.exists(),
         "{} is missing: run scripts/install-test-deps",
@@ -298,7 +297,7 @@ fn podman_partial_pull_of_a_zstd_chunked_layer_fetches_only_changed_files() {
     // A zstd:chunked layer carries a table of its files; podman with partial pulls enabled
     // (overlay storage) fetches the table, then only the files it does not have, as many
     // byte ranges in one request (answered 206 multipart/byteranges).
-    let podman = podman5();
+    let podman = trixie_client("podman");
     let tmp = tempfile::tempdir().expect("tempdir");
     let storage_conf = tmp.path().join("storage.conf");
     std::fs::write(
@@ -717,6 +716,94 @@ fn containerd_pulls_one_platform_of_an_index_and_by_digest() {
         &by_digest,
     ]);
     assert!(c.ctr(&["content", "get", &arm_digest]) == blob(&arm_digest));
+}
+
+#[test]
+fn oras_cli_pushes_attaches_a_referrer_discovers_it_and_pulls() {
+    // The oras CLI (Go, oras-go): an artifact of two files, then a signature attached to it
+    // through the referrers API, listed back with its annotation.
+    let oras = trixie_client("oras");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let files = tmp.path().join("files");
+    std::fs::create_dir_all(&files).expect("mkdir");
+    let contents = [
+        ("notes.txt", b"release notes\n".to_vec()),
+        ("payload.bin", crate::seeded(300_000, 71)),
+        ("sig.txt", b"signed by ci\n".to_vec()),
+    ];
+    for (name, bytes) in &contents {
+        std::fs::write(files.join(name), bytes).expect("write");
+    }
+    let r = Registry::start(&tmp.path().join("data"));
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(&oras)
+            .current_dir(&files)
+            .env("HOME", tmp.path())
+            .args(args)
+            .output()
+            .expect("run oras");
+        assert!(
+            out.status.success(),
+            "oras {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let artifact = format!("{}/art/app:v1", r.host());
+    run(&[
+        "push",
+        "--plain-http",
+        "--artifact-type",
+        "application/vnd.ballast.test",
+        &artifact,
+        "notes.txt:text/plain",
+        "payload.bin",
+    ]);
+    run(&[
+        "attach",
+        "--plain-http",
+        "--artifact-type",
+        "application/vnd.ballast.signature",
+        "--annotation",
+        "org.example.signed-by=ci",
+        &artifact,
+        "sig.txt",
+    ]);
+    let found: Value = serde_json::from_str(&run(&[
+        "discover",
+        "--plain-http",
+        "--format",
+        "json",
+        &artifact,
+    ]))
+    .expect("discover json");
+    let referrers = found["manifests"].as_array().expect("manifests");
+    assert_eq!(referrers.len(), 1, "{found}");
+    assert_eq!(
+        referrers[0]["artifactType"],
+        "application/vnd.ballast.signature"
+    );
+    assert_eq!(referrers[0]["annotations"]["org.example.signed-by"], "ci");
+    // oras used the referrers API: without it, it would have tagged the referrer
+    // `sha256-<subject>` (the fallback scheme).
+    let tags: Value =
+        serde_json::from_slice(&call("GET", &r.url("/v2/art/app/tags/list"), &[], None).body)
+            .expect("tags");
+    assert_eq!(tags["tags"], serde_json::json!(["v1"]));
+
+    let out = tmp.path().join("pulled");
+    run(&[
+        "pull",
+        "--plain-http",
+        "-o",
+        &out.to_string_lossy(),
+        &artifact,
+    ]);
+    for (name, bytes) in &contents[..2] {
+        let got = std::fs::read(out.join(name)).expect("pulled file");
+        assert!(&got == bytes, "{name} differs after the pull");
+    }
 }
 
 #[test]
