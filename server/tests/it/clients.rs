@@ -1,5 +1,6 @@
 //! Real registry clients against a running server: skopeo (copy in and out, by tag and by
-//! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes), podman (push,
+//! digest, inspect, list-tags, delete, zstd recompression, multi-arch indexes), buildah (build,
+//! push, pull back), podman (push,
 //! pull; podman 5 for a partial pull of a zstd:chunked layer, in many byte ranges per request),
 //! the Docker Engine (a daemon of the test's own: push, pull by tag and by digest), containerd
 //! (one platform of an index, by tag and by digest, as Kubernetes nodes pull), the oras CLI
@@ -804,6 +805,58 @@ fn oras_cli_pushes_attaches_a_referrer_discovers_it_and_pulls() {
         let got = std::fs::read(out.join(name)).expect("pulled file");
         assert!(&got == bytes, "{name} differs after the pull");
     }
+}
+
+#[test]
+fn buildah_builds_pushes_and_pulls_back() {
+    // buildah as CI pipelines use it: an image built from scratch, committed, pushed; then
+    // pulled back into empty storage and its file read from a mounted container.
+    require("buildah");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start(&tmp.path().join("data"));
+    let (root, runroot) = (tmp.path().join("root"), tmp.path().join("run"));
+    let buildah = |args: &[&str]| -> String {
+        let out = Command::new("buildah")
+            .arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .expect("run buildah");
+        assert!(
+            out.status.success(),
+            "buildah {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let payload = crate::seeded(250_000, 81);
+    let file = tmp.path().join("payload.bin");
+    std::fs::write(&file, &payload).expect("write");
+    let ctr = buildah(&["from", "scratch"]);
+    buildah(&["copy", &ctr, &file.to_string_lossy(), "/srv/payload.bin"]);
+    buildah(&["config", "--cmd", "/srv/run", &ctr]);
+    buildah(&["commit", "-q", &ctr, "localhost/built:1"]);
+    let image = format!("{}/build/app:v1", r.host());
+    buildah(&[
+        "push",
+        "-q",
+        "--tls-verify=false",
+        "localhost/built:1",
+        &format!("docker://{image}"),
+    ]);
+    buildah(&["rm", "-a"]);
+    buildah(&["rmi", "-a", "-f"]);
+    buildah(&["pull", "-q", "--tls-verify=false", &image]);
+    let ctr = buildah(&["from", "-q", &image]);
+    let mounted = buildah(&["mount", &ctr]);
+    let got = std::fs::read(Path::new(&mounted).join("srv/payload.bin")).expect("pulled file");
+    assert!(got == payload, "the pulled image's file differs");
+    buildah(&["umount", &ctr]);
+    buildah(&["rm", "-a"]);
 }
 
 #[test]
