@@ -421,65 +421,73 @@ fn podman_partial_pull_of_a_zstd_chunked_layer_fetches_only_changed_files() {
     );
 }
 
-/// A Docker daemon of the test's own: private data and exec roots, a unix socket in a temp
-/// directory, no networking set up; stopped (SIGTERM, then waited for) when dropped.
-struct Dockerd {
+/// A daemon of the test's own (dockerd, containerd) and its command-line client: started with
+/// its log in a file, ready once a client command succeeds, stopped (SIGTERM, then waited for)
+/// when dropped.
+struct Daemon {
     child: std::process::Child,
-    sock: String,
+    client: &'static str,
+    client_args: Vec<String>,
 }
 
-impl Dockerd {
-    fn start(dir: &Path) -> Dockerd {
-        require("dockerd");
-        let sock = format!("unix://{}", dir.join("docker.sock").display());
-        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
-        let child = Command::new("dockerd")
-            .arg("--data-root")
-            .arg(dir.join("root"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .args(["-H", &sock])
-            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+impl Daemon {
+    fn start(
+        mut cmd: Command,
+        log: &Path,
+        client: &'static str,
+        client_args: Vec<String>,
+        ready: &[&str],
+    ) -> Daemon {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        require(&program);
+        let child = cmd
             .stdout(std::process::Stdio::null())
-            .stderr(log)
+            .stderr(std::fs::File::create(log).expect("daemon log"))
             .spawn()
-            .expect("start dockerd");
-        let d = Dockerd { child, sock };
+            .unwrap_or_else(|e| panic!("start {program}: {e}"));
+        let d = Daemon {
+            child,
+            client,
+            client_args,
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !d.try_run(&["version"]).0 {
+        while !d.try_run(ready).0 {
             assert!(
                 std::time::Instant::now() < deadline,
-                "dockerd did not come up:\n{}",
-                std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+                "{program} did not come up:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         d
     }
 
-    fn try_run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("docker")
-            .args(["-H", &self.sock])
+    fn try_run(&self, args: &[&str]) -> (bool, Vec<u8>, String) {
+        let out = Command::new(self.client)
+            .args(&self.client_args)
             .args(args)
             .output()
-            .expect("run docker");
+            .unwrap_or_else(|e| panic!("run {}: {e}", self.client));
         (
             out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.stdout,
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
 
-    fn run(&self, args: &[&str]) -> String {
+    fn run(&self, args: &[&str]) -> Vec<u8> {
         let (ok, out, err) = self.try_run(args);
-        assert!(ok, "docker {} failed:\n{err}", args.join(" "));
+        assert!(ok, "{} {} failed:\n{err}", self.client, args.join(" "));
         out
+    }
+
+    /// [`Daemon::run`], its output as text.
+    fn text(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&self.run(args)).into_owned()
     }
 }
 
-impl Drop for Dockerd {
+impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -488,12 +496,63 @@ impl Drop for Dockerd {
     }
 }
 
+/// A Docker daemon of the test's own: private data and exec roots, a unix socket in `dir`, no
+/// networking set up.
+fn dockerd(dir: &Path) -> Daemon {
+    let sock = format!("unix://{}", dir.join("docker.sock").display());
+    let mut cmd = Command::new("dockerd");
+    cmd.arg("--data-root")
+        .arg(dir.join("root"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("dockerd.pid"))
+        .args(["-H", &sock])
+        .args(["--iptables=false", "--ip6tables=false", "--bridge=none"]);
+    Daemon::start(
+        cmd,
+        &dir.join("dockerd.log"),
+        "docker",
+        vec!["-H".into(), sock],
+        &["version"],
+    )
+}
+
+/// A containerd of the test's own (what Kubernetes nodes pull with, through its CRI plugin):
+/// private root, state and socket in `dir`.
+fn containerd(dir: &Path) -> Daemon {
+    std::fs::create_dir_all(dir).expect("containerd dir");
+    let sock = dir.join("containerd.sock").display().to_string();
+    let config = dir.join("containerd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\naddress = \"{sock}\"\n\
+             [ttrpc]\naddress = \"{sock}.ttrpc\"\n[debug]\naddress = \"\"\n\
+             [metrics]\naddress = \"\"\n",
+            dir.join("root").display(),
+            dir.join("state").display()
+        ),
+    )
+    .expect("containerd config");
+    let mut cmd = Command::new("containerd");
+    cmd.arg("--config").arg(&config);
+    let client_args = ["--address", &sock, "--namespace", "ballast-test"];
+    Daemon::start(
+        cmd,
+        &dir.join("containerd.log"),
+        "ctr",
+        client_args.iter().map(|a| a.to_string()).collect(),
+        &["version"],
+    )
+}
+
 #[test]
 fn docker_push_and_pull_by_tag_and_by_digest() {
     // The Docker Engine pushes Docker schema 2 manifests and gzip layers with its own upload
     // sequence (POST, streamed PATCH, PUT).
     let tmp = tempfile::tempdir().expect("tempdir");
-    let docker = Dockerd::start(tmp.path());
+    let docker = dockerd(tmp.path());
     let r = Registry::start(&tmp.path().join("data"));
     let files: Vec<(String, Vec<u8>)> = (0..12u64)
         .map(|i| {
@@ -507,7 +566,7 @@ fn docker_push_and_pull_by_tag_and_by_digest() {
     let image = format!("{}/dock/app:v1", r.host());
     docker.run(&["import", &tar.to_string_lossy(), "localhost/dock:1"]);
     docker.run(&["tag", "localhost/dock:1", &image]);
-    let pushed = docker.run(&["push", &image]);
+    let pushed = docker.text(&["push", &image]);
     let digest = pushed
         .split_whitespace()
         .skip_while(|w| *w != "digest:")
@@ -555,82 +614,8 @@ fn docker_push_and_pull_by_tag_and_by_digest() {
     docker.run(&["rmi", &image]);
     let by_digest = format!("{}/dock/app@{digest}", r.host());
     docker.run(&["pull", &by_digest]);
-    let id = docker.run(&["image", "inspect", "--format", "{{.Id}}", &by_digest]);
+    let id = docker.text(&["image", "inspect", "--format", "{{.Id}}", &by_digest]);
     assert!(id.trim().starts_with("sha256:"), "{id}");
-}
-
-/// A containerd of the test's own (what Kubernetes nodes pull with, through its CRI plugin):
-/// private root, state and socket; stopped (SIGTERM, then waited for) when dropped.
-struct Containerd {
-    child: std::process::Child,
-    sock: String,
-}
-
-impl Containerd {
-    fn start(dir: &Path) -> Containerd {
-        require("containerd");
-        std::fs::create_dir_all(dir).expect("containerd dir");
-        let sock = dir.join("containerd.sock").display().to_string();
-        let config = dir.join("containerd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\naddress = \"{sock}\"\n\
-                 [ttrpc]\naddress = \"{sock}.ttrpc\"\n[debug]\naddress = \"\"\n\
-                 [metrics]\naddress = \"\"\n",
-                dir.join("root").display(),
-                dir.join("state").display()
-            ),
-        )
-        .expect("containerd config");
-        let log = std::fs::File::create(dir.join("containerd.log")).expect("containerd log");
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let c = Containerd { child, sock };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !c.try_ctr(&["version"]).0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "containerd did not come up:\n{}",
-                std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        c
-    }
-
-    fn try_ctr(&self, args: &[&str]) -> (bool, Vec<u8>, String) {
-        let out = Command::new("ctr")
-            .args(["--address", &self.sock, "--namespace", "ballast-test"])
-            .args(args)
-            .output()
-            .expect("run ctr");
-        (
-            out.status.success(),
-            out.stdout,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn ctr(&self, args: &[&str]) -> Vec<u8> {
-        let (ok, out, err) = self.try_ctr(args);
-        assert!(ok, "ctr {} failed:\n{err}", args.join(" "));
-        out
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -672,9 +657,9 @@ fn containerd_pulls_one_platform_of_an_index_and_by_digest() {
     let arm_digest = arm["digest"].as_str().expect("digest").to_owned();
     let arm_manifest: Value = serde_json::from_slice(&blob(&arm_digest)).expect("manifest");
 
-    let c = Containerd::start(&tmp.path().join("containerd"));
+    let c = containerd(&tmp.path().join("containerd"));
     let by_tag = format!("{}/k8s/app:v1", r.host());
-    c.ctr(&[
+    c.run(&[
         "images",
         "pull",
         "--plain-http",
@@ -682,7 +667,7 @@ fn containerd_pulls_one_platform_of_an_index_and_by_digest() {
         "linux/arm64",
         &by_tag,
     ]);
-    let listed = String::from_utf8_lossy(&c.ctr(&["images", "ls"])).into_owned();
+    let listed = c.text(&["images", "ls"]);
     assert!(
         listed.contains(&by_tag) && listed.contains(&index.digest),
         "the tag resolves to the index:\n{listed}"
@@ -700,15 +685,15 @@ fn containerd_pulls_one_platform_of_an_index_and_by_digest() {
     }
     for d in &wanted {
         assert!(
-            c.ctr(&["content", "get", d]) == blob(d),
+            c.run(&["content", "get", d]) == blob(d),
             "{d} differs in containerd's store"
         );
     }
 
     let by_digest = format!("{}/k8s/app@{arm_digest}", r.host());
-    c.ctr(&["images", "rm", &by_tag]);
-    c.ctr(&["content", "rm", &wanted[0]]);
-    c.ctr(&[
+    c.run(&["images", "rm", &by_tag]);
+    c.run(&["content", "rm", &wanted[0]]);
+    c.run(&[
         "images",
         "pull",
         "--plain-http",
@@ -716,7 +701,7 @@ fn containerd_pulls_one_platform_of_an_index_and_by_digest() {
         "linux/arm64",
         &by_digest,
     ]);
-    assert!(c.ctr(&["content", "get", &arm_digest]) == blob(&arm_digest));
+    assert!(c.run(&["content", "get", &arm_digest]) == blob(&arm_digest));
 }
 
 #[test]
