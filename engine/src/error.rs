@@ -83,3 +83,25 @@ impl Error {
         matches!(self, Error::Corrupted { .. })
     }
 }
+
+/// The poisoned state of something that writes and fsyncs (the store, the catalog): after a
+/// failed fsync the kernel may have dropped the dirty pages, so every later write fails with
+/// the first failure's reason instead of being retried.
+#[derive(Default)]
+pub(crate) struct Poison(parking_lot::RwLock<Option<String>>);
+
+impl Poison {
+    /// `Err(Poisoned)` once [`Poison::set`] was called.
+    pub(crate) fn check(&self) -> Result<()> {
+        match &*self.0.read() {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Poisons (the first reason is kept) and returns the error to report for `why`.
+    pub(crate) fn set(&self, why: String) -> Error {
+        self.0.write().get_or_insert_with(|| why.clone());
+        Error::Poisoned(why)
+    }
+}

@@ -153,7 +153,7 @@ struct Inner {
     delta: RwLock<Delta>,
     pending: Mutex<Pending>,
     segments: RwLock<HashMap<u64, SegmentData>>,
-    poisoned: RwLock<Option<String>>,
+    poisoned: crate::error::Poison,
     recipes: Mutex<HashMap<[u8; 32], Arc<Recipe>>>,
     merge_lock: Mutex<()>,
     gc: Mutex<GcState>,
@@ -311,7 +311,7 @@ impl Store {
             delta: RwLock::new(delta),
             pending: Mutex::new(pending),
             segments: RwLock::new(segments),
-            poisoned: RwLock::new(None),
+            poisoned: crate::error::Poison::default(),
             recipes: Mutex::new(HashMap::new()),
             damage: std::sync::atomic::AtomicBool::new(!quarantine.is_empty()),
             quarantine: RwLock::new(Arc::new(quarantine)),
@@ -379,18 +379,11 @@ impl Store {
     }
 
     fn check_poisoned(&self) -> Result<()> {
-        match &*self.inner.poisoned.read() {
-            Some(why) => Err(Error::Poisoned(why.clone())),
-            None => Ok(()),
-        }
+        self.inner.poisoned.check()
     }
 
     fn poison(&self, err: &Error) -> Error {
-        let mut p = self.inner.poisoned.write();
-        if p.is_none() {
-            *p = Some(err.to_string());
-        }
-        Error::Poisoned(err.to_string())
+        self.inner.poisoned.set(err.to_string())
     }
 
     /// Looks up where a chunk is stored.
