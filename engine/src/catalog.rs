@@ -199,7 +199,7 @@ pub struct Catalog {
     /// committer that syncs for all.
     synced: Mutex<(u64, u64)>,
     /// Set by a failed fsync or write after one: every later commit fails.
-    poisoned: RwLock<Option<String>>,
+    poisoned: crate::error::Poison,
     journal_bytes_max: u64,
 }
 
@@ -297,7 +297,7 @@ impl Catalog {
             }),
             state: RwLock::new(state),
             synced: Mutex::new(position),
-            poisoned: RwLock::new(None),
+            poisoned: crate::error::Poison::default(),
             journal_bytes_max,
         })
     }
@@ -361,12 +361,7 @@ impl Catalog {
         // Appends go on meanwhile; they wait for the next fsync.
         file.sync().map_err(|e| self.poison(e))?;
         *synced = target;
-        {
-            let mut state = self.state.write();
-            for op in batches.iter().flatten() {
-                state.apply(op);
-            }
-        }
+        self.make_visible(batches);
         let mut a = self.appended.lock();
         if (a.journal.generation, a.journal.len) == target {
             // The mark after a sync tells recovery that everything before it was
@@ -388,10 +383,7 @@ impl Catalog {
                 // so make them durable and visible now, holding appends back for one fsync,
                 // or the journal (and the replay at open) would grow without bound.
                 a.journal.file.sync().map_err(|e| self.poison(e))?;
-                let mut state = self.state.write();
-                for op in a.unsynced.drain(..).flatten() {
-                    state.apply(&op);
-                }
+                self.make_visible(std::mem::take(&mut a.unsynced));
             }
             // Nothing is in flight: the visible state is the planned one. A fold cut short
             // leaves the journal it replaces in use while a newer snapshot may exist: nothing
@@ -403,18 +395,21 @@ impl Catalog {
         Ok(())
     }
 
-    /// `Err(Poisoned)` once a failed fsync poisoned the catalog.
-    pub fn check_poisoned(&self) -> Result<()> {
-        match &*self.poisoned.read() {
-            Some(why) => Err(Error::Poisoned(why.clone())),
-            None => Ok(()),
+    /// Applies batches that are now durable to the state readers see, in order.
+    fn make_visible(&self, batches: VecDeque<Vec<Op>>) {
+        let mut state = self.state.write();
+        for op in batches.iter().flatten() {
+            state.apply(op);
         }
     }
 
+    /// `Err(Poisoned)` once a failed fsync poisoned the catalog.
+    pub fn check_poisoned(&self) -> Result<()> {
+        self.poisoned.check()
+    }
+
     fn poison(&self, err: Error) -> Error {
-        let why = format!("catalog journal: {err}");
-        self.poisoned.write().get_or_insert(why.clone());
-        Error::Poisoned(why)
+        self.poisoned.set(format!("catalog journal: {err}"))
     }
 
     /// Commits ops without a precondition.
@@ -684,61 +679,64 @@ mod tests {
             });
             acked.into_inner()
         };
+        after_every_cut(run, 160, |n, c, acked| {
+            let have = tags(&c);
+            for name in &acked {
+                assert!(
+                    have.contains(name),
+                    "cut at sync {n}: {name} acknowledged, lost"
+                );
+            }
+        });
+    }
+
+    /// Runs `run` to the end (`acked` commits must be acknowledged), then once cut at each
+    /// of its sync points (durable bytes only, and with some unsynced pages kept): the
+    /// catalog opens after every cut, and `check` sees it with the tags that run committed.
+    fn after_every_cut(
+        run: impl Fn(&SimStorage) -> Vec<String>,
+        acked: usize,
+        check: impl Fn(u64, Catalog, Vec<String>),
+    ) {
         let full = SimStorage::new();
-        assert_eq!(run(&full).len(), 160);
+        assert_eq!(run(&full).len(), acked);
         for n in 1..=full.sync_count() {
             for torn in [None, Some(n)] {
                 let sim = SimStorage::new();
                 sim.crash_at_sync(n);
-                let acked = run(&sim);
+                let got = run(&sim);
                 let c = Catalog::open(Arc::new(sim.crash_image(torn)), Path::new("/c"))
                     .unwrap_or_else(|e| panic!("cut at sync {n}: {e}"));
-                let have = tags(&c);
-                for name in &acked {
-                    assert!(
-                        have.contains(name),
-                        "cut at sync {n}: {name} acknowledged, lost"
-                    );
-                }
+                check(n, c, got);
             }
         }
     }
 
     #[test]
     fn power_cut_keeps_every_acknowledged_batch() {
-        let full = SimStorage::new();
-        let run = |sim: &SimStorage| -> usize {
+        let run = |sim: &SimStorage| -> Vec<String> {
             let Ok(c) = Catalog::open(Arc::new(sim.clone()), Path::new("/c")) else {
-                return 0;
+                return Vec::new();
             };
-            let mut acked = 0;
+            let mut acked = Vec::new();
             for i in 0..20u32 {
-                let op = Op::Tag {
-                    repo: "a".into(),
-                    tag: format!("t{i}"),
-                    digest: Digest::of(Algorithm::Sha256, b"x"),
-                };
-                if c.commit(vec![op]).is_err() {
+                let name = format!("t{i}");
+                if c.commit(vec![tag(&name)]).is_err() {
                     break;
                 }
-                acked += 1;
+                acked.push(name);
             }
             acked
         };
-        assert_eq!(run(&full), 20);
-        for n in 1..=full.sync_count() {
-            for torn in [None, Some(n)] {
-                let sim = SimStorage::new();
-                sim.crash_at_sync(n);
-                let acked = run(&sim);
-                let c = Catalog::open(Arc::new(sim.crash_image(torn)), Path::new("/c"))
-                    .expect("open after cut");
-                let tags = c.read().repos.get("a").map_or(0, |r| r.tags.len());
-                assert!(
-                    tags >= acked,
-                    "cut at {n}: {tags} tags, {acked} acknowledged"
-                );
-            }
-        }
+        after_every_cut(run, 20, |n, c, acked| {
+            let (tags, acked) = (
+                c.read().repos.get("a").map_or(0, |r| r.tags.len()),
+                acked.len(),
+            );
+            assert!(
+                tags >= acked,
+                "cut at {n}: {tags} tags, {acked} acknowledged"
+            );
+        });
     }
 }
