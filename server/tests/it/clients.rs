@@ -15,18 +15,43 @@ use serde_json::Value;
 use crate::http::call;
 use crate::{have, oci, Registry};
 
-fn skopeo(args: &[&str]) -> String {
-    let out = Command::new("skopeo")
-        .args(args)
-        .output()
-        .expect("run skopeo");
+/// Runs a client command to the end; it must succeed. Returns what it printed.
+fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {line}: {e}"));
     assert!(
         out.status.success(),
-        "skopeo {} failed:\n{}",
-        args.join(" "),
+        "{line} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out.stdout
+}
+
+/// [`run_ok`], its output as text.
+fn run_text(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_ok(cmd)).into_owned()
+}
+
+fn skopeo(args: &[&str]) -> String {
+    run_text(Command::new("skopeo").args(args))
+}
+
+/// Pushes the image (or index, with every platform) tagged `tag` in `layout` to `dest`, with
+/// the layout's digests.
+fn push_layout_all(layout: &Path, tag: &str, dest: &str) {
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:{tag}", layout.display()),
+        dest,
+    ]);
 }
 
 fn require(program: &str) {
@@ -171,15 +196,7 @@ fn skopeo_multi_arch_index_round_trip() {
     oci::finish_layout(&layout, &index, "multi");
     let r = Registry::start(&tmp.path().join("data"));
     let dest = format!("docker://{}/multi/app:latest", r.host());
-    skopeo(&[
-        "copy",
-        "--quiet",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:multi", layout.display()),
-        &dest,
-    ]);
+    push_layout_all(&layout, "multi", &dest);
     let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
     assert_eq!(crate::sha256(raw.as_bytes()), index.digest);
     let out = tmp.path().join("out");
@@ -222,22 +239,15 @@ fn podman_push_and_pull() {
     let r = Registry::start(&tmp.path().join("data"));
     let (root, run) = (tmp.path().join("root"), tmp.path().join("run"));
     let podman = |args: &[&str]| -> String {
-        let out = Command::new("podman")
-            .arg("--root")
-            .arg(&root)
-            .arg("--runroot")
-            .arg(&run)
-            .args(["--storage-driver", "vfs"])
-            .args(args)
-            .output()
-            .expect("run podman");
-        assert!(
-            out.status.success(),
-            "podman {} failed:\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_text(
+            Command::new("podman")
+                .arg("--root")
+                .arg(&root)
+                .arg("--runroot")
+                .arg(&run)
+                .args(["--storage-driver", "vfs"])
+                .args(args),
+        )
     };
     let image = format!("{}/pod/app:v1", r.host());
     let id = podman(&["pull", "-q", &format!("oci:{}:v1", layout.display())])
@@ -281,15 +291,14 @@ fn rootfs_tar(dir: &Path, name: &str, files: &[(String, Vec<u8>)]) -> std::path:
         std::fs::write(&p, bytes).expect("write");
     }
     let tar = dir.join(format!("{name}.tar"));
-    let ok = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .expect("tar");
-    assert!(ok.success());
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+    );
     tar
 }
 
@@ -313,19 +322,14 @@ fn podman_partial_pull_of_a_zstd_chunked_layer_fetches_only_changed_files() {
     )
     .expect("storage.conf");
     let run = |args: &[&str]| -> String {
-        let out = Command::new(&podman)
-            .env("CONTAINERS_STORAGE_CONF", &storage_conf)
-            .env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
-            .args(args)
-            .output()
-            .expect("run podman 5");
-        assert!(
-            out.status.success(),
-            "podman {} failed:\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        run_text(
+            Command::new(&podman)
+                .env("CONTAINERS_STORAGE_CONF", &storage_conf)
+                .env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
+                .args(args),
+        )
+        .trim()
+        .to_owned()
     };
     // v2 changes 3 of 40 files, spread through the layer.
     let v1: Vec<(String, Vec<u8>)> = (0..40u64)
@@ -451,7 +455,7 @@ impl Daemon {
             client_args,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !d.try_run(ready).0 {
+        while !d.try_run(ready) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{program} did not come up:\n{}",
@@ -462,28 +466,27 @@ impl Daemon {
         d
     }
 
-    fn try_run(&self, args: &[&str]) -> (bool, Vec<u8>, String) {
-        let out = Command::new(self.client)
-            .args(&self.client_args)
-            .args(args)
+    /// The client, pointed at this daemon, with `args`.
+    fn client(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(self.client);
+        cmd.args(&self.client_args).args(args);
+        cmd
+    }
+
+    /// True when the client command succeeds (for the readiness check).
+    fn try_run(&self, args: &[&str]) -> bool {
+        self.client(args)
             .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", self.client));
-        (
-            out.status.success(),
-            out.stdout,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+            .is_ok_and(|out| out.status.success())
     }
 
     fn run(&self, args: &[&str]) -> Vec<u8> {
-        let (ok, out, err) = self.try_run(args);
-        assert!(ok, "{} {} failed:\n{err}", self.client, args.join(" "));
-        out
+        run_ok(&mut self.client(args))
     }
 
     /// [`Daemon::run`], its output as text.
     fn text(&self, args: &[&str]) -> String {
-        String::from_utf8_lossy(&self.run(args)).into_owned()
+        run_text(&mut self.client(args))
     }
 }
 
@@ -598,14 +601,13 @@ fn docker_push_and_pull_by_tag_and_by_digest() {
     docker.run(&["export", "-o", &exported.to_string_lossy(), "by-tag"]);
     let out = tmp.path().join("exported");
     std::fs::create_dir_all(&out).expect("mkdir");
-    let ok = Command::new("tar")
-        .arg("-C")
-        .arg(&out)
-        .arg("-xf")
-        .arg(&exported)
-        .status()
-        .expect("tar");
-    assert!(ok.success());
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&out)
+            .arg("-xf")
+            .arg(&exported),
+    );
     for (path, bytes) in &files {
         let got = std::fs::read(out.join(path)).expect("pulled file");
         assert!(&got == bytes, "{path} differs after the pull");
@@ -630,15 +632,7 @@ fn containerd_pulls_one_platform_of_an_index_and_by_digest() {
     oci::finish_layout(&layout, &index, "multi");
     let r = Registry::start(&tmp.path().join("data"));
     let dest = format!("docker://{}/k8s/app:v1", r.host());
-    skopeo(&[
-        "copy",
-        "--quiet",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:multi", layout.display()),
-        &dest,
-    ]);
+    push_layout_all(&layout, "multi", &dest);
     let blob = |digest: &str| -> Vec<u8> {
         std::fs::read(
             layout
@@ -722,19 +716,12 @@ fn oras_cli_pushes_attaches_a_referrer_discovers_it_and_pulls() {
     }
     let r = Registry::start(&tmp.path().join("data"));
     let run = |args: &[&str]| -> String {
-        let out = Command::new(&oras)
-            .current_dir(&files)
-            .env("HOME", tmp.path())
-            .args(args)
-            .output()
-            .expect("run oras");
-        assert!(
-            out.status.success(),
-            "oras {} failed:\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_text(
+            Command::new(&oras)
+                .current_dir(&files)
+                .env("HOME", tmp.path())
+                .args(args),
+        )
     };
     let artifact = format!("{}/art/app:v1", r.host());
     run(&[
@@ -801,22 +788,17 @@ fn buildah_builds_pushes_and_pulls_back() {
     let r = Registry::start(&tmp.path().join("data"));
     let (root, runroot) = (tmp.path().join("root"), tmp.path().join("run"));
     let buildah = |args: &[&str]| -> String {
-        let out = Command::new("buildah")
-            .arg("--root")
-            .arg(&root)
-            .arg("--runroot")
-            .arg(&runroot)
-            .args(["--storage-driver", "vfs"])
-            .args(args)
-            .output()
-            .expect("run buildah");
-        assert!(
-            out.status.success(),
-            "buildah {} failed:\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        run_text(
+            Command::new("buildah")
+                .arg("--root")
+                .arg(&root)
+                .arg("--runroot")
+                .arg(&runroot)
+                .args(["--storage-driver", "vfs"])
+                .args(args),
+        )
+        .trim()
+        .to_owned()
     };
     let payload = crate::seeded(250_000, 81);
     let file = tmp.path().join("payload.bin");
