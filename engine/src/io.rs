@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt as _, FileExt, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -214,9 +214,18 @@ impl StorageFile for RealFile {
     }
 }
 
+/// Mode of the files the engine creates: the owner reads and writes, its group may read (an
+/// operator's backup or monitoring group), others nothing.
+pub const FILE_MODE: u32 = 0o640;
+/// Mode of the directories the engine creates (the data directory among them).
+pub const DIR_MODE: u32 = 0o750;
+
 impl Storage for RealStorage {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
         let mut o = OpenOptions::new();
+        // Images may be private: files the engine creates are never readable by other users,
+        // whatever the umask (which can only take more away).
+        o.mode(FILE_MODE);
         match mode {
             OpenMode::Read => o.read(true),
             OpenMode::ReadWrite => o.read(true).write(true),
@@ -226,7 +235,10 @@ impl Storage for RealStorage {
         Ok(Arc::new(RealFile(o.open(path)?)))
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(path)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(path)
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
@@ -251,6 +263,7 @@ impl Storage for RealStorage {
         use fs2::FileExt as _;
         let path = dir.join("LOCK");
         let mut file = OpenOptions::new()
+            .mode(FILE_MODE)
             .read(true)
             .write(true)
             .create(true)

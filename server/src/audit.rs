@@ -242,10 +242,20 @@ impl Writer {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    use ballast_engine::io::{DIR_MODE, FILE_MODE};
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Not readable by other users, whatever the umask: the log names who did what.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)?;
     }
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(FILE_MODE)
+        .open(path)?;
     if let Some(dir) = path.parent() {
         // The new name must survive a power cut as well as the lines in it.
         File::open(if dir.as_os_str().is_empty() {
@@ -262,7 +272,19 @@ fn open_append(path: &Path) -> std::io::Result<File> {
 /// which may run beside a server (a single `write` with `O_APPEND` does not interleave with
 /// the server's lines).
 pub fn append(path: &Path, event: &Event) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Some(dir) = path.parent() {
+        crate::auth::create_dir_owned_as_parent(dir).map_err(std::io::Error::other)?;
+    }
+    let existed = path.exists();
     let mut file = open_append(path)?;
+    // A log the command line starts (run as root, say) belongs to whoever owns its
+    // directory, so the server can go on appending to it.
+    if !existed {
+        if let Some(d) = path.parent().and_then(|d| std::fs::metadata(d).ok()) {
+            let _ = std::os::unix::fs::fchown(&file, Some(d.uid()), Some(d.gid()));
+        }
+    }
     file.write_all(&event.line())?;
     file.sync_data()
 }

@@ -10,12 +10,39 @@ use fs2::FileExt;
 use crate::audit::{self, Event};
 use crate::auth::accounts::{self, RobotsFile};
 
-/// The actor of account changes made from the command line.
+/// The actor of account changes made from the command line: the user behind `sudo`, else the
+/// login name, else the name of the effective user id (`cli:uid:N` if it has none).
 fn cli_actor() -> String {
-    let who = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into());
-    format!("cli:{who}")
+    use std::os::unix::fs::MetadataExt;
+    let from_env = ["SUDO_USER", "LOGNAME", "USER"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .find(|v| !v.is_empty());
+    let who = from_env.unwrap_or_else(|| {
+        // /proc/self belongs to the process's effective user.
+        let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        let name = uid.and_then(|uid| {
+            let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+            passwd.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let (name, id) = (f.next()?, f.nth(1)?);
+                (id.parse() == Ok(uid)).then(|| name.to_owned())
+            })
+        });
+        match (name, uid) {
+            (Some(n), _) => n,
+            (None, Some(uid)) => format!("uid:{uid}"),
+            (None, None) => "unknown".into(),
+        }
+    });
+    format!("cli:{}", ballast_tools::printable(&who))
+}
+
+/// Tells the operator when the account file just written could not be read by the server.
+fn warn_if_unreadable(path: &Path) {
+    if let Some(w) = crate::auth::unreadable_warning(path) {
+        eprintln!("{w}");
+    }
 }
 
 fn audit_change(log: &Path, action: &str, what: &str, reason: Option<String>) {
@@ -32,11 +59,13 @@ fn audit_change(log: &Path, action: &str, what: &str, reason: Option<String>) {
 
 /// Holds an exclusive lock beside `path` while an account file is edited.
 fn edit_lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let lock = PathBuf::from(format!("{}.lock", path.display()));
     if let Some(dir) = lock.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::auth::create_dir_owned_as_parent(dir)?;
     }
     let f = std::fs::OpenOptions::new()
+        .mode(ballast_engine::io::FILE_MODE)
         .create(true)
         .truncate(false)
         .write(true)
@@ -59,6 +88,7 @@ pub fn robot_create(
     let mut file = RobotsFile::load(robots)?;
     let token = file.create(name, description, crate::now_secs())?;
     file.save(robots)?;
+    warn_if_unreadable(robots);
     audit_change(audit_log, "robot.create", &format!("robot:{name}"), None);
     writeln!(out, "{token}")?;
     eprintln!(
@@ -77,6 +107,7 @@ pub fn robot_revoke(robots: &Path, audit_log: &Path, name: &str) -> anyhow::Resu
         bail!("there is no robot {name:?} in {}", robots.display());
     }
     file.save(robots)?;
+    warn_if_unreadable(robots);
     audit_change(audit_log, "robot.revoke", &format!("robot:{name}"), None);
     eprintln!("robot {name:?} revoked");
     Ok(())
@@ -134,6 +165,7 @@ pub fn passwd(
         if !accounts::set_password(htpasswd, user, None, 0)? {
             bail!("there is no user {user:?} in {}", htpasswd.display());
         }
+        warn_if_unreadable(htpasswd);
         if let Some(log) = audit_log {
             audit_change(log, "user.delete", &format!("user:{user}"), None);
         }
@@ -151,6 +183,7 @@ pub fn passwd(
         bail!("the password must be at most 72 bytes (bcrypt's limit)");
     }
     let existed = accounts::set_password(htpasswd, user, Some(password), cost)?;
+    warn_if_unreadable(htpasswd);
     if let Some(log) = audit_log {
         let why = if existed {
             "password changed"
@@ -243,15 +276,18 @@ pub fn audit_query(
                     .filter(|s| !s.is_empty())
                     .collect::<Vec<_>>()
                     .join(" ");
+                // Every field as text a terminal shows as it is: a user name or a tag sent
+                // by a client must not move the cursor or start a line of its own.
+                let p = ballast_tools::printable;
                 writeln!(
                     out,
                     "{} {:<8} {:<20} {:<16} {} {}",
-                    field("time"),
-                    field("outcome"),
-                    field("actor"),
-                    field("action"),
-                    what,
-                    field("reason")
+                    p(field("time")),
+                    p(field("outcome")),
+                    p(field("actor")),
+                    p(field("action")),
+                    p(&what),
+                    p(field("reason"))
                 )?;
             }
         }

@@ -216,12 +216,15 @@ impl Config {
         if !loopback && !self.tls() {
             if !self.insecure_plain_http {
                 bail!(
-                    "refusing plain HTTP on {}: set tls_cert and tls_key, or listen on                      127.0.0.1, or set insecure_plain_http = true to accept that passwords                      and images cross the network unencrypted",
+                    "refusing plain HTTP on {}: set tls_cert and tls_key, or listen on \
+                     127.0.0.1, or set insecure_plain_http = true to accept that passwords \
+                     and images cross the network unencrypted",
                     self.listen
                 );
             }
             warnings.push(format!(
-                "plain HTTP on {} (insecure_plain_http): credentials and tokens cross the                  network in clear text",
+                "plain HTTP on {} (insecure_plain_http): credentials and tokens cross the \
+                 network in clear text",
                 self.listen
             ));
         }
@@ -236,6 +239,15 @@ impl Config {
                 .context("[auth] policy")?;
             if self.auth.token_ttl_secs == 0 {
                 bail!("[auth] token_ttl_secs must be at least 1");
+            }
+            if !loopback && self.auth.realm.is_none() {
+                bail!(
+                    "[auth] realm is required when listening on {} (not loopback): set it to \
+                     the public URL of this server's token endpoint, e.g. realm = \
+                     \"https://registry.example.com/token\"; without it the realm would be \
+                     built from each request's Host header, which the client chooses",
+                    self.listen
+                );
             }
         }
         Ok(warnings)
@@ -420,6 +432,7 @@ tls_key = "/etc/ballast/key.pem"
 [auth]
 enabled = true
 htpasswd = "/etc/ballast/htpasswd"
+realm = "https://registry.example.com/token"
 [auth.groups]
 ci = ["robot:builder"]
 [[auth.policy]]
@@ -438,6 +451,13 @@ actions = ["pull", "push"]
         assert_eq!(c.check().expect("opted in").len(), 1);
         c.tls_key = Some("/k".into());
         assert!(c.check().is_err(), "a key without a certificate");
+        c.tls_key = None;
+        // Off loopback, the realm is configured, never taken from the client's Host.
+        c.auth.realm = None;
+        let e = c.check().expect_err("no realm off loopback");
+        assert!(format!("{e:#}").contains("realm is required"), "{e:#}");
+        c.listen = "127.0.0.1:5000".parse().expect("addr");
+        assert!(c.check().is_ok(), "on loopback, the realm may be derived");
         let mut c = Config::default();
         c.auth.enabled = true;
         c.auth.policy.push(crate::auth::Rule {

@@ -10,7 +10,7 @@ use hyper::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::audit::Event;
-use crate::auth::{Access, Denial};
+use crate::auth::{Access, Denial, Need};
 use crate::body::ResBody;
 use crate::error::ApiError;
 use crate::handlers::{self, first, parse_form, query, reply};
@@ -31,6 +31,12 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         return token(app, peer, req).await;
     }
     let need = handlers::need(&method, &r);
+    // A name that cannot exist is refused before anything echoes it (the challenge's scope).
+    if let Need::Repo(name, _) = &need {
+        if let Err(e) = ballast_engine::names::validate_repo(name) {
+            return crate::error_response(&ApiError::NameInvalid(e.to_string()));
+        }
+    }
     // (Only challenges use the host; the hot path without authentication skips it.)
     let host = if app.auth.enabled() { host(&req) } else { None };
     let access = match app

@@ -153,6 +153,10 @@ enum RobotCommand {
         /// Robots file, when the config names another than DIR/auth/robots.json.
         #[arg(long)]
         robots: Option<PathBuf>,
+        /// The server's config file: its `[auth] robots` and `audit_log` settings (and the
+        /// BALLAST_* environment) are used.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Revokes a robot: its token, and every token issued to it, stop working.
     Revoke {
@@ -163,6 +167,10 @@ enum RobotCommand {
         /// Robots file, when the config names another than DIR/auth/robots.json.
         #[arg(long)]
         robots: Option<PathBuf>,
+        /// The server's config file: its `[auth] robots` and `audit_log` settings (and the
+        /// BALLAST_* environment) are used.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Lists robots (never their tokens).
     List {
@@ -171,6 +179,10 @@ enum RobotCommand {
         /// Robots file, when the config names another than DIR/auth/robots.json.
         #[arg(long)]
         robots: Option<PathBuf>,
+        /// The server's config file: its `[auth] robots` and `audit_log` settings (and the
+        /// BALLAST_* environment) are used.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -221,28 +233,44 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(ballast_tools::bench(&opts, json, &mut std::io::stdout()))
         }
         Command::Robot { command } => {
-            let robots_of = |dir: &PathBuf, f: Option<PathBuf>| {
-                f.unwrap_or_else(|| ballast_server::config::default_robots_path(dir))
+            // The robots file and the audit log as the server finds them: its config file
+            // and environment, with DIR as the data directory; --robots wins.
+            let paths = |dir: PathBuf, config: Option<PathBuf>, robots: Option<PathBuf>| {
+                let mut cfg = Config::load(config.as_deref(), std::env::vars())?;
+                cfg.data = dir;
+                anyhow::Ok((
+                    robots.unwrap_or_else(|| cfg.robots_path()),
+                    cfg.audit_path(),
+                ))
             };
-            let audit_of = |dir: &PathBuf| ballast_server::config::default_audit_path(dir);
             match command {
                 RobotCommand::Create {
                     dir,
                     name,
                     description,
                     robots,
-                } => cli::robot_create(
-                    &robots_of(&dir, robots),
-                    &audit_of(&dir),
-                    &name,
-                    &description,
-                    &mut std::io::stdout(),
-                ),
-                RobotCommand::Revoke { dir, name, robots } => {
-                    cli::robot_revoke(&robots_of(&dir, robots), &audit_of(&dir), &name)
+                    config,
+                } => {
+                    let (robots, audit) = paths(dir, config, robots)?;
+                    cli::robot_create(&robots, &audit, &name, &description, &mut std::io::stdout())
                 }
-                RobotCommand::List { dir, robots, json } => {
-                    cli::robot_list(&robots_of(&dir, robots), json, &mut std::io::stdout())
+                RobotCommand::Revoke {
+                    dir,
+                    name,
+                    robots,
+                    config,
+                } => {
+                    let (robots, audit) = paths(dir, config, robots)?;
+                    cli::robot_revoke(&robots, &audit, &name)
+                }
+                RobotCommand::List {
+                    dir,
+                    robots,
+                    config,
+                    json,
+                } => {
+                    let (robots, _) = paths(dir, config, robots)?;
+                    cli::robot_list(&robots, json, &mut std::io::stdout())
                 }
             }
         }

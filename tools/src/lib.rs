@@ -63,6 +63,34 @@ fn write_output<T: serde::Serialize>(
     }
 }
 
+/// Text as a terminal can show it without being steered by it: control characters (line
+/// breaks, carriage returns, escape sequences) and bidirectional overrides are written as
+/// escapes (`\n`, `\u{1b}`). Every human-readable output of a name, path or message that
+/// did not come from this program goes through it (fsck, gc, inspect, `ballast audit`).
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let steers = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(steers) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if steers(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A path as [`printable`] text.
+fn shown(p: &Path) -> String {
+    printable(&p.display().to_string()).into_owned()
+}
+
 fn human_bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
 }
@@ -84,7 +112,7 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
                 if json {
                     serde_json::json!({ "error": msg }).to_string()
                 } else {
-                    format!("fsck: {msg}")
+                    format!("fsck: {}", printable(&msg))
                 }
             );
             return EXIT_FAILED;
@@ -115,7 +143,11 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
                 report = check(&store);
             }
             Err(e) => {
-                let _ = writeln!(out, "fsck: could not write the quarantine: {e}");
+                let _ = writeln!(
+                    out,
+                    "fsck: could not write the quarantine: {}",
+                    printable(&e.to_string())
+                );
                 return EXIT_FAILED;
             }
         }
@@ -123,9 +155,13 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     drop(store);
     let output = FsckOutput {
         repair: summary,
+        warnings: loose_modes(dir),
         report: &report,
     };
     let written = write_output(out, json, &output, |out| {
+        for w in &output.warnings {
+            writeln!(out, "warning: {}", printable(w))?;
+        }
         write_report(out, dir, repair, summary.as_ref(), &report)
     });
     if written.is_err() {
@@ -136,6 +172,47 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     } else {
         EXIT_FINDINGS
     }
+}
+
+/// A warning when the data directory or anything in it is open to other users (images may
+/// be private; the engine creates everything 0750/0640, but a directory made by hand or by
+/// an older version may be 0755/0644).
+fn loose_modes(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut open = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.file_type().is_symlink() {
+            continue;
+        }
+        if m.mode() & 0o007 != 0 {
+            open.push((p.clone(), m.mode() & 0o7777));
+        }
+        if m.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    if open.is_empty() {
+        return Vec::new();
+    }
+    open.sort();
+    let examples: Vec<String> = open
+        .iter()
+        .take(3)
+        .map(|(p, mode)| format!("{} ({mode:o})", p.display()))
+        .collect();
+    vec![format!(
+        "{} files and directories are open to other users, e.g. {}: any local user may read \
+         the images; `chmod -R o-rwx {}` closes them",
+        open.len(),
+        examples.join(", "),
+        dir.display()
+    )]
 }
 
 /// What `fsck --repair` did beyond rebuilding the indexes.
@@ -153,6 +230,9 @@ struct RepairSummary {
 struct FsckOutput<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     repair: Option<RepairSummary>,
+    /// What is not damage but should be fixed (permissions); no effect on the exit code.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
     #[serde(flatten)]
     report: &'a verify::Report,
 }
@@ -189,7 +269,7 @@ fn write_report(
     writeln!(
         out,
         "fsck {}: {} segments ({}), {} chunks, {} blobs ({}), {} index entries, {} repositories checked",
-        dir.display(),
+        shown(dir),
         r.segments,
         human_bytes(r.segment_bytes),
         r.chunks,
@@ -203,14 +283,17 @@ fn write_report(
     }
     for f in &r.findings {
         let place = match (&f.file, f.offset) {
-            (Some(file), Some(off)) => format!(" {}@{off}", file.display()),
-            (Some(file), None) => format!(" {}", file.display()),
+            (Some(file), Some(off)) => format!(" {}@{off}", shown(file)),
+            (Some(file), None) => format!(" {}", shown(file)),
             _ => String::new(),
         };
         writeln!(
             out,
             "{:?} {}{place}: {}\n  hint: {}",
-            f.severity, f.code, f.message, f.hint
+            f.severity,
+            f.code,
+            printable(&f.message),
+            printable(f.hint)
         )?;
     }
     writeln!(out, "{} problem(s) found", r.findings.len())
@@ -221,14 +304,14 @@ pub fn inspect(dir: &Path, json: bool, out: &mut dyn Write) -> i32 {
     let store = match open_offline(dir, Options::default()) {
         Ok(s) => s,
         Err(msg) => {
-            let _ = writeln!(out, "inspect: {msg}");
+            let _ = writeln!(out, "inspect: {}", printable(&msg));
             return EXIT_FAILED;
         }
     };
     let i = match inspect::inspect(&store) {
         Ok(i) => i,
         Err(e) => {
-            let _ = writeln!(out, "inspect: {e}");
+            let _ = writeln!(out, "inspect: {}", printable(&e.to_string()));
             return EXIT_FAILED;
         }
     };
@@ -245,7 +328,7 @@ fn write_inspection(
     dir: &Path,
     i: &inspect::Inspection,
 ) -> std::io::Result<()> {
-    writeln!(out, "{}", dir.display())?;
+    writeln!(out, "{}", shown(dir))?;
     writeln!(
         out,
         "  segments        {} files, {}; {} index files",
@@ -294,6 +377,7 @@ fn write_inspection(
         )?;
     }
     for (name, r) in &i.repositories {
+        let name = printable(name);
         writeln!(
             out,
             "  {name:<40} {:>6} {:>9} {:>12} {:>12}",
@@ -329,7 +413,7 @@ pub fn gc(
     let store = match open_offline(dir, Options::default()) {
         Ok(s) => s,
         Err(msg) => {
-            let _ = writeln!(out, "gc: {msg}");
+            let _ = writeln!(out, "gc: {}", printable(&msg));
             return EXIT_FAILED;
         }
     };
@@ -340,13 +424,21 @@ pub fn gc(
     let old = match uploads.started_before(cutoff) {
         Ok(old) => old,
         Err(e) => {
-            let _ = writeln!(out, "gc: listing upload sessions: {e}");
+            let _ = writeln!(
+                out,
+                "gc: listing upload sessions: {}",
+                printable(&e.to_string())
+            );
             return EXIT_FAILED;
         }
     };
     if !opts.dry_run {
         if let Err(e) = uploads.expire(cutoff) {
-            let _ = writeln!(out, "gc: removing old upload sessions: {e}");
+            let _ = writeln!(
+                out,
+                "gc: removing old upload sessions: {}",
+                printable(&e.to_string())
+            );
             return EXIT_FAILED;
         }
     }
@@ -357,12 +449,12 @@ pub fn gc(
             upload_bytes_freed: old.iter().map(|(_, len)| len).sum(),
         },
         Err(e) => {
-            let _ = writeln!(out, "gc: {e}");
+            let _ = writeln!(out, "gc: {}", printable(&e.to_string()));
             return EXIT_FAILED;
         }
     };
     if let Err(e) = store.close() {
-        let _ = writeln!(out, "gc: closing the store: {e}");
+        let _ = writeln!(out, "gc: closing the store: {}", printable(&e.to_string()));
         return EXIT_FAILED;
     }
     let written = write_output(out, json, &report, |out| {
@@ -371,7 +463,7 @@ pub fn gc(
         writeln!(
             out,
             "gc {}: {verb} {} ({} of {} segments compacted, {} live moved); {} blob links and {} manifests {}; {} unfinished uploads ({}) {}",
-            dir.display(),
+            shown(dir),
             human_bytes(r.bytes_reclaimed),
             r.segments_compacted,
             r.segments_examined,
@@ -406,5 +498,21 @@ pub fn bench(opts: &bench::BenchOptions, json: bool, out: &mut dyn Write) -> i32
             eprintln!("ballast bench: {e}");
             EXIT_FAILED
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_what_steers_a_terminal() {
+        assert!(matches!(
+            printable("team-a/api sha256:ab"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(printable("a\nb\rc\u{1b}[2J"), "a\\nb\\rc\\u{1b}[2J");
+        assert_eq!(printable("x\u{202e}y\tz"), "x\\u{202e}y\\tz");
+        assert_eq!(printable("é ü 名前"), "é ü 名前");
     }
 }

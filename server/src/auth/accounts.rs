@@ -22,31 +22,39 @@ pub const ROBOT_TOKEN_PREFIX: &str = "blt_";
 /// How often a changed account file is noticed, at most.
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// Cost of the hash checked for an unknown user, so that its answer takes as long as a
-/// wrong password's (htpasswd -B's default cost).
-const DUMMY_COST: u32 = 5;
+/// bcrypt cost assumed for an unknown user when no file names one (`ballast passwd`'s
+/// default).
+pub const COST_DEFAULT: u32 = 10;
 
 /// A file read again when its modification time or length changes.
 struct Watched<T> {
     path: PathBuf,
+    /// What it is, for messages (`htpasswd file`, `robots file`).
+    what: &'static str,
     stamp: Option<(SystemTime, u64)>,
     checked: Option<Instant>,
     value: T,
+    /// Why the file cannot be used now, while it cannot.
+    error: Option<String>,
 }
 
 impl<T: Default> Watched<T> {
-    fn new(path: PathBuf) -> Self {
+    fn new(path: PathBuf, what: &'static str) -> Self {
         Watched {
             path,
+            what,
             stamp: None,
             checked: None,
             value: T::default(),
+            error: None,
         }
     }
 
-    /// Re-reads the file when it changed (checked at most once per [`RECHECK`]). A file
-    /// that fails to parse keeps the previous contents and is reported; a missing file is
-    /// empty.
+    /// Re-reads the file when it changed (checked at most once per [`RECHECK`]); a missing
+    /// file is empty. A file that cannot be read or parsed fails closed: its accounts are
+    /// refused (not the ones read before: a revocation must never be lost to a permission
+    /// or syntax error) until it is readable again, and the reason is logged once and kept
+    /// for `/healthz`.
     fn refresh(&mut self, parse: impl Fn(&str) -> anyhow::Result<T>) -> &T {
         if self.checked.is_some_and(|t| t.elapsed() < RECHECK) {
             return &self.value;
@@ -55,7 +63,7 @@ impl<T: Default> Watched<T> {
         let stamp = std::fs::metadata(&self.path)
             .ok()
             .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-        if stamp == self.stamp {
+        if stamp == self.stamp && self.error.is_none() {
             return &self.value;
         }
         let text = match stamp {
@@ -64,17 +72,59 @@ impl<T: Default> Watched<T> {
         };
         match text.map_err(anyhow::Error::from).and_then(|t| parse(&t)) {
             Ok(v) => {
+                if self.error.take().is_some() {
+                    tracing::warn!(file = %self.path.display(), "{} is readable again", self.what);
+                }
                 self.value = v;
                 self.stamp = stamp;
             }
-            Err(e) => tracing::error!(
-                file = %self.path.display(),
-                error = %format!("{e:#}"),
-                "account file is unreadable; keeping the accounts read before"
-            ),
+            Err(e) => {
+                let why = format!("{e:#}");
+                if self.error.as_deref() != Some(why.as_str()) {
+                    tracing::error!(
+                        file = %self.path.display(),
+                        error = %why,
+                        "{} is unreadable or invalid: its accounts are refused until it is \
+                         fixed",
+                        self.what
+                    );
+                }
+                self.value = T::default();
+                self.stamp = None;
+                self.error = Some(why);
+            }
         }
         &self.value
     }
+}
+
+/// Users and their bcrypt hashes, as read from an htpasswd file.
+#[derive(Default)]
+pub struct Users {
+    /// Hash by user name.
+    pub hashes: BTreeMap<String, String>,
+    /// Highest bcrypt cost among the hashes (what an unknown user's check must cost).
+    pub cost_max: Option<u32>,
+}
+
+/// The cost of a bcrypt hash (`$2y$10$…` → 10).
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    hash.get(4..6)?.parse().ok()
+}
+
+fn parse_users(text: &str) -> anyhow::Result<Users> {
+    let hashes = parse_htpasswd(text)?;
+    let cost_max = hashes.values().filter_map(|h| bcrypt_cost(h)).max();
+    Ok(Users { hashes, cost_max })
+}
+
+/// True when a user name can be logged in with: no control characters (they would forge
+/// lines in text output such as `ballast audit`'s), no `:`, not empty, at most 256 bytes.
+pub fn user_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && !name.contains(':')
+        && !name.chars().any(char::is_control)
 }
 
 /// Users and their bcrypt hashes, parsed from htpasswd text. Lines that are not
@@ -89,6 +139,12 @@ pub fn parse_htpasswd(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
         let Some((name, hash)) = line.split_once(':') else {
             bail!("line {}: not NAME:HASH", i + 1);
         };
+        if !user_name_ok(name) {
+            bail!(
+                "line {}: the user name has control characters or is empty",
+                i + 1
+            );
+        }
         if !["$2y$", "$2a$", "$2b$"].iter().any(|p| hash.starts_with(p)) {
             bail!(
                 "line {} (user {name:?}): only bcrypt hashes are accepted (htpasswd -B, or \
@@ -139,10 +195,11 @@ impl RobotsFile {
         }
     }
 
-    /// Writes the file atomically, readable by its owner only.
+    /// Writes the file atomically, keeping an existing file's owner, group and mode (a new
+    /// one is 0640, owned as its directory).
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(self)?;
-        super::write_private(path, &bytes)
+        super::replace_file(path, &bytes, 0o640)
     }
 
     /// Adds a robot and returns its token (shown once, never stored).
@@ -197,35 +254,40 @@ fn hex_sha256(bytes: &[u8]) -> String {
 
 /// The accounts the server checks credentials against.
 pub struct Accounts {
-    users: Option<Mutex<Watched<BTreeMap<String, String>>>>,
+    users: Option<Mutex<Watched<Users>>>,
     robots: Mutex<Watched<RobotsFile>>,
-    dummy_hash: String,
+    /// A hash of the cost an unknown user's check must take, and that cost.
+    dummy: Mutex<(u32, String)>,
 }
 
 impl Accounts {
     /// Accounts from an optional htpasswd file and the robots file.
     pub fn new(htpasswd: Option<PathBuf>, robots: PathBuf) -> anyhow::Result<Accounts> {
+        let mut cost = COST_DEFAULT;
         if let Some(p) = &htpasswd {
             // Fail at start, not at the first login, when the file is there but wrong.
             if p.exists() {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading htpasswd file {}", p.display()))?;
-                parse_htpasswd(&text).with_context(|| format!("htpasswd file {}", p.display()))?;
+                let users =
+                    parse_users(&text).with_context(|| format!("htpasswd file {}", p.display()))?;
+                cost = users.cost_max.unwrap_or(COST_DEFAULT);
             } else {
                 tracing::warn!(file = %p.display(), "htpasswd file does not exist (yet): no users");
             }
         }
         RobotsFile::load(&robots)?;
         Ok(Accounts {
-            users: htpasswd.map(|p| Mutex::new(Watched::new(p))),
-            robots: Mutex::new(Watched::new(robots)),
-            dummy_hash: bcrypt::hash("not a password", DUMMY_COST)
-                .context("preparing the password checker")?,
+            users: htpasswd.map(|p| Mutex::new(Watched::new(p, "the htpasswd file"))),
+            robots: Mutex::new(Watched::new(robots, "the robots file")),
+            dummy: Mutex::new((cost, dummy_hash(cost)?)),
         })
     }
 
-    /// Checks a user name and secret; blocking (bcrypt is deliberately slow). Robot tokens
-    /// are recognised by their prefix; everything else is a user's password.
+    /// Checks a user name and secret; blocking (bcrypt is deliberately slow). A secret with
+    /// the robot token prefix is checked as the token of the robot of that name when there
+    /// is one; anything else (including a user's password that happens to start with the
+    /// prefix) is checked as a user's password.
     pub fn verify(&self, name: &str, secret: &str) -> Option<Principal> {
         if secret.starts_with(ROBOT_TOKEN_PREFIX) {
             let want = {
@@ -237,25 +299,48 @@ impl Accounts {
                     .find(|r| r.name == name)
                     .map(|r| r.token_sha256.clone())
             };
-            let got = hex_sha256(secret.as_bytes());
-            // Compare even when the robot is unknown, so timing tells nothing.
-            let want_bytes = want.clone().unwrap_or_else(|| "0".repeat(64));
-            let same: bool = got.as_bytes().ct_eq(want_bytes.as_bytes()).into();
-            return (same && want.is_some()).then(|| Principal::Robot(name.to_owned()));
+            if let Some(want) = want {
+                let got = hex_sha256(secret.as_bytes());
+                if bool::from(got.as_bytes().ct_eq(want.as_bytes())) {
+                    return Some(Principal::Robot(name.to_owned()));
+                }
+            }
         }
-        let hash = self.users.as_ref().and_then(|u| {
-            let mut u = u.lock();
-            u.refresh(parse_htpasswd).get(name).cloned()
-        });
+        let (hash, cost) = match &self.users {
+            None => (None, None),
+            Some(u) => {
+                let mut u = u.lock();
+                let users = u.refresh(parse_users);
+                (users.hashes.get(name).cloned(), users.cost_max)
+            }
+        };
         match hash {
             Some(h) => bcrypt::verify(secret, &h)
                 .unwrap_or(false)
                 .then(|| Principal::User(name.to_owned())),
             None => {
-                let _ = bcrypt::verify(secret, &self.dummy_hash);
+                // An unknown user costs what a known user's wrong password costs, so timing
+                // does not tell which names exist.
+                let dummy = self.dummy_for(cost.unwrap_or(COST_DEFAULT));
+                let _ = bcrypt::verify(secret, &dummy);
                 None
             }
         }
+    }
+
+    /// The dummy hash of `cost`, made again when the files' highest cost changed.
+    fn dummy_for(&self, cost: u32) -> String {
+        {
+            let d = self.dummy.lock();
+            if d.0 == cost {
+                return d.1.clone();
+            }
+        }
+        let Ok(hash) = dummy_hash(cost) else {
+            return self.dummy.lock().1.clone();
+        };
+        *self.dummy.lock() = (cost, hash.clone());
+        hash
     }
 
     /// True while the account behind a principal still exists (a token outlives neither a
@@ -273,9 +358,41 @@ impl Accounts {
             Principal::User(n) => self
                 .users
                 .as_ref()
-                .is_some_and(|u| u.lock().refresh(parse_htpasswd).contains_key(n)),
+                .is_some_and(|u| u.lock().refresh(parse_users).hashes.contains_key(n)),
         }
     }
+
+    /// What is wrong with the account files now (each unreadable or invalid file, whose
+    /// accounts are refused meanwhile); empty when nothing is. Names no paths: `/healthz`
+    /// answers it to anyone.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(u) = &self.users {
+            let mut u = u.lock();
+            u.refresh(parse_users);
+            if u.error.is_some() {
+                out.push(format!(
+                    "{} is unreadable or invalid: its users are refused until it is fixed \
+                     (the server log says why)",
+                    u.what
+                ));
+            }
+        }
+        let mut r = self.robots.lock();
+        r.refresh(RobotsFile::parse);
+        if r.error.is_some() {
+            out.push(format!(
+                "{} is unreadable or invalid: its robots are refused until it is fixed (the \
+                 server log says why)",
+                r.what
+            ));
+        }
+        out
+    }
+}
+
+fn dummy_hash(cost: u32) -> anyhow::Result<String> {
+    bcrypt::hash("not a password", cost).context("preparing the password checker")
 }
 
 /// Sets (or with `password == None` removes) a user in an htpasswd file, keeping the other
@@ -286,8 +403,11 @@ pub fn set_password(
     password: Option<&str>,
     cost: u32,
 ) -> anyhow::Result<bool> {
-    if user.is_empty() || user.contains(':') || user.chars().any(char::is_whitespace) {
-        bail!("user name {user:?} may not be empty or contain ':' or spaces");
+    if !user_name_ok(user) || user.chars().any(char::is_whitespace) {
+        bail!(
+            "user name {user:?} may not be empty, longer than 256 bytes, or contain ':', spaces \
+             or control characters"
+        );
     }
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -311,7 +431,7 @@ pub fn set_password(
         out.push_str(&format!("{user}:{hash}\n"));
     }
     parse_htpasswd(&out)?;
-    super::write_private(path, out.as_bytes())?;
+    super::replace_file(path, out.as_bytes(), 0o640)?;
     Ok(found)
 }
 
@@ -331,6 +451,41 @@ mod tests {
         assert!(parse_htpasswd("bob:$apr1$abc$def\n").is_err());
         assert!(parse_htpasswd("no colon\n").is_err());
         assert!(parse_htpasswd("# comment\n\n").expect("parse").is_empty());
+    }
+
+    /// Issue #13: an unknown user's check costs what a known user's wrong password costs
+    /// (the dummy hash had cost 5 against real hashes of cost 10: 10 ms against 263 ms).
+    #[test]
+    fn timing_does_not_tell_which_users_exist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let htpasswd = dir.path().join("htpasswd");
+        set_password(&htpasswd, "bob", Some("hunter22"), 9).expect("set");
+        let accounts =
+            Accounts::new(Some(htpasswd), dir.path().join("robots.json")).expect("accounts");
+        let median = |user: &str| {
+            let mut t: Vec<Duration> = (0..7)
+                .map(|_| {
+                    let start = Instant::now();
+                    assert_eq!(accounts.verify(user, "wrong password"), None);
+                    start.elapsed()
+                })
+                .collect();
+            t.sort();
+            t[3]
+        };
+        // Alternate, so a noisy moment hits both.
+        let (mut known, mut unknown) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            known.push(median("bob"));
+            unknown.push(median("nobody"));
+        }
+        let (k, u) = (known.iter().min().copied(), unknown.iter().min().copied());
+        let (k, u) = (k.expect("timing"), u.expect("timing"));
+        let ratio = u.as_secs_f64() / k.as_secs_f64();
+        assert!(
+            (0.5..2.0).contains(&ratio),
+            "unknown user {u:?} vs known user with a wrong password {k:?}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! podman, skopeo and containerd speak. See docs/security.md.
 
 pub mod accounts;
+mod audit_bound;
 mod limiter;
 mod policy;
 pub mod token;
@@ -18,7 +19,8 @@ use base64::Engine as _;
 use hyper::header::{HeaderMap, AUTHORIZATION};
 
 pub use self::accounts::Accounts;
-use self::limiter::Limiter;
+use self::audit_bound::AuditBound;
+use self::limiter::{Limiter, Refusal};
 pub use self::policy::{Action, Policy, Principal, Rule};
 use self::token::{AccessEntry, Grants, Scope, Signer};
 use crate::audit::Event;
@@ -53,6 +55,14 @@ impl Need {
         }
     }
 
+    /// True when the request would change something (a push, a delete, an admin action).
+    fn mutates(&self) -> bool {
+        matches!(
+            self,
+            Need::Repo(_, Action::Push | Action::Delete) | Need::Admin
+        )
+    }
+
     /// The action named in audit lines of denied requests.
     fn audit_action(&self) -> &'static str {
         match self {
@@ -62,6 +72,20 @@ impl Need {
             Need::Nothing | Need::Authenticated => "login",
         }
     }
+}
+
+/// An RFC 9110 quoted-string: `"` and `\` escaped, control characters dropped.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars().filter(|c| !c.is_control()) {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
 }
 
 /// What a request's caller may do.
@@ -171,11 +195,30 @@ pub struct Auth {
     accounts: Accounts,
     signer: Signer,
     limiter: Limiter,
+    anonymous_audit: AuditBound,
     realm: Option<String>,
     service: String,
     ttl: u64,
     scheme: &'static str,
 }
+
+/// A login attempt admitted by the limiter and not decided yet.
+struct Admitted<'a> {
+    limiter: &'a Limiter,
+    keys: &'a [String],
+    decided: bool,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.limiter.released(self.keys);
+        }
+    }
+}
+
+/// Longest a login waits for the attempts in flight before it (see `Limiter::reserve`).
+const BUSY_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// Longest list of scopes honoured in one token request.
 const SCOPES_MAX: usize = 64;
@@ -206,6 +249,7 @@ impl Auth {
                 a.login_failures_max,
                 Duration::from_secs(a.login_lockout_secs),
             ),
+            anonymous_audit: AuditBound::default(),
             realm: a.realm.clone(),
             service: a.service.clone(),
             ttl: a.token_ttl_secs,
@@ -218,6 +262,19 @@ impl Auth {
         self.enabled
     }
 
+    /// What is wrong with the account files now (their accounts are refused meanwhile).
+    pub fn problems(&self) -> Vec<String> {
+        if self.enabled {
+            self.accounts.problems()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The `WWW-Authenticate` value of a 401. Without a configured realm (loopback only, see
+    /// `Config::check`), the realm is this server's `/token` at the host the client used,
+    /// reduced to the characters a host and port can have. Every value is quoted with its
+    /// `"` and `\` escaped, so nothing from the request can add a parameter.
     fn challenge(&self, host: Option<&str>, need: &Need, error: Option<&str>) -> String {
         let realm = match &self.realm {
             Some(r) => r.clone(),
@@ -225,17 +282,23 @@ impl Auth {
                 let host: String = host
                     .unwrap_or("localhost")
                     .chars()
-                    .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
+                    .filter(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')
+                    })
                     .collect();
                 format!("{}://{host}/token", self.scheme)
             }
         };
-        let mut c = format!("Bearer realm=\"{realm}\",service=\"{}\"", self.service);
+        let mut c = format!(
+            "Bearer realm={},service={}",
+            quoted(&realm),
+            quoted(&self.service)
+        );
         if let Some(s) = need.scope() {
-            c.push_str(&format!(",scope=\"{s}\""));
+            c.push_str(&format!(",scope={}", quoted(&s)));
         }
         if let Some(e) = error {
-            c.push_str(&format!(",error=\"{e}\""));
+            c.push_str(&format!(",error={}", quoted(e)));
         }
         c
     }
@@ -269,11 +332,35 @@ impl Auth {
         peer: IpAddr,
         challenge: Option<String>,
     ) -> Result<Principal, Denial> {
-        let keys = vec![format!("ip:{peer}"), format!("account:{user}")];
-        let mut failed = Event::new(format!("login:{user}"), "login");
+        // (The name as text a terminal shows as it is, also for `jq -r` over the log.)
+        let mut failed = Event::new(format!("login:{}", ballast_tools::printable(user)), "login");
         failed.client = Some(peer.to_string());
         failed.outcome = "failed".into();
-        if let Err(wait) = self.limiter.check(&keys) {
+        if !accounts::user_name_ok(user) {
+            failed.reason = Some("user name with control characters, ':' or empty".into());
+            return Err(Denial {
+                error: ApiError::Unauthorized(
+                    "a user name may not be empty or contain ':' or control characters".into(),
+                ),
+                challenge,
+                retry_after: None,
+                audit: Some(failed),
+            });
+        }
+        let keys = vec![format!("ip:{peer}"), format!("account:{user}")];
+        // Attempts beyond what may still fail wait for those in flight (right passwords in
+        // parallel get through one after another), for at most this long.
+        let busy_until = tokio::time::Instant::now() + BUSY_WAIT_MAX;
+        loop {
+            let wait = match self.limiter.reserve(&keys) {
+                Ok(()) => break,
+                Err(Refusal::Busy) if tokio::time::Instant::now() < busy_until => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                Err(Refusal::Busy) => Duration::from_secs(1),
+                Err(Refusal::Locked(wait)) => wait,
+            };
             let secs = wait.as_secs().max(1);
             failed.outcome = "denied".into();
             failed.reason = Some(format!("too many failed logins; locked for {secs} s"));
@@ -287,18 +374,25 @@ impl Auth {
                 audit: Some(failed),
             });
         }
+        // Decided below; released if this future is dropped before (the client went away).
+        let mut admitted = Admitted {
+            limiter: &self.limiter,
+            keys: &keys,
+            decided: false,
+        };
         let me = self.clone();
         let (u, s) = (user.to_owned(), secret.to_owned());
         let verified = tokio::task::spawn_blocking(move || me.accounts.verify(&u, &s))
             .await
             .unwrap_or(None);
+        admitted.decided = true;
         match verified {
             Some(p) => {
-                self.limiter.clear(&keys[1]);
+                self.limiter.succeeded(&keys, &keys[1]);
                 Ok(p)
             }
             None => {
-                self.limiter.fail(&keys);
+                self.limiter.failed(&keys);
                 failed.reason = Some("wrong user name or password".into());
                 Err(Denial {
                     error: ApiError::Unauthorized("wrong user name or password (or token)".into()),
@@ -341,8 +435,24 @@ impl Auth {
                         kind: AccessKind::Live,
                     });
                 }
-                // The ordinary first step of the token flow: not audited.
-                Err(unauthorized("authentication required", None, None))
+                // A read without credentials is the ordinary first step of the token flow:
+                // not audited. A mutation attempt is, at a bounded rate per address.
+                let audit = if need.mutates() {
+                    self.anonymous_audit.admit(peer).map(|left_out| {
+                        let mut why = "no credentials".to_owned();
+                        if left_out > 0 {
+                            why.push_str(&format!(
+                                "; {left_out} more such attempts from this address were not \
+                                 audited (at most {} lines a minute per address)",
+                                audit_bound::PER_MINUTE
+                            ));
+                        }
+                        self.denied_event("anonymous", peer, need, &why)
+                    })
+                } else {
+                    None
+                };
+                Err(unauthorized("authentication required", None, audit))
             }
             Credentials::Malformed => Err(unauthorized(
                 "the Authorization header is neither Basic nor Bearer credentials",
@@ -458,8 +568,8 @@ impl Auth {
         }
         let realm_challenge = || {
             Some(format!(
-                "Basic realm=\"{}\"",
-                self.realm.as_deref().unwrap_or("ballast")
+                "Basic realm={}",
+                quoted(self.realm.as_deref().unwrap_or("ballast"))
             ))
         };
         let principal = match one("grant_type") {
@@ -551,15 +661,29 @@ impl Auth {
     }
 }
 
-/// Writes a file only its owner can read, atomically (temporary file, fsync, rename, fsync
-/// of the directory).
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Replaces a file atomically (temporary file, fsync, rename, fsync of the directory).
+///
+/// An existing file keeps its owner, group and mode: an administrator who made the htpasswd
+/// file `root:ballast 0640` for the service user keeps it so after `ballast passwd` (run as
+/// root). A new file gets `new_mode` and, where the caller may give it away (root), the owner
+/// and group of its directory, so a file root creates in the service's own directory is the
+/// service's. If an existing file's owner cannot be kept, nothing is replaced.
+pub fn replace_file(path: &Path, bytes: &[u8], new_mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_dir_owned_as_parent(dir)?;
+    // (mode, owner, whether keeping that owner is required)
+    let (mode, (uid, gid), keep) = match std::fs::metadata(path) {
+        Ok(m) => (m.mode() & 0o7777, (m.uid(), m.gid()), true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let d = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+            (new_mode, (d.uid(), d.gid()), false)
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name()
@@ -567,18 +691,91 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
             .unwrap_or_default(),
         std::process::id()
     ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    let write = || -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        let m = f.metadata()?;
+        if (m.uid(), m.gid()) != (uid, gid) {
+            let given = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
+            if keep {
+                given.with_context(|| {
+                    format!(
+                        "cannot keep {}'s owner and group ({uid}:{gid}): run this as root or as \
+                         its owner",
+                        path.display()
+                    )
+                })?;
+            }
+        }
+        // After the chown, which may clear set-id bits; the umask does not apply here.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// Creates a missing directory (and its missing parents) 0750, owned as its parent where the
+/// caller may give it away: `ballast robot create` run as root makes `DIR/auth` the
+/// service's, not root's.
+pub fn create_dir_owned_as_parent(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_owned_as_parent(parent)?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(ballast_engine::io::DIR_MODE)
+        .create(dir)
+        .or_else(|e| if dir.is_dir() { Ok(()) } else { Err(e) })
+        .with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(p) = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .and_then(|p| std::fs::metadata(p).ok())
+    {
+        let _ = std::os::unix::fs::chown(dir, Some(p.uid()), Some(p.gid()));
+    }
+    Ok(())
+}
+
+/// A warning when the user or group that owns `path`'s directory (taken to be the server's)
+/// could not read `path`: the running server would then refuse every account in it.
+pub fn unreadable_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let (f, d) = (std::fs::metadata(path).ok()?, std::fs::metadata(dir).ok()?);
+    let mode = f.mode();
+    let readable = mode & 0o004 != 0
+        || (f.uid() == d.uid() && mode & 0o400 != 0)
+        || (f.gid() == d.gid() && mode & 0o040 != 0);
+    (!readable).then(|| {
+        format!(
+            "warning: {} is {:o} {}:{}, which the owner or group of its directory ({}:{}) \
+             cannot read; if the server runs as that user, it will refuse every account in \
+             it (chown/chmod it so the server's user can read it)",
+            path.display(),
+            mode & 0o7777,
+            f.uid(),
+            f.gid(),
+            d.uid(),
+            d.gid()
+        )
+    })
 }
 
 /// Reads the token signing key, creating a random one on first use.
@@ -594,7 +791,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<Vec<u8>> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::random();
-            write_private(path, hex::encode(key).as_bytes())?;
+            replace_file(path, hex::encode(key).as_bytes(), 0o600)?;
             tracing::info!(file = %path.display(), "created the token signing key");
             Ok(key.to_vec())
         }

@@ -56,7 +56,9 @@ pub async fn dispatch(
         (&Method::GET | &Method::HEAD, Route::Base) => {
             Ok(reply(StatusCode::OK).json(&serde_json::json!({})))
         }
-        (&Method::GET | &Method::HEAD, Route::Health) => Ok(health(&app.store)),
+        (&Method::GET | &Method::HEAD, Route::Health) => {
+            Ok(health(&app.store, app.auth.problems()))
+        }
         (&Method::POST, Route::AdminGc) => admin_gc(app, &req).await,
         (&Method::GET, Route::Catalog) => listing::catalog(app, access, &req),
         (&Method::GET, Route::Tags { name }) => listing::tags(app, name, &req),
@@ -261,15 +263,26 @@ pub fn linked(app: &App, name: &str, digest: &Digest) -> bool {
 /// it (it refuses writes until restarted, which recovers from the disk), so a supervisor's
 /// health check restarts it. The reason names files, so it goes to the log, not to the
 /// (unauthenticated) caller.
-fn health(store: &ballast_engine::Store) -> Response<ResBody> {
+/// `GET /healthz`: 503 once the store refuses writes (a supervisor should restart it); 200
+/// with `"status": "degraded"` and the problems when an account file cannot be used (a
+/// restart would not help: its accounts are refused until it is fixed); 200 `ok` otherwise.
+fn health(store: &ballast_engine::Store, problems: Vec<String>) -> Response<ResBody> {
     match store.health() {
-        Ok(()) => reply(StatusCode::OK).json(&serde_json::json!({"status": "ok"})),
+        Ok(()) if problems.is_empty() => {
+            reply(StatusCode::OK).json(&serde_json::json!({"status": "ok"}))
+        }
+        Ok(()) => reply(StatusCode::OK).json(&serde_json::json!({
+            "status": "degraded",
+            "detail": problems.join("; "),
+            "problems": problems,
+        })),
         Err(e) => {
             tracing::warn!(error = %e, "health check: the store refuses writes");
             reply(StatusCode::SERVICE_UNAVAILABLE).json(&serde_json::json!({
                 "status": "poisoned",
                 "detail": "a write or fsync failed, so the store refuses writes; restart the \
                            server to recover from the disk (the reason is in the server log)",
+                "problems": problems,
             }))
         }
     }
@@ -299,10 +312,10 @@ mod tests {
             ballast_engine::Options::default(),
         )
         .expect("open");
-        assert_eq!(health(&store).status(), StatusCode::OK);
+        assert_eq!(health(&store, Vec::new()).status(), StatusCode::OK);
         sim.fail_syncs();
         assert!(store.put_blob(b"lost", None).is_err());
-        let res = health(&store);
+        let res = health(&store, Vec::new());
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -16,7 +16,7 @@ use crate::{have, oci, push_image_as, seeded, sha256, Registry, STDERR_FILE};
 use ballast_server::auth::token::{AccessEntry, Signer};
 
 /// Runs `ballast` with `stdin`; returns (exit code, stdout, stderr).
-fn ballast(args: &[&str], stdin: &str) -> (i32, String, String) {
+pub fn ballast(args: &[&str], stdin: &str) -> (i32, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
         .args(args)
         .stdin(Stdio::piped())
@@ -38,7 +38,7 @@ fn ballast(args: &[&str], stdin: &str) -> (i32, String, String) {
     )
 }
 
-fn basic(user: &str, secret: &str) -> String {
+pub fn basic(user: &str, secret: &str) -> String {
     format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
@@ -46,14 +46,15 @@ fn basic(user: &str, secret: &str) -> String {
 }
 
 /// A registry with authentication on, its accounts and their secrets.
-struct Secure {
+pub struct Secure {
     // Fields drop in order: the server stops before its directory goes.
-    r: Registry,
-    robot_token: String,
-    _tmp: tempfile::TempDir,
+    pub r: Registry,
+    pub robot_token: String,
+    /// Holds the data directory, `htpasswd` and `ballast.toml`.
+    pub tmp: tempfile::TempDir,
 }
 
-const ADMIN_PW: &str = "admin-password-1";
+pub const ADMIN_PW: &str = "admin-password-1";
 const RUNTIME_PW: &str = "runtime-password-1";
 const OUTSIDER_PW: &str = "outsider-password-1";
 
@@ -95,7 +96,7 @@ actions = ["admin"]
 
 /// Sets up accounts with the CLI (and one user with Apache's own `htpasswd -B`) and starts
 /// the server with `extra` settings.
-fn secure(extra: &[(&str, &str)]) -> Secure {
+pub fn secure(extra: &[(&str, &str)]) -> Secure {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_path_buf();
     let data = dir.join("data");
@@ -146,9 +147,41 @@ fn secure(extra: &[(&str, &str)]) -> Secure {
     std::fs::write(&config, policy_toml(&dir)).expect("config");
     let r = Registry::start_args(&data, extra, &["--config", &config.to_string_lossy()]);
     Secure {
-        _tmp: tmp,
+        tmp,
         r,
         robot_token,
+    }
+}
+
+/// A secure registry over HTTPS with a self-signed certificate for `localhost` and
+/// `127.0.0.1`.
+pub struct Tls {
+    // Fields drop in order: the server stops before its certificate goes.
+    pub s: Secure,
+    /// The certificate (PEM), to trust.
+    pub ca: String,
+    /// A directory holding it as `ca.crt` (containers' `--cert-dir`).
+    pub certs: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn secure_with_tls() -> Tls {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("certificate");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).expect("certs dir");
+    let (cert_pem, key_pem) = (certs.join("ca.crt"), dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).expect("cert");
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).expect("key");
+    let (c, k) = (cert_pem.to_string_lossy(), key_pem.to_string_lossy());
+    let s = secure(&[("BALLAST_TLS_CERT", &c), ("BALLAST_TLS_KEY", &k)]);
+    assert!(s.r.url("/").starts_with("https://"));
+    Tls {
+        s,
+        ca: c.into_owned(),
+        certs,
+        _dir: dir,
     }
 }
 
@@ -640,7 +673,7 @@ fn authorization_matrix_tokens_and_audit() {
         None,
     );
     assert_eq!(res.status, 204);
-    let htpasswd = s._tmp.path().join("htpasswd");
+    let htpasswd = s.tmp.path().join("htpasswd");
     let audit_path = s.r.data.join("audit").join("audit.log");
     let (code, _, err) = ballast(
         &[
@@ -1099,23 +1132,14 @@ fn skopeo_and_podman_log_in_over_the_token_flow() {
 fn https_with_http2_and_a_self_signed_certificate() {
     require("curl");
     require("skopeo");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .expect("certificate");
-    let certs = tmp.path().join("certs");
-    std::fs::create_dir_all(&certs).expect("certs dir");
-    let (cert_pem, key_pem) = (certs.join("ca.crt"), tmp.path().join("key.pem"));
-    std::fs::write(&cert_pem, cert.cert.pem()).expect("cert");
-    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).expect("key");
-    let (c, k) = (cert_pem.to_string_lossy(), key_pem.to_string_lossy());
-    let s = secure(&[("BALLAST_TLS_CERT", &c), ("BALLAST_TLS_KEY", &k)]);
-    assert!(s.r.url("/").starts_with("https://"));
+    let t = secure_with_tls();
+    let (s, c, certs) = (&t.s, t.ca.as_str(), &t.certs);
 
     let curl = |extra: &[&str]| {
         let mut args = vec![
             "-sS",
             "--cacert",
-            c.as_ref(),
+            c,
             "-o",
             "/dev/null",
             "-w",

@@ -1,7 +1,8 @@
 //! The server's integration tests (one binary): HTTP behaviour, restarts, real clients.
 
-mod auth;
+pub mod auth;
 mod clients;
+mod hardening;
 mod hostile;
 mod http;
 pub mod oci;
