@@ -122,8 +122,9 @@ pub enum Ranges {
     Unsatisfiable,
 }
 
-/// Parses a `Range` header (RFC 9110 section 14.2). A header that is not a valid byte-range
-/// set is ignored, as the RFC allows; one whose ranges all start past the end is unsatisfiable.
+/// Parses a `Range` header (RFC 9110 section 14.2). A header that is not a byte-range set is
+/// ignored, as the RFC allows; one whose ranges all start past the end, or with a range whose
+/// last byte comes before its first, is unsatisfiable.
 pub fn parse_ranges(header: &str, size: u64) -> Ranges {
     let Some(set) = header.trim().strip_prefix("bytes=") else {
         return Ranges::Whole;
@@ -160,8 +161,10 @@ pub fn parse_ranges(header: &str, size: u64) -> Ranges {
                 let Ok(last) = b.parse::<u64>() else {
                     return Ranges::Whole;
                 };
+                // `bytes=500-0` is invalid: answered 416 as Distribution does and as current
+                // conformance tooling expects (RFC 9110 would also allow ignoring it).
                 if last < start {
-                    return Ranges::Whole;
+                    return Ranges::Unsatisfiable;
                 }
                 last.saturating_add(1).min(size)
             };
@@ -227,7 +230,10 @@ mod tests {
             parse_ranges("bytes=100-200,300-", 100),
             Ranges::Unsatisfiable
         );
-        assert_eq!(parse_ranges("bytes=5-1", 100), Ranges::Whole);
+        // Last before first: 416, alone or among valid ranges (issue #13).
+        assert_eq!(parse_ranges("bytes=500-0", 1000), Ranges::Unsatisfiable);
+        assert_eq!(parse_ranges("bytes=5-1", 100), Ranges::Unsatisfiable);
+        assert_eq!(parse_ranges("bytes=0-1,5-1", 100), Ranges::Unsatisfiable);
         assert_eq!(parse_ranges("items=0-1", 100), Ranges::Whole);
         assert_eq!(parse_ranges("bytes=x-1", 100), Ranges::Whole);
         assert_eq!(

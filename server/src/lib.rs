@@ -413,7 +413,14 @@ async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let res = guard::serve(&app, peer, req).await;
+    let mut res = guard::serve(&app, peer, req).await;
+    if method == hyper::Method::HEAD {
+        // A HEAD response has headers only, whatever made it (errors carry a JSON body).
+        // HTTP/1.1 drops the body by itself; hyper's HTTP/2 would send it as DATA frames,
+        // which the protocol forbids after a HEAD, and strict clients reset the stream.
+        // Content-Length stays: it tells the size a GET would have.
+        *res.body_mut() = body::empty();
+    }
     let status = res.status().as_u16();
     // A number when the length is known (absent for streamed bodies without one).
     let bytes: Option<u64> = res

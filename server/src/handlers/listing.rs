@@ -5,7 +5,10 @@ use hyper::header::{CONTENT_TYPE, LINK};
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
-use super::{check_name, first, page_size, parse_digest, query, reply};
+use ballast_engine::catalog::ManifestLink;
+use ballast_engine::Digest;
+
+use super::{blocking, check_name, first, page_size, parse_digest, query, reply};
 use crate::body::ResBody;
 use crate::error::ApiError;
 use crate::App;
@@ -84,7 +87,14 @@ pub fn tags(app: &App, name: &str, req: &Request<Incoming>) -> Result<Response<R
     Ok(r.json(&json!({ "name": name, "tags": tags })))
 }
 
-pub fn referrers(
+/// Image manifest media types, whose config's media type stands in for a missing
+/// `artifactType`.
+const IMAGE_MANIFESTS: [&str; 2] = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+pub async fn referrers(
     app: &App,
     name: &str,
     digest: &str,
@@ -95,27 +105,60 @@ pub fn referrers(
     let q = query(req);
     let filter = first(&q, "artifactType").filter(|s| !s.is_empty());
     let n = page_size(&q)?;
-    let mut found: Vec<(String, serde_json::Value)> = Vec::new();
-    {
+    // (digest, link) of every referrer, with the artifact type recorded at push.
+    let mut links: Vec<(Digest, ManifestLink)> = {
         let state = app.store.catalog().read();
-        if let Some(repo) = state.repos.get(name) {
-            for (d, link) in &repo.manifests {
-                if link.subject.as_ref() != Some(&subject) {
-                    continue;
-                }
-                if filter.is_some_and(|f| link.artifact_type.as_deref() != Some(f)) {
-                    continue;
-                }
-                let mut desc = json!({ "mediaType": link.media_type, "digest": d.to_string(), "size": link.size });
-                if let Some(t) = &link.artifact_type {
-                    desc["artifactType"] = json!(t);
-                }
-                if !link.annotations.is_empty() {
-                    desc["annotations"] = json!(link.annotations);
-                }
-                found.push((d.to_string(), desc));
+        state.repos.get(name).map_or_else(Vec::new, |repo| {
+            repo.manifests
+                .iter()
+                .filter(|(_, link)| link.subject.as_ref() == Some(&subject))
+                .map(|(d, link)| (d.clone(), link.clone()))
+                .collect()
+        })
+    };
+    // Image manifests pushed before the artifact type was recorded for image configs: read
+    // the config's media type from the manifest (few, small, and usually cached).
+    let missing: Vec<Digest> = links
+        .iter()
+        .filter(|(_, l)| {
+            l.artifact_type.is_none() && IMAGE_MANIFESTS.contains(&l.media_type.as_str())
+        })
+        .map(|(d, _)| d.clone())
+        .collect();
+    if !missing.is_empty() {
+        let store = app.store.clone();
+        let found = blocking(move || {
+            Ok(missing
+                .into_iter()
+                .filter_map(|d| {
+                    let bytes = store.read_blob(&d).ok()?;
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+                    let t = v["config"]["mediaType"].as_str()?.to_owned();
+                    Some((d, t))
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+        for (d, t) in found {
+            if let Some((_, l)) = links.iter_mut().find(|(x, _)| *x == d) {
+                l.artifact_type = Some(t);
             }
         }
+    }
+    let mut found: Vec<(String, serde_json::Value)> = Vec::new();
+    for (d, link) in links {
+        if filter.is_some_and(|f| link.artifact_type.as_deref() != Some(f)) {
+            continue;
+        }
+        let mut desc =
+            json!({ "mediaType": link.media_type, "digest": d.to_string(), "size": link.size });
+        if let Some(t) = &link.artifact_type {
+            desc["artifactType"] = json!(t);
+        }
+        if !link.annotations.is_empty() {
+            desc["annotations"] = json!(link.annotations);
+        }
+        found.push((d.to_string(), desc));
     }
     let keys: Vec<String> = found.iter().map(|(k, _)| k.clone()).collect();
     let (page_keys, more) = page(keys.iter(), first(&q, "last"), n);

@@ -43,6 +43,7 @@ enum Reference {
     Digest(Digest),
 }
 
+/// Parses a reference to push to: a tag that is not valid is refused as `MANIFEST_INVALID`.
 fn parse_reference(reference: &str) -> Result<Reference, ApiError> {
     if reference.contains(':') {
         reference
@@ -53,6 +54,17 @@ fn parse_reference(reference: &str) -> Result<Reference, ApiError> {
         names::validate_tag(reference).map_err(|e| ApiError::ManifestInvalid(e.to_string()))?;
         Ok(Reference::Tag(reference.to_owned()))
     }
+}
+
+/// Parses a reference to read or delete: a tag that cannot exist names no manifest, so it is
+/// `MANIFEST_UNKNOWN` (404), as Distribution answers and clients probing names expect.
+fn parse_existing_reference(reference: &str) -> Result<Reference, ApiError> {
+    parse_reference(reference).map_err(|e| match e {
+        ApiError::ManifestInvalid(why) => ApiError::ManifestUnknown(format!(
+            "no manifest can have the reference {reference:?}: {why}"
+        )),
+        other => other,
+    })
 }
 
 /// What a manifest says about itself and what it references.
@@ -157,11 +169,10 @@ fn analyze(bytes: &[u8], content_type: Option<&str>) -> Result<Analyzed, ApiErro
                 .ok_or_else(|| ApiError::ManifestInvalid("image manifest without config".into()))?;
             let (digest, config_type, _) = descriptor(config, "config")?;
             out.blobs.push(digest);
+            // Spec: an image manifest without `artifactType` is listed among referrers with
+            // its config's media type, whatever that type is (image configs included).
             if out.artifact_type.is_none() {
-                out.artifact_type = config_type.filter(|t| {
-                    t != "application/vnd.oci.image.config.v1+json"
-                        && t != "application/vnd.docker.container.image.v1+json"
-                });
+                out.artifact_type = config_type;
             }
             let layers = obj.get("layers").and_then(Value::as_array).ok_or_else(|| {
                 ApiError::ManifestInvalid("image manifest without a layers array".into())
@@ -234,7 +245,7 @@ pub async fn get(
     head: bool,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
-    let reference = parse_reference(reference)?;
+    let reference = parse_existing_reference(reference)?;
     let (digest, media_type, size) = {
         let state = app.store.catalog().read();
         let (digest, link) = resolve(&state, name, &reference).map_err(|e| match e {
@@ -393,7 +404,7 @@ pub async fn put(
 
 pub async fn delete(app: &App, name: &str, reference: &str) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
-    let reference = parse_reference(reference)?;
+    let reference = parse_existing_reference(reference)?;
     let catalog = app.store.catalog().clone();
     let repo = name.to_owned();
     blocking(move || {

@@ -63,7 +63,7 @@ pub async fn dispatch(
         (&Method::GET, Route::Catalog) => listing::catalog(app, access, &req),
         (&Method::GET, Route::Tags { name }) => listing::tags(app, name, &req),
         (&Method::GET, Route::Referrers { name, digest }) => {
-            listing::referrers(app, name, digest, &req)
+            listing::referrers(app, name, digest, &req).await
         }
         (&Method::GET | &Method::HEAD, Route::Blob { name, digest }) => {
             blobs::get(app, name, digest, &req, method == Method::HEAD).await

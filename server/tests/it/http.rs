@@ -81,7 +81,7 @@ pub fn try_call(
     })
 }
 
-fn push_blob(r: &Registry, repo: &str, data: &[u8]) -> String {
+pub fn push_blob(r: &Registry, repo: &str, data: &[u8]) -> String {
     let d = sha256(data);
     let res = call(
         "POST",
@@ -93,7 +93,7 @@ fn push_blob(r: &Registry, repo: &str, data: &[u8]) -> String {
     d
 }
 
-fn manifest_for(config: &str, config_len: usize, layers: &[(&str, usize)]) -> Vec<u8> {
+pub fn manifest_for(config: &str, config_len: usize, layers: &[(&str, usize)]) -> Vec<u8> {
     json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -104,7 +104,7 @@ fn manifest_for(config: &str, config_len: usize, layers: &[(&str, usize)]) -> Ve
     .into_bytes()
 }
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 #[test]
 fn base_and_health() {

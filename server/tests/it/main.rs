@@ -4,8 +4,9 @@ pub mod auth;
 mod clients;
 mod hardening;
 mod hostile;
-mod http;
+pub mod http;
 pub mod oci;
+mod protocol;
 mod tools;
 mod torture;
 
