@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use ballast_engine::chunker::{Piece, StreamChunker};
-use ballast_engine::gc::now_secs;
+use ballast_engine::clock::now_secs;
 use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Options, Store};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sha2::Digest as _;

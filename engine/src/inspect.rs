@@ -78,24 +78,15 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
             let cost = rec.header.record_len();
             match rec.header.kind {
                 RecordKind::Chunk => {
-                    let id: [u8; 32] = rec
-                        .payload
-                        .get(..32)
-                        .and_then(|b| b.try_into().ok())
-                        .unwrap_or_default();
-                    let raw = rec
-                        .payload
-                        .get(32..36)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u32::from_le_bytes)
-                        .unwrap_or(0);
+                    let (id, raw) = segment::ChunkPayload::decode(&rec.payload)
+                        .map_or((ChunkId([0; 32]), 0), |c| (c.id, c.raw_len));
                     out.chunks += 1;
                     out.chunk_raw_bytes += u64::from(raw);
                     out.chunk_stored_bytes += cost;
                     if rec.header.flags & segment::FLAG_ZSTD != 0 {
                         out.chunks_compressed += 1;
                     }
-                    chunk_cost.insert(ChunkId(id), cost);
+                    chunk_cost.insert(id, cost);
                 }
                 RecordKind::Recipe => {
                     if let Ok(r) = Recipe::decode(file.path(), rec.offset, &rec.payload) {

@@ -8,6 +8,7 @@
 pub mod blob;
 pub mod catalog;
 pub mod chunker;
+pub mod clock;
 pub mod digest;
 pub mod error;
 pub mod gc;

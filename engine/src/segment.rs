@@ -450,10 +450,72 @@ pub fn chunk_prefix(id: &crate::ChunkId, raw_len: u32) -> [u8; 36] {
 /// Length of the chunk payload prefix.
 pub const CHUNK_PREFIX_LEN: usize = 36;
 
+/// A chunk record's payload, decoded (the one decoder of what [`chunk_prefix`] encodes; the
+/// read path, recovery, fsck and inspect all use it): the chunk's id, its raw length, and
+/// the body as stored (zstd-compressed when the record's flags say so).
+#[derive(Debug)]
+pub struct ChunkPayload<'a> {
+    /// The chunk's BLAKE3 id, as recorded.
+    pub id: crate::ChunkId,
+    /// Its length uncompressed.
+    pub raw_len: u32,
+    /// The stored body.
+    pub body: &'a [u8],
+}
+
+impl<'a> ChunkPayload<'a> {
+    /// Splits a chunk record's payload; `None` when it is shorter than the prefix.
+    pub fn decode(payload: &'a [u8]) -> Option<ChunkPayload<'a>> {
+        let id: [u8; 32] = payload.get(..32)?.try_into().ok()?;
+        let raw_len = u32::from_le_bytes(payload.get(32..CHUNK_PREFIX_LEN)?.try_into().ok()?);
+        Some(ChunkPayload {
+            id: crate::ChunkId(id),
+            raw_len,
+            body: &payload[CHUNK_PREFIX_LEN..],
+        })
+    }
+
+    /// The chunk's bytes: the body, decompressed when `flags` has [`FLAG_ZSTD`], and of the
+    /// recorded raw length (borrowed when stored raw). The error says what is wrong.
+    pub fn bytes(&self, flags: u8) -> std::result::Result<std::borrow::Cow<'a, [u8]>, String> {
+        let raw_len = self.raw_len as usize;
+        let data = if flags & FLAG_ZSTD != 0 {
+            std::borrow::Cow::Owned(
+                zstd::bulk::decompress(self.body, raw_len).map_err(|e| format!("zstd: {e}"))?,
+            )
+        } else {
+            std::borrow::Cow::Borrowed(self.body)
+        };
+        if data.len() != raw_len {
+            return Err("chunk length differs from its header".into());
+        }
+        Ok(data)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn chunk_payloads_decode_what_chunk_prefix_encodes() {
+        let data = vec![7u8; 5000];
+        let id = crate::ChunkId::of(&data);
+        let raw = [&chunk_prefix(&id, 5000)[..], &data].concat();
+        let c = ChunkPayload::decode(&raw).expect("decode");
+        assert_eq!((c.id, c.raw_len), (id, 5000));
+        assert_eq!(c.bytes(0).expect("raw"), &data[..]);
+        let z = zstd::bulk::compress(&data, 1).expect("zstd");
+        let packed = [&chunk_prefix(&id, 5000)[..], &z].concat();
+        let c = ChunkPayload::decode(&packed).expect("decode");
+        assert_eq!(c.bytes(FLAG_ZSTD).expect("zstd"), &data[..]);
+        assert!(
+            c.bytes(0).is_err(),
+            "the stored length is not the raw length"
+        );
+        assert!(ChunkPayload::decode(&raw[..35]).is_none());
+    }
 
     proptest! {
         #[test]

@@ -10,7 +10,7 @@ use crate::digest::{ChunkId, Digest};
 use crate::error::Error;
 use crate::index::{Location, Table};
 use crate::recipe::{Recipe, RecipePiece};
-use crate::segment::{self, RecordKind, CHUNK_PREFIX_LEN, FLAG_ZSTD};
+use crate::segment::{self, RecordKind};
 use crate::store::Store;
 
 /// How bad a finding is.
@@ -476,36 +476,15 @@ fn id_of(path: &std::path::Path) -> u64 {
 
 /// Checks a chunk record's payload: decompresses it and compares its BLAKE3 id.
 fn check_chunk(flags: u8, payload: &[u8]) -> Result<ChunkId, String> {
-    let id: [u8; 32] = payload
-        .get(..32)
-        .and_then(|b| b.try_into().ok())
-        .ok_or("chunk record too short")?;
-    let raw_len = payload
-        .get(32..36)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes)
-        .ok_or("chunk record too short")?;
-    let body = &payload[CHUNK_PREFIX_LEN.min(payload.len())..];
-    let actual = if flags & FLAG_ZSTD != 0 {
-        let raw =
-            zstd::bulk::decompress(body, raw_len as usize).map_err(|e| format!("zstd: {e}"))?;
-        if raw.len() != raw_len as usize {
-            return Err("decompressed length differs from the record".into());
-        }
-        ChunkId::of(&raw)
-    } else {
-        if body.len() != raw_len as usize {
-            return Err("chunk length differs from the record".into());
-        }
-        ChunkId::of(body)
-    };
-    if actual.0 != id {
+    let chunk = segment::ChunkPayload::decode(payload).ok_or("chunk record too short")?;
+    let actual = ChunkId::of(&chunk.bytes(flags)?);
+    if actual != chunk.id {
         return Err(format!(
             "chunk bytes hash to {actual}, not to their id {}",
-            ChunkId(id)
+            chunk.id
         ));
     }
-    Ok(ChunkId(id))
+    Ok(chunk.id)
 }
 
 fn rehash(store: &Store, digest: &Digest, size: u64) -> Result<Digest, Error> {

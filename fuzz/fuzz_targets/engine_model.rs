@@ -40,7 +40,7 @@ fuzz_target!(|ops: Vec<(u8, u8)>| {
     let mut store = Store::open_on(sim.clone(), dir, opts()).expect("open");
     let mut stored: BTreeMap<u8, Digest> = BTreeMap::new();
     let mut linked: BTreeSet<u8> = BTreeSet::new();
-    let now = ballast_engine::gc::now_secs();
+    let now = ballast_engine::clock::now_secs();
     for (op, arg) in ops.into_iter().take(48) {
         let k = arg % 12;
         match op % 6 {

@@ -400,7 +400,7 @@ async fn scheduled_gc(app: Arc<App>) {
     }
 }
 
-pub use ballast_engine::gc::now_secs;
+pub use ballast_engine::clock::now_secs;
 
 /// Validates manifest bytes as `PUT /v2/<name>/manifests/<ref>` does (for the fuzz target).
 pub use handlers::validate_manifest;

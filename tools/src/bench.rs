@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ballast_engine::catalog::Op;
-use ballast_engine::{gc, io::drop_page_cache, verify, Algorithm, BlobWriter, ChunkMode};
+use ballast_engine::{clock, gc, io::drop_page_cache, verify, Algorithm, BlobWriter, ChunkMode};
 use ballast_engine::{Digest, Options, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -343,7 +343,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     // Garbage for the GC figure: 4 MiB blobs of which every third stays linked, so the
     // segments holding them are two-thirds dead and their live third must move. The big
     // blobs above stay linked (live segments, examined but not compacted).
-    let future = gc::now_secs() + 3600;
+    let future = clock::now_secs() + 3600;
     let mut ops = make_garbage(&store, total / 4, 500_000)?;
     ops.extend(digests.iter().map(|d| Op::LinkBlob {
         repo: "bench".into(),
@@ -404,7 +404,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         ..Default::default()
     };
     let start = Instant::now();
-    let report = gc::collect(&store, &opts_gc, gc::now_secs() + 1).map_err(err("collecting"))?;
+    let report = gc::collect(&store, &opts_gc, clock::now_secs() + 1).map_err(err("collecting"))?;
     let took = start.elapsed();
     if report.bytes_moved == 0 {
         return Err(format!("the collection moved nothing: {report:?}"));
@@ -449,7 +449,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
                         dead_fraction_min: 0.2,
                         ..opts_gc.clone()
                     };
-                    let r = gc::collect(&store, &opts, gc::now_secs() + 1);
+                    let r = gc::collect(&store, &opts, clock::now_secs() + 1);
                     done.store(true, std::sync::atomic::Ordering::Relaxed);
                     r
                 });
@@ -522,7 +522,7 @@ fn make_garbage(store: &Store, bytes: u64, seed: u64) -> Result<Vec<Op>, String>
             ops.push(Op::LinkBlob {
                 repo: "bench".into(),
                 digest: d,
-                at: gc::now_secs() + 3600,
+                at: clock::now_secs() + 3600,
             });
         }
     }

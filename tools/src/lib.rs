@@ -6,7 +6,7 @@ pub mod bench;
 use std::io::Write;
 use std::path::Path;
 
-use ballast_engine::{gc, inspect, verify, Error, Options, Store};
+use ballast_engine::{clock, gc, inspect, verify, Error, Options, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -133,7 +133,7 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     if repair && !report.is_clean() {
         // Set aside what is damaged, then check again: what remains is what repair could
         // not fix.
-        match verify::quarantine_damage(&store, &report, gc::now_secs()) {
+        match verify::quarantine_damage(&store, &report, clock::now_secs()) {
             Ok((records, blobs)) => {
                 summary = Some(RepairSummary {
                     findings_before: report.findings.len(),
@@ -417,7 +417,7 @@ pub fn gc(
             return EXIT_FAILED;
         }
     };
-    let now = gc::now_secs();
+    let now = clock::now_secs();
     // Abandoned uploads first: their spools are what a collection reclaims besides segments.
     let uploads = store.uploads();
     let cutoff = now.saturating_sub(upload_max_age_secs);

@@ -195,7 +195,8 @@ struct Acked {
 /// and reopen; stops at the first failure (the power cut).
 fn mixed_workload(sim: &SimStorage) -> Acked {
     use ballast_engine::catalog::Op;
-    use ballast_engine::gc::{collect, now_secs, GcOptions};
+    use ballast_engine::clock::now_secs;
+    use ballast_engine::gc::{collect, GcOptions};
     let mut a = Acked::default();
     let dir = Path::new("/data");
     let gc = GcOptions {

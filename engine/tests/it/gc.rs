@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_engine::catalog::{ManifestLink, Op};
-use ballast_engine::gc::{collect, now_secs, GcOptions};
+use ballast_engine::clock::now_secs;
+use ballast_engine::gc::{collect, GcOptions};
 use ballast_engine::{inspect, verify, Digest, Options, Store};
 
 use crate::{seeded, sha256};

@@ -387,7 +387,7 @@ fn repair_salvages_records_after_damage_and_quarantines_the_rest() {
             let op = Op::LinkBlob {
                 repo: "r".into(),
                 digest: d.clone(),
-                at: ballast_engine::gc::now_secs(),
+                at: ballast_engine::clock::now_secs(),
             };
             store.commit_catalog(|_| Ok((vec![op], ()))).expect("link");
         }
@@ -425,7 +425,7 @@ fn repair_salvages_records_after_damage_and_quarantines_the_rest() {
         "{codes:?}"
     );
     let (records, blobs) =
-        verify::quarantine_damage(&store, &report, ballast_engine::gc::now_secs())
+        verify::quarantine_damage(&store, &report, ballast_engine::clock::now_secs())
             .expect("quarantine");
     assert!(records >= 1 && blobs == 1, "{records} {blobs}");
     let again = verify::fsck(&store, &|_, _, _| {});

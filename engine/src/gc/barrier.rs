@@ -1,0 +1,151 @@
+//! The GC barrier: what a running collection needs from writers. Dedup hits and new
+//! references pin what they rely on, committed blobs hold a lease for the grace period,
+//! running blob writers are registered, and the store's catalog commit is the one door that
+//! pins every blob a batch starts to reference (docs/design.md, "Garbage collection").
+
+use std::collections::{HashMap, HashSet};
+
+use crate::digest::{ChunkId, Digest};
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// What a running collection needs from writers (docs/design.md, "Garbage collection").
+#[derive(Default)]
+pub(crate) struct GcState {
+    /// A collection is between its mark and the removal of its victims.
+    pub(crate) running: bool,
+    /// Chunks that writers deduplicated against while it ran.
+    pub(crate) pinned_chunks: HashSet<ChunkId>,
+    /// Blobs that something started to reference while it ran.
+    pub(crate) pinned_blobs: HashSet<Digest>,
+    /// Blobs committed recently (new or deduplicated), with the time: a push links its blob
+    /// a moment after committing it, so a collection that starts in between must keep the
+    /// blob and its chunks (a lease for the grace period).
+    pub(crate) leases: HashMap<Digest, u64>,
+    /// Blob writers still running → the chunks they deduplicated against while no
+    /// collection ran: a collection that starts before they commit keeps those chunks (their
+    /// recipes do not exist yet to say so).
+    pub(crate) writing: HashMap<u64, Vec<ChunkId>>,
+    /// The last writer id handed out.
+    pub(crate) next_writer: u64,
+}
+
+impl Store {
+    /// Records that a writer relies on the chunk at `segment` while a collection may run;
+    /// false when the segment is already gone (the caller must store the chunk again).
+    pub(crate) fn pin_chunk(&self, id: &ChunkId, segment: u64, writer: Option<u64>) -> bool {
+        let mut gc = self.inner.gc.lock();
+        if !self.inner.segments.read().contains_key(&segment) {
+            return false;
+        }
+        if gc.running {
+            gc.pinned_chunks.insert(*id);
+        } else if let Some(list) = writer.and_then(|w| gc.writing.get_mut(&w)) {
+            // Under the same lock that starts a collection: either this is seen by its
+            // snapshot of running writers, or the collection is already running and pins it.
+            list.push(*id);
+        }
+        true
+    }
+
+    /// Registers a blob writer; its dedup hits are kept alive until [`Store::end_write`].
+    pub(crate) fn begin_write(&self) -> u64 {
+        let mut gc = self.inner.gc.lock();
+        gc.next_writer += 1;
+        let id = gc.next_writer;
+        gc.writing.insert(id, Vec::new());
+        id
+    }
+
+    /// Forgets a blob writer (its blob committed, with its own lease, or abandoned).
+    pub(crate) fn end_write(&self, writer: u64) {
+        self.inner.gc.lock().writing.remove(&writer);
+    }
+
+    /// True while blob writers run (a collection paces its compaction then).
+    pub(crate) fn has_writers(&self) -> bool {
+        !self.inner.gc.lock().writing.is_empty()
+    }
+
+    /// Chunks that running blob writers deduplicated against (for a collection's mark,
+    /// called after it started).
+    pub(crate) fn writing_chunks(&self) -> Vec<ChunkId> {
+        let gc = self.inner.gc.lock();
+        gc.writing.values().flatten().copied().collect()
+    }
+
+    /// Commits a catalog batch like [`crate::Catalog::commit_with`], and pins every blob the
+    /// batch starts to reference (`LinkBlob`, `PutManifest`) under the catalog lock. A
+    /// collection marks under the same lock, so a new reference is either seen by its mark or
+    /// pinned against its compaction; a blob already collected fails the batch with
+    /// `NotFound` (the client uploads it again).
+    pub fn commit_catalog<T>(
+        &self,
+        plan: impl FnOnce(&crate::catalog::State) -> Result<(Vec<crate::catalog::Op>, T)>,
+    ) -> Result<T> {
+        self.inner.catalog.commit_with(|state| {
+            let (ops, out) = plan(state)?;
+            for op in &ops {
+                let digest = match op {
+                    crate::catalog::Op::LinkBlob { digest, .. }
+                    | crate::catalog::Op::PutManifest { digest, .. } => digest,
+                    _ => continue,
+                };
+                if !self.pin_blob(digest) {
+                    return Err(Error::NotFound(format!(
+                        "blob {digest} (collected meanwhile; upload it again)"
+                    )));
+                }
+            }
+            Ok((ops, out))
+        })
+    }
+
+    /// Makes sure a committed blob outlives any collection in progress, before something
+    /// (a mount, a link, a manifest) starts to reference it. False when it is not stored.
+    pub fn pin_blob(&self, digest: &Digest) -> bool {
+        let key = digest.index_key();
+        let Some(loc) = self.blob_location(&key) else {
+            return false;
+        };
+        if self.recipe(digest).is_err() {
+            return false;
+        }
+        let mut gc = self.inner.gc.lock();
+        if !self.inner.segments.read().contains_key(&loc.segment) {
+            return false;
+        }
+        if gc.running {
+            gc.pinned_blobs.insert(digest.clone());
+        }
+        true
+    }
+
+    /// Starts a collection: from now on dedup hits and blob references are pinned. Returns
+    /// the guard that keeps other collections out, or `None` when one is running.
+    pub(crate) fn gc_start(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        let guard = self.inner.gc_lock.try_lock()?;
+        let mut gc = self.inner.gc.lock();
+        assert!(!gc.running, "a collection runs only under gc_lock");
+        gc.running = true;
+        gc.pinned_chunks.clear();
+        gc.pinned_blobs.clear();
+        Some(guard)
+    }
+
+    /// Blobs committed at or after `since` (leases), forgetting older ones. Called by a
+    /// collection after it started, so a blob committed later is pinned instead.
+    pub fn leased_since(&self, since: u64) -> Vec<Digest> {
+        let mut gc = self.inner.gc.lock();
+        gc.leases.retain(|_, at| *at >= since);
+        gc.leases.keys().cloned().collect()
+    }
+
+    /// Abandons a collection (on error): pins are dropped, nothing is removed.
+    pub(crate) fn gc_abort(&self) {
+        let mut gc = self.inner.gc.lock();
+        gc.running = false;
+        gc.pinned_chunks.clear();
+        gc.pinned_blobs.clear();
+    }
+}

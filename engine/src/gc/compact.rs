@@ -1,0 +1,194 @@
+//! Compaction mechanics: live records of the chosen segments are copied to the active
+//! segment in batches, then `gc_finish` moves what writers pinned meanwhile, makes every copy
+//! durable and removes the victims.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use crate::digest::ChunkId;
+use crate::error::Result;
+use crate::index::{Location, Table};
+use crate::io::{existed, write_atomic};
+use crate::recipe::{Recipe, RecipePiece};
+use crate::segment::{segment_path, RecordKind, RECORD_HEADER_LEN};
+use crate::store::{io_err, Active, Store, REMOVED_SEGMENTS};
+
+impl Store {
+    /// Ids of the sealed segments (every segment but the active one) and the active id.
+    pub(crate) fn sealed_segments(&self) -> (Vec<u64>, u64) {
+        let active = self.inner.writer.lock().id;
+        let mut ids: Vec<u64> = self
+            .inner
+            .segments
+            .read()
+            .keys()
+            .copied()
+            .filter(|&id| id != active)
+            .collect();
+        ids.sort_unstable();
+        (ids, active)
+    }
+
+    /// Copies the records at the given locations (chunks or recipes) to the active segment
+    /// and points the index at the copies; the copies are durable after the next sync. They
+    /// are read first, then appended under one hold of the writer lock, so a compaction hands
+    /// the lock back and forth with writers once per batch instead of once per record
+    /// (callers keep batches to a few MiB, so a hold stays around a millisecond).
+    pub(crate) fn relocate_batch(&self, items: &[(Table, [u8; 32], Location)]) -> Result<u64> {
+        let mut read = Vec::with_capacity(items.len());
+        for (table, key, loc) in items {
+            let (flags, payload) = self.read_record(loc)?;
+            read.push((*table, key, loc, flags, payload));
+        }
+        let mut w = self.inner.writer.lock();
+        let mut moved = 0;
+        for (table, key, loc, flags, payload) in &read {
+            moved += self.relocate_locked(&mut w, *table, key, loc, *flags, payload)?;
+        }
+        Ok(moved)
+    }
+
+    pub(super) fn relocate_locked(
+        &self,
+        w: &mut Active,
+        table: Table,
+        key: &[u8; 32],
+        loc: &Location,
+        flags: u8,
+        payload: &[u8],
+    ) -> Result<u64> {
+        // Only the current copy moves; a newer one may exist already.
+        if self.locate(table, key) != Some(*loc) {
+            return Ok(0);
+        }
+        let kind = match table {
+            Table::Chunks => RecordKind::Chunk,
+            Table::Blobs => RecordKind::Recipe,
+        };
+        let new = self.append_locked(w, kind, flags, &[payload], loc.aux)?;
+        let mut delta = self.inner.delta.write();
+        let mut pending = self.inner.pending.lock();
+        let queued = pending.by_segment.entry(new.segment).or_default();
+        match table {
+            Table::Chunks => {
+                delta.chunks.insert(ChunkId(*key), new);
+                queued.0.push((*key, new));
+            }
+            Table::Blobs => {
+                delta.blobs.insert(*key, new);
+                queued.1.push((*key, new));
+            }
+        }
+        Ok(RECORD_HEADER_LEN as u64 + payload.len() as u64)
+    }
+
+    /// Ends a collection: moves whatever writers pinned out of the victims, makes the copies
+    /// durable, and removes the victims from the store (their files are unlinked after the
+    /// last reader is gone: mappings stay valid). Returns the bytes moved for pins.
+    pub(crate) fn gc_finish(&self, victims: &HashSet<u64>) -> Result<u64> {
+        let mut gc = self.inner.gc.lock();
+        assert!(gc.running, "gc_finish outside a collection");
+        let mut moved = 0;
+        {
+            let mut w = self.inner.writer.lock();
+            assert!(
+                !victims.contains(&w.id),
+                "the active segment is never a victim"
+            );
+            let mut chunks: Vec<ChunkId> = gc.pinned_chunks.iter().copied().collect();
+            for digest in &gc.pinned_blobs {
+                let key = digest.index_key();
+                if let Some(loc) = self.blob_location(&key) {
+                    let (flags, payload) = self.read_record_locked(&mut w, &loc)?;
+                    if let Ok(r) =
+                        Recipe::decode(&self.segment_path(loc.segment), loc.offset, &payload)
+                    {
+                        chunks.extend(r.pieces.iter().filter_map(|p| match p {
+                            RecipePiece::Chunk { id, .. } => Some(*id),
+                            RecipePiece::Inline(_) => None,
+                        }));
+                    }
+                    if victims.contains(&loc.segment) {
+                        moved += self.relocate_locked(
+                            &mut w,
+                            Table::Blobs,
+                            &key,
+                            &loc,
+                            flags,
+                            &payload,
+                        )?;
+                    }
+                }
+            }
+            for id in chunks {
+                if let Some(loc) = self
+                    .chunk_location(&id)
+                    .filter(|l| victims.contains(&l.segment))
+                {
+                    let (flags, payload) = self.read_record_locked(&mut w, &loc)?;
+                    moved +=
+                        self.relocate_locked(&mut w, Table::Chunks, &id.0, &loc, flags, &payload)?;
+                }
+            }
+            // Every copy, from the whole collection, is durable before a victim goes.
+            // (The group-commit position is left alone: its lock is taken before the writer
+            // lock elsewhere. A committer that finds it stale syncs once more, harmlessly.)
+            self.flush_locked(&mut w)?;
+            w.file.sync().map_err(|e| self.poison(&e))?;
+            self.inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            let mark = w.len.to_le_bytes();
+            self.append_locked(&mut w, RecordKind::SyncMark, 0, &[&mark], 0)?;
+            let mut segments = self.inner.segments.write();
+            for id in victims {
+                segments.remove(id);
+            }
+        }
+        gc.running = false;
+        gc.pinned_chunks.clear();
+        gc.pinned_blobs.clear();
+        drop(gc);
+        self.inner.recipes.lock().clear();
+        // Remember which segments a collection removed, so fsck can tell them from lost ones,
+        // for as long as an index file still names them: index merges drop the entries into
+        // removed segments, and later index files never name them, so the list stays as long
+        // as what the indexes still name, not as long as the store's history.
+        let list = {
+            let mut candidates = self.inner.removed.lock().clone();
+            candidates.extend(victims.iter().copied());
+            let named = self.segments_named_by_indexes(&candidates);
+            let mut removed = self.inner.removed.lock();
+            removed.extend(victims.iter().copied());
+            removed.retain(|id| named.contains(id));
+            removed
+                .iter()
+                .map(|id| format!("{id}\n"))
+                .collect::<String>()
+        };
+        write_atomic(
+            self.inner.storage.as_ref(),
+            &self.inner.dir.join(REMOVED_SEGMENTS),
+            list.as_bytes(),
+        )?;
+        for id in victims {
+            let path = segment_path(&self.inner.seg_dir, *id);
+            existed(&path, self.inner.storage.remove(&path))?;
+        }
+        self.inner
+            .storage
+            .sync_dir(&self.inner.seg_dir)
+            .map_err(io_err(&self.inner.seg_dir))?;
+        Ok(moved)
+    }
+
+    /// Size of a segment file and its last modification time (seconds since the epoch).
+    pub(crate) fn segment_size_and_age(&self, id: u64) -> (u64, u64) {
+        let path = segment_path(&self.inner.seg_dir, id);
+        let len = self.segment_handle(id).and_then(|f| f.len()).unwrap_or(0);
+        let mtime = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        (len, mtime)
+    }
+}

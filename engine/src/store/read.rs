@@ -1,0 +1,224 @@
+//! Reading records back: from a mapped sealed segment without a copy, or from the active
+//! segment's file (writing staged records first); chunks checked against their id when
+//! verification is on, recipes cached.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::digest::{ChunkId, Digest};
+use crate::error::{Error, Result};
+use crate::index::{Location, Table};
+use crate::recipe::{Recipe, RecipePiece};
+use crate::segment::{self, segment_path, Check, CHUNK_PREFIX_LEN, RECORD_HEADER_LEN};
+use crate::sys::Map;
+
+use super::*;
+
+const RECIPE_CACHE_MAX: usize = 4096;
+
+struct MapSlice {
+    map: Map,
+    begin: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        self.map.get(self.begin..self.end).unwrap_or_default()
+    }
+}
+
+impl Store {
+    pub(super) fn cache_recipe(&self, key: [u8; 32], recipe: Arc<Recipe>) {
+        let mut cache = self.inner.recipes.lock();
+        if cache.len() >= RECIPE_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, recipe);
+    }
+
+    fn segment_data(&self, id: u64) -> Result<SegmentData> {
+        self.inner.segments.read().get(&id).cloned().ok_or_else(|| {
+            Error::corrupted(
+                segment_path(&self.inner.seg_dir, id),
+                0,
+                "segment file referenced by the index is missing",
+            )
+        })
+    }
+
+    /// Reads and checks the record at `loc`; returns its flags and payload.
+    pub(crate) fn read_record(&self, loc: &Location) -> Result<(u8, Bytes)> {
+        self.read_record_with(loc, Check::Crc)
+    }
+
+    /// [`Store::read_record`], checking as `check` says.
+    fn read_record_with(&self, loc: &Location, check: Check) -> Result<(u8, Bytes)> {
+        let path = || segment_path(&self.inner.seg_dir, loc.segment);
+        match self.segment_data(loc.segment)? {
+            SegmentData::Mapped(map) => {
+                let start = usize::try_from(loc.offset).unwrap_or(usize::MAX);
+                let bytes = map.get(start..).ok_or_else(|| {
+                    Error::corrupted(path(), loc.offset, "record offset past end of segment")
+                })?;
+                let (h, payload) = segment::decode_record_with(&path(), loc.offset, bytes, check)?;
+                if h.len != loc.len {
+                    return Err(Error::corrupted(
+                        path(),
+                        loc.offset,
+                        "record length differs from the index",
+                    ));
+                }
+                let begin = start + RECORD_HEADER_LEN;
+                let end = begin + payload.len();
+                Ok((h.flags, Bytes::from_owner(MapSlice { map, begin, end })))
+            }
+            SegmentData::File(file) => {
+                self.flush_for_read(loc)?;
+                let (h, payload) = segment::read_record_with(&file, loc.offset, check)?;
+                if h.len != loc.len {
+                    return Err(Error::corrupted(
+                        path(),
+                        loc.offset,
+                        "record length differs from the index",
+                    ));
+                }
+                Ok((h.flags, Bytes::from(payload)))
+            }
+        }
+    }
+
+    /// The raw bytes of a chunk; uncompressed chunks of sealed segments are not copied.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Bytes> {
+        // With BLAKE3 verification on, the id check below covers what the record's CRC would.
+        let check = if self.inner.opts.verify_chunk_ids {
+            Check::Content
+        } else {
+            Check::Crc
+        };
+        let (loc, flags, payload) = self.read_located(Table::Chunks, &id.0, check)?;
+        let path = || segment_path(&self.inner.seg_dir, loc.segment);
+        let chunk = segment::ChunkPayload::decode(&payload)
+            .filter(|c| c.id == *id)
+            .ok_or_else(|| {
+                Error::corrupted(
+                    path(),
+                    loc.offset,
+                    "chunk record holds another chunk than the index says",
+                )
+            })?;
+        let data = match chunk
+            .bytes(flags)
+            .map_err(|why| Error::corrupted(path(), loc.offset, why))?
+        {
+            // Stored raw: a slice of the record, not a copy.
+            std::borrow::Cow::Borrowed(_) => payload.slice(CHUNK_PREFIX_LEN..),
+            std::borrow::Cow::Owned(v) => Bytes::from(v),
+        };
+        if self.inner.opts.verify_chunk_ids && !self.inner.verified.fresh(id, &loc) {
+            self.inner
+                .stats
+                .chunks_verified
+                .fetch_add(1, Ordering::Relaxed);
+            if ChunkId::of(&data) != *id {
+                return Err(Error::corrupted(
+                    path(),
+                    loc.offset,
+                    "chunk bytes do not match their BLAKE3 id",
+                ));
+            }
+            self.inner.verified.record(id, &loc);
+        }
+        Ok(data)
+    }
+
+    /// Locates a key and reads its record. A collection may remove the segment between the
+    /// lookup and the read; the lookup is then repeated and finds the moved copy.
+    fn read_located(
+        &self,
+        table: Table,
+        key: &[u8; 32],
+        check: Check,
+    ) -> Result<(Location, u8, Bytes)> {
+        let what = || match table {
+            Table::Chunks => format!("chunk {}", ChunkId(*key)),
+            Table::Blobs => format!("blob {}", hex::encode(key)),
+        };
+        for _ in 0..3 {
+            let loc = self
+                .locate(table, key)
+                .ok_or_else(|| Error::NotFound(what()))?;
+            if !self.inner.segments.read().contains_key(&loc.segment) {
+                continue;
+            }
+            match self.read_record_with(&loc, check) {
+                Ok((flags, payload)) => return Ok((loc, flags, payload)),
+                Err(e) if !self.inner.segments.read().contains_key(&loc.segment) => drop(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::NotFound(what()))
+    }
+
+    /// The recipe of a committed blob.
+    pub fn recipe(&self, digest: &Digest) -> Result<Arc<Recipe>> {
+        if self.is_quarantined(digest) {
+            return Err(Error::NotFound(format!(
+                "blob {digest} (quarantined: damaged)"
+            )));
+        }
+        let key = digest.index_key();
+        if let Some(r) = self.inner.recipes.lock().get(&key) {
+            if r.digest == *digest {
+                return Ok(r.clone());
+            }
+        }
+        let (loc, _, payload) = self.read_located(Table::Blobs, &key, Check::Crc)?;
+        let recipe = Recipe::decode(
+            &segment_path(&self.inner.seg_dir, loc.segment),
+            loc.offset,
+            &payload,
+        )?;
+        if recipe.digest != *digest {
+            return Err(Error::NotFound(format!("blob {digest}")));
+        }
+        // A blob is visible only while all of its chunks are stored: GC may have collected
+        // the chunks of a blob nothing links any more while its recipe record lives on.
+        for piece in &recipe.pieces {
+            if let RecipePiece::Chunk { id, .. } = piece {
+                if self.chunk_location(id).is_none() {
+                    return Err(Error::NotFound(format!("blob {digest}")));
+                }
+            }
+        }
+        let recipe = Arc::new(recipe);
+        self.cache_recipe(key, recipe.clone());
+        Ok(recipe)
+    }
+
+    /// The size of a committed blob, or `None` when it is not stored.
+    pub fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        match self.recipe(digest) {
+            Ok(r) => Ok(Some(r.size)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True when the blob is stored.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        matches!(self.stat(digest), Ok(Some(_)))
+    }
+
+    /// Reads a recipe by its location (for fsck and inspect).
+    pub fn recipe_at(&self, loc: &Location) -> Result<Recipe> {
+        let (_, payload) = self.read_record(loc)?;
+        Recipe::decode(
+            &segment_path(&self.inner.seg_dir, loc.segment),
+            loc.offset,
+            &payload,
+        )
+    }
+}

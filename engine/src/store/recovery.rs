@@ -1,0 +1,286 @@
+//! Opening a data directory: the index files to keep, the segments without one replayed
+//! (a torn tail of the last one truncated, damage before its last sync mark refused, or
+//! salvaged by `fsck --repair`), the list of segments collections removed.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::catalog::Catalog;
+use crate::digest::ChunkId;
+use crate::error::{Error, Result};
+use crate::index::{self, IndexFile, Location};
+use crate::io::{FileHandle, OpenMode, RealStorage, Storage, WritebackHints};
+use crate::recipe::Recipe;
+use crate::segment::{
+    self, check_file_header, file_header, parse_segment_file_name, segment_path, RecordKind,
+    FILE_HEADER_LEN, SEGMENT_MAGIC,
+};
+use crate::uploads::Uploads;
+
+use super::*;
+
+fn read_removed_segments(
+    storage: &dyn Storage,
+    dir: &Path,
+) -> Result<std::collections::BTreeSet<u64>> {
+    let path = dir.join(REMOVED_SEGMENTS);
+    let Ok(file) = FileHandle::open(storage, &path, OpenMode::Read) else {
+        return Ok(Default::default());
+    };
+    let mut bytes = vec![0u8; usize::try_from(file.len()?).unwrap_or(0)];
+    file.read_exact_at(&mut bytes, 0)?;
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.trim()
+                .parse()
+                .map_err(|_| Error::corrupted(&path, 0, format!("{l:?} is not a segment id")))
+        })
+        .collect()
+}
+
+/// Replays a segment without an index file: collects its entries, and decides what an invalid
+/// record means. In the last segment, bytes after the last sync mark were never acknowledged,
+/// so damage there is a torn tail and is truncated; damage before it is corruption. With
+/// `salvage` (`fsck --repair`), corruption does not stop the open: the records after each
+/// damaged stretch are found again and indexed, and the damaged ones are left for fsck to
+/// report and quarantine.
+fn replay_segment(
+    file: &FileHandle,
+    id: u64,
+    is_last: bool,
+    salvage: bool,
+) -> Result<(u64, SegmentEntries)> {
+    let path = file.path().to_path_buf();
+    let len = file.len()?;
+    let mut head = [0u8; FILE_HEADER_LEN];
+    if len < FILE_HEADER_LEN as u64
+        || file.read_exact_at(&mut head, 0).is_err()
+        || check_file_header(&path, SEGMENT_MAGIC, &head).is_err()
+    {
+        if is_last && len <= 4096 {
+            // Created but its header never became durable: start it afresh.
+            file.set_len(0)?;
+            file.write_all_at(&file_header(SEGMENT_MAGIC), 0)?;
+            file.sync()?;
+            return Ok((FILE_HEADER_LEN as u64, (Vec::new(), Vec::new())));
+        }
+        check_file_header(&path, SEGMENT_MAGIC, &head)?;
+    }
+    let mut chunks = Vec::new();
+    let mut blobs = Vec::new();
+    let durable_end = std::cell::Cell::new(FILE_HEADER_LEN as u64);
+    let mut visit = |rec: segment::ScannedRecord| {
+        let loc = Location {
+            segment: id,
+            offset: rec.offset,
+            len: rec.header.len,
+            aux: 0,
+        };
+        match rec.header.kind {
+            RecordKind::Chunk => {
+                let c = segment::ChunkPayload::decode(&rec.payload)
+                    .ok_or_else(|| Error::corrupted(&path, rec.offset, "chunk record too short"))?;
+                chunks.push((
+                    c.id.0,
+                    Location {
+                        aux: c.raw_len,
+                        ..loc
+                    },
+                ));
+            }
+            RecordKind::Recipe => {
+                let r = match Recipe::decode(&path, rec.offset, &rec.payload) {
+                    Ok(r) => r,
+                    // A CRC-valid record that does not decode: fsck reports it.
+                    Err(_) if salvage => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                blobs.push((
+                    r.digest.index_key(),
+                    Location {
+                        aux: u32::from(r.digest.algorithm().code()),
+                        ..loc
+                    },
+                ));
+            }
+            RecordKind::SyncMark => durable_end.set(rec.offset),
+            RecordKind::CatalogBatch if salvage => {}
+            RecordKind::CatalogBatch => {
+                return Err(Error::corrupted(
+                    &path,
+                    rec.offset,
+                    "catalog record in a segment",
+                ))
+            }
+        }
+        Ok(())
+    };
+    let (end, how) = segment::scan(file, FILE_HEADER_LEN as u64, &mut visit)?;
+    match segment::settle_tail(file, &how, durable_end.get(), is_last) {
+        Ok(()) => Ok((end, (chunks, blobs))),
+        Err(Error::Corrupted { .. }) if salvage => {
+            // Damage in acknowledged data: index everything readable around it.
+            let segment::ScanEnd::Invalid { offset, .. } = how else {
+                return Ok((end, (chunks, blobs)));
+            };
+            let (end, _damage) = segment::scan_salvaging(file, offset, &mut visit)?;
+            Ok((end, (chunks, blobs)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir` on the real file system.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+        Self::open_on(Arc::new(RealStorage), dir.as_ref(), opts)
+    }
+
+    /// Opens the store in `dir` on `storage`.
+    pub fn open_on(storage: Arc<dyn Storage>, dir: &Path, opts: Options) -> Result<Store> {
+        storage.create_dir_all(dir).map_err(io_err(dir))?;
+        let lock = storage.lock(dir)?;
+        let seg_dir = dir.join("segments");
+        let idx_dir = dir.join("index");
+        for d in [&seg_dir, &idx_dir] {
+            storage.create_dir_all(d).map_err(io_err(d))?;
+        }
+        storage.sync_dir(dir).map_err(io_err(dir))?;
+        let catalog = Arc::new(Catalog::open(storage.clone(), &dir.join("catalog"))?);
+        let uploads = Uploads::open(storage.clone(), &dir.join("uploads"))?;
+        let quarantine = crate::quarantine::Quarantine::load(storage.as_ref(), dir)?;
+
+        // Index files: keep a non-overlapping covering set, widest first; drop the rest (the
+        // inputs of a merge that finished) and leftover temp files.
+        let mut idx_names: Vec<(u64, u64, String)> = Vec::new();
+        for name in storage.list(&idx_dir).map_err(io_err(&idx_dir))? {
+            match index::parse_index_file_name(&name) {
+                Some((lo, hi)) if !opts.rebuild_indexes => idx_names.push((lo, hi, name)),
+                _ => {
+                    let p = idx_dir.join(&name);
+                    storage.remove(&p).map_err(io_err(&p))?;
+                }
+            }
+        }
+        idx_names.sort_by_key(|(lo, hi, _)| (std::cmp::Reverse(hi - lo), *lo));
+        let mut chosen: Vec<(u64, u64, String)> = Vec::new();
+        for (lo, hi, name) in idx_names {
+            if chosen.iter().any(|(l, h, _)| lo <= *h && *l <= hi) {
+                let p = idx_dir.join(&name);
+                storage.remove(&p).map_err(io_err(&p))?;
+            } else {
+                chosen.push((lo, hi, name));
+            }
+        }
+        chosen.sort_by_key(|(lo, _, _)| *lo);
+        let mut indexes = Vec::new();
+        for (_, _, name) in &chosen {
+            indexes.push(Arc::new(IndexFile::open(
+                storage.as_ref(),
+                &idx_dir.join(name),
+            )?));
+        }
+        storage.sync_dir(&idx_dir).map_err(io_err(&idx_dir))?;
+        let covered = |id: u64| chosen.iter().any(|(lo, hi, _)| (*lo..=*hi).contains(&id));
+
+        let mut seg_ids: Vec<u64> = storage
+            .list(&seg_dir)
+            .map_err(io_err(&seg_dir))?
+            .iter()
+            .filter_map(|n| parse_segment_file_name(n))
+            .collect();
+        seg_ids.sort_unstable();
+
+        let mut segments = HashMap::new();
+        let mut delta = Delta::default();
+        let mut pending = Pending::default();
+        let last = seg_ids.last().copied();
+        let mut active: Option<Active> = None;
+        for &id in &seg_ids {
+            let path = segment_path(&seg_dir, id);
+            if covered(id) {
+                let file = FileHandle::open(storage.as_ref(), &path, OpenMode::Read)?;
+                segments.insert(id, open_sealed(&file)?);
+                continue;
+            }
+            let is_last = Some(id) == last;
+            let file = FileHandle::open(storage.as_ref(), &path, OpenMode::ReadWrite)?;
+            let (len, entries) = replay_segment(&file, id, is_last, opts.rebuild_indexes)?;
+            for (key, loc) in &entries.0 {
+                delta.chunks.insert(ChunkId(*key), *loc);
+            }
+            for (key, loc) in &entries.1 {
+                delta.blobs.insert(*key, *loc);
+            }
+            pending.by_segment.insert(id, entries);
+            if is_last {
+                segments.insert(id, SegmentData::File(file.clone()));
+                active = Some(Active {
+                    id,
+                    file,
+                    len,
+                    hints: WritebackHints::from(len),
+                    staged: Vec::new(),
+                    flushed: len,
+                });
+            } else {
+                segments.insert(id, open_sealed(&file)?);
+            }
+        }
+
+        let next_id = last.map_or(1, |l| l + 1);
+        let removed = read_removed_segments(storage.as_ref(), dir)?;
+        let verified = crate::verified::RecentlyVerified::new(opts.verify_reuse);
+        let inner = Arc::new(Inner {
+            storage: storage.clone(),
+            dir: dir.to_path_buf(),
+            seg_dir: seg_dir.clone(),
+            idx_dir,
+            opts,
+            writer: Mutex::new(match active {
+                Some(a) => a,
+                None => create_segment(storage.as_ref(), &seg_dir, next_id)?,
+            }),
+            synced: Mutex::new((0, 0)),
+            sealed_below: AtomicU64::new(0),
+            written: Mutex::new((0, 0)),
+            indexes: RwLock::new(Arc::new(indexes)),
+            delta: RwLock::new(delta),
+            pending: Mutex::new(pending),
+            segments: RwLock::new(segments),
+            poisoned: crate::error::Poison::default(),
+            recipes: Mutex::new(HashMap::new()),
+            damage: std::sync::atomic::AtomicBool::new(!quarantine.is_empty()),
+            quarantine: RwLock::new(Arc::new(quarantine)),
+            merge_lock: Mutex::new(()),
+            gc: Mutex::new(GcState::default()),
+            gc_lock: Mutex::new(()),
+            removed: Mutex::new(removed),
+            stats: Stats::default(),
+            verified,
+            catalog,
+            uploads,
+            _lock: lock,
+        });
+        {
+            let w = inner.writer.lock();
+            inner.sealed_below.store(w.id, Ordering::SeqCst);
+            *inner.written.lock() = (w.id, w.flushed);
+            *inner.synced.lock() = (w.id, w.len);
+            inner
+                .segments
+                .write()
+                .insert(w.id, SegmentData::File(w.file.clone()));
+        }
+        let store = Store { inner };
+        // Segments before the active one that were sealed without an index get one now.
+        store.write_pending_indexes()?;
+        Ok(store)
+    }
+}
