@@ -146,7 +146,7 @@ fn ingest_and_read(c: &mut Criterion) {
         digest: digest.clone(),
         at: 0,
     };
-    store.catalog().commit(vec![link]).expect("link");
+    store.commit_ops(vec![link]).expect("link");
     let mut g = c.benchmark_group("fsck");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(30))
@@ -303,7 +303,7 @@ fn gc_compaction(c: &mut Criterion) {
                             digest: d,
                             at: future,
                         };
-                        store.commit_catalog(|_| Ok((vec![op], ()))).expect("link");
+                        store.commit_ops(vec![op]).expect("link");
                     }
                 }
                 store.clone().close().expect("seal");
@@ -353,7 +353,7 @@ fn catalog_commits(c: &mut Criterion) {
             digest: Digest::of(Algorithm::Sha256, &n.to_le_bytes()),
             at: n,
         };
-        store.catalog().commit(vec![op]).expect("commit");
+        store.commit_ops(vec![op]).expect("commit");
     };
     for threads in [1usize, 8] {
         g.bench_function(

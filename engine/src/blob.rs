@@ -15,7 +15,7 @@ use crossbeam_channel::{bounded, Sender};
 
 use crate::chunker::{Mode, Piece, StreamChunker};
 use crate::digest::{Algorithm, ChunkId, Digest, Hasher};
-use crate::error::{Error, Result};
+use crate::error::{Error, Input, Result};
 use crate::recipe::{Recipe, RecipePiece};
 use crate::store::Store;
 
@@ -133,13 +133,13 @@ impl ChunkSink {
                     .join()
                     .map_err(|_| thread_error("store thread panicked"))
             }
-            ChunkSink::Taken => Err(Error::invalid("blob writer", "already finished")),
+            ChunkSink::Taken => Err(Error::Internal("blob writer used after it finished".into())),
         }
     }
 }
 
 fn thread_error(why: &str) -> Error {
-    Error::io("blob writer thread", std::io::Error::other(why.to_owned()))
+    Error::Internal(format!("blob writer: {why}"))
 }
 
 /// A writer's registration with its store, ended when the writer goes (committed or not).
@@ -259,7 +259,7 @@ impl BlobWriter {
                     }
                     h.finish()
                 })
-                .map_err(|e| Error::io("digest thread", e))?;
+                .map_err(|e| Error::Internal(format!("starting the digest thread: {e}")))?;
             self.digest = DigestState::Thread { tx, handle };
         }
         if let ChunkSink::Inline(_) = self.sink {
@@ -281,7 +281,7 @@ impl BlobWriter {
                     }
                     stored
                 })
-                .map_err(|e| Error::io("store thread", e))?;
+                .map_err(|e| Error::Internal(format!("starting the store thread: {e}")))?;
             self.sink = ChunkSink::Thread { tx, handle, failed };
         }
         Ok(())
@@ -297,7 +297,9 @@ impl BlobWriter {
                 tx.send(buf)
                     .map_err(|_| thread_error("digest thread stopped"))?;
             }
-            DigestState::Taken => return Err(Error::invalid("blob writer", "already finished")),
+            DigestState::Taken => {
+                return Err(Error::Internal("blob writer used after it finished".into()))
+            }
         }
         Ok(())
     }
@@ -311,7 +313,7 @@ impl BlobWriter {
                     .join()
                     .map_err(|_| thread_error("digest thread panicked"))
             }
-            DigestState::Taken => Err(Error::invalid("blob writer", "already finished")),
+            DigestState::Taken => Err(Error::Internal("blob writer used after it finished".into())),
         }
     }
 
@@ -435,7 +437,7 @@ impl BlobReader {
     pub fn range(&self, start: u64, end: u64) -> Result<RangeIter> {
         if start > end || end > self.size() {
             return Err(Error::invalid(
-                "range",
+                Input::Range,
                 format!("{start}-{end} is outside a blob of {} bytes", self.size()),
             ));
         }

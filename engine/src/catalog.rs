@@ -309,16 +309,24 @@ impl Catalog {
 
     /// Validates and commits a batch atomically: `plan` sees the current state with every
     /// earlier batch applied (no other commit can run in between) and returns the ops to
-    /// commit, or an error. The ops are durable before they are applied and this returns;
-    /// when `plan` commits nothing, this still waits until the batches it saw are durable.
-    pub fn commit_with<T>(&self, plan: impl FnOnce(&State) -> Result<(Vec<Op>, T)>) -> Result<T> {
+    /// commit, or an error of the caller's own type. The ops are durable before they are
+    /// applied and this returns; when `plan` commits nothing, this still waits until the
+    /// batches it saw are durable.
+    ///
+    /// Engine-internal: everything else changes the catalog through the store's one door,
+    /// [`crate::Store::commit_catalog`], which pins what a batch starts to reference against
+    /// a running collection.
+    pub(crate) fn commit_with<T, E: From<Error>>(
+        &self,
+        plan: impl FnOnce(&State) -> Result<(Vec<Op>, T), E>,
+    ) -> Result<T, E> {
         self.check_poisoned()?;
         let (position, out) = {
             let mut a = self.appended.lock();
             let (ops, out) = plan(&a.planned)?;
             if !ops.is_empty() {
                 let payload = serde_json::to_vec(&ops)
-                    .map_err(|e| Error::invalid("catalog batch", e.to_string()))?;
+                    .map_err(|e| Error::Internal(format!("catalog batch: {e}")))?;
                 let header = record_header(RecordKind::CatalogBatch, 0, &[&payload]);
                 let mut rec = Vec::with_capacity(header.len() + payload.len());
                 rec.extend_from_slice(&header);
@@ -326,7 +334,7 @@ impl Catalog {
                 let at = a.journal.len;
                 if let Err(e) = a.journal.file.write_all_at(&rec, at) {
                     let _ = a.journal.file.set_len(at);
-                    return Err(e);
+                    return Err(e.into());
                 }
                 a.journal.len += rec.len() as u64;
                 for op in &ops {
@@ -412,7 +420,15 @@ impl Catalog {
         self.poisoned.set(format!("catalog journal: {err}"))
     }
 
-    /// Commits ops without a precondition.
+    /// Commits ops without a precondition (the catalog's own tests).
+    #[cfg(all(test, not(feature = "internals")))]
+    pub(crate) fn commit(&self, ops: Vec<Op>) -> Result<()> {
+        self.commit_with(|_| Ok((ops, ())))
+    }
+
+    /// Commits ops without a precondition, bypassing the store's GC barrier: with the
+    /// `internals` feature only, for the fuzz targets that drive a catalog alone.
+    #[cfg(feature = "internals")]
     pub fn commit(&self, ops: Vec<Op>) -> Result<()> {
         self.commit_with(|_| Ok((ops, ())))
     }
@@ -421,7 +437,7 @@ impl Catalog {
     fn fold(&self, journal: &mut Journal) -> Result<()> {
         let next = journal.generation + 1;
         let body = serde_json::to_vec(&*self.state.read())
-            .map_err(|e| Error::invalid("catalog snapshot", e.to_string()))?;
+            .map_err(|e| Error::Internal(format!("catalog snapshot: {e}")))?;
         let mut out = file_header(SNAPSHOT_MAGIC).to_vec();
         out.extend_from_slice(&record_header(RecordKind::CatalogBatch, 0, &[&body]));
         out.extend_from_slice(&body);
@@ -624,7 +640,7 @@ mod tests {
                     for _ in 0..each {
                         c.commit_with(|state| {
                             let n = state.repos.get("a").map_or(0, |r| r.tags.len());
-                            Ok((vec![tag(&format!("t{n:05}"))], ()))
+                            Ok::<_, Error>((vec![tag(&format!("t{n:05}"))], ()))
                         })
                         .expect("commit");
                     }

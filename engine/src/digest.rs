@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use sha2::Digest as _;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Input, Result};
 
 /// The hash algorithm of an OCI digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -134,15 +134,15 @@ impl Digest {
 impl FromStr for Digest {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let (algo, hex_part) = s
-            .split_once(':')
-            .ok_or_else(|| Error::invalid("digest", format!("{s:?} has no algorithm prefix")))?;
+        let (algo, hex_part) = s.split_once(':').ok_or_else(|| {
+            Error::invalid(Input::Digest, format!("{s:?} has no algorithm prefix"))
+        })?;
         let algorithm = match algo {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
             other => {
                 return Err(Error::invalid(
-                    "digest",
+                    Input::Digest,
                     format!("unsupported algorithm {other:?}"),
                 ))
             }
@@ -153,14 +153,15 @@ impl FromStr for Digest {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(Error::invalid(
-                "digest",
+                Input::Digest,
                 format!(
                     "{algo} digests have {} lowercase hex characters",
                     algorithm.len() * 2
                 ),
             ));
         }
-        let bytes = hex::decode(hex_part).map_err(|e| Error::invalid("digest", e.to_string()))?;
+        let bytes =
+            hex::decode(hex_part).map_err(|e| Error::invalid(Input::Digest, e.to_string()))?;
         Ok(Digest::from_parts(algorithm, &bytes))
     }
 }

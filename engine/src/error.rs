@@ -21,7 +21,14 @@ pub enum Error {
     DigestMismatch { expected: String, actual: String },
     /// Input is not well-formed (a digest, a name, a range...).
     #[error("invalid {what}: {reason}")]
-    Invalid { what: &'static str, reason: String },
+    InvalidInput { what: Input, reason: String },
+    /// Something that runs one at a time is running (a collection): try again later.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// A bug or a failure of the process itself (a worker thread that died, a value that
+    /// does not serialize): nothing an operator or a client did.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A configured bound was exceeded.
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
@@ -48,6 +55,37 @@ pub enum Error {
     },
 }
 
+/// What input [`Error::InvalidInput`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Input {
+    /// A digest (`sha256:…`).
+    Digest,
+    /// A repository name.
+    RepositoryName,
+    /// A tag.
+    Tag,
+    /// An upload session id.
+    UploadId,
+    /// Where an upload's next bytes go.
+    UploadOffset,
+    /// A byte range of a blob.
+    Range,
+}
+
+impl std::fmt::Display for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Input::Digest => "digest",
+            Input::RepositoryName => "repository name",
+            Input::Tag => "tag",
+            Input::UploadId => "upload id",
+            Input::UploadOffset => "upload offset",
+            Input::Range => "range",
+        })
+    }
+}
+
 /// Result alias for engine operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -71,8 +109,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
-        Error::Invalid {
+    pub(crate) fn invalid(what: Input, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
             what,
             reason: reason.into(),
         }

@@ -30,6 +30,6 @@ pub use blob::{BlobReader, BlobWriter, Committed};
 pub use catalog::Catalog;
 pub use chunker::Mode as ChunkMode;
 pub use digest::{Algorithm, ChunkId, Digest};
-pub use error::{Error, Result};
+pub use error::{Error, Input, Result};
 pub use store::{Options, Store};
 pub use uploads::Uploads;

@@ -1,6 +1,6 @@
 //! Repository names and tags, validated as the OCI distribution spec says.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Input, Result};
 
 /// Longest repository name.
 pub const REPO_NAME_LEN_MAX: usize = 255;
@@ -10,7 +10,7 @@ pub const REPO_NAME_LEN_MAX: usize = 255;
 pub fn validate_repo(name: &str) -> Result<()> {
     let bad = |why: &str| {
         Err(Error::invalid(
-            "repository name",
+            Input::RepositoryName,
             format!("{name:?}: {why}"),
         ))
     };
@@ -63,7 +63,7 @@ pub fn validate_tag(tag: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::invalid(
-            "tag",
+            Input::Tag,
             format!("{tag:?} must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}"),
         ))
     }

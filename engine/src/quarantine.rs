@@ -111,10 +111,8 @@ impl Quarantine {
         }
         let mut q = self.clone();
         q.version = VERSION;
-        let bytes = serde_json::to_vec_pretty(&q).map_err(|e| Error::Invalid {
-            what: "quarantine",
-            reason: e.to_string(),
-        })?;
+        let bytes = serde_json::to_vec_pretty(&q)
+            .map_err(|e| Error::Internal(format!("quarantine: {e}")))?;
         write_atomic(storage, &path, &bytes)
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Input, Result};
 use crate::io::{existed, write_atomic, FileHandle, OpenMode, Storage};
 
 /// What is kept about a session besides its bytes.
@@ -51,7 +51,7 @@ pub fn validate_id(id: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::invalid(
-            "upload id",
+            Input::UploadId,
             format!("{id:?} is not 32 lowercase hex characters"),
         ))
     }
@@ -91,7 +91,7 @@ impl Uploads {
         )?;
         data.sync()?;
         let json =
-            serde_json::to_vec(meta).map_err(|e| Error::invalid("upload meta", e.to_string()))?;
+            serde_json::to_vec(meta).map_err(|e| Error::Internal(format!("upload meta: {e}")))?;
         write_atomic(self.storage.as_ref(), &self.meta_path(id), &json)
     }
 
@@ -116,7 +116,7 @@ impl Uploads {
         let (_, len) = self.status(id)?;
         if len != offset {
             return Err(Error::invalid(
-                "upload offset",
+                Input::UploadOffset,
                 format!("the upload has {len} bytes, not {offset}"),
             ));
         }

@@ -23,13 +23,107 @@ pub enum Severity {
     Error,
 }
 
+/// What a finding is about: a stable code (`--json` prints it in snake case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingCode {
+    /// A segment file cannot be opened or scanned.
+    SegmentUnreadable,
+    /// A record of a kind that does not belong in a segment.
+    RecordMisplaced,
+    /// A record whose bytes fail their checks (CRC, structure).
+    RecordCorrupt,
+    /// A chunk record whose bytes do not match its id or length.
+    ChunkCorrupt,
+    /// A recipe record that does not decode.
+    RecipeCorrupt,
+    /// A segment an index names is gone, and no collection removed it.
+    SegmentMissing,
+    /// An index file fails its checks.
+    IndexCorrupt,
+    /// An index entry points at a record that is not the one it names.
+    IndexMismatch,
+    /// A stored record no index reaches.
+    IndexMissing,
+    /// A check could not run to its end.
+    FsckFailed,
+    /// A repository links a blob that is not stored.
+    BlobLinkDangling,
+    /// A repository names a manifest that is not stored.
+    ManifestMissing,
+    /// A tag points at a manifest the repository does not hold.
+    TagDangling,
+    /// A manifest references a blob or manifest the repository does not hold.
+    ReferenceDangling,
+    /// A blob uses a chunk that is not stored.
+    ChunkMissing,
+    /// A blob reassembles to another digest.
+    BlobDigestMismatch,
+    /// A blob cannot be reassembled.
+    BlobUnreadable,
+}
+
+impl FindingCode {
+    /// The code as printed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingCode::SegmentUnreadable => "segment_unreadable",
+            FindingCode::RecordMisplaced => "record_misplaced",
+            FindingCode::RecordCorrupt => "record_corrupt",
+            FindingCode::ChunkCorrupt => "chunk_corrupt",
+            FindingCode::RecipeCorrupt => "recipe_corrupt",
+            FindingCode::SegmentMissing => "segment_missing",
+            FindingCode::IndexCorrupt => "index_corrupt",
+            FindingCode::IndexMismatch => "index_mismatch",
+            FindingCode::IndexMissing => "index_missing",
+            FindingCode::FsckFailed => "fsck_failed",
+            FindingCode::BlobLinkDangling => "blob_link_dangling",
+            FindingCode::ManifestMissing => "manifest_missing",
+            FindingCode::TagDangling => "tag_dangling",
+            FindingCode::ReferenceDangling => "reference_dangling",
+            FindingCode::ChunkMissing => "chunk_missing",
+            FindingCode::BlobDigestMismatch => "blob_digest_mismatch",
+            FindingCode::BlobUnreadable => "blob_unreadable",
+        }
+    }
+
+    /// A damaged record: `fsck --repair` sets it aside by its segment and offset.
+    pub fn is_damaged_record(self) -> bool {
+        matches!(
+            self,
+            FindingCode::ChunkCorrupt | FindingCode::RecipeCorrupt | FindingCode::RecordCorrupt
+        )
+    }
+
+    /// A blob that cannot be served as stored: `fsck --repair` quarantines it by its digest.
+    pub fn is_unservable_blob(self) -> bool {
+        matches!(
+            self,
+            FindingCode::ChunkMissing
+                | FindingCode::BlobDigestMismatch
+                | FindingCode::BlobUnreadable
+                | FindingCode::BlobLinkDangling
+                | FindingCode::ManifestMissing
+        )
+    }
+}
+
+impl std::fmt::Display for FindingCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One problem found.
 #[derive(Clone, Debug, Serialize)]
 pub struct Finding {
     /// Severity.
     pub severity: Severity,
     /// A stable code, e.g. `record_corrupt`.
-    pub code: &'static str,
+    pub code: FindingCode,
+    /// The segment concerned, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment: Option<u64>,
     /// The file concerned, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
@@ -94,18 +188,24 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
     report.quarantined_blobs = quarantine.blobs.keys().cloned().collect();
     let mut chunks_at: HashMap<(u64, u64), ChunkId> = HashMap::new();
     let mut recipes_at: HashMap<(u64, u64), Digest> = HashMap::new();
-    let error =
-        |report: &mut Report, code, file: Option<PathBuf>, offset, message: String, hint| {
-            report.findings.push(Finding {
-                severity: Severity::Error,
-                code,
-                file,
-                offset,
-                digest: None,
-                message,
-                hint,
-            });
-        };
+    let error = |report: &mut Report,
+                 code,
+                 segment: Option<u64>,
+                 file: Option<PathBuf>,
+                 offset,
+                 message: String,
+                 hint| {
+        report.findings.push(Finding {
+            severity: Severity::Error,
+            code,
+            segment,
+            file,
+            offset,
+            digest: None,
+            message,
+            hint,
+        });
+    };
 
     // 3 runs beside 1 and 2: every blob something links is reassembled (SHA-256) while the
     // segments are scanned (CRC, BLAKE3), so fsck takes about as long as the slower pass.
@@ -126,7 +226,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 Err(e) => {
                     error(
                         &mut report,
-                        "segment_unreadable",
+                        FindingCode::SegmentUnreadable,
+                        Some(id),
                         None,
                         None,
                         e.to_string(),
@@ -147,22 +248,24 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                     RecordKind::Chunk => {
                         report.chunks += 1;
                         match check_chunk(rec.header.flags, &rec.payload) {
-                            Ok(id) => {
-                                chunks_at.insert((id_of(&path), rec.offset), id);
+                            Ok(chunk) => {
+                                chunks_at.insert((id, rec.offset), chunk);
                             }
-                            Err(why) => problems.push((rec.offset, "chunk_corrupt", why)),
+                            Err(why) => problems.push((rec.offset, FindingCode::ChunkCorrupt, why)),
                         }
                     }
                     RecordKind::Recipe => match Recipe::decode(&path, rec.offset, &rec.payload) {
                         Ok(r) => {
                             recipes_at.insert((id, rec.offset), r.digest);
                         }
-                        Err(e) => problems.push((rec.offset, "recipe_corrupt", e.to_string())),
+                        Err(e) => {
+                            problems.push((rec.offset, FindingCode::RecipeCorrupt, e.to_string()))
+                        }
                     },
                     RecordKind::SyncMark => {}
                     RecordKind::CatalogBatch => problems.push((
                         rec.offset,
-                        "record_misplaced",
+                        FindingCode::RecordMisplaced,
                         "catalog record in a segment".into(),
                     )),
                 }
@@ -178,6 +281,7 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 error(
                     &mut report,
                     code,
+                    Some(id),
                     Some(path.clone()),
                     Some(offset),
                     why,
@@ -193,7 +297,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                         }
                         error(
                             &mut report,
-                            "record_corrupt",
+                            FindingCode::RecordCorrupt,
+                            Some(id),
                             Some(path.clone()),
                             Some(d.offset),
                             format!(
@@ -208,7 +313,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 }
                 Err(e) => error(
                     &mut report,
-                    "segment_unreadable",
+                    FindingCode::SegmentUnreadable,
+                    Some(id),
                     Some(path.clone()),
                     None,
                     e.to_string(),
@@ -234,7 +340,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
         for id in missing {
             error(
             &mut report,
-            "segment_missing",
+            FindingCode::SegmentMissing,
+            Some(id),
             Some(store.segment_path(id)),
             None,
             "the index refers to this segment file, but it is gone and no collection removed it"
@@ -246,7 +353,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             if let Err(e) = file.verify() {
                 error(
                     &mut report,
-                    "index_corrupt",
+                    FindingCode::IndexCorrupt,
+                    None,
                     Some(file.path().to_path_buf()),
                     None,
                     e.to_string(),
@@ -263,7 +371,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 if chunks_at.get(&(loc.segment, loc.offset)).map(|c| c.0) != Some(key) {
                     error(
                         &mut report,
-                        "index_mismatch",
+                        FindingCode::IndexMismatch,
+                        None,
                         Some(file.path().to_path_buf()),
                         None,
                         format!(
@@ -289,7 +398,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 {
                     error(
                         &mut report,
-                        "index_mismatch",
+                        FindingCode::IndexMismatch,
+                        None,
                         Some(file.path().to_path_buf()),
                         None,
                         format!(
@@ -306,7 +416,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             if store.chunk_location(id).is_none() {
                 error(
                     &mut report,
-                    "index_missing",
+                    FindingCode::IndexMissing,
+                    None,
                     None,
                     None,
                     format!("chunk {id} is stored but not indexed"),
@@ -321,7 +432,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             Err(_) => {
                 error(
                     &mut report,
-                    "fsck_failed",
+                    FindingCode::FsckFailed,
+                    None,
                     None,
                     None,
                     "the blob pass panicked".into(),
@@ -341,7 +453,7 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             for digest in repo.blobs.keys() {
                 if !seen.contains(digest) && !quarantine.blobs.contains_key(digest) {
                     report.findings.push(not_stored(
-                        "blob_link_dangling",
+                        FindingCode::BlobLinkDangling,
                         digest,
                         format!("{name} links blob {digest}, which is not stored"),
                     ));
@@ -350,14 +462,14 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             for (digest, link) in &repo.manifests {
                 if !seen.contains(digest) && !quarantine.blobs.contains_key(digest) {
                     report.findings.push(not_stored(
-                        "manifest_missing",
+                        FindingCode::ManifestMissing,
                         digest,
                         format!("{name} has manifest {digest}, which is not stored"),
                     ));
                 }
                 for r in &link.references {
                     if !repo.blobs.contains_key(r) && !repo.manifests.contains_key(r) {
-                        error(&mut report, "reference_dangling", None, None,
+                        error(&mut report, FindingCode::ReferenceDangling, None, None, None,
                         format!("manifest {digest} in {name} references {r}, which the repository does not hold"), HINT_REPUSH);
                     }
                 }
@@ -366,7 +478,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 if !repo.manifests.contains_key(digest) {
                     error(
                         &mut report,
-                        "tag_dangling",
+                        FindingCode::TagDangling,
+                        None,
                         None,
                         None,
                         format!(
@@ -383,10 +496,11 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
 
 /// A finding for a blob or manifest the catalog names but the store does not hold (repair
 /// quarantines it by its digest).
-fn not_stored(code: &'static str, digest: &Digest, message: String) -> Finding {
+fn not_stored(code: FindingCode, digest: &Digest, message: String) -> Finding {
     Finding {
         severity: Severity::Error,
         code,
+        segment: None,
         file: None,
         offset: None,
         digest: Some(digest.clone()),
@@ -428,6 +542,7 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
         let finding = |code, message: String, hint| Finding {
             severity: Severity::Error,
             code,
+            segment: Some(loc.segment),
             file: Some(store.segment_path(loc.segment)),
             offset: Some(loc.offset),
             digest: Some(recipe.digest.clone()),
@@ -440,7 +555,7 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
         });
         if let Some(missing) = missing {
             findings.push(finding(
-                "chunk_missing",
+                FindingCode::ChunkMissing,
                 format!(
                     "blob {} uses chunk {missing}, which is not stored",
                     recipe.digest
@@ -452,12 +567,12 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
         match rehash(store, &recipe.digest, recipe.size) {
             Ok(actual) if actual == recipe.digest => {}
             Ok(actual) => findings.push(finding(
-                "blob_digest_mismatch",
+                FindingCode::BlobDigestMismatch,
                 format!("blob {} reassembles to {actual}", recipe.digest),
                 HINT_DAMAGE,
             )),
             Err(e) => findings.push(finding(
-                "blob_unreadable",
+                FindingCode::BlobUnreadable,
                 format!("blob {}: {e}", recipe.digest),
                 HINT_DAMAGE,
             )),
@@ -465,13 +580,6 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
         progress("blobs", bytes, total);
     }
     (findings, seen, blobs, bytes)
-}
-
-fn id_of(path: &std::path::Path) -> u64 {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(segment::parse_segment_file_name)
-        .unwrap_or(0)
 }
 
 /// Checks a chunk record's payload: decompresses it and compares its BLAKE3 id.
@@ -509,33 +617,24 @@ pub fn quarantine_damage(
     let mut q = (*store.quarantine()).clone();
     let (records, blobs) = (q.records.len(), q.blobs.len());
     for f in &report.findings {
-        match f.code {
-            "chunk_corrupt" | "recipe_corrupt" | "record_corrupt" => {
-                let segment = f.file.as_deref().map(id_of);
-                if let (Some(segment), Some(offset)) = (segment, f.offset) {
-                    q.records.insert(crate::quarantine::DamagedRecord {
-                        segment,
-                        offset,
+        if f.code.is_damaged_record() {
+            if let (Some(segment), Some(offset)) = (f.segment, f.offset) {
+                q.records.insert(crate::quarantine::DamagedRecord {
+                    segment,
+                    offset,
+                    reason: format!("{}: {}", f.code, f.message),
+                });
+            }
+        } else if f.code.is_unservable_blob() {
+            if let Some(d) = &f.digest {
+                q.blobs.insert(
+                    d.clone(),
+                    crate::quarantine::QuarantinedBlob {
                         reason: format!("{}: {}", f.code, f.message),
-                    });
-                }
+                        at: now,
+                    },
+                );
             }
-            "chunk_missing"
-            | "blob_digest_mismatch"
-            | "blob_unreadable"
-            | "blob_link_dangling"
-            | "manifest_missing" => {
-                if let Some(d) = &f.digest {
-                    q.blobs.insert(
-                        d.clone(),
-                        crate::quarantine::QuarantinedBlob {
-                            reason: format!("{}: {}", f.code, f.message),
-                            at: now,
-                        },
-                    );
-                }
-            }
-            _ => {}
         }
     }
     let added = (q.records.len() - records, q.blobs.len() - blobs);

@@ -58,7 +58,7 @@ fuzz_target!(|ops: Vec<(u8, u8)>| {
                         // once older than the grace period, and collections here use none.
                         at: now + 1_000_000,
                     };
-                    store.commit_catalog(|_| Ok((vec![link], ()))).expect("link");
+                    store.commit_ops(vec![link]).expect("link");
                     linked.insert(k);
                 }
             }
@@ -69,7 +69,7 @@ fuzz_target!(|ops: Vec<(u8, u8)>| {
                         repo: "r".into(),
                         digest: d,
                     };
-                    store.catalog().commit(vec![op]).expect("unlink");
+                    store.commit_ops(vec![op]).expect("unlink");
                 }
             }
             3 => {

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use hyper::StatusCode;
 
-use ballast_engine::Error as EngineError;
+use ballast_engine::{Error as EngineError, Input};
 
 /// A failed request, answered with the distribution spec's JSON error body.
 #[derive(Debug, thiserror::Error)]
@@ -101,21 +101,13 @@ impl ApiError {
             EngineError::DigestMismatch { expected, actual } => ApiError::DigestInvalid(format!(
                 "content does not match digest {expected} (computed {actual})"
             )),
-            EngineError::Invalid {
-                what: "digest",
-                reason,
-            } => ApiError::DigestInvalid(reason),
-            EngineError::Invalid {
-                what: "repository name",
-                reason,
-            } => ApiError::NameInvalid(reason),
-            EngineError::Invalid {
-                what: "tag",
-                reason,
-            } => ApiError::ManifestInvalid(reason),
-            EngineError::Invalid { what, reason } => {
-                ApiError::Unsupported(format!("invalid {what}: {reason}"))
-            }
+            EngineError::InvalidInput { what, reason } => match what {
+                Input::Digest => ApiError::DigestInvalid(reason),
+                Input::RepositoryName => ApiError::NameInvalid(reason),
+                Input::Tag => ApiError::ManifestInvalid(reason),
+                _ => ApiError::Unsupported(format!("invalid {what}: {reason}")),
+            },
+            EngineError::Busy(why) => ApiError::Busy(why),
             EngineError::LimitExceeded(why) => ApiError::SizeInvalid(why),
             EngineError::Poisoned(_) => ApiError::Unavailable(format!("{e}")),
             other => ApiError::Internal(other.to_string()),

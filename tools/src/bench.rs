@@ -350,9 +350,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         digest: d.clone(),
         at: future,
     }));
-    store
-        .commit_catalog(|_| Ok((ops, ())))
-        .map_err(err("linking"))?;
+    store.commit_ops(ops).map_err(err("linking"))?;
     store.close().map_err(err("closing the store"))?;
 
     run.step("store open");
@@ -437,9 +435,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     let under_gc =
         |work: &mut dyn FnMut(usize) -> Result<u64, String>, seed: u64| -> Result<f64, String> {
             let ops = make_garbage(&store, total / 4, seed)?;
-            store
-                .commit_catalog(|_| Ok((ops, ())))
-                .map_err(err("linking"))?;
+            store.commit_ops(ops).map_err(err("linking"))?;
             let done = std::sync::atomic::AtomicBool::new(false);
             std::thread::scope(|scope| {
                 let collector = scope.spawn(|| {

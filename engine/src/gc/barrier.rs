@@ -74,15 +74,25 @@ impl Store {
         gc.writing.values().flatten().copied().collect()
     }
 
-    /// Commits a catalog batch like [`crate::Catalog::commit_with`], and pins every blob the
-    /// batch starts to reference (`LinkBlob`, `PutManifest`) under the catalog lock. A
-    /// collection marks under the same lock, so a new reference is either seen by its mark or
-    /// pinned against its compaction; a blob already collected fails the batch with
-    /// `NotFound` (the client uploads it again).
-    pub fn commit_catalog<T>(
+    /// The one door to change the catalog. Commits a batch atomically (`plan` sees the state
+    /// with every earlier batch applied and returns the ops, or an error of the caller's own
+    /// type, which aborts the batch), and pins every blob the batch starts to reference
+    /// (`LinkBlob`, `PutManifest`) under the catalog lock. A collection marks under the same
+    /// lock, so a new reference is either seen by its mark or pinned against its compaction;
+    /// a blob already collected fails the batch with `NotFound` (the client uploads it
+    /// again). The ops are durable when this returns.
+    ///
+    /// The catalog's own commit is not public, so nothing can add a reference around this:
+    ///
+    /// ```compile_fail
+    /// # fn f(store: &ballast_engine::Store) {
+    /// store.catalog().commit(Vec::new());
+    /// # }
+    /// ```
+    pub fn commit_catalog<T, E: From<Error>>(
         &self,
-        plan: impl FnOnce(&crate::catalog::State) -> Result<(Vec<crate::catalog::Op>, T)>,
-    ) -> Result<T> {
+        plan: impl FnOnce(&crate::catalog::State) -> Result<(Vec<crate::catalog::Op>, T), E>,
+    ) -> Result<T, E> {
         self.inner.catalog.commit_with(|state| {
             let (ops, out) = plan(state)?;
             for op in &ops {
@@ -94,11 +104,17 @@ impl Store {
                 if !self.pin_blob(digest) {
                     return Err(Error::NotFound(format!(
                         "blob {digest} (collected meanwhile; upload it again)"
-                    )));
+                    ))
+                    .into());
                 }
             }
             Ok((ops, out))
         })
+    }
+
+    /// [`Store::commit_catalog`] of ops without a precondition.
+    pub fn commit_ops(&self, ops: Vec<crate::catalog::Op>) -> Result<()> {
+        self.commit_catalog(|_| Ok((ops, ())))
     }
 
     /// Makes sure a committed blob outlives any collection in progress, before something

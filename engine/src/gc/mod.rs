@@ -76,10 +76,7 @@ pub struct GcReport {
 /// Runs one collection.
 pub fn collect(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
     let _one_at_a_time = store.gc_start().ok_or_else(|| {
-        Error::invalid(
-            "gc",
-            "a collection is already running; try again when it ends",
-        )
+        Error::Busy("a collection is already running; try again when it ends".into())
     })?;
     let result = run(store, opts, now);
     if opts.dry_run || result.is_err() {
@@ -97,7 +94,7 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
     let (ops, live) = if opts.dry_run {
         mark(&store.catalog().read(), now, opts)
     } else {
-        store.catalog().commit_with(|state| {
+        store.commit_catalog(|state| {
             let (ops, live) = mark(state, now, opts);
             Ok((ops.clone(), (ops, live)))
         })?

@@ -228,7 +228,7 @@ fn mixed_workload(sim: &SimStorage) -> Acked {
                         at: now_secs(),
                     };
                     if store.put_blob(&layer, None).is_err()
-                        || store.commit_catalog(|_| Ok((vec![link], ()))).is_err()
+                        || store.commit_ops(vec![link]).is_err()
                     {
                         return a;
                     }
@@ -258,7 +258,7 @@ fn mixed_workload(sim: &SimStorage) -> Acked {
                         tag: "t0".into(),
                         digest: md.clone(),
                     };
-                    if store.catalog().commit(vec![op]).is_err() {
+                    if store.commit_ops(vec![op]).is_err() {
                         return a;
                     }
                     a.tags.insert(key, md);
@@ -282,7 +282,7 @@ fn mixed_workload(sim: &SimStorage) -> Acked {
                         repo: repo.clone(),
                         digest: md,
                     };
-                    if store.catalog().commit(vec![op]).is_err() {
+                    if store.commit_ops(vec![op]).is_err() {
                         return a;
                     }
                     for k in gone {

@@ -94,7 +94,7 @@ fn write_fixture() {
         tag: "v1".into(),
         digest: md,
     });
-    store.commit_catalog(|_| Ok((ops, ()))).expect("catalog");
+    store.commit_ops(ops).expect("catalog");
     store.close().expect("close");
     let _ = std::fs::remove_file(dir.join("LOCK"));
 }

@@ -18,7 +18,7 @@ fn link(store: &Store, repo: &str, d: &Digest, at: u64) {
         digest: d.clone(),
         at,
     };
-    store.commit_catalog(|_| Ok((vec![op], ()))).expect("link");
+    store.commit_ops(vec![op]).expect("link");
 }
 
 /// Publishes `blob` under `repo:tag` through a stored manifest that references it, as a push
@@ -223,7 +223,7 @@ fn gc_online_with_concurrent_pushes_pulls_and_deletes() {
                         repo: repo.clone(),
                         digest: md,
                     };
-                    store.catalog().commit(vec![op]).expect("delete");
+                    store.commit_ops(vec![op]).expect("delete");
                 }
                 i += 1;
             }

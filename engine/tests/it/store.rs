@@ -357,7 +357,7 @@ fn health_reports_a_poisoned_store_or_catalog() {
                 digest,
                 at: 0,
             };
-            assert!(store.commit_catalog(|_| Ok((vec![op], ()))).is_err());
+            assert!(store.commit_ops(vec![op]).is_err());
         } else {
             assert!(store.put_blob(b"second", None).is_err());
         }
@@ -389,7 +389,7 @@ fn repair_salvages_records_after_damage_and_quarantines_the_rest() {
                 digest: d.clone(),
                 at: ballast_engine::clock::now_secs(),
             };
-            store.commit_catalog(|_| Ok((vec![op], ()))).expect("link");
+            store.commit_ops(vec![op]).expect("link");
         }
         store.close().expect("close");
     }
@@ -415,7 +415,7 @@ fn repair_salvages_records_after_damage_and_quarantines_the_rest() {
     .expect("a damaged sealed segment is salvaged");
     assert_eq!(store.read_blob(&db).expect("b survives"), b);
     let report = verify::fsck(&store, &|_, _, _| {});
-    let codes: Vec<&str> = report.findings.iter().map(|f| f.code).collect();
+    let codes: Vec<&str> = report.findings.iter().map(|f| f.code.as_str()).collect();
     assert!(codes.contains(&"record_corrupt"), "{codes:?}");
     assert!(
         report

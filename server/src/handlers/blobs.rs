@@ -153,33 +153,25 @@ fn stream(reader: BlobReader, parts: Vec<Part>, len: u64) -> ResBody {
 pub async fn delete(app: &App, name: &str, digest: &str) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let digest = parse_digest(digest)?;
-    let catalog = app.store.catalog().clone();
+    let store = app.store.clone();
     let (n, d) = (name.to_owned(), digest.clone());
     blocking(move || {
-        catalog
-            .commit_with(|state| {
-                if !state
-                    .repos
-                    .get(&n)
-                    .is_some_and(|r| r.blobs.contains_key(&d))
-                {
-                    return Err(EngineError::NotFound(format!("blob {d} in {n}")));
-                }
-                Ok((
-                    vec![Op::UnlinkBlob {
-                        repo: n.clone(),
-                        digest: d.clone(),
-                    }],
-                    (),
-                ))
-            })
-            .map_err(|e| match e {
-                EngineError::NotFound(_) => ApiError::BlobUnknown(format!(
-                    "blob {digest} is not in repository {name_owned}",
-                    name_owned = n
-                )),
-                other => ApiError::from_engine(other),
-            })
+        store.commit_catalog(|state| {
+            if !state
+                .repos
+                .get(&n)
+                .is_some_and(|r| r.blobs.contains_key(&d))
+            {
+                return Err(ApiError::BlobUnknown(format!(
+                    "blob {d} is not in repository {n}"
+                )));
+            }
+            let op = Op::UnlinkBlob {
+                repo: n.clone(),
+                digest: d.clone(),
+            };
+            Ok((vec![op], ()))
+        })
     })
     .await?;
     Ok(reply(StatusCode::ACCEPTED).empty())

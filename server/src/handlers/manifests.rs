@@ -349,26 +349,23 @@ pub async fn put(
     let store = app.store.clone();
     let (repo, d, t) = (name.to_owned(), digest.clone(), tags.clone());
     blocking(move || {
-        let mut failure = None;
         // Through the store: the manifest blob is pinned against a running collection.
-        let result = store.commit_catalog(|state| {
+        store.commit_catalog(|state| {
             // Checked under the commit lock, so a concurrent delete cannot slip in between.
             let r = state.repos.get(&repo);
             let has_blob = |x: &Digest| {
                 r.is_some_and(|r| r.blobs.contains_key(x) || r.manifests.contains_key(x))
             };
             if let Some(missing) = analyzed.blobs.iter().find(|x| !has_blob(x)) {
-                failure = Some(ApiError::ManifestBlobUnknown(format!(
+                return Err(ApiError::ManifestBlobUnknown(format!(
                     "blob {missing} is not in repository {repo}; push it first"
                 )));
-                return Err(EngineError::NotFound(missing.to_string()));
             }
             let has_manifest = |x: &Digest| r.is_some_and(|r| r.manifests.contains_key(x));
             if let Some(missing) = analyzed.children.iter().find(|x| !has_manifest(x)) {
-                failure = Some(ApiError::ManifestUnknown(format!(
+                return Err(ApiError::ManifestUnknown(format!(
                     "manifest {missing} is not in repository {repo}; push it first"
                 )));
-                return Err(EngineError::NotFound(missing.to_string()));
             }
             let mut ops = vec![Op::PutManifest {
                 repo: repo.clone(),
@@ -381,12 +378,7 @@ pub async fn put(
                 digest: d.clone(),
             }));
             Ok((ops, ()))
-        });
-        match (result, failure) {
-            (Ok(()), _) => Ok(()),
-            (Err(_), Some(f)) => Err(f),
-            (Err(e), None) => Err(ApiError::from_engine(e)),
-        }
+        })
     })
     .await?;
 
@@ -405,37 +397,26 @@ pub async fn put(
 pub async fn delete(app: &App, name: &str, reference: &str) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let reference = parse_existing_reference(reference)?;
-    let catalog = app.store.catalog().clone();
+    let store = app.store.clone();
     let repo = name.to_owned();
     blocking(move || {
-        let mut failure = None;
-        let result = catalog.commit_with(|state| {
-            let op = match resolve(state, &repo, &reference) {
-                Err(e) => {
-                    failure = Some(match e {
-                        ApiError::NameUnknown(m) => ApiError::ManifestUnknown(m),
-                        other => other,
-                    });
-                    return Err(EngineError::NotFound(repo.clone()));
-                }
-                Ok((digest, _)) => match &reference {
-                    Reference::Tag(t) => Op::Untag {
-                        repo: repo.clone(),
-                        tag: t.clone(),
-                    },
-                    Reference::Digest(_) => Op::DeleteManifest {
-                        repo: repo.clone(),
-                        digest,
-                    },
+        store.commit_catalog(|state| {
+            let (digest, _) = resolve(state, &repo, &reference).map_err(|e| match e {
+                ApiError::NameUnknown(m) => ApiError::ManifestUnknown(m),
+                other => other,
+            })?;
+            let op = match &reference {
+                Reference::Tag(t) => Op::Untag {
+                    repo: repo.clone(),
+                    tag: t.clone(),
+                },
+                Reference::Digest(_) => Op::DeleteManifest {
+                    repo: repo.clone(),
+                    digest,
                 },
             };
             Ok((vec![op], ()))
-        });
-        match (result, failure) {
-            (Ok(()), _) => Ok(()),
-            (Err(_), Some(f)) => Err(f),
-            (Err(e), None) => Err(ApiError::from_engine(e)),
-        }
+        })
     })
     .await?;
     Ok(reply(StatusCode::ACCEPTED).empty())

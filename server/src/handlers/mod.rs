@@ -110,10 +110,7 @@ async fn admin_gc(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody
     };
     let store = app.store.clone();
     let report = blocking(move || {
-        ballast_engine::gc::collect(&store, &opts, crate::now_secs()).map_err(|e| match e {
-            ballast_engine::Error::Invalid { what: "gc", reason } => ApiError::Busy(reason),
-            other => ApiError::from_engine(other),
-        })
+        ballast_engine::gc::collect(&store, &opts, crate::now_secs()).map_err(ApiError::from)
     })
     .await?;
     tracing::info!(

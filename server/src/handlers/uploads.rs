@@ -4,7 +4,7 @@
 use ballast_engine::catalog::Op;
 use ballast_engine::io::{FileHandle, WritebackHints};
 use ballast_engine::uploads::SessionMeta;
-use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Error as EngineError};
+use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Error as EngineError, Input};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_RANGE, LOCATION, RANGE};
@@ -119,14 +119,12 @@ async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), ApiError> {
     };
     let d = digest.clone();
     blocking(move || {
-        store
-            .commit_catalog(|_| Ok((vec![op], ())))
-            .map_err(|e| match e {
-                EngineError::NotFound(_) => ApiError::BlobUnknown(format!(
+        store.commit_ops(vec![op]).map_err(|e| match e {
+            EngineError::NotFound(_) => ApiError::BlobUnknown(format!(
                 "blob {d} is not stored (it may just have been garbage-collected); upload it again"
             )),
-                other => ApiError::from_engine(other),
-            })
+            other => ApiError::from_engine(other),
+        })
     })
     .await
 }
@@ -137,9 +135,11 @@ async fn session_len(app: &App, name: &str, id: &str) -> Result<u64, ApiError> {
     let session = id.to_owned();
     let (meta, len) = blocking(move || {
         uploads.status(&session).map_err(|e| match e {
-            EngineError::NotFound(_) | EngineError::Invalid { .. } => {
-                ApiError::BlobUploadUnknown(format!("upload {session} is not known"))
-            }
+            EngineError::NotFound(_)
+            | EngineError::InvalidInput {
+                what: Input::UploadId,
+                ..
+            } => ApiError::BlobUploadUnknown(format!("upload {session} is not known")),
             other => ApiError::from_engine(other),
         })
     })
