@@ -1,7 +1,10 @@
 //! The API's errors: each variant's OCI error code and HTTP status, in one table.
 
 use bytes::Bytes;
-use hyper::StatusCode;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+
+use crate::body::{self, ResBody};
 
 use ballast_engine::{Error as EngineError, Input};
 
@@ -119,4 +122,24 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         ApiError::from_engine(e)
     }
+}
+
+/// Turns an error into its JSON response.
+pub fn response(e: &ApiError) -> Response<ResBody> {
+    let (code, status) = e.code_and_status();
+    if status.is_server_error() {
+        tracing::error!(code, error = %e, "request failed");
+    }
+    let body = e.body();
+    let mut res = Response::new(body::full(body.clone()));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    res.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    res
 }

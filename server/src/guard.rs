@@ -1,40 +1,40 @@
-//! What stands around every request: the authorization check before the handler, the audit
-//! lines after it, and the token endpoint.
+//! What stands around every request: the endpoint table's answer, the authorization check
+//! before the handler, the audit lines after it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 
 use crate::audit::Event;
 use crate::auth::{Access, Denial, Need};
 use crate::body::ResBody;
 use crate::error::ApiError;
-use crate::handlers::{self, first, parse_form, query, reply};
-use crate::routes::{route, Route};
+use crate::handlers::{self, first, query};
+use crate::routes::{resolve, Audit, AuditKind, Endpoint, Resolved, Route};
 use crate::App;
 
-/// Largest token request body (an OAuth2 form), in bytes.
-const TOKEN_FORM_MAX: usize = 64 << 10;
-
-/// Serves one request: token endpoint, or authorization, handler and audit.
+/// Serves one request: resolved in the endpoint table, authorized, handled, audited.
 pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResBody> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    let Some(r) = route(&path) else {
-        return crate::error_response(&ApiError::NotFound(format!("no endpoint at {path}")));
+    let (d, r, allowed) = match resolve(&method, &path) {
+        Resolved::NotFound => {
+            return crate::error::response(&ApiError::NotFound(format!("no endpoint at {path}")))
+        }
+        Resolved::MethodNotAllowed(d, r) => (d, r, false),
+        Resolved::Found(d, r) => (d, r, true),
     };
-    if r == Route::Token {
-        return token(app, peer, req).await;
+    if allowed && d.endpoint == Endpoint::Token {
+        return handlers::token(app, peer, req).await;
     }
-    let need = handlers::need(&method, &r);
+    let need = handlers::need(d, &r);
     // A name that cannot exist is refused before anything echoes it (the challenge's scope).
     if let Need::Repo(name, _) = &need {
         if let Err(e) = ballast_engine::names::validate_repo(name) {
-            return crate::error_response(&ApiError::NameInvalid(e.to_string()));
+            return crate::error::response(&ApiError::NameInvalid(e.to_string()));
         }
     }
     // (Only challenges use the host; the hot path without authentication skips it.)
@@ -47,12 +47,20 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         Ok(a) => a,
         Err(d) => return denied(app, d).await,
     };
-    let plan = Plan::before(app, &method, &r, &req, &access, peer);
-    let (mut res, failure) = match handlers::dispatch(app, &access, &path, r, req).await {
+    if !allowed {
+        return crate::error::response(&ApiError::MethodNotAllowed(format!(
+            "{method} is not allowed on {path}"
+        )));
+    }
+    let plan = match d.audit {
+        Audit::Change(kind) => Plan::before(app, kind, &r, &req, &access, peer),
+        Audit::Read | Audit::AtEnd(_) => None,
+    };
+    let (mut res, failure) = match handlers::dispatch(app, &access, d.endpoint, r, req).await {
         Ok(res) => (res, None),
         Err(e) => {
             let (code, _) = e.code_and_status();
-            (crate::error_response(&e), Some(format!("{code}: {e}")))
+            (crate::error::response(&e), Some(format!("{code}: {e}")))
         }
     };
     if let Some(plan) = plan {
@@ -76,8 +84,8 @@ fn host(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// Answers a denial, with its challenge or Retry-After, and audits it.
-async fn denied(app: &App, d: Denial) -> Response<ResBody> {
-    let mut res = crate::error_response(&d.error);
+pub(crate) async fn denied(app: &App, d: Denial) -> Response<ResBody> {
+    let mut res = crate::error::response(&d.error);
     if let Some(c) = d.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
         res.headers_mut().insert(WWW_AUTHENTICATE, c);
     }
@@ -89,41 +97,6 @@ async fn denied(app: &App, d: Denial) -> Response<ResBody> {
         app.audit.record(e).await;
     }
     res
-}
-
-/// `GET /token` (Basic credentials or none) and `POST /token` (OAuth2 password grant).
-async fn token(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResBody> {
-    let mut params = query(&req);
-    let headers = req.headers().clone();
-    match *req.method() {
-        Method::GET => {}
-        Method::POST => {
-            let body = http_body_util::Limited::new(req.into_body(), TOKEN_FORM_MAX);
-            let form =
-                match tokio::time::timeout(app.config.body_idle_timeout(), body.collect()).await {
-                    Ok(Ok(b)) => b.to_bytes(),
-                    _ => {
-                        return crate::error_response(&ApiError::Unsupported(format!(
-                        "the token request body must be a form of at most {TOKEN_FORM_MAX} bytes"
-                    )))
-                    }
-                };
-            for (k, v) in parse_form(&String::from_utf8_lossy(&form)) {
-                params.entry(k).or_default().extend(v);
-            }
-        }
-        ref m => {
-            return crate::error_response(&ApiError::MethodNotAllowed(format!(
-                "{m} is not allowed on /token"
-            )))
-        }
-    }
-    match app.auth.issue(&headers, &params, peer.ip()).await {
-        Ok(body) => reply(StatusCode::OK)
-            .header(hyper::header::CACHE_CONTROL, "no-store")
-            .json(&body),
-        Err(d) => denied(app, d).await,
-    }
 }
 
 /// What to audit about a mutating request, prepared before it runs (what a tag pointed at
@@ -152,18 +125,15 @@ enum Kind {
 impl Plan {
     fn before(
         app: &App,
-        method: &Method,
+        kind: AuditKind,
         r: &Route<'_>,
         req: &Request<Incoming>,
         access: &Access,
         peer: SocketAddr,
     ) -> Option<Plan> {
-        // Reads are not audited: keep the hottest requests free of this work.
-        if matches!(*method, Method::GET | Method::HEAD) {
-            return None;
-        }
         let mut base = Event::new(access.actor(), "");
         base.client = Some(peer.ip().to_string());
+        base.repository = r.repository().map(str::to_owned);
         let target = |name: &str, tag: &str| {
             let cat = app.store.catalog().read();
             cat.repos
@@ -171,8 +141,8 @@ impl Plan {
                 .and_then(|r| r.tags.get(tag))
                 .map(|d| d.to_string())
         };
-        let (name, kind) = match (method, r) {
-            (&Method::PUT, Route::Manifest { name, reference }) => {
+        let kind = match (kind, r) {
+            (AuditKind::ManifestPut, Route::Manifest { name, reference }) => {
                 let q = query(req);
                 let mut tags: Vec<String> = q.get("tag").cloned().unwrap_or_default();
                 if !reference.contains(':') {
@@ -189,55 +159,55 @@ impl Plan {
                 if reference.contains(':') {
                     base.digest = Some((*reference).to_owned());
                 }
-                (name, Kind::ManifestPut { tags })
+                Kind::ManifestPut { tags }
             }
-            (&Method::DELETE, Route::Manifest { name, reference }) => {
+            (AuditKind::ManifestDelete, Route::Manifest { name, reference }) => {
                 if reference.contains(':') {
                     base.digest = Some((*reference).to_owned());
-                    (name, Kind::ManifestDelete { tag: None })
+                    Kind::ManifestDelete { tag: None }
                 } else {
                     let before = target(name, reference);
-                    let tag = Some(((*reference).to_owned(), before));
-                    (name, Kind::ManifestDelete { tag })
+                    Kind::ManifestDelete {
+                        tag: Some(((*reference).to_owned(), before)),
+                    }
                 }
             }
-            (&Method::POST, Route::UploadStart { name }) => {
+            (AuditKind::UploadStart, _) => {
                 let q = query(req);
                 if let Some(m) = first(&q, "mount") {
                     base.digest = Some(m.to_owned());
-                    (
-                        name,
-                        Kind::Mount {
-                            from: first(&q, "from").map(str::to_owned),
-                        },
-                    )
+                    Kind::Mount {
+                        from: first(&q, "from").map(str::to_owned),
+                    }
                 } else if let Some(d) = first(&q, "digest") {
                     base.digest = Some(d.to_owned());
-                    (name, Kind::Upload)
+                    Kind::Upload
                 } else {
+                    // A session starts: nothing changed yet.
                     return None;
                 }
             }
-            (&Method::PUT, Route::Upload { name, .. }) => {
+            (AuditKind::UploadFinish, _) => {
                 base.digest = first(&query(req), "digest").map(str::to_owned);
-                (name, Kind::Upload)
+                Kind::Upload
             }
-            (&Method::DELETE, Route::Upload { name, .. }) => (name, Kind::UploadCancel),
-            (&Method::DELETE, Route::Blob { name, digest }) => {
+            (AuditKind::UploadCancel, _) => Kind::UploadCancel,
+            (AuditKind::BlobDelete, Route::Blob { digest, .. }) => {
                 base.digest = Some((*digest).to_owned());
-                (name, Kind::BlobDelete)
+                Kind::BlobDelete
             }
-            (&Method::POST, Route::AdminGc) => {
+            (AuditKind::Gc, _) => {
                 base.action = "gc.run".into();
                 base.reason = req.uri().query().map(|q| format!("on request: {q}"));
-                return Some(Plan {
-                    base,
-                    kind: Kind::Gc,
-                });
+                Kind::Gc
             }
-            _ => return None,
+            (kind, r) => {
+                // The table pairs each kind with its path; should it not, say so in the
+                // log rather than drop the line silently.
+                tracing::error!(?kind, ?r, "no audit plan for this endpoint");
+                return None;
+            }
         };
-        base.repository = Some((*name).to_owned());
         Some(Plan { base, kind })
     }
 

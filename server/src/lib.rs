@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -11,6 +12,7 @@ mod handlers;
 pub mod logbuf;
 pub mod routes;
 mod tls;
+pub mod warm;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ballast_engine::{Options, Store};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::CONTENT_LENGTH;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -30,8 +32,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::ResBody;
+pub use crate::cache::{CachedManifest, ManifestCache};
 pub use crate::config::Config;
-use crate::error::ApiError;
+pub use crate::warm::WarmUploads;
 
 /// What every handler shares.
 pub struct App {
@@ -48,113 +51,6 @@ pub struct App {
     pub auth: Arc<auth::Auth>,
     /// The audit log.
     pub audit: audit::Audit,
-}
-
-/// Blob writers of live upload sessions: a PATCH spools its bytes (durably, for restarts)
-/// and feeds them to the session's writer as well, so finishing the upload does not read and
-/// ingest the spool again. After a restart sessions are cold and finish from the spool.
-#[derive(Default)]
-pub struct WarmUploads {
-    writers:
-        parking_lot::Mutex<std::collections::HashMap<String, (ballast_engine::BlobWriter, u64)>>,
-}
-
-/// Most sessions with a warm writer at once (each may hold two threads and a chunk buffer).
-const WARM_UPLOADS_MAX: usize = 32;
-
-impl WarmUploads {
-    /// Takes the session's writer when it has seen exactly `len` bytes.
-    pub fn take(&self, id: &str, len: u64) -> Option<ballast_engine::BlobWriter> {
-        let mut w = self.writers.lock();
-        match w.remove(id) {
-            Some((writer, seen)) if seen == len => Some(writer),
-            _ => None,
-        }
-    }
-
-    /// Keeps a writer that has seen `len` bytes of the session.
-    pub fn put(&self, id: &str, writer: ballast_engine::BlobWriter, len: u64) {
-        let mut w = self.writers.lock();
-        if w.len() < WARM_UPLOADS_MAX {
-            w.insert(id.to_owned(), (writer, len));
-        }
-    }
-
-    /// True when another warm session fits.
-    pub fn has_room(&self) -> bool {
-        self.writers.lock().len() < WARM_UPLOADS_MAX
-    }
-
-    /// Forgets a session (cancelled, finished or expired).
-    pub fn forget(&self, id: &str) {
-        self.writers.lock().remove(id);
-    }
-
-    /// Ids of the sessions with a warm writer.
-    pub fn ids(&self) -> Vec<String> {
-        self.writers.lock().keys().cloned().collect()
-    }
-}
-
-/// A small cache of manifests: manifest GETs, the hottest request of a registry, are
-/// answered without touching the engine or the blocking pool, and without formatting the
-/// digest headers again.
-#[derive(Default)]
-pub struct ManifestCache {
-    entries: parking_lot::Mutex<(
-        std::collections::HashMap<ballast_engine::Digest, CachedManifest>,
-        usize,
-    )>,
-}
-
-/// A manifest's bytes and its ready-made `Docker-Content-Digest` and `ETag` values (cloning
-/// a `HeaderValue` shares its bytes).
-#[derive(Clone)]
-pub struct CachedManifest {
-    /// The exact pushed bytes.
-    pub bytes: bytes::Bytes,
-    /// `Docker-Content-Digest`.
-    pub digest: HeaderValue,
-    /// `ETag`: the digest in quotes.
-    pub etag: HeaderValue,
-}
-
-impl CachedManifest {
-    /// Builds the entry for a manifest's bytes.
-    pub fn new(digest: &ballast_engine::Digest, bytes: bytes::Bytes) -> CachedManifest {
-        let text = digest.to_string();
-        CachedManifest {
-            bytes,
-            // A digest is ASCII: these never fail.
-            digest: HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("")),
-            etag: HeaderValue::from_str(&format!("\"{text}\""))
-                .unwrap_or(HeaderValue::from_static("")),
-        }
-    }
-}
-
-/// Bytes of manifests kept in memory.
-const MANIFEST_CACHE_BYTES_MAX: usize = 64 << 20;
-
-impl ManifestCache {
-    /// A cached manifest.
-    pub fn get(&self, digest: &ballast_engine::Digest) -> Option<CachedManifest> {
-        self.entries.lock().0.get(digest).cloned()
-    }
-
-    /// Remembers a manifest; the cache starts over when it would exceed its budget.
-    pub fn put(&self, digest: ballast_engine::Digest, entry: CachedManifest) {
-        let mut e = self.entries.lock();
-        let len = entry.bytes.len();
-        if e.1 + len > MANIFEST_CACHE_BYTES_MAX {
-            e.0.clear();
-            e.1 = 0;
-        }
-        e.1 += len;
-        if let Some(old) = e.0.insert(digest, entry) {
-            e.1 -= old.bytes.len();
-        }
-    }
 }
 
 /// A running server.
@@ -434,24 +330,4 @@ async fn handle(
         .map_or("-", |a| a.0.as_str());
     tracing::info!(%peer, actor, %method, path, status, bytes, ms = %format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0), "request");
     Ok(res)
-}
-
-/// Turns an error into its JSON response.
-pub fn error_response(e: &ApiError) -> Response<ResBody> {
-    let (code, status) = e.code_and_status();
-    if status.is_server_error() {
-        tracing::error!(code, error = %e, "request failed");
-    }
-    let body = e.body();
-    let mut res = Response::new(body::full(body.clone()));
-    *res.status_mut() = status;
-    res.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    res.headers_mut().insert(
-        "Docker-Distribution-API-Version",
-        HeaderValue::from_static("registry/2.0"),
-    );
-    res.headers_mut()
-        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    res
 }

@@ -1,6 +1,12 @@
-//! The route table: which endpoint a request path names.
+//! The endpoint table: every endpoint of the server once, with the methods it takes, what a
+//! request to it needs to be allowed, and what the audit log records of it. Routing, the
+//! authorization check, dispatch and the audit plan all read it (`guard.rs`).
 
-/// An endpoint of the distribution API, with its path parameters.
+use hyper::Method;
+
+use crate::auth::Action;
+
+/// A path of the distribution API (and the server's own), with its parameters.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     /// `/v2/`
@@ -25,6 +31,316 @@ pub enum Route<'a> {
     AdminGc,
     /// `/token`: the token endpoint of the Docker token flow.
     Token,
+}
+
+/// Which path an endpoint serves (a [`Route`] without its parameters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    /// `/v2/`
+    Base,
+    /// `/v2/_catalog`
+    Catalog,
+    /// `/v2/<name>/tags/list`
+    Tags,
+    /// `/v2/<name>/manifests/<reference>`
+    Manifest,
+    /// `/v2/<name>/blobs/<digest>`
+    Blob,
+    /// `/v2/<name>/blobs/uploads/`
+    UploadStart,
+    /// `/v2/<name>/blobs/uploads/<id>`
+    Upload,
+    /// `/v2/<name>/referrers/<digest>`
+    Referrers,
+    /// `/healthz`
+    Health,
+    /// `/admin/gc`
+    AdminGc,
+    /// `/token`
+    Token,
+}
+
+impl Route<'_> {
+    /// The path this route is of.
+    pub fn kind(&self) -> PathKind {
+        match self {
+            Route::Base => PathKind::Base,
+            Route::Catalog => PathKind::Catalog,
+            Route::Tags { .. } => PathKind::Tags,
+            Route::Manifest { .. } => PathKind::Manifest,
+            Route::Blob { .. } => PathKind::Blob,
+            Route::UploadStart { .. } => PathKind::UploadStart,
+            Route::Upload { .. } => PathKind::Upload,
+            Route::Referrers { .. } => PathKind::Referrers,
+            Route::Health => PathKind::Health,
+            Route::AdminGc => PathKind::AdminGc,
+            Route::Token => PathKind::Token,
+        }
+    }
+
+    /// The repository the path names, if any.
+    pub fn repository(&self) -> Option<&str> {
+        match self {
+            Route::Tags { name }
+            | Route::Manifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::UploadStart { name }
+            | Route::Upload { name, .. }
+            | Route::Referrers { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+/// Every endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `GET|HEAD /v2/`: the API version check.
+    Base,
+    /// `GET|HEAD /healthz`.
+    Health,
+    /// `GET|POST /token`.
+    Token,
+    /// `POST /admin/gc`.
+    AdminGc,
+    /// `GET /v2/_catalog`.
+    Catalog,
+    /// `GET /v2/<name>/tags/list`.
+    Tags,
+    /// `GET /v2/<name>/referrers/<digest>`.
+    Referrers,
+    /// `GET|HEAD /v2/<name>/manifests/<reference>`.
+    ManifestGet,
+    /// `PUT /v2/<name>/manifests/<reference>`.
+    ManifestPut,
+    /// `DELETE /v2/<name>/manifests/<reference>`.
+    ManifestDelete,
+    /// `GET|HEAD /v2/<name>/blobs/<digest>`.
+    BlobGet,
+    /// `DELETE /v2/<name>/blobs/<digest>`.
+    BlobDelete,
+    /// `POST /v2/<name>/blobs/uploads/`: a session, a monolithic upload, or a mount.
+    UploadStart,
+    /// `PATCH /v2/<name>/blobs/uploads/<id>`.
+    UploadPatch,
+    /// `PUT /v2/<name>/blobs/uploads/<id>`.
+    UploadFinish,
+    /// `GET /v2/<name>/blobs/uploads/<id>`.
+    UploadStatus,
+    /// `DELETE /v2/<name>/blobs/uploads/<id>`.
+    UploadCancel,
+}
+
+/// What a request to an endpoint needs to be allowed (auth.rs decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requires {
+    /// Nothing (health checks, the token endpoint).
+    Nothing,
+    /// Any valid credentials or token.
+    Authenticated,
+    /// An action on the repository the path names.
+    Repo(Action),
+    /// The repository catalog (filtered by what the caller may pull).
+    Catalog,
+    /// The registry's admin endpoints.
+    Admin,
+}
+
+/// What the audit log records of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audit {
+    /// A read: not audited (the request log has it).
+    Read,
+    /// A change, audited as this kind (guard.rs builds its lines).
+    Change(AuditKind),
+    /// Part of a change that is audited at another endpoint: the bytes of a chunked upload
+    /// are audited when the upload finishes.
+    AtEnd(Endpoint),
+}
+
+/// The kinds of audited changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditKind {
+    /// `manifest.put`, and `tag.move` for each tag it moves.
+    ManifestPut,
+    /// `manifest.delete`, or `tag.delete` by tag.
+    ManifestDelete,
+    /// `blob.upload` (monolithic) or `blob.mount`; starting a session changes nothing.
+    UploadStart,
+    /// `blob.upload`.
+    UploadFinish,
+    /// `upload.cancel`.
+    UploadCancel,
+    /// `blob.delete`.
+    BlobDelete,
+    /// `gc.run`.
+    Gc,
+}
+
+/// One endpoint: its methods and path, what it requires, what is audited.
+#[derive(Debug)]
+pub struct Descriptor {
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+    /// The methods it answers.
+    pub methods: &'static [Method],
+    /// The path it serves.
+    pub path: PathKind,
+    /// What a request needs.
+    pub requires: Requires,
+    /// What the audit log records.
+    pub audit: Audit,
+}
+
+const GET: &[Method] = &[Method::GET];
+const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
+
+macro_rules! endpoint {
+    ($e:ident, $methods:expr, $path:ident, $requires:expr, $audit:expr) => {
+        Descriptor {
+            endpoint: Endpoint::$e,
+            methods: $methods,
+            path: PathKind::$path,
+            requires: $requires,
+            audit: $audit,
+        }
+    };
+}
+
+/// The table. For each path, the first endpoint listed also decides what a request with a
+/// method the path does not take needs before it is answered 405 (so a 405 tells an
+/// unauthorized caller nothing a 401 would not).
+pub static ENDPOINTS: &[Descriptor] = &[
+    endpoint!(Base, GET_HEAD, Base, Requires::Authenticated, Audit::Read),
+    endpoint!(Health, GET_HEAD, Health, Requires::Nothing, Audit::Read),
+    endpoint!(
+        Token,
+        &[Method::GET, Method::POST],
+        Token,
+        Requires::Nothing,
+        Audit::Read
+    ),
+    endpoint!(
+        AdminGc,
+        &[Method::POST],
+        AdminGc,
+        Requires::Admin,
+        Audit::Change(AuditKind::Gc)
+    ),
+    endpoint!(Catalog, GET, Catalog, Requires::Catalog, Audit::Read),
+    endpoint!(Tags, GET, Tags, Requires::Repo(Action::Pull), Audit::Read),
+    endpoint!(
+        Referrers,
+        GET,
+        Referrers,
+        Requires::Repo(Action::Pull),
+        Audit::Read
+    ),
+    endpoint!(
+        ManifestGet,
+        GET_HEAD,
+        Manifest,
+        Requires::Repo(Action::Pull),
+        Audit::Read
+    ),
+    endpoint!(
+        ManifestPut,
+        &[Method::PUT],
+        Manifest,
+        Requires::Repo(Action::Push),
+        Audit::Change(AuditKind::ManifestPut)
+    ),
+    endpoint!(
+        ManifestDelete,
+        &[Method::DELETE],
+        Manifest,
+        Requires::Repo(Action::Delete),
+        Audit::Change(AuditKind::ManifestDelete)
+    ),
+    endpoint!(
+        BlobGet,
+        GET_HEAD,
+        Blob,
+        Requires::Repo(Action::Pull),
+        Audit::Read
+    ),
+    endpoint!(
+        BlobDelete,
+        &[Method::DELETE],
+        Blob,
+        Requires::Repo(Action::Delete),
+        Audit::Change(AuditKind::BlobDelete)
+    ),
+    endpoint!(
+        UploadStart,
+        &[Method::POST],
+        UploadStart,
+        Requires::Repo(Action::Push),
+        Audit::Change(AuditKind::UploadStart)
+    ),
+    endpoint!(
+        UploadPatch,
+        &[Method::PATCH],
+        Upload,
+        Requires::Repo(Action::Push),
+        Audit::AtEnd(Endpoint::UploadFinish)
+    ),
+    endpoint!(
+        UploadFinish,
+        &[Method::PUT],
+        Upload,
+        Requires::Repo(Action::Push),
+        Audit::Change(AuditKind::UploadFinish)
+    ),
+    endpoint!(
+        UploadStatus,
+        GET,
+        Upload,
+        Requires::Repo(Action::Push),
+        Audit::Read
+    ),
+    endpoint!(
+        UploadCancel,
+        &[Method::DELETE],
+        Upload,
+        Requires::Repo(Action::Push),
+        Audit::Change(AuditKind::UploadCancel)
+    ),
+];
+
+/// What a request resolves to.
+pub enum Resolved<'a> {
+    /// No endpoint has this path.
+    NotFound,
+    /// The path exists, not with this method: answered 405 once the caller passes what the
+    /// path's first endpoint requires.
+    MethodNotAllowed(&'static Descriptor, Route<'a>),
+    /// The endpoint and the path's parameters.
+    Found(&'static Descriptor, Route<'a>),
+}
+
+/// Resolves a request to its endpoint.
+pub fn resolve<'a>(method: &Method, path: &'a str) -> Resolved<'a> {
+    let Some(r) = route(path) else {
+        return Resolved::NotFound;
+    };
+    let kind = r.kind();
+    let mut of_path = ENDPOINTS.iter().filter(|d| d.path == kind).peekable();
+    let Some(&first) = of_path.peek() else {
+        return Resolved::NotFound;
+    };
+    match of_path.find(|d| d.methods.contains(method)) {
+        Some(d) => Resolved::Found(d, r),
+        None => Resolved::MethodNotAllowed(first, r),
+    }
+}
+
+/// The descriptor of an endpoint.
+pub fn descriptor(e: Endpoint) -> &'static Descriptor {
+    ENDPOINTS
+        .iter()
+        .find(|d| d.endpoint == e)
+        .unwrap_or(&ENDPOINTS[0])
 }
 
 /// Resolves a request path. Repository names may contain `/`, and even path components such
@@ -78,6 +394,74 @@ pub fn route(path: &str) -> Option<Route<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every endpoint that can change something is audited (or audited where its change
+    /// ends), and every endpoint is in the table once.
+    #[test]
+    fn every_mutating_endpoint_has_an_audit_kind() {
+        let mut seen = std::collections::HashSet::new();
+        for d in ENDPOINTS {
+            assert!(seen.insert(d.endpoint), "{:?} listed twice", d.endpoint);
+            // (POST /token asks for a token and changes nothing; auth.rs audits its failed
+            // logins.)
+            let mutates = d
+                .methods
+                .iter()
+                .any(|m| !matches!(*m, Method::GET | Method::HEAD))
+                && d.endpoint != Endpoint::Token;
+            match d.audit {
+                Audit::Read => assert!(
+                    !mutates,
+                    "{:?} changes things but is not audited",
+                    d.endpoint
+                ),
+                Audit::Change(_) => assert!(mutates, "{:?} is a read", d.endpoint),
+                Audit::AtEnd(e) => assert!(
+                    matches!(descriptor(e).audit, Audit::Change(_)) && descriptor(e).path == d.path,
+                    "{:?} defers to {e:?}, which audits nothing on its path",
+                    d.endpoint
+                ),
+            }
+            // Two endpoints of a path never share a method.
+            for other in ENDPOINTS
+                .iter()
+                .filter(|o| o.path == d.path && o.endpoint != d.endpoint)
+            {
+                assert!(
+                    !d.methods.iter().any(|m| other.methods.contains(m)),
+                    "{:?} and {:?} share a method",
+                    d.endpoint,
+                    other.endpoint
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn resolves_methods_on_paths() {
+        let found = |m: Method, p: &str| match resolve(&m, p) {
+            Resolved::Found(d, _) => Some(d.endpoint),
+            _ => None,
+        };
+        assert_eq!(
+            found(Method::HEAD, "/v2/a/manifests/v1"),
+            Some(Endpoint::ManifestGet)
+        );
+        assert_eq!(
+            found(Method::PUT, "/v2/a/manifests/v1"),
+            Some(Endpoint::ManifestPut)
+        );
+        assert_eq!(
+            found(Method::PATCH, "/v2/a/blobs/uploads/x"),
+            Some(Endpoint::UploadPatch)
+        );
+        assert_eq!(found(Method::POST, "/token"), Some(Endpoint::Token));
+        assert!(matches!(
+            resolve(&Method::PATCH, "/v2/a/manifests/v1"),
+            Resolved::MethodNotAllowed(d, _) if d.endpoint == Endpoint::ManifestGet
+        ));
+        assert!(matches!(resolve(&Method::GET, "/v3/x"), Resolved::NotFound));
+    }
 
     #[test]
     fn table() {

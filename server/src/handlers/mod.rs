@@ -3,6 +3,7 @@
 mod blobs;
 mod listing;
 mod manifests;
+mod token;
 mod uploads;
 
 use std::collections::BTreeMap;
@@ -12,81 +13,78 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::auth::{Access, Action, Need};
+use crate::auth::{Access, Need};
 use crate::body::{self, ResBody};
 use crate::error::ApiError;
-use crate::routes::Route;
+use crate::routes::{Descriptor, Endpoint, Requires, Route};
 use crate::App;
 
 pub use manifests::validate as validate_manifest;
+pub use token::token;
 
-/// What a request needs to be allowed (see auth.rs).
-pub fn need(method: &Method, r: &Route<'_>) -> Need {
-    let repo = |name: &str, a| Need::Repo(name.to_owned(), a);
-    match (method, r) {
-        (_, Route::Health | Route::Token) => Need::Nothing,
-        (_, Route::Base) => Need::Authenticated,
-        (_, Route::Catalog) => Need::Catalog,
-        (_, Route::AdminGc) => Need::Admin,
-        (&Method::DELETE, Route::Manifest { name, .. } | Route::Blob { name, .. }) => {
-            repo(name, Action::Delete)
-        }
-        (_, Route::UploadStart { name } | Route::Upload { name, .. }) => repo(name, Action::Push),
-        (&Method::PUT, Route::Manifest { name, .. }) => repo(name, Action::Push),
-        (
-            _,
-            Route::Tags { name }
-            | Route::Referrers { name, .. }
-            | Route::Manifest { name, .. }
-            | Route::Blob { name, .. },
-        ) => repo(name, Action::Pull),
+/// What a request to endpoint `d` at route `r` needs to be allowed (auth.rs decides).
+pub fn need(d: &Descriptor, r: &Route<'_>) -> Need {
+    match (d.requires, r.repository()) {
+        (Requires::Nothing, _) => Need::Nothing,
+        (Requires::Authenticated, _) => Need::Authenticated,
+        (Requires::Catalog, _) => Need::Catalog,
+        (Requires::Admin, _) => Need::Admin,
+        (Requires::Repo(a), Some(name)) => Need::Repo(name.to_owned(), a),
+        // (The table never pairs a repository action with a path without a repository.)
+        (Requires::Repo(_), None) => Need::Admin,
     }
 }
 
-/// Routes a request to its handler; `r` is the route of `path`, resolved by the caller.
+/// Calls the handler of an endpoint; `r` is the route its path resolved to.
 pub async fn dispatch(
     app: &App,
     access: &Access,
-    path: &str,
+    endpoint: Endpoint,
     r: Route<'_>,
     req: Request<Incoming>,
 ) -> Result<Response<ResBody>, ApiError> {
-    let method = req.method().clone();
-    match (&method, r) {
-        (&Method::GET | &Method::HEAD, Route::Base) => {
-            Ok(reply(StatusCode::OK).json(&serde_json::json!({})))
-        }
-        (&Method::GET | &Method::HEAD, Route::Health) => {
-            Ok(health(&app.store, app.auth.problems()))
-        }
-        (&Method::POST, Route::AdminGc) => admin_gc(app, &req).await,
-        (&Method::GET, Route::Catalog) => listing::catalog(app, access, &req),
-        (&Method::GET, Route::Tags { name }) => listing::tags(app, name, &req),
-        (&Method::GET, Route::Referrers { name, digest }) => {
+    let head = req.method() == Method::HEAD;
+    match (endpoint, r) {
+        (Endpoint::Base, _) => Ok(reply(StatusCode::OK).json(&serde_json::json!({}))),
+        (Endpoint::Health, _) => Ok(health(&app.store, app.auth.problems())),
+        (Endpoint::AdminGc, _) => admin_gc(app, &req).await,
+        (Endpoint::Catalog, _) => listing::catalog(app, access, &req),
+        (Endpoint::Tags, Route::Tags { name }) => listing::tags(app, name, &req),
+        (Endpoint::Referrers, Route::Referrers { name, digest }) => {
             listing::referrers(app, name, digest, &req).await
         }
-        (&Method::GET | &Method::HEAD, Route::Blob { name, digest }) => {
-            blobs::get(app, name, digest, &req, method == Method::HEAD).await
+        (Endpoint::BlobGet, Route::Blob { name, digest }) => {
+            blobs::get(app, name, digest, &req, head).await
         }
-        (&Method::DELETE, Route::Blob { name, digest }) => blobs::delete(app, name, digest).await,
-        (&Method::POST, Route::UploadStart { name }) => {
+        (Endpoint::BlobDelete, Route::Blob { name, digest }) => {
+            blobs::delete(app, name, digest).await
+        }
+        (Endpoint::UploadStart, Route::UploadStart { name }) => {
             uploads::start(app, access, name, req).await
         }
-        (&Method::PATCH, Route::Upload { name, id }) => uploads::patch(app, name, id, req).await,
-        (&Method::PUT, Route::Upload { name, id }) => uploads::finish(app, name, id, req).await,
-        (&Method::GET, Route::Upload { name, id }) => uploads::status(app, name, id).await,
-        (&Method::DELETE, Route::Upload { name, id }) => uploads::cancel(app, name, id).await,
-        (&Method::GET | &Method::HEAD, Route::Manifest { name, reference }) => {
-            manifests::get(app, name, reference, method == Method::HEAD).await
+        (Endpoint::UploadPatch, Route::Upload { name, id }) => {
+            uploads::patch(app, name, id, req).await
         }
-        (&Method::PUT, Route::Manifest { name, reference }) => {
+        (Endpoint::UploadFinish, Route::Upload { name, id }) => {
+            uploads::finish(app, name, id, req).await
+        }
+        (Endpoint::UploadStatus, Route::Upload { name, id }) => {
+            uploads::status(app, name, id).await
+        }
+        (Endpoint::UploadCancel, Route::Upload { name, id }) => {
+            uploads::cancel(app, name, id).await
+        }
+        (Endpoint::ManifestGet, Route::Manifest { name, reference }) => {
+            manifests::get(app, name, reference, head).await
+        }
+        (Endpoint::ManifestPut, Route::Manifest { name, reference }) => {
             manifests::put(app, name, reference, req).await
         }
-        (&Method::DELETE, Route::Manifest { name, reference }) => {
+        (Endpoint::ManifestDelete, Route::Manifest { name, reference }) => {
             manifests::delete(app, name, reference).await
         }
-        (m, _) => Err(ApiError::MethodNotAllowed(format!(
-            "{m} is not allowed on {path}"
+        (e, r) => Err(ApiError::Internal(format!(
+            "the endpoint table pairs {e:?} with {r:?}"
         ))),
     }
 }
@@ -150,7 +148,7 @@ impl Reply {
     pub fn body(self, body: ResBody) -> Response<ResBody> {
         self.0
             .body(body)
-            .unwrap_or_else(|e| crate::error_response(&ApiError::Internal(e.to_string())))
+            .unwrap_or_else(|e| crate::error::response(&ApiError::Internal(e.to_string())))
     }
     /// Finishes with a JSON body.
     pub fn json(self, value: &serde_json::Value) -> Response<ResBody> {
