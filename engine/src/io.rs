@@ -46,6 +46,9 @@ pub trait StorageFile: Send + Sync {
     /// A read-only map of the whole file, when the storage supports it. Only called on files
     /// that are never written again (see docs/unsafe.md).
     fn map(&self) -> io::Result<Option<Map>>;
+    /// When the file was last written, in seconds since the epoch (garbage collection keeps
+    /// segments younger than its grace period).
+    fn modified(&self) -> io::Result<u64>;
     /// Hints that the byte range will be synced soon: start writing it back. No durability
     /// promise; the default does nothing.
     fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
@@ -170,6 +173,10 @@ impl FileHandle {
     pub fn map(&self) -> Result<Option<Map>> {
         self.file.map().map_err(|e| Error::io(&self.path, e))
     }
+    /// See [`StorageFile::modified`].
+    pub fn modified(&self) -> Result<u64> {
+        self.file.modified().map_err(|e| Error::io(&self.path, e))
+    }
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, directory fsync.
@@ -184,6 +191,26 @@ pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<
     storage.sync_dir(dir).map_err(|e| Error::io(dir, e))
 }
 
+/// Removes the unfinished atomic writes (`*.tmp`, see [`write_atomic`]) left in `dir` by a
+/// crash; at open, before anything is written there.
+pub fn remove_unfinished_writes(storage: &dyn Storage, dir: &Path) -> Result<()> {
+    let names = match storage.list(dir) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut removed = false;
+    for name in names.iter().filter(|n| n.ends_with(".tmp")) {
+        let path = dir.join(name);
+        existed(&path, storage.remove(&path))?;
+        removed = true;
+    }
+    if removed {
+        storage.sync_dir(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
 /// The real file system.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealStorage;
@@ -191,6 +218,11 @@ pub struct RealStorage;
 struct RealFile(File);
 
 impl StorageFile for RealFile {
+    fn modified(&self) -> io::Result<u64> {
+        let t = self.0.metadata()?.modified()?;
+        Ok(t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()))
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(&self.0, buf, offset)
     }
@@ -310,6 +342,8 @@ struct SimState {
 struct SimInode {
     live: Vec<u8>,
     durable: Vec<u8>,
+    /// Last write, seconds since the epoch.
+    modified: u64,
 }
 
 fn crashed_err() -> io::Error {
@@ -380,6 +414,7 @@ impl SimStorage {
             let node = Arc::new(Mutex::new(SimInode {
                 live: bytes.clone(),
                 durable: bytes,
+                modified: inode.modified,
             }));
             live.insert(path.clone(), node);
         }
@@ -390,6 +425,13 @@ impl SimStorage {
                 durable,
                 ..SimState::default()
             })),
+        }
+    }
+
+    /// Sets when a file was last written (seconds since the epoch), for tests of ages.
+    pub fn set_modified(&self, path: &Path, secs: u64) {
+        if let Some(node) = self.state.lock().live.get(path) {
+            node.lock().modified = secs;
         }
     }
 
@@ -461,6 +503,7 @@ impl StorageFile for SimFile {
             node.live.resize(end, 0);
         }
         node.live[start..end].copy_from_slice(buf);
+        node.modified = crate::clock::now_secs();
         Ok(())
     }
     fn sync(&self) -> io::Result<()> {
@@ -476,11 +519,17 @@ impl StorageFile for SimFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.storage.check()?;
         let len = usize::try_from(len).map_err(io::Error::other)?;
-        self.inode.lock().live.resize(len, 0);
+        let mut node = self.inode.lock();
+        node.live.resize(len, 0);
+        node.modified = crate::clock::now_secs();
         Ok(())
     }
     fn map(&self) -> io::Result<Option<Map>> {
         Ok(None)
+    }
+    fn modified(&self) -> io::Result<u64> {
+        self.storage.check()?;
+        Ok(self.inode.lock().modified)
     }
 }
 

@@ -61,6 +61,7 @@ impl Uploads {
     /// Opens (creating) the sessions directory.
     pub fn open(storage: Arc<dyn Storage>, dir: &Path) -> Result<Uploads> {
         storage.create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::io::remove_unfinished_writes(storage.as_ref(), dir)?;
         Ok(Uploads {
             storage,
             dir: dir.to_path_buf(),

@@ -152,6 +152,9 @@ impl Store {
             storage.create_dir_all(d).map_err(io_err(d))?;
         }
         storage.sync_dir(dir).map_err(io_err(dir))?;
+        // (quarantine.tmp, removed-segments.tmp; the catalog, index and upload directories
+        // clear their own.)
+        crate::io::remove_unfinished_writes(storage.as_ref(), dir)?;
         let catalog = Arc::new(Catalog::open(storage.clone(), &dir.join("catalog"))?);
         let uploads = Uploads::open(storage.clone(), &dir.join("uploads"))?;
         let quarantine = crate::quarantine::Quarantine::load(storage.as_ref(), dir)?;

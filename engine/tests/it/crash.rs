@@ -85,12 +85,12 @@ fn power_cut_at_every_sync_point() {
 }
 
 /// Child mode of [`sigkill_writer_repeatedly`]: writes blobs forever, printing each one
-/// after its commit returned.
+/// after its commit returned. Runs only as that test's child process.
 #[test]
+#[ignore = "the child process of crash::sigkill_writer_repeatedly"]
 fn child_writer() {
-    let Ok(dir) = std::env::var("BALLAST_TEST_CHILD_DIR") else {
-        return;
-    };
+    let dir = std::env::var("BALLAST_TEST_CHILD_DIR")
+        .expect("run by crash::sigkill_writer_repeatedly, which sets BALLAST_TEST_CHILD_DIR");
     let start: u64 = std::env::var("BALLAST_TEST_CHILD_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -125,6 +125,7 @@ fn sigkill_writer_repeatedly() {
             .args([
                 "--exact",
                 "crash::child_writer",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])

@@ -572,3 +572,28 @@ fn verified_reads_without_the_crc_never_return_damaged_bytes() {
         "most flips land in chunk data and are caught"
     );
 }
+
+/// What a crash leaves of atomic writes (`*.tmp`) is removed at open, wherever the engine
+/// writes them: the data directory itself, the catalog, the index and the upload sessions.
+#[test]
+fn unfinished_atomic_writes_are_removed_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Store::open(dir.path(), Options::default()).expect("open"));
+    let leftovers = [
+        dir.path().join("quarantine.tmp"),
+        dir.path().join("removed-segments.tmp"),
+        dir.path()
+            .join("uploads")
+            .join("0123456789abcdef0123456789abcdef.tmp"),
+    ];
+    for p in &leftovers {
+        std::fs::write(p, b"half").expect("leftover");
+    }
+    let keep = dir.path().join("uploads").join("README");
+    std::fs::write(&keep, b"not ours").expect("other file");
+    drop(Store::open(dir.path(), Options::default()).expect("reopen"));
+    for p in &leftovers {
+        assert!(!p.exists(), "{} is still there", p.display());
+    }
+    assert!(keep.exists(), "only *.tmp files go");
+}
