@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
-use crossbeam_channel::{bounded, Sender};
+use std::sync::mpsc::{sync_channel as bounded, SyncSender as Sender};
 
 use crate::chunker::{Mode, Piece, StreamChunker};
 use crate::digest::{Algorithm, ChunkId, Digest, Hasher};

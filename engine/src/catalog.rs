@@ -461,11 +461,8 @@ impl Catalog {
 }
 
 fn new_journal(storage: &dyn Storage, dir: &Path, generation: u64) -> Result<Journal> {
-    let path = dir.join(journal_name(generation));
-    let file = FileHandle::open(storage, &path, OpenMode::Truncate)?;
-    file.write_all_at(&file_header(JOURNAL_MAGIC), 0)?;
-    file.sync()?;
-    storage.sync_dir(dir).map_err(io_err(dir))?;
+    let name = journal_name(generation);
+    let file = crate::io::create_with_header(storage, dir, &name, &file_header(JOURNAL_MAGIC))?;
     Ok(Journal {
         generation,
         file,

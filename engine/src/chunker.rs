@@ -361,15 +361,8 @@ mod tests {
     }
 
     pub(crate) fn seeded(len: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 32) as u8
-            })
-            .collect()
+        let mut rng = crate::testdata::XorShift::new(seed);
+        (0..len).map(|_| (rng.next() >> 32) as u8).collect()
     }
 
     /// The definition `scan` unrolls: one byte per step, tested after every byte.
@@ -502,30 +495,10 @@ mod tests {
 
     /// A minimal ustar archive for tests.
     pub(crate) fn test_tar(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (name, data) in files {
-            out.extend_from_slice(&tar_header(name, data.len() as u64, 0));
-            out.extend_from_slice(data);
-            out.resize(out.len().div_ceil(512) * 512, 0);
-        }
-        out.resize(out.len() + 1024, 0);
-        out
+        crate::testdata::tar(files, 0)
     }
 
-    pub(crate) fn tar_header(name: &str, size: u64, mtime: u64) -> [u8; 512] {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..107].copy_from_slice(b"0000644");
-        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
-        h[136..147].copy_from_slice(format!("{mtime:011o}").as_bytes());
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].fill(b' ');
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        h
-    }
+    use crate::testdata::tar_header;
 
     #[test]
     fn tar_header_parsing() {

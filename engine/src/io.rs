@@ -191,6 +191,21 @@ pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<
     storage.sync_dir(dir).map_err(|e| Error::io(dir, e))
 }
 
+/// Creates `dir/name` (replacing what is there) holding `header`, durable with its directory
+/// entry: how a new segment or journal starts.
+pub fn create_with_header(
+    storage: &dyn Storage,
+    dir: &Path,
+    name: &str,
+    header: &[u8],
+) -> Result<FileHandle> {
+    let file = FileHandle::open(storage, &dir.join(name), OpenMode::Truncate)?;
+    file.write_all_at(header, 0)?;
+    file.sync()?;
+    storage.sync_dir(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(file)
+}
+
 /// Removes the unfinished atomic writes (`*.tmp`, see [`write_atomic`]) left in `dir` by a
 /// crash; at open, before anything is written there.
 pub fn remove_unfinished_writes(storage: &dyn Storage, dir: &Path) -> Result<()> {
@@ -292,7 +307,6 @@ impl Storage for RealStorage {
         Ok(names)
     }
     fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>> {
-        use fs2::FileExt as _;
         let path = dir.join("LOCK");
         let mut file = OpenOptions::new()
             .mode(FILE_MODE)
@@ -302,7 +316,7 @@ impl Storage for RealStorage {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        if file.try_lock_exclusive().is_err() {
+        if file.try_lock().is_err() {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = match holder.trim() {
@@ -388,7 +402,8 @@ impl SimStorage {
     pub fn crash_image(&self, torn_seed: Option<u64>) -> SimStorage {
         let st = self.state.lock();
         let mut live = HashMap::new();
-        let mut rng = torn_seed.unwrap_or(0) | 1;
+        let mut rng = crate::testdata::XorShift::new(torn_seed.unwrap_or(0) | 1);
+        let mut last = 0;
         for (path, inode) in &st.durable {
             let inode = inode.lock();
             let mut bytes = inode.durable.clone();
@@ -397,18 +412,16 @@ impl SimStorage {
                 bytes.extend_from_slice(&inode.live[start..]);
                 let mut page = start;
                 while page < bytes.len() {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
+                    last = rng.next();
                     let end = ((page / 4096) + 1) * 4096;
                     let end = end.min(bytes.len());
-                    if rng.is_multiple_of(3) {
+                    if last.is_multiple_of(3) {
                         bytes[page..end].fill(0);
                     }
                     page = end;
                 }
                 // A torn tail is usually cut short too.
-                let keep = start + (rng as usize % (bytes.len() - start + 1));
+                let keep = start + (last as usize % (bytes.len() - start + 1));
                 bytes.truncate(keep);
             }
             let node = Arc::new(Mutex::new(SimInode {

@@ -72,12 +72,6 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<
 /// `posix_fadvise(POSIX_FADV_DONTNEED)`), so the next read comes from the disk. Pages still
 /// dirty or mapped stay; callers sync and unmap first. Used by `ballast bench` for cold reads.
 pub(crate) fn drop_page_cache(file: &File) -> io::Result<()> {
-    // SAFETY: plain syscall on a file descriptor that `file` keeps open for the duration of
-    // the call; no memory is passed.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
+    // rustix's safe wrapper: no `unsafe` site of our own for it.
+    rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).map_err(io::Error::from)
 }

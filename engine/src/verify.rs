@@ -362,52 +362,42 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 );
                 continue;
             }
-            for (key, loc) in file
-                .iter(Table::Chunks)
-                .filter(|(_, l)| present.contains(&l.segment))
-                .filter(|(_, l)| !quarantine.is_damaged(l.segment, l.offset))
-            {
-                report.index_entries += 1;
-                if chunks_at.get(&(loc.segment, loc.offset)).map(|c| c.0) != Some(key) {
-                    error(
-                        &mut report,
-                        FindingCode::IndexMismatch,
-                        None,
-                        Some(file.path().to_path_buf()),
-                        None,
-                        format!(
-                            "chunk {} points at segment {} offset {}, which holds no such chunk",
-                            ChunkId(key),
-                            loc.segment,
-                            loc.offset
-                        ),
-                        HINT_REBUILD,
-                    );
-                }
-            }
-            for (key, loc) in file
-                .iter(Table::Blobs)
-                .filter(|(_, l)| present.contains(&l.segment))
-                .filter(|(_, l)| !quarantine.is_damaged(l.segment, l.offset))
-            {
-                report.index_entries += 1;
-                if recipes_at
-                    .get(&(loc.segment, loc.offset))
-                    .map(Digest::index_key)
-                    != Some(key)
+            // Each entry must point at a record holding what it names.
+            for table in [Table::Chunks, Table::Blobs] {
+                for (key, loc) in file
+                    .iter(table)
+                    .filter(|(_, l)| present.contains(&l.segment))
+                    .filter(|(_, l)| !quarantine.is_damaged(l.segment, l.offset))
                 {
-                    error(
-                        &mut report,
-                        FindingCode::IndexMismatch,
-                        None,
-                        Some(file.path().to_path_buf()),
-                        None,
-                        format!(
-                            "blob entry points at segment {} offset {}, which holds no such recipe",
-                            loc.segment, loc.offset
-                        ),
-                        HINT_REBUILD,
-                    );
+                    report.index_entries += 1;
+                    let at = (loc.segment, loc.offset);
+                    let holds = match table {
+                        Table::Chunks => chunks_at.get(&at).map(|c| c.0),
+                        Table::Blobs => recipes_at.get(&at).map(Digest::index_key),
+                    };
+                    if holds != Some(key) {
+                        let what = match table {
+                            Table::Chunks => format!("chunk {}", ChunkId(key)),
+                            Table::Blobs => "blob entry".to_owned(),
+                        };
+                        error(
+                            &mut report,
+                            FindingCode::IndexMismatch,
+                            None,
+                            Some(file.path().to_path_buf()),
+                            None,
+                            format!(
+                                "{what} points at segment {} offset {}, which holds no such {}",
+                                loc.segment,
+                                loc.offset,
+                                match table {
+                                    Table::Chunks => "chunk",
+                                    Table::Blobs => "recipe",
+                                }
+                            ),
+                            HINT_REBUILD,
+                        );
+                    }
                 }
             }
         }

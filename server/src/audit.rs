@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::Serialize;
+use std::sync::mpsc::{Receiver, SyncSender as Sender, TrySendError};
 
 /// Longest a request waits for its audit line to be durable.
 pub const WAIT: Duration = Duration::from_secs(1);
@@ -88,7 +88,7 @@ impl Audit {
     /// Opens (creating) the log at `path`, rotated beyond `bytes_max` keeping `keep` old files.
     pub fn open(path: &Path, bytes_max: u64, keep: u32) -> std::io::Result<Audit> {
         let file = open_append(path)?;
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             path: path.to_owned(),

@@ -5,7 +5,6 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use fs2::FileExt;
 
 use crate::audit::{self, Event};
 use crate::auth::accounts::{self, RobotsFile};
@@ -71,7 +70,7 @@ fn edit_lock(path: &Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&lock)
         .with_context(|| format!("opening {}", lock.display()))?;
-    f.lock_exclusive()
+    f.lock()
         .with_context(|| format!("locking {}", lock.display()))?;
     Ok(f)
 }

@@ -67,18 +67,11 @@ impl Store {
         };
         let new = self.append_locked(w, kind, flags, &[payload], loc.aux)?;
         let mut delta = self.inner.delta.write();
-        let mut pending = self.inner.pending.lock();
-        let queued = pending.by_segment.entry(new.segment).or_default();
         match table {
-            Table::Chunks => {
-                delta.chunks.insert(ChunkId(*key), new);
-                queued.0.push((*key, new));
-            }
-            Table::Blobs => {
-                delta.blobs.insert(*key, new);
-                queued.1.push((*key, new));
-            }
-        }
+            Table::Chunks => delta.chunks.insert(ChunkId(*key), new),
+            Table::Blobs => delta.blobs.insert(*key, new),
+        };
+        self.inner.pending.lock().queue(table, *key, new);
         Ok(RECORD_HEADER_LEN as u64 + payload.len() as u64)
     }
 

@@ -28,6 +28,17 @@ pub(crate) struct Pending {
     pub(crate) by_segment: BTreeMap<u64, SegmentEntries>,
 }
 
+impl Pending {
+    /// Queues an index entry for the index file of the segment `loc` is in.
+    pub(crate) fn queue(&mut self, table: Table, key: [u8; 32], loc: Location) {
+        let entries = self.by_segment.entry(loc.segment).or_default();
+        match table {
+            Table::Chunks => entries.0.push((key, loc)),
+            Table::Blobs => entries.1.push((key, loc)),
+        }
+    }
+}
+
 impl Store {
     /// Looks up where a chunk is stored.
     pub fn chunk_location(&self, id: &ChunkId) -> Option<Location> {

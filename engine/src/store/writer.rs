@@ -10,12 +10,12 @@ use bytes::Bytes;
 
 use crate::digest::ChunkId;
 use crate::error::{Error, Result};
-use crate::index::Location;
-use crate::io::{FileHandle, OpenMode, Storage, WritebackHints};
+use crate::index::{Location, Table};
+use crate::io::{create_with_header, FileHandle, Storage, WritebackHints};
 use crate::recipe::Recipe;
 use crate::segment::{
-    self, file_header, record_header, segment_path, RecordKind, FILE_HEADER_LEN, FLAG_ZSTD,
-    RECORD_HEADER_LEN, SEGMENT_MAGIC,
+    self, file_header, record_header, RecordKind, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN,
+    SEGMENT_MAGIC,
 };
 
 use super::*;
@@ -99,11 +99,8 @@ pub(crate) fn is_staged(loc: &Location, active: u64, written: u64) -> bool {
 }
 
 pub(crate) fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> Result<Active> {
-    let path = segment_path(seg_dir, id);
-    let file = FileHandle::open(storage, &path, OpenMode::Truncate)?;
-    file.write_all_at(&file_header(SEGMENT_MAGIC), 0)?;
-    file.sync()?;
-    storage.sync_dir(seg_dir).map_err(io_err(seg_dir))?;
+    let name = segment::segment_file_name(id);
+    let file = create_with_header(storage, seg_dir, &name, &file_header(SEGMENT_MAGIC))?;
     Ok(Active {
         id,
         file,
@@ -168,14 +165,7 @@ impl Store {
         let loc =
             self.append_locked(&mut w, RecordKind::Chunk, flags, &[&prefix, body], raw_len)?;
         self.inner.delta.write().chunks.insert(id, loc);
-        self.inner
-            .pending
-            .lock()
-            .by_segment
-            .entry(loc.segment)
-            .or_default()
-            .0
-            .push((id.0, loc));
+        self.inner.pending.lock().queue(Table::Chunks, id.0, loc);
         self.inner
             .stats
             .chunks_written
@@ -360,14 +350,7 @@ impl Store {
                 &[&payload],
                 u32::from(recipe.digest.algorithm().code()),
             )?;
-            self.inner
-                .pending
-                .lock()
-                .by_segment
-                .entry(loc.segment)
-                .or_default()
-                .1
-                .push((key, loc));
+            self.inner.pending.lock().queue(Table::Blobs, key, loc);
             loc
         };
         self.sync_to(

@@ -31,7 +31,7 @@ fn workload(sim: &SimStorage) -> Vec<Vec<u8>> {
         for i in 0..6u64 {
             let data = match i % 3 {
                 0 => seeded(90_000 + (i as usize) * 7000, round * 100 + i),
-                1 => tar(
+                1 => tar::<String>(
                     &[
                         ("a".into(), seeded(70_000, i)),
                         ("b".into(), vec![b'x'; 3000]),

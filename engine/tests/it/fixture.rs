@@ -20,7 +20,7 @@ fn blobs() -> Vec<Vec<u8>> {
     let text: Vec<u8> = (0..4000)
         .flat_map(|i| format!("line {i} of a compressible config file\n").into_bytes())
         .collect();
-    let layer = tar(
+    let layer = tar::<String>(
         &[
             ("etc/app.conf".into(), b"key = value\n".repeat(200)),
             ("bin/tool".into(), seeded(70_000, 3)),

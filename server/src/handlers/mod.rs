@@ -175,14 +175,12 @@ pub fn query(req: &Request<Incoming>) -> BTreeMap<String, Vec<String>> {
     parse_form(req.uri().query().unwrap_or(""))
 }
 
-/// Parses `application/x-www-form-urlencoded` text (a query string or a form body).
+/// Parses `application/x-www-form-urlencoded` text (a query string or a form body), with
+/// the `form_urlencoded` crate (percent-decoding, `+` as space, invalid UTF-8 replaced).
 pub fn parse_form(text: &str) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.entry(percent_decode(k))
-            .or_default()
-            .push(percent_decode(v));
+    for (k, v) in form_urlencoded::parse(text.as_bytes()) {
+        out.entry(k.into_owned()).or_default().push(v.into_owned());
     }
     out
 }
@@ -190,40 +188,6 @@ pub fn parse_form(text: &str) -> BTreeMap<String, Vec<String>> {
 /// The first value of a query parameter.
 pub fn first<'a>(q: &'a BTreeMap<String, Vec<String>>, key: &str) -> Option<&'a str> {
     q.get(key).and_then(|v| v.first()).map(String::as_str)
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    Err(_) => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Parses the `n` pagination parameter.
@@ -288,12 +252,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%2Fb"), "a/b");
-        assert_eq!(percent_decode("sha256%3Aab"), "sha256:ab");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%4"), "%4");
+    fn form_decoding() {
+        let f = parse_form("a=x%2Fy&mount=sha256%3Aab&a=2&p=100%&q=%zz&r=%4&s=a+b&flag");
+        assert_eq!(f["a"], ["x/y", "2"]);
+        assert_eq!(first(&f, "mount"), Some("sha256:ab"));
+        assert_eq!(first(&f, "p"), Some("100%"));
+        assert_eq!(first(&f, "q"), Some("%zz"));
+        assert_eq!(first(&f, "r"), Some("%4"));
+        assert_eq!(first(&f, "s"), Some("a b"));
+        assert_eq!(first(&f, "flag"), Some(""));
     }
 
     #[test]

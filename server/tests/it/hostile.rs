@@ -206,12 +206,9 @@ fn hostile_requests_get_spec_errors_and_change_nothing() {
     // cleanly afterwards.
     let blob = seeded(300_000, 9);
     let bd = sha256(&blob);
-    let mut rng = 0x1234_5678_9ABC_DEF1u64;
+    let mut rng = ballast_engine::testdata::XorShift::new(0x1234_5678_9ABC_DEF1);
     for round in 0..8 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let cut = (rng % blob.len() as u64) as usize;
+        let cut = (rng.next() % blob.len() as u64) as usize;
         let mut s = TcpStream::connect(r.addr).expect("connect");
         if round % 2 == 0 {
             // Monolithic POST announcing the whole length, closed after `cut` bytes.

@@ -30,29 +30,9 @@ fn desc_json(d: &Desc) -> serde_json::Value {
     json!({ "mediaType": d.media_type, "digest": d.digest, "size": d.size })
 }
 
-/// A tar archive of `files`.
+/// A tar archive of `files` (mtime 2024-ish, as an image build would leave it).
 pub fn tar(files: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, data) in files {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..107].copy_from_slice(b"0000644");
-        h[108..115].copy_from_slice(b"0000000");
-        h[116..123].copy_from_slice(b"0000000");
-        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
-        h[136..147].copy_from_slice(b"14500000000");
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].fill(b' ');
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
+    ballast_engine::testdata::tar(files, 0o14500000000)
 }
 
 /// Writes an image manifest (with `layers` uncompressed tar layers of about `layer_len`

@@ -187,7 +187,7 @@ fn sigkill_during_concurrent_pushes() {
     let data = tmp.path().join("data");
     let mut r = Registry::start_with(&data, &[("BALLAST_SEGMENT_BYTES_MAX", "1048576")]);
     let acked = Arc::new(Mutex::new(Acked::default()));
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = ballast_engine::testdata::XorShift::new(0x2545_F491_4F6C_DD1D);
     // Short runs re-check everything after each kill; long ones a sample of the older blobs.
     let stride = if kills > 50 { 97 } else { 1 };
     for round in 0..kills {
@@ -199,10 +199,7 @@ fn sigkill_during_concurrent_pushes() {
                 std::thread::spawn(move || client(base, t, round, stop, acked))
             })
             .collect();
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(20 + rng % 400));
+        std::thread::sleep(Duration::from_millis(20 + rng.next() % 400));
         r.kill();
         stop.store(true, Ordering::Relaxed);
         for c in clients {
