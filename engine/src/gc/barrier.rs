@@ -28,7 +28,15 @@ pub(crate) struct GcState {
     pub(crate) writing: HashMap<u64, Vec<ChunkId>>,
     /// The last writer id handed out.
     pub(crate) next_writer: u64,
+    /// Blob links a client was just told exist (a HEAD or GET of the blob in that
+    /// repository), with the time: a client that saw a layer there skips its upload and
+    /// pushes a manifest naming it, so a collection keeps such a link for the grace period
+    /// (Distribution's issue #4569, a push refused after HEAD → GC → PUT).
+    pub(crate) touched_links: HashMap<(String, Digest), u64>,
 }
+
+/// Touched links remembered at most (about 100 bytes each).
+const TOUCHED_LINKS_MAX: usize = 1 << 20;
 
 impl Store {
     /// Records that a writer relies on the chunk at `segment` while a collection may run;
@@ -147,6 +155,30 @@ impl Store {
         gc.pinned_chunks.clear();
         gc.pinned_blobs.clear();
         Some(guard)
+    }
+
+    /// Records that a client was just told the blob `digest` is in `repo`: a collection
+    /// keeps that link for its grace period from now. In memory, like leases (a restart
+    /// forgets it; so does the client's next HEAD, which refreshes it).
+    pub fn touch_link(&self, repo: &str, digest: &Digest) {
+        let now = crate::clock::now_secs();
+        let mut gc = self.inner.gc.lock();
+        if gc.touched_links.len() >= TOUCHED_LINKS_MAX {
+            // Bounded: forget the older half (a day-old touch protects nothing anyway).
+            let mut ages: Vec<u64> = gc.touched_links.values().copied().collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            gc.touched_links.retain(|_, at| *at > cut);
+        }
+        gc.touched_links
+            .insert((repo.to_owned(), digest.clone()), now);
+    }
+
+    /// Links touched at or after `since`, forgetting older touches (for a collection's mark).
+    pub(crate) fn links_touched_since(&self, since: u64) -> HashSet<(String, Digest)> {
+        let mut gc = self.inner.gc.lock();
+        gc.touched_links.retain(|_, at| *at >= since);
+        gc.touched_links.keys().cloned().collect()
     }
 
     /// Blobs committed at or after `since` (leases), forgetting older ones. Called by a

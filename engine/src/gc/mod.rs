@@ -91,12 +91,31 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
         ..GcReport::default()
     };
     // 1. Mark, and (unless dry) drop the dead links in the same atomic catalog commit.
+    // Links a client was told exist within the grace period stay (taken under the catalog
+    // lock: a touch before this commit is seen).
+    let mark_sparing_touched = |state: &crate::catalog::State| {
+        let (mut ops, mut live) = mark(state, now, opts);
+        if opts.grace_secs > 0 {
+            let touched = store.links_touched_since(now.saturating_sub(opts.grace_secs));
+            ops.retain(|op| match op {
+                Op::UnlinkBlob { repo, digest } => {
+                    let keep = touched.contains(&(repo.clone(), digest.clone()));
+                    if keep {
+                        live.insert(digest.clone());
+                    }
+                    !keep
+                }
+                _ => true,
+            });
+        }
+        (ops, live)
+    };
     let (ops, live) = if opts.dry_run {
-        mark(&store.catalog().read(), now, opts)
+        mark_sparing_touched(&store.catalog().read())
     } else {
         store.commit_catalog(|state| {
-            let (ops, live) = mark(state, now, opts);
-            Ok((ops.clone(), (ops, live)))
+            let (ops, live) = mark_sparing_touched(state);
+            Ok::<_, Error>((ops.clone(), (ops, live)))
         })?
     };
     // Blobs committed within the grace period but not linked yet stay too (grace 0, for

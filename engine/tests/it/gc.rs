@@ -405,3 +405,39 @@ fn the_grace_period_holds_on_simulated_storage() {
     assert_eq!(r.segments_compacted, 1, "aged past the grace period: {r:?}");
     assert!(!store.contains(&dead.recipe.digest), "nothing linked it");
 }
+
+/// A link a client was just told exists (HEAD or GET of the blob in that repository) stays
+/// through the grace period even when nothing references it yet: the client skips the
+/// upload and pushes a manifest naming it (Distribution's issue #4569).
+#[test]
+fn a_touched_link_outlives_its_grace_period_from_the_touch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), Options::default()).expect("open");
+    let now = now_secs();
+    let opts = GcOptions {
+        grace_secs: 3600,
+        ..GcOptions::default()
+    };
+    let mut digests = Vec::new();
+    for (i, repo) in ["touched", "untouched"].iter().enumerate() {
+        let b = store
+            .put_blob(&seeded(50_000, 40 + i as u64), None)
+            .expect("blob");
+        // Linked two hours ago: past the grace period, and nothing references it.
+        link(&store, repo, &b.recipe.digest, now - 7200);
+        digests.push(b.recipe.digest.clone());
+    }
+    store.touch_link("touched", &digests[0]);
+    let r = collect(&store, &opts, now).expect("gc");
+    assert_eq!(r.blob_links_removed, 1, "{r:?}");
+    let state = store.catalog().read();
+    assert!(state.repos["touched"].blobs.contains_key(&digests[0]));
+    assert!(!state
+        .repos
+        .get("untouched")
+        .is_some_and(|r| r.blobs.contains_key(&digests[1])));
+    drop(state);
+    // Past the grace period from the touch, it goes too.
+    let r = collect(&store, &opts, now + 3601).expect("gc");
+    assert_eq!(r.blob_links_removed, 1, "{r:?}");
+}

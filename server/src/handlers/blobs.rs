@@ -33,6 +33,10 @@ pub async fn get(
             "blob {digest} is not in repository {name}"
         )));
     }
+    // A client told the blob is here may skip uploading it and push a manifest naming it:
+    // a collection keeps the link through the grace period from now. (One that is already
+    // committing its mark can still remove it: a window of one catalog fsync.)
+    app.store.touch_link(name, &digest);
     let store = app.store.clone();
     let d = digest.clone();
     let reader = blocking(move || {

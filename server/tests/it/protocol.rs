@@ -223,3 +223,44 @@ fn referrers_without_an_artifact_type_are_listed_with_their_config_type() {
         assert_eq!(found[0]["artifactType"], json!(t));
     }
 }
+
+/// HEAD of a layer, then a collection, then the manifest PUT that relies on the HEAD: the
+/// push is not refused (Distribution's issue #4569). Without the HEAD, the same collection
+/// removes the link and the PUT is refused: the control.
+#[test]
+fn head_then_gc_then_manifest_put_succeeds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start(tmp.path());
+    let config = b"{}".to_vec();
+    let (kept, gone) = (seeded(40_000, 11), seeded(40_000, 12));
+    let (c, k, g) = (
+        push_blob(&r, "race/kept", &config),
+        push_blob(&r, "race/kept", &kept),
+        push_blob(&r, "race/gone", &gone),
+    );
+    push_blob(&r, "race/gone", &config);
+    // Older than the 1 s grace period used below.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    for (repo, d) in [("race/kept", &k), ("race/kept", &c)] {
+        let res = call("HEAD", &r.url(&format!("/v2/{repo}/blobs/{d}")), &[], None);
+        assert_eq!(res.status, 200);
+    }
+    let res = call("POST", &r.url("/admin/gc?grace=1"), &[], None);
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let put = |repo: &str, layer: &str, len: usize| {
+        call(
+            "PUT",
+            &r.url(&format!("/v2/{repo}/manifests/v1")),
+            &[("Content-Type", OCI_MANIFEST)],
+            Some(&manifest_for(&c, 2, &[(layer, len)])),
+        )
+    };
+    let res = put("race/kept", &k, kept.len());
+    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    let res = put("race/gone", &g, gone.len());
+    assert_eq!(
+        (res.status, res.code().as_str()),
+        (400, "MANIFEST_BLOB_UNKNOWN"),
+        "the control: without a HEAD the collection removed the link"
+    );
+}
