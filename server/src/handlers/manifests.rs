@@ -303,6 +303,18 @@ pub async fn put(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let max = app.config.manifest_bytes_max;
+    // A declared length over the limit is refused before any of the body is read.
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ApiError::ManifestTooLarge(format!(
+            "manifests are limited to {max} bytes; this one declares {} bytes",
+            declared.unwrap_or_default()
+        )));
+    }
     let mut body = req.into_body();
     let bytes: Bytes = read_limited(&mut body, max, app.config.body_idle_timeout())
         .await?

@@ -403,10 +403,15 @@ pub async fn finish(
             }
         }
     };
-    // Finished or failed, the session is over: nothing of a mismatched upload is kept.
+    let result = match result {
+        Ok(()) => link(app, name, &digest).await,
+        Err(e) => Err(e),
+    };
+    // Finished or failed, the session is over: nothing of a mismatched upload is kept. It
+    // ends after the link is committed, so a crash in between leaves the session (the
+    // client's retried PUT finishes it again) rather than neither session nor blob.
     end_session(app, id).await?;
     result?;
-    link(app, name, &digest).await?;
     Ok(created(name, &digest))
 }
 

@@ -338,3 +338,21 @@ fn a_cut_patch_resumes_from_the_reported_offset() {
         assert!(back.body == blob, "round {round}: the resumed blob differs");
     }
 }
+
+/// A manifest PUT that declares more bytes than the manifest limit is answered 413 at once,
+/// before any body byte is sent (it waited for the body, up to the idle timeout).
+#[test]
+fn an_oversized_declared_manifest_is_refused_before_its_body() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start(tmp.path());
+    // (No body byte is ever sent: before, the server waited for the body until the read
+    // limit here ran out and nothing came back.)
+    let out = raw(
+        &r,
+        b"PUT /v2/big/manifests/v1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 5000000000\r\n\r\n",
+        Duration::from_secs(20),
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("SIZE_INVALID"), "{text}");
+}
