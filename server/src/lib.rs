@@ -80,6 +80,9 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
             .await?
             .with_context(|| format!("opening the data directory {}", config.data.display()))?;
+        for w in store.open_warnings() {
+            tracing::warn!("{w}");
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

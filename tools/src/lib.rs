@@ -26,13 +26,22 @@ pub fn open_offline(dir: &Path, opts: Options) -> Result<Store, String> {
             dir.display()
         ));
     }
-    Store::open(dir, opts).map_err(|e| match e {
+    let store = Store::open(dir, opts).map_err(|e| match e {
         Error::Locked { holder, .. } => format!(
             "{} is in use by another process ({holder}); stop the server first (offline tools need the directory to themselves)",
             dir.display()
         ),
         other => format!("cannot open {}: {other}", dir.display()),
-    })
+    })?;
+    Ok(store)
+}
+
+/// What opening mended (a damaged index file rebuilt), on stderr: fsck reports it in its
+/// own output instead.
+fn warn_about_open(store: &Store) {
+    for w in store.open_warnings() {
+        eprintln!("warning: {}", printable(w));
+    }
 }
 
 fn progress_bar() -> ProgressBar {
@@ -130,6 +139,7 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     };
     let mut report = check(&store);
     let mut summary = None;
+    let open_warnings = store.open_warnings().to_vec();
     if repair && !report.is_clean() {
         // Set aside what is damaged, then check again: what remains is what repair could
         // not fix.
@@ -155,7 +165,7 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     drop(store);
     let output = FsckOutput {
         repair: summary,
-        warnings: loose_modes(dir),
+        warnings: open_warnings.into_iter().chain(loose_modes(dir)).collect(),
         report: &report,
     };
     let written = write_output(out, json, &output, |out| {
@@ -308,6 +318,7 @@ pub fn inspect(dir: &Path, json: bool, out: &mut dyn Write) -> i32 {
             return EXIT_FAILED;
         }
     };
+    warn_about_open(&store);
     let i = match inspect::inspect(&store) {
         Ok(i) => i,
         Err(e) => {
@@ -417,6 +428,7 @@ pub fn gc(
             return EXIT_FAILED;
         }
     };
+    warn_about_open(&store);
     let now = clock::now_secs();
     // Abandoned uploads first: their spools are what a collection reclaims besides segments.
     let uploads = store.uploads();

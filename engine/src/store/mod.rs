@@ -138,6 +138,9 @@ pub(crate) struct Inner {
     pub(crate) damage: std::sync::atomic::AtomicBool,
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) uploads: Uploads,
+    /// What opening found and mended (a damaged index file rebuilt): for the server's log
+    /// and the tools' output.
+    pub(crate) open_warnings: Vec<String>,
     pub(crate) _lock: Box<dyn Send + Sync>,
 }
 
@@ -160,6 +163,12 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 impl Store {
+    /// What opening the store found and mended (damaged index files rebuilt from their
+    /// segments), to be logged.
+    pub fn open_warnings(&self) -> &[String] {
+        &self.inner.open_warnings
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir

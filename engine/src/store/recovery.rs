@@ -182,13 +182,30 @@ impl Store {
             }
         }
         chosen.sort_by_key(|(lo, _, _)| *lo);
+        // Index files are derived: a damaged one is removed and its segments replayed, so
+        // the store opens and the index is written again (said in `open_warnings`).
+        let mut warnings = Vec::new();
         let mut indexes = Vec::new();
-        for (_, _, name) in &chosen {
-            indexes.push(Arc::new(IndexFile::open(
-                storage.as_ref(),
-                &idx_dir.join(name),
-            )?));
+        let mut usable = Vec::new();
+        for (lo, hi, name) in chosen {
+            let path = idx_dir.join(&name);
+            match IndexFile::open(storage.as_ref(), &path) {
+                Ok(f) => {
+                    indexes.push(Arc::new(f));
+                    usable.push((lo, hi, name));
+                }
+                Err(e) if e.is_corruption() => {
+                    warnings.push(format!(
+                        "index file {} is damaged ({e}); it was removed and is rebuilt from \
+                         segments {lo} to {hi}",
+                        path.display()
+                    ));
+                    storage.remove(&path).map_err(io_err(&path))?;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        let chosen = usable;
         storage.sync_dir(&idx_dir).map_err(io_err(&idx_dir))?;
         let covered = |id: u64| chosen.iter().any(|(lo, hi, _)| (*lo..=*hi).contains(&id));
 
@@ -269,6 +286,7 @@ impl Store {
             verified,
             catalog,
             uploads,
+            open_warnings: warnings,
             _lock: lock,
         });
         {

@@ -597,3 +597,48 @@ fn unfinished_atomic_writes_are_removed_at_open() {
     }
     assert!(keep.exists(), "only *.tmp files go");
 }
+
+/// An index file whose header is damaged no longer stops the store from opening: indexes
+/// are derived, so it is removed, its segments are replayed and indexed again, and the open
+/// says so (#14 item 6). Every blob reads back and fsck finds nothing.
+#[test]
+fn a_damaged_index_file_is_rebuilt_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || Options {
+        segment_bytes_max: 256 << 10,
+        ..Options::default()
+    };
+    let mut blobs = Vec::new();
+    {
+        let store = Store::open(dir.path(), opts()).expect("open");
+        for i in 0..6 {
+            let data = seeded(200_000, 700 + i);
+            let c = store.put_blob(&data, None).expect("put");
+            blobs.push((c.recipe.digest.clone(), data));
+        }
+        store.close().expect("close");
+    }
+    let idx = std::fs::read_dir(dir.path().join("index"))
+        .expect("index dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|x| x == "idx"))
+        .expect("an index file");
+    let mut bytes = std::fs::read(&idx).expect("read");
+    bytes[0] ^= 0xff;
+    std::fs::write(&idx, &bytes).expect("damage");
+
+    let store = Store::open(dir.path(), opts()).expect("opens despite the damaged index");
+    let warnings = store.open_warnings().join("\n");
+    assert!(
+        warnings.contains("damaged") && warnings.contains("rebuilt"),
+        "{warnings}"
+    );
+    for (d, data) in &blobs {
+        assert_eq!(&store.read_blob(d).expect("read"), data);
+    }
+    let report = ballast_engine::verify::fsck(&store, &|_, _, _| {});
+    assert!(report.is_clean(), "{:?}", report.findings);
+    drop(store);
+    let store = Store::open(dir.path(), opts()).expect("reopen");
+    assert!(store.open_warnings().is_empty(), "rebuilt for good");
+}
