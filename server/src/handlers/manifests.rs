@@ -303,19 +303,24 @@ pub async fn put(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let max = app.config.manifest_bytes_max;
-    // A declared length over the limit is refused before any of the body is read.
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    let mut body = req.into_body();
+    if let Some(n) = declared.filter(|&n| n > max as u64) {
+        // Refused without keeping any of it. A body at most twice the limit is read and
+        // dropped first, so a client still sending it reads the 413 rather than a reset
+        // connection; a larger one is refused before any of it is read.
+        if n <= 2 * max as u64 {
+            let idle = app.config.body_idle_timeout();
+            while crate::body::next_data(&mut body, idle).await?.is_some() {}
+        }
         return Err(ApiError::ManifestTooLarge(format!(
-            "manifests are limited to {max} bytes; this one declares {} bytes",
-            declared.unwrap_or_default()
+            "manifests are limited to {max} bytes; this one declares {n} bytes"
         )));
     }
-    let mut body = req.into_body();
     let bytes: Bytes = read_limited(&mut body, max, app.config.body_idle_timeout())
         .await?
         .ok_or_else(|| {
