@@ -42,6 +42,9 @@ pub struct Config {
     pub gc_grace_secs: u64,
     /// Scheduled collections also remove manifests that no tag reaches.
     pub gc_delete_untagged: bool,
+    /// A collection compacts a segment when at least this fraction of it is dead (half as
+    /// much for segments older than a week): lower frees more, by copying more live data.
+    pub gc_min_dead_fraction: f64,
     /// Log filter (tracing `EnvFilter` syntax).
     pub log: String,
     /// TLS certificate chain (PEM). With `tls_key`, the server speaks HTTPS (HTTP/1.1 and
@@ -132,6 +135,7 @@ impl Default for Config {
             gc_interval_secs: 3600,
             gc_grace_secs: 3600,
             gc_delete_untagged: false,
+            gc_min_dead_fraction: 0.5,
             log: "info".into(),
             tls_cert: None,
             tls_key: None,
@@ -159,6 +163,7 @@ pub const SETTINGS: &[&str] = &[
     "gc_interval_secs",
     "gc_grace_secs",
     "gc_delete_untagged",
+    "gc_min_dead_fraction",
     "log",
     "tls_cert",
     "tls_key",
@@ -233,6 +238,13 @@ impl Config {
                 "authentication is off: anyone who can reach {} may push and delete",
                 self.listen
             ));
+        }
+        if !(0.0..=1.0).contains(&self.gc_min_dead_fraction) {
+            bail!(
+                "gc_min_dead_fraction is {}: it is a fraction of a segment, from 0 (compact \
+                 any segment with dead bytes) to 1 (only wholly dead ones)",
+                self.gc_min_dead_fraction
+            );
         }
         if self.auth.enabled {
             crate::auth::Policy::compile(&self.auth.policy, &self.auth.groups)
@@ -315,6 +327,7 @@ impl Config {
             "gc_interval_secs" => self.gc_interval_secs = num(value)?,
             "gc_grace_secs" => self.gc_grace_secs = num(value)?,
             "gc_delete_untagged" => self.gc_delete_untagged = boolean(value)?,
+            "gc_min_dead_fraction" => self.gc_min_dead_fraction = num(value)?,
             "log" => self.log = value.to_owned(),
             "tls_cert" => self.tls_cert = Some(PathBuf::from(value)),
             "tls_key" => self.tls_key = Some(PathBuf::from(value)),
@@ -386,11 +399,12 @@ mod tests {
             // Booleans: the opposite of the default.
             "verify_chunks" => "false",
             "gc_delete_untagged" | "insecure_plain_http" => "true",
+            "gc_min_dead_fraction" => "0.25",
             _ => "7",
         };
         for name in SETTINGS {
             let v = value(name);
-            let toml_value = match v.parse::<u64>() {
+            let toml_value = match v.parse::<f64>() {
                 Ok(_) => v.to_owned(),
                 Err(_) if v == "true" || v == "false" => v.to_owned(),
                 Err(_) => format!("{v:?}"),

@@ -263,6 +263,7 @@ async fn scheduled_gc(app: Arc<App>) {
         let opts = ballast_engine::gc::GcOptions {
             grace_secs: app.config.gc_grace_secs,
             delete_untagged: app.config.gc_delete_untagged,
+            dead_fraction_min: app.config.gc_min_dead_fraction,
             ..Default::default()
         };
         let store = app.store.clone();

@@ -58,6 +58,11 @@ enum Command {
         /// Also remove manifests that no tag, index or subject reaches.
         #[arg(long)]
         delete_untagged: bool,
+        /// Compact a segment when at least this fraction of it is dead. Offline nothing
+        /// competes for the disk, so the default takes back nearly every dead byte (the
+        /// server's schedule uses `gc_min_dead_fraction`, 0.5 by default).
+        #[arg(long, default_value_t = 0.01, value_parser = fraction)]
+        min_dead_fraction: f64,
         /// Remove unfinished upload sessions started more than this many seconds ago (the
         /// server's `upload_max_age_secs` does the same while it runs).
         #[arg(long, default_value_t = ballast_server::config::UPLOAD_MAX_AGE_SECS_DEFAULT)]
@@ -203,14 +208,15 @@ fn main() -> anyhow::Result<()> {
             dry_run,
             grace,
             delete_untagged,
+            min_dead_fraction,
             upload_max_age,
             json,
         } => {
             let opts = ballast_engine::gc::GcOptions {
                 grace_secs: grace,
                 delete_untagged,
+                dead_fraction_min: min_dead_fraction,
                 dry_run,
-                ..Default::default()
             };
             std::process::exit(ballast_tools::gc(
                 &dir,
@@ -326,6 +332,14 @@ fn main() -> anyhow::Result<()> {
             serve(cfg)
         }
     }
+}
+
+/// A fraction from 0 to 1 (`--min-dead-fraction`).
+fn fraction(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|f| (0.0..=1.0).contains(f))
+        .ok_or_else(|| format!("{s:?} is not a fraction from 0 to 1"))
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {

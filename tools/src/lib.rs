@@ -486,7 +486,20 @@ pub fn gc(
             report.uploads_expired,
             human_bytes(report.upload_bytes_freed),
             if r.dry_run { "would expire" } else { "expired" },
-        )
+        )?;
+        if r.dead_bytes_left_young + r.dead_bytes_left_below_fraction > 0 {
+            writeln!(
+                out,
+                "left dead: {} in segments younger than the grace period ({} s), {} in segments \
+                 less dead than the threshold ({}); lower --grace or --min-dead-fraction to \
+                 take them too",
+                human_bytes(r.dead_bytes_left_young),
+                opts.grace_secs,
+                human_bytes(r.dead_bytes_left_below_fraction),
+                opts.dead_fraction_min
+            )?;
+        }
+        Ok(())
     });
     if written.is_err() {
         EXIT_FAILED

@@ -71,6 +71,11 @@ pub struct GcReport {
     pub bytes_moved: u64,
     /// Bytes freed: compacted segments' sizes minus what was copied forward.
     pub bytes_reclaimed: u64,
+    /// Dead bytes left in segments younger than the grace period (they may hold a blob
+    /// committed but not linked yet).
+    pub dead_bytes_left_young: u64,
+    /// Dead bytes left in segments whose dead fraction is below `dead_fraction_min`.
+    pub dead_bytes_left_below_fraction: u64,
 }
 
 /// Runs one collection.
@@ -182,6 +187,18 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
         .map(|s| s.size)
         .sum();
     report.segments_compacted = victims.len() as u64;
+    // What stays dead, and why: an operator who deleted an image wants to know.
+    for s in stats.iter().filter(|s| !victims.contains(&s.id)) {
+        let dead = s.size.saturating_sub(s.live);
+        if s.size <= FILE_HEADER_LEN as u64 || dead == 0 {
+            continue;
+        }
+        if s.mtime.saturating_add(opts.grace_secs) > now {
+            report.dead_bytes_left_young += dead;
+        } else {
+            report.dead_bytes_left_below_fraction += dead;
+        }
+    }
     if opts.dry_run {
         let live_in_victims: u64 = stats
             .iter()

@@ -103,8 +103,19 @@ async fn admin_gc(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody
     let opts = ballast_engine::gc::GcOptions {
         grace_secs: grace,
         delete_untagged: flag("delete_untagged") || app.config.gc_delete_untagged,
+        dead_fraction_min: match first(&q, "min_dead_fraction") {
+            Some(f) => f
+                .parse::<f64>()
+                .ok()
+                .filter(|f| (0.0..=1.0).contains(f))
+                .ok_or_else(|| {
+                    ApiError::Unsupported(format!(
+                        "min_dead_fraction={f:?} is not a fraction from 0 to 1"
+                    ))
+                })?,
+            None => app.config.gc_min_dead_fraction,
+        },
         dry_run: flag("dry_run"),
-        ..Default::default()
     };
     let store = app.store.clone();
     let report = blocking(move || {

@@ -584,3 +584,52 @@ fn bench_quick_reports_every_figure_with_its_baseline() {
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("scratch directory"), "{text}");
 }
+
+/// An operator deletes an image and runs `ballast gc --grace 0` offline: its unique bytes
+/// come back even when they share a segment with more live data than dead (#14 item 5; the
+/// 0.5 threshold of the online schedule left them), and the report says what a stricter
+/// threshold leaves and why.
+#[test]
+fn offline_gc_takes_back_a_deleted_images_bytes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let dir = data.to_str().expect("utf8");
+    let mut r = Registry::start(&data);
+    let deleted = crate::push_image_as(&r.url(""), "gone", "v1", 31, 2_000_000, &[]);
+    push_image(&r, "kept", "v1", 32, 4_000_000);
+    let res = call(
+        "DELETE",
+        &r.url(&format!("/v2/gone/manifests/{deleted}")),
+        &[],
+        None,
+    );
+    assert_eq!(res.status, 202);
+    r.stop();
+
+    let (code, text) = ballast(&[
+        "gc",
+        dir,
+        "--grace",
+        "0",
+        "--dry-run",
+        "--min-dead-fraction",
+        "0.5",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let strict: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(strict["segments_compacted"], json!(0), "{strict}");
+    assert!(
+        strict["dead_bytes_left_below_fraction"].as_u64() > Some(1_900_000),
+        "the report says what a 0.5 threshold leaves: {strict}"
+    );
+    let (code, text) = ballast(&["gc", dir, "--grace", "0", "--json"]);
+    assert_eq!(code, 0, "{text}");
+    let report: Value = serde_json::from_str(&text).expect("json");
+    assert!(
+        report["bytes_reclaimed"].as_u64() > Some(1_900_000),
+        "the deleted layer's bytes come back: {report}"
+    );
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 0, "{text}");
+}
