@@ -31,6 +31,13 @@ pub fn open_offline(dir: &Path, opts: Options) -> Result<Store, String> {
             "{} is in use by another process ({holder}); stop the server first (offline tools need the directory to themselves)",
             dir.display()
         ),
+        other if other.is_corruption() => format!(
+            "cannot open {dir}: {other}. `ballast fsck --repair {dir}` opens it anyway: it \
+             rebuilds the indexes from the segments, indexes every readable record around \
+             damage, and sets damaged records and the blobs that need them aside in \
+             quarantine.json (nothing is deleted; a re-push heals a quarantined blob)",
+            dir = dir.display()
+        ),
         other => format!("cannot open {}: {other}", dir.display()),
     })?;
     Ok(store)

@@ -133,6 +133,10 @@ fn fsck_finds_damage_and_repair_rebuilds_indexes() {
     let (code, text) = ballast(&["fsck", dir]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("index_corrupt"), "{text}");
+    assert!(
+        !text.contains("segment_missing"),
+        "a damaged index is not a missing segment: {text}"
+    );
     let (code, text) = ballast(&["fsck", "--repair", dir]);
     assert_eq!(code, 0, "{text}");
     assert_eq!(ballast(&["fsck", dir]).0, 0);
@@ -632,4 +636,62 @@ fn offline_gc_takes_back_a_deleted_images_bytes() {
     );
     let (code, text) = ballast(&["fsck", dir]);
     assert_eq!(code, 0, "{text}");
+}
+
+/// A flipped bit in an index entry's segment id is an index finding, not a missing segment
+/// of a nonsense id (#14 item 6: the report led with `segment_missing …1125899906842628.seg`).
+#[test]
+fn a_damaged_index_entry_is_not_reported_as_a_missing_segment() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let dir = data.to_str().expect("utf8");
+    let mut r = Registry::start(&data);
+    push_image(&r, "x", "v1", 6, 300_000);
+    r.stop();
+    let idx = std::fs::read_dir(data.join("index"))
+        .expect("index")
+        .map(|e| e.expect("entry").path())
+        .next()
+        .expect("an index file");
+    let mut bytes = std::fs::read(&idx).expect("read");
+    // The last entry (of the blob table) ends 4 bytes before the file's trailing CRC: aux
+    // (4), length (4), offset (8), segment (8). Bit 50 of its segment id:
+    let n = bytes.len();
+    bytes[n - 28 + 6] ^= 0x04;
+    std::fs::write(&idx, &bytes).expect("write");
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("index_corrupt"), "{text}");
+    assert!(!text.contains("segment_missing"), "{text}");
+    let (code, text) = ballast(&["fsck", "--repair", dir]);
+    assert_eq!(code, 0, "{text}");
+}
+
+/// When damage keeps fsck from opening a directory, its message names `--repair` and what
+/// it will do (it told the operator to run fsck, which they were running).
+#[test]
+fn fsck_that_cannot_open_points_at_repair() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let dir = data.to_str().expect("utf8");
+    let mut r = Registry::start(&data);
+    push_image(&r, "x", "v1", 8, 700_000);
+    r.stop();
+    // Without its index the sealed segment is replayed at open, and a damaged record
+    // before its end stops the open.
+    for f in std::fs::read_dir(data.join("index")).expect("index") {
+        std::fs::remove_file(f.expect("entry").path()).expect("rm");
+    }
+    let seg = sealed_segment(&data);
+    let mut bytes = std::fs::read(&seg).expect("read");
+    bytes[100_000] ^= 0x01;
+    std::fs::write(&seg, &bytes).expect("write");
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("ballast fsck --repair") && text.contains("quarantine"),
+        "{text}"
+    );
+    let (code, text) = ballast(&["fsck", "--repair", dir]);
+    assert_ne!(code, 2, "repair opens it: {text}");
 }
