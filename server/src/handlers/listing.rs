@@ -90,8 +90,8 @@ pub fn tags(app: &App, name: &str, req: &Request<Incoming>) -> Result<Response<R
 /// Image manifest media types, whose config's media type stands in for a missing
 /// `artifactType`.
 const IMAGE_MANIFESTS: [&str; 2] = [
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
+    super::manifests::OCI_MANIFEST,
+    super::manifests::DOCKER_MANIFEST,
 ];
 
 pub async fn referrers(

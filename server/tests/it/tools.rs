@@ -28,6 +28,16 @@ fn push_image_at(base: &str, repo: &str, tag: &str, seed: u64, len: usize) {
     crate::push_image_as(base, repo, tag, seed, len, &[]);
 }
 
+/// A stopped registry's data directory holding one image (`x:v1`, a layer of `len` bytes).
+fn stopped_with_image(seed: u64, len: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let mut r = Registry::start(&data);
+    push_image(&r, "x", "v1", seed, len);
+    r.stop();
+    (tmp, data)
+}
+
 fn sealed_segment(dir: &Path) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir.join("segments"))
         .expect("segments")
@@ -112,12 +122,8 @@ fn fsck_and_inspect_on_a_real_directory() {
 
 #[test]
 fn fsck_finds_damage_and_repair_rebuilds_indexes() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
+    let (_tmp, data) = stopped_with_image(5, 700_000);
     let dir = data.to_str().expect("utf8");
-    let mut r = Registry::start(&data);
-    push_image(&r, "x", "v1", 5, 700_000);
-    r.stop();
 
     // A damaged index file: reported, then rebuilt by --repair.
     let idx = std::fs::read_dir(data.join("index"))
@@ -642,12 +648,8 @@ fn offline_gc_takes_back_a_deleted_images_bytes() {
 /// of a nonsense id (#14 item 6: the report led with `segment_missing …1125899906842628.seg`).
 #[test]
 fn a_damaged_index_entry_is_not_reported_as_a_missing_segment() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
+    let (_tmp, data) = stopped_with_image(6, 300_000);
     let dir = data.to_str().expect("utf8");
-    let mut r = Registry::start(&data);
-    push_image(&r, "x", "v1", 6, 300_000);
-    r.stop();
     let idx = std::fs::read_dir(data.join("index"))
         .expect("index")
         .map(|e| e.expect("entry").path())
@@ -671,12 +673,8 @@ fn a_damaged_index_entry_is_not_reported_as_a_missing_segment() {
 /// it will do (it told the operator to run fsck, which they were running).
 #[test]
 fn fsck_that_cannot_open_points_at_repair() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
+    let (_tmp, data) = stopped_with_image(8, 700_000);
     let dir = data.to_str().expect("utf8");
-    let mut r = Registry::start(&data);
-    push_image(&r, "x", "v1", 8, 700_000);
-    r.stop();
     // Without its index the sealed segment is replayed at open, and a damaged record
     // before its end stops the open.
     for f in std::fs::read_dir(data.join("index")).expect("index") {
