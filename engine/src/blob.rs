@@ -38,6 +38,9 @@ enum DigestState {
 enum OwnedPiece {
     Inline(Vec<u8>),
     Chunk(Bytes),
+    /// Not a piece: the store thread answers with the pieces from this index on, once every
+    /// piece sent before is stored (or with the error that stopped it).
+    Barrier(usize, Sender<Result<Vec<RecipePiece>>>),
 }
 
 /// What storing the pieces produced.
@@ -60,11 +63,20 @@ const INCOMPRESSIBLE_RUN_MIN: u32 = 8;
 const PROBE_EVERY: u32 = 16;
 
 impl Stored {
+    /// The pieces stored from index `from` on, or the error that stopped storing.
+    fn since(&self, from: usize) -> Result<Vec<RecipePiece>> {
+        match &self.error {
+            Some(e) => Err(Error::Internal(format!("blob writer: storing failed: {e}"))),
+            None => Ok(self.pieces.get(from..).unwrap_or_default().to_vec()),
+        }
+    }
+
     fn take(&mut self, store: &Store, piece: OwnedPiece) {
         if self.error.is_some() {
             return;
         }
         match piece {
+            OwnedPiece::Barrier(..) => unreachable!("barriers are answered, not taken"),
             OwnedPiece::Inline(bytes) => self.pieces.push(RecipePiece::Inline(bytes)),
             OwnedPiece::Chunk(bytes) => {
                 let id = ChunkId::of(&bytes);
@@ -121,6 +133,22 @@ impl ChunkSink {
             ChunkSink::Inline(stored) => stored.error.is_some(),
             ChunkSink::Thread { failed, .. } => failed.load(Ordering::Relaxed),
             ChunkSink::Taken => true,
+        }
+    }
+
+    /// Waits until every piece sent so far is stored; returns those from index `from` on.
+    fn settle(&mut self, from: usize) -> Result<Vec<RecipePiece>> {
+        match self {
+            ChunkSink::Inline(stored) => stored.since(from),
+            ChunkSink::Thread { tx, .. } => {
+                let (reply_tx, reply_rx) = bounded(1);
+                tx.send(OwnedPiece::Barrier(from, reply_tx))
+                    .map_err(|_| thread_error("store thread stopped"))?;
+                reply_rx
+                    .recv()
+                    .map_err(|_| thread_error("store thread stopped"))?
+            }
+            ChunkSink::Taken => Err(Error::Internal("blob writer used after it finished".into())),
         }
     }
 
@@ -274,6 +302,10 @@ impl BlobWriter {
                 .name("ballast-store".into())
                 .spawn(move || {
                     for piece in rx {
+                        if let OwnedPiece::Barrier(from, reply) = piece {
+                            let _ = reply.send(stored.since(from));
+                            continue;
+                        }
                         stored.take(&store, piece);
                         if stored.error.is_some() {
                             flag.store(true, Ordering::Relaxed);
@@ -315,6 +347,15 @@ impl BlobWriter {
             }
             DigestState::Taken => Err(Error::Internal("blob writer used after it finished".into())),
         }
+    }
+
+    /// Waits until every chunk decided so far is stored (appended to the store, not yet
+    /// durable: the caller syncs), and returns the pieces from index `from` on and the bytes
+    /// not yet cut into pieces. Those pieces and bytes are the whole stream written so far:
+    /// a new writer fed the same bytes is in this one's state (upload sessions resume so).
+    pub(crate) fn settle(&mut self, from: usize) -> Result<(Vec<RecipePiece>, &[u8])> {
+        let pieces = self.sink.settle(from)?;
+        Ok((pieces, self.chunker.pending()))
     }
 
     /// Finishes the blob. With `expected`, a different computed digest fails with
@@ -377,7 +418,61 @@ fn own(piece: Piece<'_>, owned: Option<&Bytes>) -> OwnedPiece {
     }
 }
 
+/// A blob pushed whole with its digest named up front: when the store holds that blob
+/// already, its bytes are only hashed (a dedup hit writes nothing); otherwise they are
+/// stored as by a [`BlobWriter`].
+pub enum Ingest {
+    /// The blob is stored: check the bytes against the digest.
+    Known(Box<Hasher>, Digest),
+    /// Store the bytes.
+    New(Box<BlobWriter>, Digest),
+}
+
+impl Ingest {
+    /// Takes the next bytes.
+    pub fn write(&mut self, data: Bytes) -> Result<()> {
+        match self {
+            Ingest::Known(h, _) => {
+                h.update(&data);
+                Ok(())
+            }
+            Ingest::New(w, _) => w.write_bytes(data),
+        }
+    }
+
+    /// Ends the push: the blob is durable when the bytes match the digest
+    /// ([`Error::DigestMismatch`] otherwise, and nothing becomes visible).
+    pub fn finish(self) -> Result<()> {
+        match self {
+            Ingest::Known(h, expected) => {
+                let actual = h.finish();
+                if actual == expected {
+                    Ok(())
+                } else {
+                    Err(Error::DigestMismatch {
+                        expected: expected.to_string(),
+                        actual: actual.to_string(),
+                    })
+                }
+            }
+            Ingest::New(w, expected) => w.finish(Some(&expected)).map(drop),
+        }
+    }
+}
+
 impl Store {
+    /// Starts a push of the blob `expected` (see [`Ingest`]).
+    pub fn ingest(&self, expected: &Digest) -> Ingest {
+        if self.contains(expected) {
+            Ingest::Known(Box::new(expected.algorithm().hasher()), expected.clone())
+        } else {
+            Ingest::New(
+                Box::new(BlobWriter::new(self, expected.algorithm(), Mode::Auto)),
+                expected.clone(),
+            )
+        }
+    }
+
     /// Writes a whole blob from memory; convenience over [`BlobWriter`].
     pub fn put_blob(&self, data: &[u8], expected: Option<&Digest>) -> Result<Committed> {
         let algorithm = expected.map_or(Algorithm::Sha256, Digest::algorithm);

@@ -194,6 +194,13 @@ impl StreamChunker {
         self.buf.extend_from_slice(&data[at..]);
     }
 
+    /// Bytes pushed but not yet emitted (at most a chunk and a tar block): with the pieces
+    /// emitted so far they are the whole stream, and pushing them into a new chunker after
+    /// those pieces puts it in this one's state (an upload session resumes that way).
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
     /// Emits everything still buffered.
     pub fn finish(&mut self, emit: &mut impl FnMut(Piece<'_>)) {
         let consumed = cut_all(

@@ -58,7 +58,7 @@ pub struct Inspection {
     pub reduction_ratio: f64,
     /// Unfinished upload sessions.
     pub upload_sessions: u64,
-    /// Bytes their spools hold (they expire after `upload_max_age_secs`).
+    /// Bytes they received (they expire after `upload_max_age_secs`).
     pub upload_bytes: u64,
     /// Per repository.
     pub repositories: BTreeMap<String, RepoStats>,
@@ -162,7 +162,7 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
         out.logical_bytes as f64 / out.segment_bytes as f64
     };
     // Every session started before the end of time (one that ends meanwhile is not counted).
-    let sessions = store.uploads().started_before(u64::MAX)?;
+    let sessions = crate::uploads::Uploads::new(store).started_before(u64::MAX)?;
     out.upload_sessions = sessions.len() as u64;
     out.upload_bytes = sessions.iter().map(|(_, len)| len).sum();
     Ok(out)

@@ -26,10 +26,10 @@ pub mod uploads;
 mod verified;
 pub mod verify;
 
-pub use blob::{BlobReader, BlobWriter, Committed};
+pub use blob::{BlobReader, BlobWriter, Committed, Ingest};
 pub use catalog::Catalog;
 pub use chunker::Mode as ChunkMode;
 pub use digest::{Algorithm, ChunkId, Digest};
 pub use error::{Error, Input, Result};
 pub use store::{Options, Store};
-pub use uploads::Uploads;
+pub use uploads::{UploadWriter, Uploads};

@@ -63,22 +63,7 @@ impl Recipe {
         out.push(self.digest.algorithm().code());
         out.extend_from_slice(self.digest.as_bytes());
         out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&(self.pieces.len() as u32).to_le_bytes());
-        for p in &self.pieces {
-            match p {
-                RecipePiece::Chunk { id, len } => {
-                    out.push(TAG_CHUNK);
-                    out.extend_from_slice(&id.0);
-                    out.extend_from_slice(&len.to_le_bytes());
-                }
-                RecipePiece::Inline(bytes) => {
-                    assert!(bytes.len() <= INLINE_LEN_MAX, "inline piece too long");
-                    out.push(TAG_INLINE);
-                    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
-                    out.extend_from_slice(bytes);
-                }
-            }
-        }
+        encode_pieces(&self.pieces, &mut out);
         out
     }
 
@@ -94,41 +79,7 @@ impl Recipe {
                 .ok_or_else(|| bad("truncated digest"))?,
         );
         let size = r.u64().ok_or_else(|| bad("truncated size"))?;
-        let count = r.u32().ok_or_else(|| bad("truncated count"))? as usize;
-        // Each piece takes at least 3 bytes: bound the allocation by what is there.
-        if count > bytes.len() / 3 {
-            return Err(bad("piece count larger than the record"));
-        }
-        let mut pieces = Vec::with_capacity(count);
-        let mut total: u64 = 0;
-        for _ in 0..count {
-            let piece = match r.u8().ok_or_else(|| bad("truncated piece"))? {
-                TAG_CHUNK => {
-                    let id: [u8; 32] = r
-                        .take(32)
-                        .and_then(|b| b.try_into().ok())
-                        .ok_or_else(|| bad("truncated chunk id"))?;
-                    let len = r.u32().ok_or_else(|| bad("truncated chunk length"))?;
-                    RecipePiece::Chunk {
-                        id: ChunkId(id),
-                        len,
-                    }
-                }
-                TAG_INLINE => {
-                    let len = usize::from(r.u16().ok_or_else(|| bad("truncated inline length"))?);
-                    RecipePiece::Inline(
-                        r.take(len)
-                            .ok_or_else(|| bad("truncated inline bytes"))?
-                            .to_vec(),
-                    )
-                }
-                _ => return Err(bad("unknown piece tag")),
-            };
-            total = total
-                .checked_add(piece.len())
-                .ok_or_else(|| bad("size overflow"))?;
-            pieces.push(piece);
-        }
+        let (pieces, total) = decode_pieces(&mut r, &bad)?;
         if r.pos != bytes.len() {
             return Err(bad("trailing bytes"));
         }
@@ -155,31 +106,105 @@ impl Recipe {
     }
 }
 
-struct Reader<'a> {
+/// Appends a piece count and the pieces (the encoding of a recipe's piece list, also used by
+/// upload session logs).
+pub(crate) fn encode_pieces(pieces: &[RecipePiece], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
+    for p in pieces {
+        match p {
+            RecipePiece::Chunk { id, len } => {
+                out.push(TAG_CHUNK);
+                out.extend_from_slice(&id.0);
+                out.extend_from_slice(&len.to_le_bytes());
+            }
+            RecipePiece::Inline(bytes) => {
+                assert!(bytes.len() <= INLINE_LEN_MAX, "inline piece too long");
+                out.push(TAG_INLINE);
+                out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+                out.extend_from_slice(bytes);
+            }
+        }
+    }
+}
+
+/// Reads what [`encode_pieces`] wrote: the pieces and the sum of their lengths. Never panics.
+pub(crate) fn decode_pieces(
+    r: &mut Reader<'_>,
+    bad: &dyn Fn(&str) -> Error,
+) -> Result<(Vec<RecipePiece>, u64)> {
+    let count = r.u32().ok_or_else(|| bad("truncated count"))? as usize;
+    // Each piece takes at least 3 bytes: bound the allocation by what is there.
+    if count > r.bytes.len() / 3 {
+        return Err(bad("piece count larger than the record"));
+    }
+    let mut pieces = Vec::with_capacity(count);
+    let mut total: u64 = 0;
+    for _ in 0..count {
+        let piece = match r.u8().ok_or_else(|| bad("truncated piece"))? {
+            TAG_CHUNK => {
+                let id: [u8; 32] = r
+                    .take(32)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| bad("truncated chunk id"))?;
+                let len = r.u32().ok_or_else(|| bad("truncated chunk length"))?;
+                RecipePiece::Chunk {
+                    id: ChunkId(id),
+                    len,
+                }
+            }
+            TAG_INLINE => {
+                let len = usize::from(r.u16().ok_or_else(|| bad("truncated inline length"))?);
+                RecipePiece::Inline(
+                    r.take(len)
+                        .ok_or_else(|| bad("truncated inline bytes"))?
+                        .to_vec(),
+                )
+            }
+            _ => return Err(bad("unknown piece tag")),
+        };
+        total = total
+            .checked_add(piece.len())
+            .ok_or_else(|| bad("size overflow"))?;
+        pieces.push(piece);
+    }
+    Ok((pieces, total))
+}
+
+/// A cursor over a record payload.
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, pos: 0 }
+    }
+    /// What is left after the cursor.
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        let s = &self.bytes[self.pos..];
+        self.pos = self.bytes.len();
+        s
+    }
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let s = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
         self.pos += n;
         Some(s)
     }
-    fn u8(&mut self) -> Option<u8> {
+    pub(crate) fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
-    fn u16(&mut self) -> Option<u16> {
+    pub(crate) fn u16(&mut self) -> Option<u16> {
         self.take(2)
             .and_then(|b| b.try_into().ok())
             .map(u16::from_le_bytes)
     }
-    fn u32(&mut self) -> Option<u32> {
+    pub(crate) fn u32(&mut self) -> Option<u32> {
         self.take(4)
             .and_then(|b| b.try_into().ok())
             .map(u32::from_le_bytes)
     }
-    fn u64(&mut self) -> Option<u64> {
+    pub(crate) fn u64(&mut self) -> Option<u64> {
         self.take(8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)

@@ -35,6 +35,8 @@ pub enum RecordKind {
     SyncMark = 3,
     /// A batch of catalog changes (journal files only).
     CatalogBatch = 4,
+    /// What an upload session received up to an acknowledged append (session logs only).
+    UploadCheckpoint = 5,
 }
 
 impl RecordKind {
@@ -44,6 +46,7 @@ impl RecordKind {
             2 => Some(RecordKind::Recipe),
             3 => Some(RecordKind::SyncMark),
             4 => Some(RecordKind::CatalogBatch),
+            5 => Some(RecordKind::UploadCheckpoint),
             _ => None,
         }
     }

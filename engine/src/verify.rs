@@ -263,10 +263,10 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                         }
                     },
                     RecordKind::SyncMark => {}
-                    RecordKind::CatalogBatch => problems.push((
+                    RecordKind::CatalogBatch | RecordKind::UploadCheckpoint => problems.push((
                         rec.offset,
                         FindingCode::RecordMisplaced,
-                        "catalog record in a segment".into(),
+                        "catalog or upload record in a segment".into(),
                     )),
                 }
                 done += rec.header.record_len();

@@ -12,7 +12,6 @@ mod handlers;
 pub mod logbuf;
 pub mod routes;
 mod tls;
-pub mod warm;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,7 +33,6 @@ use tokio::sync::watch;
 use crate::body::ResBody;
 pub use crate::cache::{CachedManifest, ManifestCache};
 pub use crate::config::Config;
-pub use crate::warm::WarmUploads;
 
 /// What every handler shares.
 pub struct App {
@@ -44,9 +42,8 @@ pub struct App {
     pub config: Config,
     /// Manifest bytes by digest (immutable, so never stale), bounded in bytes.
     pub manifests: ManifestCache,
-    /// Upload sessions whose bytes this process has seen in order, with a blob writer fed as
-    /// they arrived (see handlers/uploads.rs).
-    pub warm: WarmUploads,
+    /// Upload sessions (the engine keeps their writers warm between requests).
+    pub uploads: ballast_engine::Uploads,
     /// Accounts, policy and tokens.
     pub auth: Arc<auth::Auth>,
     /// The audit log.
@@ -96,10 +93,10 @@ impl Server {
         )
         .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let app = Arc::new(App {
+            uploads: ballast_engine::Uploads::new(&store),
             store,
             config,
             manifests: ManifestCache::default(),
-            warm: WarmUploads::default(),
             auth,
             audit,
         });
@@ -236,18 +233,12 @@ async fn serve_connection<I>(
 
 async fn expire_uploads(app: Arc<App>) {
     loop {
-        let uploads = app.store.uploads().clone();
+        let uploads = app.uploads.clone();
         let cutoff = now_secs().saturating_sub(app.config.upload_max_age_secs);
         match tokio::task::spawn_blocking(move || uploads.expire(cutoff)).await {
             Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, "expired idle upload sessions"),
             Ok(Err(e)) => tracing::warn!(error = %e, "expiring upload sessions failed"),
             _ => {}
-        }
-        // Warm writers of sessions that expired go too.
-        for id in app.warm.ids() {
-            if app.store.uploads().status(&id).is_err() {
-                app.warm.forget(&id);
-            }
         }
         tokio::time::sleep(Duration::from_secs(60)).await;
     }

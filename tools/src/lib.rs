@@ -383,7 +383,7 @@ fn write_inspection(
     )?;
     writeln!(
         out,
-        "  uploads         {} unfinished, {} spooled",
+        "  uploads         {} unfinished, {} received",
         i.upload_sessions,
         human_bytes(i.upload_bytes)
     )?;
@@ -415,7 +415,7 @@ struct GcOutput {
     report: gc::GcReport,
     /// Unfinished upload sessions removed (or that would be, with `--dry-run`).
     uploads_expired: u64,
-    /// Bytes their spools held.
+    /// Bytes those sessions had received (their chunks go with the collection that follows).
     upload_bytes_freed: u64,
 }
 
@@ -437,8 +437,8 @@ pub fn gc(
     };
     warn_about_open(&store);
     let now = clock::now_secs();
-    // Abandoned uploads first: their spools are what a collection reclaims besides segments.
-    let uploads = store.uploads();
+    // Abandoned uploads first: their chunks are garbage once their sessions are gone.
+    let uploads = ballast_engine::Uploads::new(&store);
     let cutoff = now.saturating_sub(upload_max_age_secs);
     let old = match uploads.started_before(cutoff) {
         Ok(old) => old,

@@ -152,6 +152,9 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
     // Chunks that blob writers still running deduplicated against before this collection
     // started: their recipes do not exist yet, so nothing above names them.
     live_chunks.extend(store.writing_chunks());
+    // Chunks of unfinished upload sessions (read after the running writers above: a session
+    // whose writer ends meanwhile has logged its chunks by then).
+    live_chunks.extend(store.upload_chunks()?);
     // 3. Live bytes per sealed segment, from the index files (no segment data is read).
     let (sealed, _active) = store.sealed_segments();
     let mut stats = Vec::new();

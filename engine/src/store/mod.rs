@@ -17,9 +17,9 @@
 //! Lock order: a thread holding one of these locks only takes locks further down the list
 //! (`merge_lock` is only ever tried, never waited for):
 //!
-//! `gc_lock` → catalog journal (`commit_catalog`) → `gc` → `synced` → `writer` → `segments`
-
-//! → `delta` → `quarantine` → `indexes` → `pending` → `written` → `recipes` → `removed`
+//! upload `slots` (`crate::uploads`) → `gc_lock` → catalog journal (`commit_catalog`) → `gc`
+//! → `synced` → `writer` → `segments` → `delta` → `quarantine` → `indexes` → `pending`
+//! → `written` → `recipes` → `removed`
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,6 @@ use crate::io::{FileHandle, OpenMode, Storage};
 use crate::recipe::Recipe;
 use crate::segment::{segment_path, FILE_HEADER_LEN};
 use crate::sys::Map;
-use crate::uploads::Uploads;
 
 mod indexes;
 mod read;
@@ -137,7 +136,6 @@ pub(crate) struct Inner {
     pub(crate) quarantine: RwLock<Arc<crate::quarantine::Quarantine>>,
     pub(crate) damage: std::sync::atomic::AtomicBool,
     pub(crate) catalog: Arc<Catalog>,
-    pub(crate) uploads: Uploads,
     /// What opening found and mended (a damaged index file rebuilt): for the server's log
     /// and the tools' output.
     pub(crate) open_warnings: Vec<String>,
@@ -182,11 +180,6 @@ impl Store {
     /// The catalog of repositories, tags and links.
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.inner.catalog
-    }
-
-    /// The upload sessions.
-    pub fn uploads(&self) -> &Uploads {
-        &self.inner.uploads
     }
 
     /// Counters.

@@ -19,7 +19,6 @@ use crate::segment::{
     self, check_file_header, file_header, parse_segment_file_name, segment_path, RecordKind,
     FILE_HEADER_LEN, SEGMENT_MAGIC,
 };
-use crate::uploads::Uploads;
 
 use super::*;
 
@@ -110,12 +109,12 @@ fn replay_segment(
                 ));
             }
             RecordKind::SyncMark => durable_end.set(rec.offset),
-            RecordKind::CatalogBatch if salvage => {}
-            RecordKind::CatalogBatch => {
+            RecordKind::CatalogBatch | RecordKind::UploadCheckpoint if salvage => {}
+            RecordKind::CatalogBatch | RecordKind::UploadCheckpoint => {
                 return Err(Error::corrupted(
                     &path,
                     rec.offset,
-                    "catalog record in a segment",
+                    "catalog or upload record in a segment",
                 ))
             }
         }
@@ -156,7 +155,7 @@ impl Store {
         // clear their own.)
         crate::io::remove_unfinished_writes(storage.as_ref(), dir)?;
         let catalog = Arc::new(Catalog::open(storage.clone(), &dir.join("catalog"))?);
-        let uploads = Uploads::open(storage.clone(), &dir.join("uploads"))?;
+        crate::uploads::prepare_dir(storage.as_ref(), &crate::uploads::sessions_dir(dir))?;
         let quarantine = crate::quarantine::Quarantine::load(storage.as_ref(), dir)?;
 
         // Index files: keep a non-overlapping covering set, widest first; drop the rest (the
@@ -285,7 +284,6 @@ impl Store {
             stats: Stats::default(),
             verified,
             catalog,
-            uploads,
             open_warnings: warnings,
             _lock: lock,
         });

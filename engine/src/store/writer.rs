@@ -318,6 +318,15 @@ impl Store {
         Ok(())
     }
 
+    /// Makes everything appended so far durable (an upload session's checkpoint).
+    pub(crate) fn sync_appended(&self) -> Result<()> {
+        let (id, len) = {
+            let w = self.inner.writer.lock();
+            (w.id, w.len)
+        };
+        self.sync_to(id, len)
+    }
+
     /// Commits a recipe: appends it, makes it durable, then makes it visible.
     pub(crate) fn commit_recipe(&self, recipe: Recipe) -> Result<Arc<Recipe>> {
         let key = recipe.digest.index_key();

@@ -1,10 +1,11 @@
 //! Blob uploads: `POST /v2/<name>/blobs/uploads/` (session, monolithic, mount), `PATCH`
-//! (chunked and streamed), `GET` (status), `PUT` (finish), `DELETE` (cancel).
+//! (chunked and streamed), `GET` (status), `PUT` (finish), `DELETE` (cancel). The sessions
+//! themselves (their durability, warm writers, resumption) are the engine's
+//! (`ballast_engine::Uploads`); this file speaks HTTP.
 
 use ballast_engine::catalog::Op;
-use ballast_engine::io::{FileHandle, WritebackHints};
 use ballast_engine::uploads::SessionMeta;
-use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Error as EngineError, Input};
+use ballast_engine::{Algorithm, Digest, Error as EngineError, Input, UploadWriter};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_RANGE, LOCATION, RANGE};
@@ -15,9 +16,6 @@ use super::{blocking, check_name, first, parse_digest, query, reply};
 use crate::body::{next_data, parse_content_range, ResBody};
 use crate::error::ApiError;
 use crate::{now_secs, App};
-
-/// Bytes read from an upload spool per write into the engine.
-const SPOOL_READ_LEN: usize = 1 << 20;
 
 pub async fn start(
     app: &App,
@@ -36,12 +34,12 @@ pub async fn start(
         // Monolithic upload: the body is the whole blob.
         let digest = parse_digest(d)?;
         let mut body = req.into_body();
-        ingest(app, None, Some(&mut body), &digest, None).await?;
+        ingest(app, &mut body, &digest).await?;
         link(app, name, &digest).await?;
         return Ok(created(name, &digest));
     }
     let id = format!("{:032x}", rand::random::<u128>());
-    let uploads = app.store.uploads().clone();
+    let uploads = app.uploads.clone();
     let meta = SessionMeta {
         repo: name.to_owned(),
         started_at: now_secs(),
@@ -129,19 +127,30 @@ async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), ApiError> {
     .await
 }
 
+/// What the engine says about a session, in the registry's terms.
+fn session_error(id: &str, e: EngineError) -> ApiError {
+    match e {
+        EngineError::NotFound(_)
+        | EngineError::InvalidInput {
+            what: Input::UploadId,
+            ..
+        } => ApiError::BlobUploadUnknown(format!("upload {id} is not known")),
+        EngineError::InvalidInput {
+            what: Input::UploadOffset,
+            reason,
+        } => ApiError::RangeInvalid(format!("upload {id}: {reason}")),
+        other => ApiError::from_engine(other),
+    }
+}
+
 /// The session's byte count, checking that it belongs to `name`.
 async fn session_len(app: &App, name: &str, id: &str) -> Result<u64, ApiError> {
-    let uploads = app.store.uploads().clone();
+    let uploads = app.uploads.clone();
     let session = id.to_owned();
     let (meta, len) = blocking(move || {
-        uploads.status(&session).map_err(|e| match e {
-            EngineError::NotFound(_)
-            | EngineError::InvalidInput {
-                what: Input::UploadId,
-                ..
-            } => ApiError::BlobUploadUnknown(format!("upload {session} is not known")),
-            other => ApiError::from_engine(other),
-        })
+        uploads
+            .status(&session)
+            .map_err(|e| session_error(&session, e))
     })
     .await?;
     if meta.repo != name {
@@ -165,19 +174,17 @@ pub async fn cancel(app: &App, name: &str, id: &str) -> Result<Response<ResBody>
     Ok(reply(StatusCode::NO_CONTENT).empty())
 }
 
-/// Ends a session before the reply: from then on it is unknown. Its spool is removed after
-/// the reply (dropping hundreds of MiB from the page cache takes a good part of a second);
-/// if the server stops first, the next expiry pass removes it.
+/// Ends a session before the reply: from then on it is unknown. Its log is removed after
+/// the reply; if the server stops first, the next expiry pass removes it.
 async fn end_session(app: &App, id: &str) -> Result<(), ApiError> {
-    app.warm.forget(id);
-    let uploads = app.store.uploads().clone();
+    let uploads = app.uploads.clone();
     let session = id.to_owned();
     blocking(move || uploads.end(&session).map_err(ApiError::from_engine)).await?;
-    let uploads = app.store.uploads().clone();
+    let uploads = app.uploads.clone();
     let session = id.to_owned();
     tokio::task::spawn_blocking(move || {
         if let Err(e) = uploads.discard(&session) {
-            tracing::warn!(upload = %session, error = %e, "removing a finished upload's spool failed; the next expiry pass retries");
+            tracing::warn!(upload = %session, error = %e, "removing a finished upload's log failed; the next expiry pass retries");
         }
     });
     Ok(())
@@ -193,21 +200,32 @@ pub async fn patch(
     let len = session_len(app, name, id).await?;
     check_content_range(&req, name, id, len)?;
     let mut body = req.into_body();
-    // Feed a warm writer along with the spool when this process has seen the whole session.
-    let warm = app.warm.take(id, len).or_else(|| {
-        (len == 0 && app.warm.has_room())
-            .then(|| BlobWriter::new(&app.store, Algorithm::Sha256, ChunkMode::Auto))
-    });
-    let appended = append(app, id, len, &mut body, warm).await;
-    if let Some(writer) = appended.warm {
-        app.warm.put(id, writer, appended.len);
-    }
-    if let Some(e) = appended.error {
-        // What arrived before the failure is kept: the client can ask for the status and
-        // resume from there.
+    let writer = take_writer(app, id, len, Algorithm::Sha256).await?;
+    // What arrived before a failure is kept (checkpointed): the client can ask for the
+    // status and resume from there.
+    let (result, read_err) = feed(app, &mut body, writer, UploadWriter::checkpoint).await;
+    let len = result?;
+    if let Some(e) = read_err {
         return Err(e);
     }
-    Ok(session_reply(StatusCode::ACCEPTED, name, id, appended.len))
+    Ok(session_reply(StatusCode::ACCEPTED, name, id, len))
+}
+
+/// The session's writer, to append at `offset`.
+async fn take_writer(
+    app: &App,
+    id: &str,
+    offset: u64,
+    algorithm: Algorithm,
+) -> Result<UploadWriter, ApiError> {
+    let uploads = app.uploads.clone();
+    let session = id.to_owned();
+    blocking(move || {
+        uploads
+            .writer(&session, offset, algorithm)
+            .map_err(|e| session_error(&session, e))
+    })
+    .await
 }
 
 /// A chunk must start where the session ends (416 otherwise, with the current range).
@@ -238,17 +256,10 @@ async fn pump(
     body: &mut Incoming,
     idle: std::time::Duration,
     tx: mpsc::Sender<Bytes>,
-    mut also: Option<mpsc::Sender<Bytes>>,
 ) -> Option<ApiError> {
     loop {
         match next_data(body, idle).await {
             Ok(Some(data)) => {
-                if let Some(also_tx) = &also {
-                    // A second consumer that stops (its own failure) is dropped, not waited on.
-                    if also_tx.send(data.clone()).await.is_err() {
-                        also = None;
-                    }
-                }
                 if tx.send(data).await.is_err() {
                     return None;
                 }
@@ -259,104 +270,45 @@ async fn pump(
     }
 }
 
-/// What an append did: the session's length afterwards (bytes that arrived before a failure
-/// are kept), the warm writer if it is still in step with the spool, and the failure.
-struct Appended {
-    len: u64,
-    warm: Option<BlobWriter>,
-    error: Option<ApiError>,
+/// Something that takes a request body's bytes on a blocking thread.
+trait Sink: Send + 'static {
+    fn take(&mut self, data: Bytes) -> Result<(), EngineError>;
 }
 
-/// Appends a request body to the session's spool and makes it durable, feeding `warm` the
-/// same bytes on a thread of its own, so chunking overlaps with the spool's write and fsync.
-async fn append(
-    app: &App,
-    id: &str,
-    offset: u64,
-    body: &mut Incoming,
-    warm: Option<BlobWriter>,
-) -> Appended {
-    let uploads = app.store.uploads().clone();
-    let session = id.to_owned();
-    let file = match blocking(move || {
-        uploads
-            .appender(&session, offset)
-            .map_err(ApiError::from_engine)
-    })
-    .await
-    {
-        Ok(f) => f,
-        Err(e) => {
-            return Appended {
-                len: offset,
-                warm: None,
-                error: Some(e),
-            }
-        }
-    };
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
-    let spool = tokio::task::spawn_blocking(move || -> (u64, Option<ApiError>) {
-        let mut at = offset;
-        let mut hints = WritebackHints::from(offset);
-        let mut error = None;
-        while let Some(data) = rx.blocking_recv() {
-            if let Err(e) = file.write_all_at(&data, at) {
-                error = Some(ApiError::from_engine(e));
-                break;
-            }
-            at += data.len() as u64;
-            // The fsync before the reply then waits for the last few MiB, not the whole PATCH.
-            file.appended(&mut hints, at);
-        }
-        match file.sync() {
-            Ok(()) => (at, error),
-            Err(e) => (offset, Some(ApiError::from_engine(e))),
-        }
-    });
-    // The warm writer gets the same frames; it stays in step only if it took every byte the
-    // spool kept.
-    let (feeder, warm_tx) = match warm {
-        Some(mut w) => {
-            let (wtx, mut wrx) = mpsc::channel::<Bytes>(8);
-            let handle = tokio::task::spawn_blocking(move || -> Option<(BlobWriter, u64)> {
-                let mut fed = 0u64;
-                while let Some(data) = wrx.blocking_recv() {
-                    let n = data.len() as u64;
-                    // On failure the session finishes cold, from the spool.
-                    w.write_bytes(data).ok()?;
-                    fed += n;
-                }
-                Some((w, fed))
-            });
-            (Some(handle), Some(wtx))
-        }
-        None => (None, None),
-    };
-    let read_err = pump(body, app.config.body_idle_timeout(), tx, warm_tx).await;
-    let spooled = spool.await;
-    let warm = match feeder {
-        Some(h) => h.await.ok().flatten(),
-        None => None,
-    };
-    let (len, error) = match spooled {
-        Ok(r) => r,
-        Err(e) => {
-            return Appended {
-                len: offset,
-                warm: None,
-                error: Some(ApiError::Internal(e.to_string())),
-            }
-        }
-    };
-    let warm = match (&error, warm) {
-        (None, Some((w, fed))) if fed == len - offset => Some(w),
-        _ => None,
-    };
-    Appended {
-        len,
-        warm,
-        error: error.or(read_err),
+impl Sink for UploadWriter {
+    fn take(&mut self, data: Bytes) -> Result<(), EngineError> {
+        self.write(data)
     }
+}
+
+impl Sink for ballast_engine::Ingest {
+    fn take(&mut self, data: Bytes) -> Result<(), EngineError> {
+        self.write(data)
+    }
+}
+
+/// Feeds a request body to `sink` on a blocking thread (the engine cuts, hashes and stores
+/// while the next frames arrive), then runs `end` there, whether the body ended or reading
+/// it failed (returned beside). A failure to store stops reading.
+async fn feed<S: Sink, T: Send + 'static>(
+    app: &App,
+    body: &mut Incoming,
+    mut sink: S,
+    end: impl FnOnce(S) -> Result<T, EngineError> + Send + 'static,
+) -> (Result<T, ApiError>, Option<ApiError>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let worker = tokio::task::spawn_blocking(move || -> Result<T, ApiError> {
+        while let Some(data) = rx.blocking_recv() {
+            sink.take(data).map_err(ApiError::from_engine)?;
+        }
+        end(sink).map_err(ApiError::from_engine)
+    });
+    let read_err = pump(body, app.config.body_idle_timeout(), tx).await;
+    let result = match worker.await {
+        Ok(r) => r,
+        Err(e) => Err(ApiError::Internal(e.to_string())),
+    };
+    (result, read_err)
 }
 
 pub async fn finish(
@@ -378,34 +330,16 @@ pub async fn finish(
     let len = session_len(app, name, id).await?;
     check_content_range(&req, name, id, len)?;
     let mut body = req.into_body();
-    // Warm: the writer has seen every byte so far; the last chunk goes straight to it.
-    let warm = app
-        .warm
-        .take(id, len)
-        .filter(|_| digest.algorithm() == Algorithm::Sha256)
-        .or_else(|| {
-            (len == 0).then(|| BlobWriter::new(&app.store, digest.algorithm(), ChunkMode::Auto))
-        });
-    let result = match warm {
-        Some(writer) => ingest(app, None, Some(&mut body), &digest, Some(writer)).await,
-        None => {
-            let appended = append(app, id, len, &mut body, None).await;
-            match appended.error {
-                Some(e) => Err(e),
-                None => {
-                    let uploads = app.store.uploads().clone();
-                    let session = id.to_owned();
-                    let spool =
-                        blocking(move || uploads.reader(&session).map_err(ApiError::from_engine))
-                            .await?;
-                    ingest(app, Some(spool), None, &digest, None).await
-                }
-            }
-        }
-    };
-    let result = match result {
-        Ok(()) => link(app, name, &digest).await,
-        Err(e) => Err(e),
+    let writer = take_writer(app, id, len, digest.algorithm()).await?;
+    let expected = digest.clone();
+    let (result, read_err) = feed(app, &mut body, writer, move |w| {
+        w.finish(&expected).map(drop)
+    })
+    .await;
+    let result = match (result, read_err) {
+        // A body cut short is not the blob, whatever the engine made of it.
+        (_, Some(e)) | (Err(e), None) => Err(e),
+        (Ok(()), None) => link(app, name, &digest).await,
     };
     // Finished or failed, the session is over: nothing of a mismatched upload is kept. It
     // ends after the link is committed, so a crash in between leaves the session (the
@@ -415,92 +349,15 @@ pub async fn finish(
     Ok(created(name, &digest))
 }
 
-/// Feeds a spooled upload and/or a request body into the engine and checks the digest. When
-/// the blob is already stored, the bytes are only hashed: a dedup hit writes nothing.
-async fn ingest(
-    app: &App,
-    spool: Option<FileHandle>,
-    body: Option<&mut Incoming>,
-    expected: &Digest,
-    warm: Option<BlobWriter>,
-) -> Result<(), ApiError> {
+/// Feeds a monolithic upload's body into the engine, which checks the digest (and only
+/// hashes the bytes when the blob is stored already: a dedup hit writes nothing).
+async fn ingest(app: &App, body: &mut Incoming, expected: &Digest) -> Result<(), ApiError> {
     let store = app.store.clone();
-    let known = match warm {
-        Some(_) => false,
-        None => {
-            let (s, d) = (store.clone(), expected.clone());
-            blocking(move || Ok(s.contains(&d))).await?
-        }
-    };
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
-    let expected_owned = expected.clone();
-    let worker = tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
-        enum Sink {
-            Hash(Box<ballast_engine::digest::Hasher>),
-            Store(Box<BlobWriter>),
-        }
-        let algorithm = expected_owned.algorithm();
-        let mut sink = match warm {
-            Some(w) => Sink::Store(Box::new(w)),
-            None if known => Sink::Hash(Box::new(algorithm.hasher())),
-            None => Sink::Store(Box::new(BlobWriter::new(
-                &store,
-                algorithm,
-                ChunkMode::Auto,
-            ))),
-        };
-        let mut feed = |data: Bytes| -> Result<(), ApiError> {
-            match &mut sink {
-                Sink::Hash(h) => {
-                    h.update(&data);
-                    Ok(())
-                }
-                Sink::Store(w) => w.write_bytes(data).map_err(ApiError::from_engine),
-            }
-        };
-        if let Some(file) = spool {
-            let len = file.len().map_err(ApiError::from_engine)?;
-            let mut at = 0;
-            while at < len {
-                let n = SPOOL_READ_LEN.min((len - at) as usize);
-                let mut buf = vec![0u8; n];
-                file.read_exact_at(&mut buf, at)
-                    .map_err(ApiError::from_engine)?;
-                feed(Bytes::from(buf))?;
-                at += n as u64;
-            }
-        }
-        while let Some(data) = rx.blocking_recv() {
-            feed(data)?;
-        }
-        match sink {
-            Sink::Hash(h) => {
-                let actual = h.finish();
-                if actual != expected_owned {
-                    return Err(ApiError::DigestInvalid(format!(
-                        "content does not match digest {expected_owned} (computed {actual})"
-                    )));
-                }
-                Ok(())
-            }
-            Sink::Store(w) => w
-                .finish(Some(&expected_owned))
-                .map(|_| ())
-                .map_err(ApiError::from_engine),
-        }
-    });
-    let read_err = match body {
-        Some(body) => pump(body, app.config.body_idle_timeout(), tx, None).await,
-        None => {
-            drop(tx);
-            None
-        }
-    };
-    let result = worker
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let Some(e) = read_err {
-        return Err(e);
+    let d = expected.clone();
+    let sink = blocking(move || Ok(store.ingest(&d))).await?;
+    let (result, read_err) = feed(app, body, sink, ballast_engine::Ingest::finish).await;
+    match read_err {
+        Some(e) => Err(e),
+        None => result,
     }
-    result
 }
