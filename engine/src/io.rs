@@ -85,7 +85,7 @@ pub fn existed(path: &Path, result: io::Result<()>) -> Result<bool> {
 }
 
 /// Appended bytes between writeback hints.
-pub const WRITEBACK_STEP: u64 = 8 << 20;
+pub const WRITEBACK_STEP: u64 = 2 << 20;
 
 /// Where the last writeback hint of an appended file ended (see [`FileHandle::appended`]).
 #[derive(Clone, Copy, Debug, Default)]

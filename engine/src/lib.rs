@@ -14,7 +14,12 @@ pub mod error;
 pub mod gc;
 pub mod index;
 pub mod inspect;
+// File access is the engine's own business; `storage` below is what callers need of it.
+// The fuzz targets (feature `internals`) drive files directly.
+#[cfg(feature = "internals")]
 pub mod io;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod io;
 pub mod names;
 pub mod quarantine;
 pub mod recipe;
@@ -25,6 +30,15 @@ pub mod testdata;
 pub mod uploads;
 mod verified;
 pub mod verify;
+
+/// Where a store keeps its files: the real file system, or a simulated one for tests that
+/// inject faults and power cuts ([`Store::open_on`]); the modes the engine creates files and
+/// directories with; dropping a file from the page cache (cold-read benchmarks).
+pub mod storage {
+    pub use crate::io::{
+        drop_page_cache, RealStorage, SimStorage, Storage, StorageFile, DIR_MODE, FILE_MODE,
+    };
+}
 
 pub use blob::{BlobReader, BlobWriter, Committed, Ingest};
 pub use catalog::Catalog;

@@ -242,7 +242,7 @@ impl Writer {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    use ballast_engine::io::{DIR_MODE, FILE_MODE};
+    use ballast_engine::storage::{DIR_MODE, FILE_MODE};
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // Not readable by other users, whatever the umask: the log names who did what.

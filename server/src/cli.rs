@@ -64,7 +64,7 @@ fn edit_lock(path: &Path) -> anyhow::Result<std::fs::File> {
         crate::auth::create_dir_owned_as_parent(dir)?;
     }
     let f = std::fs::OpenOptions::new()
-        .mode(ballast_engine::io::FILE_MODE)
+        .mode(ballast_engine::storage::FILE_MODE)
         .create(true)
         .truncate(false)
         .write(true)

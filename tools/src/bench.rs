@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ballast_engine::catalog::Op;
-use ballast_engine::{clock, gc, io::drop_page_cache, verify, Algorithm, BlobWriter, ChunkMode};
+use ballast_engine::{
+    clock, gc, storage::drop_page_cache, verify, Algorithm, BlobWriter, ChunkMode,
+};
 use ballast_engine::{Digest, Options, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;

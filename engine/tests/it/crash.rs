@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ballast_engine::io::SimStorage;
+use ballast_engine::storage::SimStorage;
 use ballast_engine::{Options, Store};
 
 use crate::{seeded, sha256, tar};

@@ -373,7 +373,7 @@ fn removed_segments_are_forgotten_once_no_index_names_them() {
 /// finds no file under SimStorage and took every segment for ancient.)
 #[test]
 fn the_grace_period_holds_on_simulated_storage() {
-    use ballast_engine::io::SimStorage;
+    use ballast_engine::storage::SimStorage;
     let sim = SimStorage::new();
     let dir = std::path::Path::new("/grace");
     let store = Store::open_on(

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ballast_engine::io::SimStorage;
+use ballast_engine::storage::SimStorage;
 use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Error, Options, Store};
 
 use crate::{seeded, sha256, tar};

@@ -739,7 +739,7 @@ pub fn create_dir_owned_as_parent(dir: &Path) -> anyhow::Result<()> {
         create_dir_owned_as_parent(parent)?;
     }
     std::fs::DirBuilder::new()
-        .mode(ballast_engine::io::DIR_MODE)
+        .mode(ballast_engine::storage::DIR_MODE)
         .create(dir)
         .or_else(|e| if dir.is_dir() { Ok(()) } else { Err(e) })
         .with_context(|| format!("creating {}", dir.display()))?;

@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn healthz_answers_503_once_the_store_is_poisoned() {
-        use ballast_engine::io::SimStorage;
+        use ballast_engine::storage::SimStorage;
         use http_body_util::BodyExt;
         let sim = SimStorage::new();
         let store = ballast_engine::Store::open_on(
