@@ -32,6 +32,10 @@ pub enum Error {
     /// A configured bound was exceeded.
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
+    /// A bound on open work (upload sessions, their bytes) is reached: retry once some of
+    /// that work ends.
+    #[error("{0}")]
+    Throttled(String),
     /// Another process holds the data directory.
     #[error("data directory {dir} is locked by another process ({holder}); stop it first")]
     Locked { dir: PathBuf, holder: String },

@@ -28,15 +28,63 @@ pub fn full(bytes: impl Into<Bytes>) -> ResBody {
         .boxed()
 }
 
-/// Reads the next data frame of a request body; `None` at its end. A body that stalls for
-/// longer than `idle` fails with a timeout, so a slow client cannot hold a request forever.
-pub async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>, ApiError> {
+/// How slowly a request body may arrive: a stall longer than `idle` ends it, and so does a
+/// window of `window` in which fewer than `min_rate` bytes a second arrived (a body trickled
+/// a byte at a time would otherwise hold its request, and what it holds, for ever).
+#[derive(Clone, Debug)]
+pub struct Pace {
+    idle: Duration,
+    min_rate: u64,
+    window: Duration,
+    window_start: std::time::Instant,
+    window_bytes: u64,
+}
+
+impl Pace {
+    /// `min_rate` 0 checks only for stalls.
+    pub fn new(idle: Duration, min_rate: u64, window: Duration) -> Pace {
+        Pace {
+            idle,
+            min_rate,
+            window,
+            window_start: std::time::Instant::now(),
+            window_bytes: 0,
+        }
+    }
+
+    /// Counts `n` bytes that arrived; fails when the window that just ended was too slow.
+    fn arrived(&mut self, n: usize) -> Result<(), ApiError> {
+        self.window_bytes += n as u64;
+        let elapsed = self.window_start.elapsed();
+        if self.min_rate == 0 || elapsed < self.window {
+            return Ok(());
+        }
+        let rate = self.window_bytes as f64 / elapsed.as_secs_f64();
+        if rate < self.min_rate as f64 {
+            return Err(ApiError::Timeout(format!(
+                "the request body arrived at {rate:.0} bytes/s over the last {} s, less than the \
+                 {} bytes/s this registry requires (body_min_bytes_per_sec); what arrived of an \
+                 upload is kept, resume it from its status",
+                elapsed.as_secs(),
+                self.min_rate
+            )));
+        }
+        self.window_start = std::time::Instant::now();
+        self.window_bytes = 0;
+        Ok(())
+    }
+}
+
+/// Reads the next data frame of a request body; `None` at its end. A body that stalls or
+/// trickles (see [`Pace`]) fails with a timeout, so a slow client cannot hold a request
+/// forever.
+pub async fn next_data(body: &mut Incoming, pace: &mut Pace) -> Result<Option<Bytes>, ApiError> {
     loop {
-        match tokio::time::timeout(idle, body.frame()).await {
+        match tokio::time::timeout(pace.idle, body.frame()).await {
             Err(_) => {
                 return Err(ApiError::Timeout(format!(
                     "no request body bytes for {} s",
-                    idle.as_secs()
+                    pace.idle.as_secs()
                 )))
             }
             Ok(None) => return Ok(None),
@@ -48,6 +96,7 @@ pub async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Byt
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     if !data.is_empty() {
+                        pace.arrived(data.len())?;
                         return Ok(Some(data));
                     }
                 }
@@ -60,10 +109,10 @@ pub async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Byt
 pub async fn read_limited(
     body: &mut Incoming,
     max: usize,
-    idle: Duration,
+    mut pace: Pace,
 ) -> Result<Option<Bytes>, ApiError> {
     let mut out = Vec::new();
-    while let Some(data) = next_data(body, idle).await? {
+    while let Some(data) = next_data(body, &mut pace).await? {
         if out.len() + data.len() > max {
             return Ok(None);
         }

@@ -21,8 +21,22 @@ pub struct Config {
     pub header_timeout_secs: u64,
     /// Seconds a request body may stall without a byte arriving.
     pub body_idle_timeout_secs: u64,
+    /// A request body arriving slower than this many bytes a second, measured over
+    /// `body_rate_window_secs`, is cut with a 408 (0: only stalls are cut).
+    pub body_min_bytes_per_sec: u64,
+    /// The window over which `body_min_bytes_per_sec` is measured.
+    pub body_rate_window_secs: u64,
     /// Seconds an upload session may stay unfinished before it is removed.
     pub upload_max_age_secs: u64,
+    /// Open upload sessions in all (0: no bound); past it a new session gets 429.
+    pub upload_sessions_max: usize,
+    /// Open upload sessions one client may hold (an account, or an address when
+    /// anonymous; 0: no bound).
+    pub upload_sessions_per_client_max: usize,
+    /// Bytes one upload session may receive (0: no bound).
+    pub upload_session_bytes_max: u64,
+    /// Bytes all open upload sessions together may hold (0: no bound).
+    pub upload_bytes_max: u64,
     /// Seconds in-flight requests get to finish at shutdown.
     pub shutdown_grace_secs: u64,
     /// Largest manifest accepted, in bytes.
@@ -126,7 +140,13 @@ impl Default for Config {
             data: PathBuf::from("./ballast-data"),
             header_timeout_secs: 30,
             body_idle_timeout_secs: 60,
+            body_min_bytes_per_sec: 1024,
+            body_rate_window_secs: 30,
             upload_max_age_secs: UPLOAD_MAX_AGE_SECS_DEFAULT,
+            upload_sessions_max: 1000,
+            upload_sessions_per_client_max: 64,
+            upload_session_bytes_max: 64 << 30,
+            upload_bytes_max: 0,
             shutdown_grace_secs: 30,
             manifest_bytes_max: 4 << 20,
             segment_bytes_max: 64 << 20,
@@ -154,7 +174,13 @@ pub const SETTINGS: &[&str] = &[
     "data",
     "header_timeout_secs",
     "body_idle_timeout_secs",
+    "body_min_bytes_per_sec",
+    "body_rate_window_secs",
     "upload_max_age_secs",
+    "upload_sessions_max",
+    "upload_sessions_per_client_max",
+    "upload_session_bytes_max",
+    "upload_bytes_max",
     "shutdown_grace_secs",
     "manifest_bytes_max",
     "segment_bytes_max",
@@ -181,6 +207,25 @@ impl Config {
     /// Idle timeout for request bodies.
     pub fn body_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.body_idle_timeout_secs)
+    }
+
+    /// How slowly a request body may arrive, starting now.
+    pub fn body_pace(&self) -> crate::body::Pace {
+        crate::body::Pace::new(
+            self.body_idle_timeout(),
+            self.body_min_bytes_per_sec,
+            Duration::from_secs(self.body_rate_window_secs.max(1)),
+        )
+    }
+
+    /// The bounds on open upload sessions.
+    pub fn upload_limits(&self) -> ballast_engine::uploads::UploadLimits {
+        ballast_engine::uploads::UploadLimits {
+            sessions_max: self.upload_sessions_max,
+            sessions_per_client_max: self.upload_sessions_per_client_max,
+            session_bytes_max: self.upload_session_bytes_max,
+            bytes_max: self.upload_bytes_max,
+        }
     }
 
     /// True when the server speaks TLS.
@@ -318,7 +363,13 @@ impl Config {
             "data" => self.data = PathBuf::from(value),
             "header_timeout_secs" => self.header_timeout_secs = num(value)?,
             "body_idle_timeout_secs" => self.body_idle_timeout_secs = num(value)?,
+            "body_min_bytes_per_sec" => self.body_min_bytes_per_sec = num(value)?,
+            "body_rate_window_secs" => self.body_rate_window_secs = num(value)?,
             "upload_max_age_secs" => self.upload_max_age_secs = num(value)?,
+            "upload_sessions_max" => self.upload_sessions_max = num(value)?,
+            "upload_sessions_per_client_max" => self.upload_sessions_per_client_max = num(value)?,
+            "upload_session_bytes_max" => self.upload_session_bytes_max = num(value)?,
+            "upload_bytes_max" => self.upload_bytes_max = num(value)?,
             "shutdown_grace_secs" => self.shutdown_grace_secs = num(value)?,
             "manifest_bytes_max" => self.manifest_bytes_max = num(value)?,
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,

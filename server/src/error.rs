@@ -1,7 +1,7 @@
 //! The API's errors: each variant's OCI error code and HTTP status, in one table.
 
 use bytes::Bytes;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 use crate::body::{self, ResBody};
@@ -112,6 +112,7 @@ impl ApiError {
             },
             EngineError::Busy(why) => ApiError::Busy(why),
             EngineError::LimitExceeded(why) => ApiError::SizeInvalid(why),
+            EngineError::Throttled(why) => ApiError::TooManyRequests(why),
             EngineError::Poisoned(_) => ApiError::Unavailable(format!("{e}")),
             other => ApiError::Internal(other.to_string()),
         }
@@ -141,5 +142,13 @@ pub fn response(e: &ApiError) -> Response<ResBody> {
     );
     res.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        // Open work that ends makes room (a denial from the login throttle says its own).
+        res.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
     res
 }
+
+/// `Retry-After` of a 429 that has no better estimate.
+const RETRY_AFTER_SECS: u64 = 10;

@@ -56,6 +56,8 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         Audit::Change(kind) => Plan::before(app, kind, &r, &req, &access, peer),
         Audit::Read | Audit::AtEnd(_) => None,
     };
+    let mut req = req;
+    req.extensions_mut().insert(ClientAddr(peer));
     let (mut res, failure) = match handlers::dispatch(app, &access, d.endpoint, r, req).await {
         Ok(res) => (res, None),
         Err(e) => {
@@ -69,6 +71,10 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     res.extensions_mut().insert(Actor(access.actor()));
     res
 }
+
+/// The address a request came from, for handlers that bound work per client.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
 
 /// Who made a request, as the audit log names them, for the request log line.
 #[derive(Clone, Debug)]

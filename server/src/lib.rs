@@ -93,7 +93,7 @@ impl Server {
         )
         .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let app = Arc::new(App {
-            uploads: ballast_engine::Uploads::new(&store),
+            uploads: ballast_engine::Uploads::with_limits(&store, config.upload_limits()),
             store,
             config,
             manifests: ManifestCache::default(),

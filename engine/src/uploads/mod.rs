@@ -35,6 +35,48 @@ pub struct SessionMeta {
     pub repo: String,
     /// Seconds since the epoch when it started.
     pub started_at: u64,
+    /// Who started it (an account, or an address), for the per-client bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+}
+
+/// Bounds on open upload sessions, so that no client (and no crowd of them) can hold the
+/// store's room or memory with sessions it never finishes. Zero means no bound. Past a bound
+/// a new session or an append fails with [`Error::Throttled`]; sessions end when finished,
+/// cancelled or expired, which makes room again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Open sessions in all.
+    pub sessions_max: usize,
+    /// Open sessions one client started.
+    pub sessions_per_client_max: usize,
+    /// Bytes one session may receive.
+    pub session_bytes_max: u64,
+    /// Bytes all open sessions together may hold.
+    pub bytes_max: u64,
+}
+
+/// Open sessions as the bounds count them: id → (client, bytes received).
+#[derive(Default)]
+pub(crate) struct Usage {
+    loaded: bool,
+    sessions: HashMap<String, (Option<String>, u64)>,
+}
+
+impl Usage {
+    pub(crate) fn bytes_besides(&self, id: &str) -> u64 {
+        self.sessions
+            .iter()
+            .filter(|(other, _)| other.as_str() != id)
+            .map(|(_, (_, n))| n)
+            .sum()
+    }
+
+    pub(crate) fn set_len(&mut self, id: &str, len: u64) {
+        if let Some(entry) = self.sessions.get_mut(id) {
+            entry.1 = len;
+        }
+    }
 }
 
 /// The upload sessions of a store.
@@ -59,6 +101,9 @@ pub struct Uploads {
     /// Sessions in use by an append (busy) or kept warm between appends; a session not here
     /// is on disk only and is replayed from its log when next used.
     slots: Arc<Mutex<HashMap<String, Slot>>>,
+    limits: UploadLimits,
+    /// What the bounds count, read from the sessions' files when first needed.
+    usage: Arc<Mutex<Usage>>,
 }
 
 impl std::fmt::Debug for Uploads {
@@ -100,14 +145,73 @@ fn unknown(id: &str) -> Error {
 }
 
 impl Uploads {
-    /// The sessions of `store`.
+    /// The sessions of `store`, without bounds.
     pub fn new(store: &Store) -> Uploads {
+        Uploads::with_limits(store, UploadLimits::default())
+    }
+
+    /// The sessions of `store`, bounded by `limits`.
+    pub fn with_limits(store: &Store, limits: UploadLimits) -> Uploads {
         Uploads {
             store: store.clone(),
             dir: sessions_dir(store.dir()),
             creating: Arc::new(Mutex::new(())),
             slots: Arc::new(Mutex::new(HashMap::new())),
+            limits,
+            usage: Arc::new(Mutex::new(Usage::default())),
         }
+    }
+
+    /// The bounds in force.
+    pub fn limits(&self) -> UploadLimits {
+        self.limits
+    }
+
+    /// Runs `f` on the usage, read from the sessions' files the first time.
+    pub(crate) fn with_usage<R>(&self, f: impl FnOnce(&mut Usage) -> R) -> Result<R> {
+        let mut usage = self.usage.lock();
+        if !usage.loaded {
+            for id in self.ids()? {
+                if let Ok((meta, len)) = self.status(&id) {
+                    usage.sessions.insert(id, (meta.client, len));
+                }
+            }
+            usage.loaded = true;
+        }
+        Ok(f(&mut usage))
+    }
+
+    /// Fails with [`Error::Throttled`] when one more session for `client` passes a bound.
+    fn admit(&self, usage: &Usage, client: Option<&str>) -> Result<()> {
+        let l = &self.limits;
+        let open = usage.sessions.len();
+        if l.sessions_max > 0 && open >= l.sessions_max {
+            return Err(Error::Throttled(format!(
+                "{open} upload sessions are open, the most this registry keeps \
+                 (upload_sessions_max); finish or cancel some, or retry later"
+            )));
+        }
+        if let (Some(client), true) = (client, l.sessions_per_client_max > 0) {
+            let mine = usage
+                .sessions
+                .values()
+                .filter(|(c, _)| c.as_deref() == Some(client))
+                .count();
+            if mine >= l.sessions_per_client_max {
+                return Err(Error::Throttled(format!(
+                    "{client} has {mine} upload sessions open, the most one client may \
+                     (upload_sessions_per_client_max); finish or cancel some, or retry later"
+                )));
+            }
+        }
+        if l.bytes_max > 0 && usage.bytes_besides("") >= l.bytes_max {
+            return Err(Error::Throttled(format!(
+                "open upload sessions hold {} bytes, the most this registry keeps \
+                 (upload_bytes_max); retry once some finish",
+                usage.bytes_besides("")
+            )));
+        }
+        Ok(())
     }
 
     fn storage_ref(&self) -> &dyn Storage {
@@ -119,17 +223,21 @@ impl Uploads {
     }
 
     /// Starts a session with a fresh id chosen by the caller.
+    /// Fails with [`Error::Throttled`] when a bound (see [`UploadLimits`]) leaves no room.
     pub fn create(&self, id: &str, meta: &SessionMeta) -> Result<()> {
         validate_id(id)?;
         let s = self;
         let _creating = s.creating.lock();
+        self.with_usage(|u| self.admit(u, meta.client.as_deref()))??;
         // A new file: an id in use (the caller chose it badly) fails here.
         let file = FileHandle::open(self.storage_ref(), &s.path(id, "log"), OpenMode::CreateNew)?;
         file.write_all_at(&log::header(), 0)?;
         file.sync()?;
         let json =
             serde_json::to_vec(meta).map_err(|e| Error::Internal(format!("upload meta: {e}")))?;
-        write_atomic(self.storage_ref(), &s.path(id, "meta"), &json)
+        write_atomic(self.storage_ref(), &s.path(id, "meta"), &json)?;
+        self.with_usage(|u| u.sessions.insert(id.to_owned(), (meta.client.clone(), 0)))?;
+        Ok(())
     }
 
     fn meta(&self, id: &str) -> Result<SessionMeta> {
@@ -164,6 +272,7 @@ impl Uploads {
     pub fn end(&self, id: &str) -> Result<()> {
         validate_id(id)?;
         self.forget(id);
+        self.with_usage(|u| u.sessions.remove(id))?;
         let s = self;
         let done = s.path(id, "done");
         let mut had_bytes = false;

@@ -24,6 +24,14 @@ fn meta(started_at: u64) -> SessionMeta {
     SessionMeta {
         repo: "r".into(),
         started_at,
+        client: None,
+    }
+}
+
+fn by(client: &str) -> SessionMeta {
+    SessionMeta {
+        client: Some(client.into()),
+        ..meta(1)
     }
 }
 
@@ -325,4 +333,58 @@ fn expire_sweeps_old_sessions_and_every_kind_of_leftover() {
     );
     assert_eq!(up.ids().expect("ids"), vec![B.to_owned()]);
     assert_eq!(up.expire(500).expect("again"), 0);
+}
+
+#[test]
+fn bounds_on_sessions_per_client_in_all_and_on_their_bytes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(tmp.path(), Options::default()).expect("open");
+    let limits = UploadLimits {
+        sessions_max: 2,
+        sessions_per_client_max: 1,
+        session_bytes_max: 1000,
+        bytes_max: 1500,
+    };
+    let up = Uploads::with_limits(&store, limits);
+    let ids: Vec<String> = (1..=4).map(|i| format!("{i:032x}")).collect();
+    up.create(&ids[0], &by("user:alice"))
+        .expect("alice's first");
+    let again = up.create(&ids[1], &by("user:alice"));
+    assert!(
+        matches!(&again, Err(Error::Throttled(m)) if m.contains("user:alice") && m.contains("upload_sessions_per_client_max")),
+        "{again:?}"
+    );
+    up.create(&ids[1], &by("user:bob")).expect("bob's");
+    let third = up.create(&ids[2], &by("address:10.0.0.9"));
+    assert!(
+        matches!(&third, Err(Error::Throttled(m)) if m.contains("upload_sessions_max")),
+        "{third:?}"
+    );
+    // A session's bytes: an append past the bound is refused and not kept.
+    append(&up, &ids[0], &[7u8; 900]);
+    let mut w = up.writer(&ids[0], 900, Algorithm::Sha256).expect("writer");
+    let past = w.write(Bytes::from(vec![7u8; 101]));
+    assert!(
+        matches!(&past, Err(Error::Throttled(m)) if m.contains("upload_session_bytes_max")),
+        "{past:?}"
+    );
+    drop(w);
+    assert_eq!(up.status(&ids[0]).expect("status").1, 900);
+    // All sessions' bytes: 900 held by alice, so bob may add 600 but not 601.
+    let mut w = up.writer(&ids[1], 0, Algorithm::Sha256).expect("writer");
+    let past = w.write(Bytes::from(vec![8u8; 601]));
+    assert!(
+        matches!(&past, Err(Error::Throttled(m)) if m.contains("upload_bytes_max")),
+        "{past:?}"
+    );
+    drop(w);
+    append(&up, &ids[1], &[8u8; 600]);
+    // Ending a session makes room; the count survives a restart (read from the files).
+    up.remove(&ids[0]).expect("remove");
+    up.create(&ids[2], &by("address:10.0.0.9"))
+        .expect("room again");
+    drop(up);
+    let up = Uploads::with_limits(&store, limits);
+    let full = up.create(&ids[3], &by("user:carol"));
+    assert!(matches!(full, Err(Error::Throttled(_))), "{full:?}");
 }

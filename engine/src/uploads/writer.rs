@@ -39,6 +39,7 @@ pub(crate) enum Slot {
 
 /// A session in memory: its writer is in step with its log.
 pub(crate) struct Session {
+    id: String,
     writer: BlobWriter,
     algorithm: Algorithm,
     /// Bytes the log holds (acknowledged).
@@ -60,6 +61,9 @@ pub struct UploadWriter {
     session: Option<Box<Session>>,
     /// Bytes were written since the last checkpoint.
     dirty: bool,
+    /// Bytes the other open sessions held when this writer first wrote (for the bound on
+    /// all sessions' bytes; read once, not per write).
+    others: Option<u64>,
 }
 
 impl Uploads {
@@ -87,6 +91,7 @@ impl Uploads {
             id: id.to_owned(),
             session: None,
             dirty: false,
+            others: None,
         };
         let session = match taken {
             Some(s) if s.algorithm == algorithm => s,
@@ -174,6 +179,7 @@ impl Uploads {
             ));
         }
         Ok(Box::new(Session {
+            id: id.to_owned(),
             writer,
             algorithm,
             len: r.len,
@@ -193,6 +199,7 @@ impl Uploads {
         let log = FileHandle::open(storage, &self.path(id, "log"), OpenMode::Truncate)?;
         log.write_all_at(&log::header(), 0)?;
         let mut session = Box::new(Session {
+            id: id.to_owned(),
             writer: BlobWriter::new(&self.store, algorithm, Mode::Auto),
             algorithm,
             len: 0,
@@ -251,6 +258,7 @@ impl Uploads {
         s.pieces += pieces.len();
         s.tail_len = tail_len;
         s.len = len;
+        self.with_usage(|u| u.set_len(&s.id, len))?;
         Ok(len)
     }
 }
@@ -273,8 +281,36 @@ impl UploadWriter {
     }
 
     /// Appends bytes (cut, stored and deduplicated as they come; durable at the checkpoint).
+    /// Bytes past a bound on session bytes fail with [`Error::Throttled`]: the append is
+    /// not kept (the session stays as its last checkpoint left it).
     pub fn write(&mut self, data: Bytes) -> Result<()> {
         self.dirty = true;
+        let len = self.len() + data.len() as u64;
+        let limits = self.uploads.limits();
+        if limits.session_bytes_max > 0 && len > limits.session_bytes_max {
+            return Err(Error::Throttled(format!(
+                "upload {} would hold {len} bytes, more than one upload session may \
+                 (upload_session_bytes_max = {})",
+                self.id, limits.session_bytes_max
+            )));
+        }
+        if limits.bytes_max > 0 {
+            let others = match self.others {
+                Some(n) => n,
+                None => {
+                    let n = self.uploads.with_usage(|u| u.bytes_besides(&self.id))?;
+                    *self.others.insert(n)
+                }
+            };
+            if others + len > limits.bytes_max {
+                return Err(Error::Throttled(format!(
+                    "open upload sessions would hold {} bytes, more than this registry keeps \
+                     (upload_bytes_max = {}); retry once some finish",
+                    others + len,
+                    limits.bytes_max
+                )));
+            }
+        }
         let result = self.session()?.writer.write_bytes(data);
         if result.is_err() {
             // The writer's state is unknown: the log's last checkpoint is what counts.

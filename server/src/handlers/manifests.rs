@@ -314,14 +314,17 @@ pub async fn put(
         // dropped first, so a client still sending it reads the 413 rather than a reset
         // connection; a larger one is refused before any of it is read.
         if n <= 2 * max as u64 {
-            let idle = app.config.body_idle_timeout();
-            while crate::body::next_data(&mut body, idle).await?.is_some() {}
+            let mut pace = app.config.body_pace();
+            while crate::body::next_data(&mut body, &mut pace)
+                .await?
+                .is_some()
+            {}
         }
         return Err(ApiError::ManifestTooLarge(format!(
             "manifests are limited to {max} bytes; this one declares {n} bytes"
         )));
     }
-    let bytes: Bytes = read_limited(&mut body, max, app.config.body_idle_timeout())
+    let bytes: Bytes = read_limited(&mut body, max, app.config.body_pace())
         .await?
         .ok_or_else(|| {
             ApiError::ManifestTooLarge(format!("manifests are limited to {max} bytes"))

@@ -13,7 +13,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use super::{blocking, check_name, first, parse_digest, query, reply};
-use crate::body::{next_data, parse_content_range, ResBody};
+use crate::body::{next_data, parse_content_range, Pace, ResBody};
 use crate::error::ApiError;
 use crate::{now_secs, App};
 
@@ -43,6 +43,7 @@ pub async fn start(
     let meta = SessionMeta {
         repo: name.to_owned(),
         started_at: now_secs(),
+        client: client_key(access, &req),
     };
     let session = id.clone();
     blocking(move || {
@@ -52,6 +53,18 @@ pub async fn start(
     })
     .await?;
     Ok(session_reply(StatusCode::ACCEPTED, name, &id, 0))
+}
+
+/// Who a session counts against for `upload_sessions_per_client_max`: the account, or the
+/// address of an anonymous client.
+fn client_key(access: &crate::auth::Access, req: &Request<Incoming>) -> Option<String> {
+    match &access.principal {
+        crate::auth::Principal::Anonymous => req
+            .extensions()
+            .get::<crate::guard::ClientAddr>()
+            .map(|a| format!("address:{}", a.0.ip())),
+        p => Some(p.subject()),
+    }
 }
 
 /// Cross-repository mount: links a blob the registry already holds. `from` names where the
@@ -252,13 +265,9 @@ fn check_content_range(
 
 /// Sends a request body's data frames to a blocking consumer until the body ends, the
 /// consumer stops, or reading fails (returned). Dropping the sender tells the consumer the end.
-async fn pump(
-    body: &mut Incoming,
-    idle: std::time::Duration,
-    tx: mpsc::Sender<Bytes>,
-) -> Option<ApiError> {
+async fn pump(body: &mut Incoming, mut pace: Pace, tx: mpsc::Sender<Bytes>) -> Option<ApiError> {
     loop {
-        match next_data(body, idle).await {
+        match next_data(body, &mut pace).await {
             Ok(Some(data)) => {
                 if tx.send(data).await.is_err() {
                     return None;
@@ -303,7 +312,7 @@ async fn feed<S: Sink, T: Send + 'static>(
         }
         end(sink).map_err(ApiError::from_engine)
     });
-    let read_err = pump(body, app.config.body_idle_timeout(), tx).await;
+    let read_err = pump(body, app.config.body_pace(), tx).await;
     let result = match worker.await {
         Ok(r) => r,
         Err(e) => Err(ApiError::Internal(e.to_string())),

@@ -356,3 +356,98 @@ fn an_oversized_declared_manifest_is_refused_before_its_body() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("SIZE_INVALID"), "{text}");
 }
+
+/// Upload sessions are bounded per client and in all, and their bytes per session (#14
+/// item 7): past a bound the answer is 429 TOOMANYREQUESTS with Retry-After, and ending a
+/// session makes room again. (Before, 5,000 sessions opened in 7 s were kept a day.)
+#[test]
+fn upload_sessions_are_bounded_per_client_in_all_and_in_bytes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start_with(
+        tmp.path(),
+        &[
+            ("BALLAST_UPLOAD_SESSIONS_PER_CLIENT_MAX", "3"),
+            ("BALLAST_UPLOAD_SESSION_BYTES_MAX", "100000"),
+        ],
+    );
+    let start = || call("POST", &r.url("/v2/caps/blobs/uploads/"), &[], None);
+    let locs: Vec<String> = (0..3)
+        .map(|_| {
+            let res = start();
+            assert_eq!(res.status, 202);
+            res.header("location").expect("Location").to_owned()
+        })
+        .collect();
+    let over = start();
+    assert_eq!(over.status, 429, "{}", String::from_utf8_lossy(&over.body));
+    assert!(over.header("retry-after").is_some());
+    let text = String::from_utf8_lossy(&over.body);
+    assert!(text.contains("TOOMANYREQUESTS"), "{text}");
+    assert!(text.contains("upload_sessions_per_client_max"), "{text}");
+    // Cancelling one makes room.
+    assert_eq!(call("DELETE", &r.url(&locs[0]), &[], None).status, 204);
+    assert_eq!(start().status, 202);
+    // A session's bytes past its bound: refused, and the session keeps what it had.
+    let patch = |loc: &str, body: &[u8]| {
+        call(
+            "PATCH",
+            &r.url(loc),
+            &[("Content-Type", "application/octet-stream")],
+            Some(body),
+        )
+    };
+    assert_eq!(patch(&locs[1], &seeded(60_000, 1)).status, 202);
+    let past = patch(&locs[1], &seeded(60_000, 2));
+    assert_eq!(past.status, 429, "{}", String::from_utf8_lossy(&past.body));
+    assert!(String::from_utf8_lossy(&past.body).contains("upload_session_bytes_max"));
+    assert_eq!(range_end(&call("GET", &r.url(&locs[1]), &[], None)), 59_999);
+}
+
+/// A body trickled slower than `body_min_bytes_per_sec` over its window is cut with 408,
+/// although bytes keep coming within the idle timeout (before, only a 60 s stall was cut).
+#[test]
+fn a_trickled_body_is_cut() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = Registry::start_with(
+        tmp.path(),
+        &[
+            ("BALLAST_BODY_MIN_BYTES_PER_SEC", "1000"),
+            ("BALLAST_BODY_RATE_WINDOW_SECS", "2"),
+        ],
+    );
+    let res = call("POST", &r.url("/v2/slow/blobs/uploads/"), &[], None);
+    let loc = res.header("location").expect("Location").to_owned();
+    let mut s = TcpStream::connect(r.addr).expect("connect");
+    write!(
+        s,
+        "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    .expect("head");
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut out = Vec::new();
+    // One byte every 300 ms: far below the bound, never idle for long.
+    while Instant::now() < started + Duration::from_secs(20) {
+        if s.write_all(b"x").is_err() {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("body_min_bytes_per_sec"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
