@@ -19,8 +19,14 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::io::{existed, write_atomic, FileHandle, OpenMode, Storage};
 use crate::segment::{
-    self, check_file_header, file_header, record_header, RecordKind, JOURNAL_MAGIC,
+    self, check_file_header, check_file_header_versions, file_header, file_header_versioned,
+    record_header, RecordKind, JOURNAL_MAGIC,
 };
+
+/// Format of new journal files: 2 adds the SegmentsDurable record before each batch.
+/// Journals of format 1 are read as well.
+pub const JOURNAL_VERSION: u16 = 2;
+const JOURNAL_VERSIONS: [u16; 2] = [1, JOURNAL_VERSION];
 
 /// Magic of catalog snapshot files.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"\x89BLSNP\r\n";
@@ -79,6 +85,12 @@ pub struct Repo {
 pub struct State {
     /// Repositories by name.
     pub repos: BTreeMap<String, Repo>,
+    /// How far the segments were durable (segment id, offset; `u64::MAX` for a whole
+    /// sealed segment) when the last batch was committed: every blob that batch could
+    /// reference lies before it. Recovery treats damage before this point in the active
+    /// segment as damage to acknowledged data, never as a torn tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments_durable: Option<(u64, u64)>,
 }
 
 /// One change.
@@ -176,13 +188,17 @@ struct Journal {
 }
 
 /// The journal and what has been appended to it but may not be durable yet.
+/// A committed batch: its ops, and the segments' durable point recorded with it.
+type Batch = (Vec<Op>, Option<(u64, u64)>);
+
 struct Appended {
     journal: Journal,
     /// The state with every appended batch applied, durable or not: what plans see, so a
     /// batch is checked against every batch before it.
     planned: State,
-    /// Appended batches not yet durable, in order.
-    unsynced: VecDeque<Vec<Op>>,
+    /// Appended batches not yet durable, in order, with the segments' durable point each
+    /// recorded.
+    unsynced: VecDeque<Batch>,
     /// Where the last appended batch ends (generation, offset).
     last_batch: (u64, u64),
 }
@@ -316,8 +332,12 @@ impl Catalog {
     /// Engine-internal: everything else changes the catalog through the store's one door,
     /// [`crate::Store::commit_catalog`], which pins what a batch starts to reference against
     /// a running collection.
+    ///
+    /// `segments_durable` is how far the store's segments are durable now; it is written
+    /// with the batch (see [`State::segments_durable`]).
     pub(crate) fn commit_with<T, E: From<Error>>(
         &self,
+        segments_durable: Option<(u64, u64)>,
         plan: impl FnOnce(&State) -> Result<(Vec<Op>, T), E>,
     ) -> Result<T, E> {
         self.check_poisoned()?;
@@ -328,7 +348,18 @@ impl Catalog {
                 let payload = serde_json::to_vec(&ops)
                     .map_err(|e| Error::Internal(format!("catalog batch: {e}")))?;
                 let header = record_header(RecordKind::CatalogBatch, 0, &[&payload]);
-                let mut rec = Vec::with_capacity(header.len() + payload.len());
+                let mut rec = Vec::with_capacity(header.len() + payload.len() + 32);
+                if let Some((segment, offset)) = segments_durable {
+                    let mut point = segment.to_le_bytes().to_vec();
+                    point.extend_from_slice(&offset.to_le_bytes());
+                    rec.extend_from_slice(&record_header(
+                        RecordKind::SegmentsDurable,
+                        0,
+                        &[&point],
+                    ));
+                    rec.extend_from_slice(&point);
+                    a.planned.segments_durable = Some((segment, offset));
+                }
                 rec.extend_from_slice(&header);
                 rec.extend_from_slice(&payload);
                 let at = a.journal.len;
@@ -340,7 +371,7 @@ impl Catalog {
                 for op in &ops {
                     a.planned.apply(op);
                 }
-                a.unsynced.push_back(ops);
+                a.unsynced.push_back((ops, segments_durable));
                 a.last_batch = (a.journal.generation, a.journal.len);
             }
             (a.last_batch, out)
@@ -404,10 +435,15 @@ impl Catalog {
     }
 
     /// Applies batches that are now durable to the state readers see, in order.
-    fn make_visible(&self, batches: VecDeque<Vec<Op>>) {
+    fn make_visible(&self, batches: VecDeque<Batch>) {
         let mut state = self.state.write();
-        for op in batches.iter().flatten() {
-            state.apply(op);
+        for (ops, durable) in &batches {
+            for op in ops {
+                state.apply(op);
+            }
+            if durable.is_some() {
+                state.segments_durable = *durable;
+            }
         }
     }
 
@@ -423,14 +459,14 @@ impl Catalog {
     /// Commits ops without a precondition (the catalog's own tests).
     #[cfg(all(test, not(feature = "internals")))]
     pub(crate) fn commit(&self, ops: Vec<Op>) -> Result<()> {
-        self.commit_with(|_| Ok((ops, ())))
+        self.commit_with(None, |_| Ok((ops, ())))
     }
 
     /// Commits ops without a precondition, bypassing the store's GC barrier: with the
     /// `internals` feature only, for the fuzz targets that drive a catalog alone.
     #[cfg(feature = "internals")]
     pub fn commit(&self, ops: Vec<Op>) -> Result<()> {
-        self.commit_with(|_| Ok((ops, ())))
+        self.commit_with(None, |_| Ok((ops, ())))
     }
 
     /// Writes a snapshot of the state and starts a new journal generation.
@@ -462,7 +498,12 @@ impl Catalog {
 
 fn new_journal(storage: &dyn Storage, dir: &Path, generation: u64) -> Result<Journal> {
     let name = journal_name(generation);
-    let file = crate::io::create_with_header(storage, dir, &name, &file_header(JOURNAL_MAGIC))?;
+    let file = crate::io::create_with_header(
+        storage,
+        dir,
+        &name,
+        &file_header_versioned(JOURNAL_MAGIC, JOURNAL_VERSION),
+    )?;
     Ok(Journal {
         generation,
         file,
@@ -492,13 +533,14 @@ fn replay_journal(file: &FileHandle, state: &mut State) -> Result<u64> {
     if len < segment::FILE_HEADER_LEN as u64 || file.read_exact_at(&mut head, 0).is_err() {
         // Created, but the header never became durable.
         file.set_len(0)?;
-        file.write_all_at(&file_header(JOURNAL_MAGIC), 0)?;
+        file.write_all_at(&file_header_versioned(JOURNAL_MAGIC, JOURNAL_VERSION), 0)?;
         file.sync()?;
         return Ok(segment::FILE_HEADER_LEN as u64);
     }
-    check_file_header(&path, JOURNAL_MAGIC, &head)?;
+    check_file_header_versions(&path, JOURNAL_MAGIC, &head, &JOURNAL_VERSIONS)?;
     let mut durable_end = segment::FILE_HEADER_LEN as u64;
     let mut batches: Vec<Vec<Op>> = Vec::new();
+    let mut segments_durable = None;
     let (end, how) = segment::scan(file, segment::FILE_HEADER_LEN as u64, |rec| {
         match rec.header.kind {
             RecordKind::CatalogBatch => {
@@ -508,6 +550,14 @@ fn replay_journal(file: &FileHandle, state: &mut State) -> Result<u64> {
                 batches.push(ops);
             }
             RecordKind::SyncMark => durable_end = rec.offset,
+            RecordKind::SegmentsDurable => {
+                let point: [u8; 16] = rec.payload.as_slice().try_into().map_err(|_| {
+                    Error::corrupted(&path, rec.offset, "segments-durable record is not 16 bytes")
+                })?;
+                let [s, o] = [&point[..8], &point[8..]]
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+                segments_durable = Some((s, o));
+            }
             _ => {
                 return Err(Error::corrupted(
                     &path,
@@ -523,6 +573,9 @@ fn replay_journal(file: &FileHandle, state: &mut State) -> Result<u64> {
         for op in ops {
             state.apply(op);
         }
+    }
+    if segments_durable.is_some() {
+        state.segments_durable = segments_durable;
     }
     Ok(end)
 }
@@ -635,7 +688,7 @@ mod tests {
             for _ in 0..threads {
                 s.spawn(|| {
                     for _ in 0..each {
-                        c.commit_with(|state| {
+                        c.commit_with(None, |state| {
                             let n = state.repos.get("a").map_or(0, |r| r.tags.len());
                             Ok::<_, Error>((vec![tag(&format!("t{n:05}"))], ()))
                         })

@@ -37,6 +37,9 @@ pub enum RecordKind {
     CatalogBatch = 4,
     /// What an upload session received up to an acknowledged append (session logs only).
     UploadCheckpoint = 5,
+    /// How far the segments were durable when the catalog batch after it was committed
+    /// (catalog journals only, format 2).
+    SegmentsDurable = 6,
 }
 
 impl RecordKind {
@@ -47,6 +50,7 @@ impl RecordKind {
             3 => Some(RecordKind::SyncMark),
             4 => Some(RecordKind::CatalogBatch),
             5 => Some(RecordKind::UploadCheckpoint),
+            6 => Some(RecordKind::SegmentsDurable),
             _ => None,
         }
     }
@@ -55,18 +59,34 @@ impl RecordKind {
 /// Record flag: the chunk payload is zstd-compressed.
 pub const FLAG_ZSTD: u8 = 1;
 
-/// Encodes a file header.
+/// Encodes a file header (format version 1: segments, snapshots, upload logs).
 pub fn file_header(magic: [u8; 8]) -> [u8; FILE_HEADER_LEN] {
+    file_header_versioned(magic, SEGMENT_VERSION)
+}
+
+/// Encodes a file header of a given format version.
+pub fn file_header_versioned(magic: [u8; 8], version: u16) -> [u8; FILE_HEADER_LEN] {
     let mut h = [0u8; FILE_HEADER_LEN];
     h[..8].copy_from_slice(&magic);
-    h[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h[8..10].copy_from_slice(&version.to_le_bytes());
     let crc = crc32fast::hash(&h[..12]);
     h[12..16].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-/// Checks a file header read from `path`.
+/// Checks a file header read from `path` (format version 1).
 pub fn check_file_header(path: &Path, magic: [u8; 8], h: &[u8]) -> Result<()> {
+    check_file_header_versions(path, magic, h, &[SEGMENT_VERSION]).map(drop)
+}
+
+/// Checks a file header read from `path` whose format version may be any of `versions`
+/// (the newest last); returns the version found.
+pub fn check_file_header_versions(
+    path: &Path,
+    magic: [u8; 8],
+    h: &[u8],
+    versions: &[u16],
+) -> Result<u16> {
     if h.len() < FILE_HEADER_LEN || h[..8] != magic {
         return Err(Error::corrupted(
             path,
@@ -79,14 +99,14 @@ pub fn check_file_header(path: &Path, magic: [u8; 8], h: &[u8]) -> Result<()> {
         return Err(Error::corrupted(path, 0, "file header checksum mismatch"));
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
-    if version != SEGMENT_VERSION {
+    if !versions.contains(&version) {
         return Err(Error::Version {
             file: path.to_path_buf(),
             found: version,
-            supported: SEGMENT_VERSION,
+            supported: versions.last().copied().unwrap_or(SEGMENT_VERSION),
         });
     }
-    Ok(())
+    Ok(version)
 }
 
 /// Encodes a record header for `payload` (the payload itself follows it on disk).

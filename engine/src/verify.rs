@@ -263,7 +263,9 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                         }
                     },
                     RecordKind::SyncMark => {}
-                    RecordKind::CatalogBatch | RecordKind::UploadCheckpoint => problems.push((
+                    RecordKind::CatalogBatch
+                    | RecordKind::UploadCheckpoint
+                    | RecordKind::SegmentsDurable => problems.push((
                         rec.offset,
                         FindingCode::RecordMisplaced,
                         "catalog or upload record in a segment".into(),

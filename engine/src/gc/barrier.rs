@@ -75,6 +75,21 @@ impl Store {
         !self.inner.gc.lock().writing.is_empty()
     }
 
+    /// How far the segments are durable now: the active segment up to its last sync, or,
+    /// when it has not been synced since it started, the whole segment sealed before it.
+    pub(crate) fn segments_durable(&self) -> (u64, u64) {
+        let synced = *self.inner.synced.lock();
+        let sealed_below = self
+            .inner
+            .sealed_below
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if synced.0 >= sealed_below || sealed_below == 0 {
+            synced
+        } else {
+            (sealed_below - 1, u64::MAX)
+        }
+    }
+
     /// Chunks that running blob writers deduplicated against (for a collection's mark,
     /// called after it started).
     pub(crate) fn writing_chunks(&self) -> Vec<ChunkId> {
@@ -101,7 +116,8 @@ impl Store {
         &self,
         plan: impl FnOnce(&crate::catalog::State) -> Result<(Vec<crate::catalog::Op>, T), E>,
     ) -> Result<T, E> {
-        self.inner.catalog.commit_with(|state| {
+        let durable = self.segments_durable();
+        self.inner.catalog.commit_with(Some(durable), |state| {
             let (ops, out) = plan(state)?;
             for op in &ops {
                 let digest = match op {

@@ -129,8 +129,13 @@ impl Store {
             self.flush_locked(&mut w)?;
             w.file.sync().map_err(|e| self.poison(&e))?;
             self.inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            // The mark is made durable too before a victim goes: no catalog batch follows
+            // to record this sync point, and the copies are the only ones from then on.
             let mark = w.len.to_le_bytes();
             self.append_locked(&mut w, RecordKind::SyncMark, 0, &[&mark], 0)?;
+            self.flush_locked(&mut w)?;
+            w.file.sync().map_err(|e| self.poison(&e))?;
+            self.inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
             let mut segments = self.inner.segments.write();
             for id in victims {
                 segments.remove(id);

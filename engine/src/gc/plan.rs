@@ -149,6 +149,7 @@ mod tests {
         repo.tags.insert("multi".into(), d("index"));
         State {
             repos: [("r".to_owned(), repo)].into(),
+            ..State::default()
         }
     }
 

@@ -49,11 +49,16 @@ fn read_removed_segments(
 /// `salvage` (`fsck --repair`), corruption does not stop the open: the records after each
 /// damaged stretch are found again and indexed, and the damaged ones are left for fsck to
 /// report and quarantine.
+///
+/// `acknowledged` is how far the catalog says this segment was durable when a batch was
+/// last committed: bytes before it were acknowledged even when the segment's own sync mark
+/// did not reach the disk, so damage there is never taken for a torn tail.
 fn replay_segment(
     file: &FileHandle,
     id: u64,
     is_last: bool,
     salvage: bool,
+    acknowledged: u64,
 ) -> Result<(u64, SegmentEntries)> {
     let path = file.path().to_path_buf();
     let len = file.len()?;
@@ -109,8 +114,13 @@ fn replay_segment(
                 ));
             }
             RecordKind::SyncMark => durable_end.set(rec.offset),
-            RecordKind::CatalogBatch | RecordKind::UploadCheckpoint if salvage => {}
-            RecordKind::CatalogBatch | RecordKind::UploadCheckpoint => {
+            RecordKind::CatalogBatch
+            | RecordKind::UploadCheckpoint
+            | RecordKind::SegmentsDurable
+                if salvage => {}
+            RecordKind::CatalogBatch
+            | RecordKind::UploadCheckpoint
+            | RecordKind::SegmentsDurable => {
                 return Err(Error::corrupted(
                     &path,
                     rec.offset,
@@ -121,7 +131,8 @@ fn replay_segment(
         Ok(())
     };
     let (end, how) = segment::scan(file, FILE_HEADER_LEN as u64, &mut visit)?;
-    match segment::settle_tail(file, &how, durable_end.get(), is_last) {
+    let durable_end = durable_end.get().max(acknowledged);
+    match segment::settle_tail(file, &how, durable_end, is_last) {
         Ok(()) => Ok((end, (chunks, blobs))),
         Err(Error::Corrupted { .. }) if salvage => {
             // Damage in acknowledged data: index everything readable around it.
@@ -230,7 +241,13 @@ impl Store {
             }
             let is_last = Some(id) == last;
             let file = FileHandle::open(storage.as_ref(), &path, OpenMode::ReadWrite)?;
-            let (len, entries) = replay_segment(&file, id, is_last, opts.rebuild_indexes)?;
+            let acknowledged = match catalog.read().segments_durable {
+                Some((s, offset)) if s == id => offset,
+                Some((s, _)) if s > id => u64::MAX,
+                _ => 0,
+            };
+            let (len, entries) =
+                replay_segment(&file, id, is_last, opts.rebuild_indexes, acknowledged)?;
             for (key, loc) in &entries.0 {
                 delta.chunks.insert(ChunkId(*key), *loc);
             }
@@ -255,6 +272,17 @@ impl Store {
 
         let next_id = last.map_or(1, |l| l + 1);
         let removed = read_removed_segments(storage.as_ref(), dir)?;
+        if let Some((s, _)) = catalog.read().segments_durable {
+            if last.is_none_or(|l| s > l) && !removed.contains(&s) {
+                warnings.push(format!(
+                    "segment {s} is missing ({}), although the catalog recorded it durable \
+                     when it last committed: the newest data of this store is gone (restored \
+                     from an older copy, or files deleted by hand). Blobs stored there are \
+                     missing; `ballast fsck` lists what is affected",
+                    segment_path(&seg_dir, s).display()
+                ));
+            }
+        }
         let verified = crate::verified::RecentlyVerified::new(opts.verify_reuse);
         let inner = Arc::new(Inner {
             storage: storage.clone(),

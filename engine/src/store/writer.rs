@@ -314,6 +314,11 @@ impl Store {
         if w.id == id && w.len == len {
             let mark = len.to_le_bytes();
             self.append_locked(&mut w, RecordKind::SyncMark, 0, &[&mark], 0)?;
+            // Written at once (not left staged): a process killed after the acknowledgement
+            // still leaves the mark in the page cache. Only a power cut before the next sync
+            // can take it, and then the catalog's record of the sync point (written with
+            // every batch, `State::segments_durable`) still tells damage from a torn tail.
+            self.flush_locked(&mut w)?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use ballast_engine::catalog::Op;
 use ballast_engine::storage::SimStorage;
 use ballast_engine::{Algorithm, BlobWriter, ChunkMode, Digest, Error, Options, Store};
 
@@ -318,6 +319,50 @@ fn damage_to_acknowledged_data_in_the_active_segment_is_not_truncated() {
         err.to_string().contains("00000000000000000001.seg"),
         "{err}"
     );
+}
+
+/// #14 item 1: a power cut after a push was acknowledged but before the segment's own sync
+/// mark reached the disk, then one flipped bit in the pushed blob. The catalog batch that
+/// acknowledged the push recorded how far the segments were durable, so opening refuses
+/// (damage in acknowledged data) instead of cutting the segment back to its header and
+/// losing the blob without a word.
+#[test]
+fn damage_before_a_sync_point_only_the_catalog_recorded_is_not_taken_for_a_torn_tail() {
+    let sim = SimStorage::new();
+    let dir = Path::new("/store");
+    let data = seeded(400_000, 9);
+    let digest = sha256(&data);
+    {
+        let store = Store::open_on(
+            Arc::new(sim.clone()),
+            dir,
+            Options {
+                compress: false,
+                ..Options::default()
+            },
+        )
+        .expect("open");
+        store.put_blob(&data, Some(&digest)).expect("put");
+        store
+            .commit_ops(vec![Op::LinkBlob {
+                repo: "r".into(),
+                digest: digest.clone(),
+                at: 1,
+            }])
+            .expect("link");
+    }
+    // Only what was synced survives: the mark written after the blob's sync does not.
+    let image = sim.crash_image(None);
+    let seg = dir.join("segments").join("00000000000000000001.seg");
+    image.flip_bit(&seg, 5000);
+    let err = Store::open_on(Arc::new(image.clone()), dir, Options::default())
+        .expect_err("damage in acknowledged data must not open as a torn tail");
+    assert!(err.is_corruption(), "{err}");
+    assert!(err.to_string().contains("acknowledged"), "{err}");
+    // Undamaged, the same image opens with the blob (the torn-tail rule is intact).
+    image.flip_bit(&seg, 5000);
+    let store = Store::open_on(Arc::new(image), dir, Options::default()).expect("open");
+    assert_eq!(store.read_blob(&digest).expect("blob"), data);
 }
 
 #[test]
