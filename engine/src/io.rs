@@ -334,6 +334,128 @@ impl Storage for RealStorage {
     }
 }
 
+/// The real file system, read, with every change kept in memory: what `fsck` without
+/// `--repair` opens a directory on. Opening mends what it must (a torn tail cut, a missing
+/// journal started, leftovers removed) in this view only, so the check sees what a server
+/// would, and not a byte on disk changes. Files are copied into memory when first opened
+/// for writing (the active segment and the journal; sealed segments stay mapped from disk).
+/// The directory lock is the real one: a running server still keeps the tool out.
+#[derive(Default)]
+pub struct OverlayStorage {
+    real: RealStorage,
+    mem: SimStorage,
+    state: Mutex<OverlayState>,
+}
+
+#[derive(Default)]
+struct OverlayState {
+    /// Files whose current bytes are in memory.
+    copied: std::collections::HashSet<PathBuf>,
+    /// Real files removed in this view.
+    removed: std::collections::HashSet<PathBuf>,
+}
+
+impl OverlayStorage {
+    /// A view of the real file system that never writes to it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves `path` into memory with its real bytes (caller holds the state lock); false
+    /// when it does not exist in this view.
+    fn copy_in(&self, st: &mut OverlayState, path: &Path) -> io::Result<bool> {
+        if st.copied.contains(path) {
+            return Ok(true);
+        }
+        if st.removed.contains(path) {
+            return Ok(false);
+        }
+        let real = match self.real.open(path, OpenMode::Read) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let len = usize::try_from(real.len()?).map_err(|_| io::Error::other("file too large"))?;
+        let mut bytes = vec![0u8; len];
+        real.read_exact_at(&mut bytes, 0)?;
+        let copy = self.mem.open(path, OpenMode::Truncate)?;
+        copy.write_all_at(&bytes, 0)?;
+        st.copied.insert(path.to_path_buf());
+        Ok(true)
+    }
+}
+
+impl Storage for OverlayStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
+        let mut st = self.state.lock();
+        if st.copied.contains(path) {
+            return self.mem.open(path, mode);
+        }
+        if mode == OpenMode::Read {
+            if st.removed.contains(path) {
+                return Err(io::ErrorKind::NotFound.into());
+            }
+            return self.real.open(path, mode);
+        }
+        let exists = mode != OpenMode::Truncate && self.copy_in(&mut st, path)?;
+        match (mode, exists) {
+            (OpenMode::CreateNew, true) => Err(io::ErrorKind::AlreadyExists.into()),
+            (OpenMode::ReadWrite, false) => Err(io::ErrorKind::NotFound.into()),
+            (OpenMode::ReadWrite, true) => self.mem.open(path, OpenMode::ReadWrite),
+            _ => {
+                st.removed.remove(path);
+                st.copied.insert(path.to_path_buf());
+                self.mem.open(path, OpenMode::Truncate)
+            }
+        }
+    }
+    fn create_dir_all(&self, _path: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut st = self.state.lock();
+        if !self.copy_in(&mut st, path)? {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        st.copied.remove(path);
+        st.removed.insert(path.to_path_buf());
+        self.mem.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut st = self.state.lock();
+        if !self.copy_in(&mut st, from)? {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        self.mem.rename(from, to)?;
+        st.copied.remove(from);
+        st.removed.insert(from.to_path_buf());
+        st.removed.remove(to);
+        st.copied.insert(to.to_path_buf());
+        Ok(())
+    }
+    fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let st = self.state.lock();
+        let mut names: Vec<String> = match self.real.list(dir) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        names.retain(|n| !st.removed.contains(&dir.join(n)));
+        for n in self.mem.list(dir)? {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        Ok(names)
+    }
+    fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>> {
+        self.real.lock(dir)
+    }
+}
+
 /// An in-memory storage for crash tests. Each file keeps the bytes written (`live`) apart from
 /// the bytes made durable by `sync`; directory entries become durable on `sync_dir`.
 /// [`SimStorage::crash_image`] returns the storage as a power cut would leave it.

@@ -172,7 +172,7 @@ impl Report {
 }
 
 const HINT_DAMAGE: &str =
-    "the bytes on disk are damaged: blobs that use them cannot be served; re-push those images or restore the data directory from a backup";
+    "the bytes on disk are damaged: blobs that use them cannot be served. `ballast fsck --repair DIR` sets the damaged records and those blobs aside (quarantine.json, nothing deleted) so the server opens and serves the rest; a re-push of those images heals them (or restore the data directory from a backup)";
 const HINT_REBUILD: &str =
     "indexes are derived data: run `ballast fsck --repair DIR` to rebuild them from the segments";
 const HINT_REPUSH: &str =

@@ -5,7 +5,9 @@ pub mod bench;
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
+use ballast_engine::storage::{OverlayStorage, RealStorage, Storage};
 use ballast_engine::{clock, gc, inspect, verify, Error, Options, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -20,13 +22,23 @@ pub const EXIT_FAILED: i32 = 2;
 /// Opens a data directory for an offline tool: it must exist and be a Ballast directory, and
 /// no server may hold it.
 pub fn open_offline(dir: &Path, opts: Options) -> Result<Store, String> {
+    open_offline_on(Arc::new(RealStorage), dir, opts)
+}
+
+/// [`open_offline`] on a given storage (fsck without `--repair` reads through an overlay
+/// that keeps every change in memory).
+pub fn open_offline_on(
+    storage: Arc<dyn Storage>,
+    dir: &Path,
+    opts: Options,
+) -> Result<Store, String> {
     if !dir.join("segments").is_dir() {
         return Err(format!(
             "{} is not a Ballast data directory (no segments/ in it)",
             dir.display()
         ));
     }
-    let store = Store::open(dir, opts).map_err(|e| match e {
+    let store = Store::open_on(storage, dir, opts).map_err(|e| match e {
         Error::Locked { holder, .. } => format!(
             "{} is in use by another process ({holder}); stop the server first (offline tools need the directory to themselves)",
             dir.display()
@@ -114,12 +126,21 @@ fn human_bytes(n: u64) -> String {
 /// `ballast fsck DIR [--repair] [--json]`; returns the exit code.
 pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     // Every chunk record's BLAKE3 id is checked once while the segments are scanned; the
-    // blob pass then only needs the CRCs and the digests.
+    // blob pass then only needs the CRCs and the digests. Damage in a segment replayed at
+    // open does not stop the check (it is what the check reports). Without --repair nothing
+    // on disk changes: the directory is read through an overlay that keeps what opening
+    // mends (a torn tail cut, ...) in memory.
     let opts = Options {
         rebuild_indexes: repair,
+        salvage: true,
         ..Options::default()
     };
-    let store = match open_offline(dir, opts) {
+    let storage: Arc<dyn Storage> = if repair {
+        Arc::new(RealStorage)
+    } else {
+        Arc::new(OverlayStorage::new())
+    };
+    let store = match open_offline_on(storage, dir, opts) {
         Ok(s) => s,
         Err(msg) => {
             let _ = writeln!(
@@ -150,7 +171,11 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
     if repair && !report.is_clean() {
         // Set aside what is damaged, then check again: what remains is what repair could
         // not fix.
-        match verify::quarantine_damage(&store, &report, clock::now_secs()) {
+        // The active segment is sealed too (its index written): damage salvaged in it would
+        // otherwise stop the next open, which replays the active segment.
+        match verify::quarantine_damage(&store, &report, clock::now_secs())
+            .and_then(|r| store.seal_active().map(|()| r))
+        {
             Ok((records, blobs)) => {
                 summary = Some(RepairSummary {
                     findings_before: report.findings.len(),

@@ -63,6 +63,10 @@ pub struct Options {
     pub verify_reuse: std::time::Duration,
     /// Ignore index files and rebuild them from the segments (fsck's repair).
     pub rebuild_indexes: bool,
+    /// Open despite damage in segments replayed at open: the records around each damaged
+    /// stretch are indexed and the damage is left for fsck to report (fsck; implied by
+    /// `rebuild_indexes`).
+    pub salvage: bool,
     /// Merge this many index files of one level into one.
     pub index_merge_fanin: usize,
 }
@@ -76,6 +80,7 @@ impl Default for Options {
             verify_chunk_ids: false,
             verify_reuse: std::time::Duration::ZERO,
             rebuild_indexes: false,
+            salvage: false,
             index_merge_fanin: 4,
         }
     }

@@ -246,8 +246,13 @@ impl Store {
                 Some((s, _)) if s > id => u64::MAX,
                 _ => 0,
             };
-            let (len, entries) =
-                replay_segment(&file, id, is_last, opts.rebuild_indexes, acknowledged)?;
+            let (len, entries) = replay_segment(
+                &file,
+                id,
+                is_last,
+                opts.rebuild_indexes || opts.salvage,
+                acknowledged,
+            )?;
             for (key, loc) in &entries.0 {
                 delta.chunks.insert(ChunkId(*key), *loc);
             }

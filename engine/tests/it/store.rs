@@ -687,3 +687,60 @@ fn a_damaged_index_file_is_rebuilt_at_open() {
     let store = Store::open(dir.path(), opts()).expect("reopen");
     assert!(store.open_warnings().is_empty(), "rebuilt for good");
 }
+
+/// Every file under `dir` but the lock, with its bytes.
+fn files_of(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("list") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.ends_with("LOCK") {
+                let bytes = std::fs::read(&p).expect("read");
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What `fsck` without `--repair` opens a directory on: opening mends a torn tail and a
+/// store takes writes, all in memory, and not a byte on disk changes (#14 item 1a).
+#[test]
+fn a_store_opened_on_the_overlay_changes_nothing_on_disk() {
+    use ballast_engine::storage::OverlayStorage;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let data = seeded(300_000, 3);
+    let digest = sha256(&data);
+    {
+        let store = Store::open(dir, Options::default()).expect("open");
+        store.put_blob(&data, Some(&digest)).expect("put");
+        // Dropped without close: the blob stays in the active segment.
+    }
+    let active = dir.join("segments").join("00000000000000000001.seg");
+    let mut bytes = std::fs::read(&active).expect("read");
+    let torn_at = bytes.len();
+    bytes.extend_from_slice(&[0xab; 1000]);
+    std::fs::write(&active, &bytes).expect("a torn tail");
+    let before = files_of(dir);
+    {
+        let store = Store::open_on(Arc::new(OverlayStorage::new()), dir, Options::default())
+            .expect("open on the overlay");
+        assert_eq!(store.read_blob(&digest).expect("read"), data);
+        store
+            .put_blob(&seeded(5000, 4), None)
+            .expect("a write, in memory");
+        store.seal_active().expect("seal, in memory");
+    }
+    assert!(files_of(dir) == before, "the overlay wrote to disk");
+    // A real open does cut the torn tail: that is what the overlay kept off the disk.
+    drop(Store::open(dir, Options::default()).expect("open"));
+    assert_eq!(
+        std::fs::metadata(&active).expect("active").len(),
+        torn_at as u64
+    );
+}

@@ -672,7 +672,7 @@ fn a_damaged_index_entry_is_not_reported_as_a_missing_segment() {
 /// When damage keeps fsck from opening a directory, its message names `--repair` and what
 /// it will do (it told the operator to run fsck, which they were running).
 #[test]
-fn fsck_that_cannot_open_points_at_repair() {
+fn a_directory_that_does_not_open_is_still_checked_and_points_at_repair() {
     let (_tmp, data) = stopped_with_image(8, 700_000);
     let dir = data.to_str().expect("utf8");
     // Without its index the sealed segment is replayed at open, and a damaged record
@@ -684,12 +684,95 @@ fn fsck_that_cannot_open_points_at_repair() {
     let mut bytes = std::fs::read(&seg).expect("read");
     bytes[100_000] ^= 0x01;
     std::fs::write(&seg, &bytes).expect("write");
-    let (code, text) = ballast(&["fsck", dir]);
+    // A tool that opens normally cannot, and names the repair and what it does.
+    let (code, text) = ballast(&["gc", "--dry-run", dir]);
     assert_eq!(code, 2, "{text}");
     assert!(
         text.contains("ballast fsck --repair") && text.contains("quarantine"),
         "{text}"
     );
+    // fsck checks it anyway (salvaging in its read-only view) and says what to run.
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("record_corrupt") && text.contains("fsck --repair"),
+        "{text}"
+    );
     let (code, text) = ballast(&["fsck", "--repair", dir]);
     assert_ne!(code, 2, "repair opens it: {text}");
+}
+
+/// Every file of a data directory but the lock, with its bytes.
+fn all_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("list") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name() != Some(std::ffi::OsStr::new("LOCK")) {
+                let bytes = std::fs::read(&p).expect("read");
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// #14 item 1, end to end: a server killed after a push leaves the layer in the active
+/// segment; a flipped bit there is damage to acknowledged data. Opening refuses (naming
+/// the repair), a plain fsck reports it without changing a byte, and `fsck --repair`
+/// leaves a directory the server opens, with the damaged layer quarantined until pushed
+/// again. (Before: a plain fsck cut the segment back, or exited 2; a repair that said
+/// "clean" left a directory that did not open.)
+#[test]
+fn damage_in_the_active_segment_is_reported_untouched_and_repaired_so_the_server_opens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let dir = data.to_str().expect("utf8");
+    let mut r = Registry::start(&data);
+    push_image(&r, "x", "v1", 31, 900_000);
+    r.kill();
+    let mut segs: Vec<_> = std::fs::read_dir(data.join("segments"))
+        .expect("segments")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    segs.sort();
+    let active = segs.last().expect("a segment").clone();
+    let mut bytes = std::fs::read(&active).expect("read");
+    assert!(bytes.len() > 900_000, "the layer is in the active segment");
+    bytes[200_000] ^= 0x04;
+    std::fs::write(&active, &bytes).expect("write");
+
+    let (code, text) = ballast(&["gc", "--dry-run", dir]);
+    assert_eq!(code, 2, "a normal open refuses: {text}");
+    assert!(
+        text.contains("acknowledged") && text.contains("ballast fsck --repair"),
+        "{text}"
+    );
+    let before = all_files(&data);
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("_corrupt") && text.contains("fsck --repair"),
+        "{text}"
+    );
+    assert!(
+        all_files(&data) == before,
+        "a plain fsck changed the directory"
+    );
+    let (code, text) = ballast(&["fsck", "--repair", dir]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 0, "clean after the repair: {text}");
+    let r = Registry::start(&data);
+    let layer = seeded(900_000, 31);
+    let digest = sha256(&layer);
+    let got = call("GET", &r.url(&format!("/v2/x/blobs/{digest}")), &[], None);
+    assert_eq!(got.status, 404, "the damaged layer is quarantined");
+    push_image(&r, "x", "v1", 31, 900_000);
+    let got = call("GET", &r.url(&format!("/v2/x/blobs/{digest}")), &[], None);
+    assert!(got.status == 200 && got.body == layer, "a re-push heals it");
 }
