@@ -32,6 +32,10 @@ pub enum Error {
     /// A configured bound was exceeded.
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
+    /// The data directory's file system is below the free-space floor kept for deletes and
+    /// garbage collection: new data is refused (nothing is poisoned), cleanup still works.
+    #[error("{0}")]
+    NoSpace(String),
     /// A bound on open work (upload sessions, their bytes) is reached: retry once some of
     /// that work ends.
     #[error("{0}")]

@@ -72,6 +72,10 @@ pub trait Storage: Send + Sync + 'static {
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Takes the exclusive lock of a data directory for the life of the returned guard.
     fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>>;
+    /// Bytes an unprivileged writer may still use on the file system holding `dir`.
+    fn free_bytes(&self, _dir: &Path) -> io::Result<u64> {
+        Ok(u64::MAX)
+    }
 }
 
 /// The outcome of removing or renaming `path` when it may already be gone: `Ok(true)` when
@@ -332,6 +336,10 @@ impl Storage for RealStorage {
         write!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
         Ok(Box::new(file))
     }
+    fn free_bytes(&self, dir: &Path) -> io::Result<u64> {
+        let st = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
 }
 
 /// The real file system, read, with every change kept in memory: what `fsck` without
@@ -454,6 +462,9 @@ impl Storage for OverlayStorage {
     fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>> {
         self.real.lock(dir)
     }
+    fn free_bytes(&self, dir: &Path) -> io::Result<u64> {
+        self.real.free_bytes(dir)
+    }
 }
 
 /// An in-memory storage for crash tests. Each file keeps the bytes written (`live`) apart from
@@ -472,6 +483,8 @@ struct SimState {
     crash_at_sync: Option<u64>,
     crashed: bool,
     fail_syncs: bool,
+    /// What `free_bytes` answers (unbounded when unset).
+    free_bytes: Option<u64>,
 }
 
 #[derive(Default, Clone)]
@@ -496,6 +509,11 @@ impl SimStorage {
     /// operation fail.
     pub fn crash_at_sync(&self, n: u64) {
         self.state.lock().crash_at_sync = Some(n);
+    }
+
+    /// Makes `free_bytes` answer `n` (a file system that is nearly full).
+    pub fn set_free_bytes(&self, n: Option<u64>) {
+        self.state.lock().free_bytes = n;
     }
 
     /// Every later sync fails with an I/O error (to test poisoning), without crashing.
@@ -741,6 +759,9 @@ impl Storage for SimStorage {
     }
     fn lock(&self, _dir: &Path) -> Result<Box<dyn Send + Sync>> {
         Ok(Box::new(()))
+    }
+    fn free_bytes(&self, _dir: &Path) -> io::Result<u64> {
+        Ok(self.state.lock().free_bytes.unwrap_or(u64::MAX))
     }
 }
 

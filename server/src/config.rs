@@ -37,6 +37,10 @@ pub struct Config {
     pub upload_session_bytes_max: u64,
     /// Bytes all open upload sessions together may hold (0: no bound).
     pub upload_bytes_max: u64,
+    /// Pushes are refused (507) while the data directory's file system has fewer free
+    /// bytes than this, so deletes and garbage collection always have room; /healthz warns
+    /// below twice as much. 0: no floor.
+    pub disk_free_min_bytes: u64,
     /// Seconds in-flight requests get to finish at shutdown.
     pub shutdown_grace_secs: u64,
     /// Largest manifest accepted, in bytes.
@@ -147,6 +151,7 @@ impl Default for Config {
             upload_sessions_per_client_max: 64,
             upload_session_bytes_max: 64 << 30,
             upload_bytes_max: 0,
+            disk_free_min_bytes: 1 << 30,
             shutdown_grace_secs: 30,
             manifest_bytes_max: 4 << 20,
             segment_bytes_max: 64 << 20,
@@ -181,6 +186,7 @@ pub const SETTINGS: &[&str] = &[
     "upload_sessions_per_client_max",
     "upload_session_bytes_max",
     "upload_bytes_max",
+    "disk_free_min_bytes",
     "shutdown_grace_secs",
     "manifest_bytes_max",
     "segment_bytes_max",
@@ -370,6 +376,7 @@ impl Config {
             "upload_sessions_per_client_max" => self.upload_sessions_per_client_max = num(value)?,
             "upload_session_bytes_max" => self.upload_session_bytes_max = num(value)?,
             "upload_bytes_max" => self.upload_bytes_max = num(value)?,
+            "disk_free_min_bytes" => self.disk_free_min_bytes = num(value)?,
             "shutdown_grace_secs" => self.shutdown_grace_secs = num(value)?,
             "manifest_bytes_max" => self.manifest_bytes_max = num(value)?,
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,

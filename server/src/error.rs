@@ -54,6 +54,8 @@ pub enum ApiError {
     #[error("{0}")]
     TooManyRequests(String),
     #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -83,6 +85,7 @@ impl ApiError {
             Unauthorized(_) => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
             Denied(_) => ("DENIED", StatusCode::FORBIDDEN),
             TooManyRequests(_) => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
+            InsufficientStorage(_) => ("DENIED", StatusCode::INSUFFICIENT_STORAGE),
             Internal(_) => ("INTERNAL_ERROR", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
@@ -113,6 +116,7 @@ impl ApiError {
             EngineError::Busy(why) => ApiError::Busy(why),
             EngineError::LimitExceeded(why) => ApiError::SizeInvalid(why),
             EngineError::Throttled(why) => ApiError::TooManyRequests(why),
+            EngineError::NoSpace(why) => ApiError::InsufficientStorage(why),
             EngineError::Poisoned(_) => ApiError::Unavailable(format!("{e}")),
             other => ApiError::Internal(other.to_string()),
         }

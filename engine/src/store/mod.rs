@@ -40,6 +40,7 @@ use crate::sys::Map;
 mod indexes;
 mod read;
 mod recovery;
+pub(crate) mod room;
 mod writer;
 
 pub(crate) use self::indexes::{Delta, Pending, SegmentEntries};
@@ -69,6 +70,10 @@ pub struct Options {
     pub salvage: bool,
     /// Merge this many index files of one level into one.
     pub index_merge_fanin: usize,
+    /// New data (chunks of pushes) is refused with [`Error::NoSpace`] while the data
+    /// directory's file system has fewer free bytes than this, so that deletes and garbage
+    /// collection, which need a little room to write, always work. 0: no floor.
+    pub free_bytes_min: u64,
 }
 
 impl Default for Options {
@@ -82,6 +87,7 @@ impl Default for Options {
             rebuild_indexes: false,
             salvage: false,
             index_merge_fanin: 4,
+            free_bytes_min: 0,
         }
     }
 }
@@ -134,6 +140,9 @@ pub(crate) struct Inner {
     /// Segments removed by collections (the `removed-segments` file).
     pub(crate) removed: Mutex<std::collections::BTreeSet<u64>>,
     pub(crate) stats: Stats,
+    /// Bytes of new chunks since free space was last looked at, and whether it was below
+    /// the floor then (see `Store::check_room`).
+    pub(crate) room: crate::store::room::Room,
     /// Verifications of chunk reads that later reads may reuse (verified.rs).
     pub(crate) verified: crate::verified::RecentlyVerified,
     /// Damaged records and blobs set aside by `fsck --repair` (quarantine.rs); `damage` is

@@ -315,6 +315,7 @@ impl Store {
             gc_lock: Mutex::new(()),
             removed: Mutex::new(removed),
             stats: Stats::default(),
+            room: Default::default(),
             verified,
             catalog,
             open_warnings: warnings,

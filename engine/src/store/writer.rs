@@ -140,6 +140,9 @@ impl Store {
                 return Ok((false, None));
             }
         }
+        // New data: refused below the free-space floor (before anything is appended, so
+        // the store stays healthy and cleanup keeps its room).
+        self.check_room(data.len() as u64)?;
         let raw_len = u32::try_from(data.len())
             .map_err(|_| Error::LimitExceeded("chunk larger than 4 GiB".into()))?;
         let attempt = self.inner.opts.compress && try_compress;

@@ -286,6 +286,7 @@ pub async fn put(
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let reference = parse_reference(reference)?;
+    super::check_room(app).await?;
     let q = query(&req);
     let mut tags: Vec<String> = Vec::new();
     if let Reference::Tag(t) = &reference {

@@ -46,7 +46,11 @@ pub async fn dispatch(
     let head = req.method() == Method::HEAD;
     match (endpoint, r) {
         (Endpoint::Base, _) => Ok(reply(StatusCode::OK).json(&serde_json::json!({}))),
-        (Endpoint::Health, _) => Ok(health(&app.store, app.auth.problems())),
+        (Endpoint::Health, _) => {
+            let mut problems = app.auth.problems();
+            problems.extend(disk_problem(&app.store, app.config.disk_free_min_bytes));
+            Ok(health(&app.store, problems))
+        }
         (Endpoint::AdminGc, _) => admin_gc(app, &req).await,
         (Endpoint::Catalog, _) => listing::catalog(app, access, &req),
         (Endpoint::Tags, Route::Tags { name }) => listing::tags(app, name, &req),
@@ -227,6 +231,32 @@ pub fn linked(app: &App, name: &str, digest: &Digest) -> bool {
     cat.repos
         .get(name)
         .is_some_and(|r| r.blobs.contains_key(digest) || r.manifests.contains_key(digest))
+}
+
+/// A warning for /healthz when the data directory's file system is within twice the floor
+/// below which pushes are refused (or below it).
+fn disk_problem(store: &ballast_engine::Store, floor: u64) -> Option<String> {
+    let free = store.free_bytes()?;
+    (floor > 0 && free < floor.saturating_mul(2)).then(|| {
+        let mib = |n: u64| n as f64 / f64::from(1u32 << 20);
+        let state = if free < floor {
+            "pushes are refused"
+        } else {
+            "pushes will be refused"
+        };
+        format!(
+            "disk: {:.1} MiB free on the data directory's file system; {state} below {:.1} MiB \
+             (disk_free_min_bytes): delete images and run gc, or grow the file system",
+            mib(free),
+            mib(floor)
+        )
+    })
+}
+
+/// Refuses a push up front (507) when the data directory's file system is below its floor.
+pub(crate) async fn check_room(app: &App) -> Result<(), ApiError> {
+    let store = app.store.clone();
+    blocking(move || store.check_room(0).map_err(ApiError::from_engine)).await
 }
 
 /// `/healthz`: 200 while the store takes writes; 503 once a failed write or fsync poisoned

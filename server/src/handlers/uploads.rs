@@ -33,11 +33,13 @@ pub async fn start(
     } else if let Some(d) = first(&q, "digest") {
         // Monolithic upload: the body is the whole blob.
         let digest = parse_digest(d)?;
+        super::check_room(app).await?;
         let mut body = req.into_body();
         ingest(app, &mut body, &digest).await?;
         link(app, name, &digest).await?;
         return Ok(created(name, &digest));
     }
+    super::check_room(app).await?;
     let id = format!("{:032x}", rand::random::<u128>());
     let uploads = app.uploads.clone();
     let meta = SessionMeta {
@@ -212,6 +214,7 @@ pub async fn patch(
     check_name(name)?;
     let len = session_len(app, name, id).await?;
     check_content_range(&req, name, id, len)?;
+    super::check_room(app).await?;
     let mut body = req.into_body();
     let writer = take_writer(app, id, len, Algorithm::Sha256).await?;
     // What arrived before a failure is kept (checkpointed): the client can ask for the
@@ -338,6 +341,7 @@ pub async fn finish(
     };
     let len = session_len(app, name, id).await?;
     check_content_range(&req, name, id, len)?;
+    super::check_room(app).await?;
     let mut body = req.into_body();
     let writer = take_writer(app, id, len, digest.algorithm()).await?;
     let expected = digest.clone();

@@ -2,6 +2,7 @@
 
 pub mod auth;
 mod clients;
+mod disk;
 mod hardening;
 mod hostile;
 pub mod http;
