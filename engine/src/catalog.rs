@@ -19,8 +19,8 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::io::{existed, write_atomic, FileHandle, OpenMode, Storage};
 use crate::segment::{
-    self, check_file_header, check_file_header_versions, file_header, file_header_versioned,
-    record_header, RecordKind, JOURNAL_MAGIC,
+    self, check_file_header_versions, file_header_versioned, record_header, RecordKind,
+    JOURNAL_MAGIC,
 };
 
 /// Format of new journal files: 2 adds the SegmentsDurable record before each batch.
@@ -30,6 +30,10 @@ const JOURNAL_VERSIONS: [u16; 2] = [1, JOURNAL_VERSION];
 
 /// Magic of catalog snapshot files.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"\x89BLSNP\r\n";
+/// Format of new snapshots: 2 writes one record per repository (each with its own CRC, so
+/// damage is located) after a head record. Snapshots of format 1 (one record) are read too.
+pub const SNAPSHOT_VERSION: u16 = 2;
+const SNAPSHOT_VERSIONS: [u16; 2] = [1, SNAPSHOT_VERSION];
 /// The journal is folded into a snapshot past this size.
 pub const JOURNAL_BYTES_MAX: u64 = 8 << 20;
 
@@ -217,6 +221,8 @@ pub struct Catalog {
     /// Set by a failed fsync or write after one: every later commit fails.
     poisoned: crate::error::Poison,
     journal_bytes_max: u64,
+    /// What opening mended.
+    warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -256,30 +262,44 @@ impl Catalog {
         journal_bytes_max: u64,
     ) -> Result<Catalog> {
         storage.create_dir_all(dir).map_err(io_err(dir))?;
+        let mut warnings = Vec::new();
+        set_aside_stray_journals(storage.as_ref(), dir, &mut warnings)?;
         let names = storage.list(dir).map_err(io_err(dir))?;
         let snapshot_gen = names
             .iter()
             .filter_map(|n| generation_of(n, "snapshot-", ".snp"))
             .max();
-        let journal_gen = names
-            .iter()
-            .filter_map(|n| generation_of(n, "journal-", ".jnl"))
-            .max();
-        let mut state = State::default();
-        let generation = match snapshot_gen {
-            Some(g) => {
-                state = read_snapshot(storage.as_ref(), &dir.join(snapshot_name(g)))?;
-                g
-            }
-            None => 0,
+        let generation = snapshot_gen.unwrap_or(0);
+        let mut state = match snapshot_gen {
+            Some(g) => match read_snapshot(storage.as_ref(), &dir.join(snapshot_name(g))) {
+                Ok(state) => state,
+                Err(e) if e.is_corruption() => {
+                    // The previous generation (its snapshot and journal, kept until the next
+                    // fold) holds exactly what this snapshot was folded from.
+                    let state =
+                        rebuild_from_previous(storage.as_ref(), dir, &names, g).map_err(|why| {
+                            Error::corrupted(
+                                dir.join(snapshot_name(g)),
+                                0,
+                                format!(
+                                    "catalog snapshot damaged ({e}), and it cannot be rebuilt \
+                                     from the generation before it: {why}"
+                                ),
+                            )
+                        })?;
+                    warnings.push(format!(
+                        "catalog snapshot {} was damaged ({e}); it was rebuilt from generation \
+                         {} (its snapshot and journal, kept for this) and written again",
+                        dir.join(snapshot_name(g)).display(),
+                        g - 1
+                    ));
+                    write_snapshot(storage.as_ref(), &dir.join(snapshot_name(g)), &state)?;
+                    state
+                }
+                Err(e) => return Err(e),
+            },
+            None => State::default(),
         };
-        if journal_gen.is_some_and(|j| j > generation) {
-            return Err(Error::corrupted(
-                dir.join(journal_name(generation + 1)),
-                0,
-                "catalog journal newer than every snapshot",
-            ));
-        }
         let path = dir.join(journal_name(generation));
         let journal = if names.contains(&journal_name(generation)) {
             let file = FileHandle::open(storage.as_ref(), &path, OpenMode::ReadWrite)?;
@@ -292,11 +312,12 @@ impl Catalog {
         } else {
             new_journal(storage.as_ref(), dir, generation)?
         };
-        // Older generations are folded into the snapshot: remove them.
+        // The generation before this one stays (a damaged snapshot is rebuilt from it);
+        // older ones are removed.
         for name in &names {
             let old = generation_of(name, "snapshot-", ".snp")
                 .or_else(|| generation_of(name, "journal-", ".jnl"));
-            if old.is_some_and(|g| g < generation) || name.ends_with(".tmp") {
+            if old.is_some_and(|g| g + 1 < generation) || name.ends_with(".tmp") {
                 let p = dir.join(name);
                 storage.remove(&p).map_err(io_err(&p))?;
             }
@@ -315,7 +336,13 @@ impl Catalog {
             synced: Mutex::new(position),
             poisoned: crate::error::Poison::default(),
             journal_bytes_max,
+            warnings,
         })
+    }
+
+    /// What opening mended (a damaged snapshot rebuilt, a stray journal set aside).
+    pub fn open_warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// A read view of the state.
@@ -469,31 +496,153 @@ impl Catalog {
         self.commit_with(None, |_| Ok((ops, ())))
     }
 
-    /// Writes a snapshot of the state and starts a new journal generation.
+    /// Writes a snapshot of the state and starts a new journal generation. The snapshot is
+    /// read back and compared before anything switches to it, and the generation before
+    /// stays until the next fold: a snapshot damaged later is rebuilt from it at open.
     fn fold(&self, journal: &mut Journal) -> Result<()> {
         let next = journal.generation + 1;
-        let body = serde_json::to_vec(&*self.state.read())
-            .map_err(|e| Error::Internal(format!("catalog snapshot: {e}")))?;
-        let mut out = file_header(SNAPSHOT_MAGIC).to_vec();
-        out.extend_from_slice(&record_header(RecordKind::CatalogBatch, 0, &[&body]));
-        out.extend_from_slice(&body);
-        write_atomic(
-            self.storage.as_ref(),
-            &self.dir.join(snapshot_name(next)),
-            &out,
-        )?;
+        let state = self.state.read().clone();
+        let path = self.dir.join(snapshot_name(next));
+        write_snapshot(self.storage.as_ref(), &path, &state)?;
+        if read_snapshot(self.storage.as_ref(), &path)? != state {
+            return Err(Error::corrupted(
+                &path,
+                0,
+                "the snapshot just written reads back differently",
+            ));
+        }
         let old = std::mem::replace(
             journal,
             new_journal(self.storage.as_ref(), &self.dir, next)?,
         );
-        for p in [
-            self.dir.join(journal_name(old.generation)),
-            self.dir.join(snapshot_name(old.generation)),
-        ] {
-            existed(&p, self.storage.remove(&p))?;
+        if let Some(g) = old.generation.checked_sub(1) {
+            for p in [
+                self.dir.join(journal_name(g)),
+                self.dir.join(snapshot_name(g)),
+            ] {
+                existed(&p, self.storage.remove(&p))?;
+            }
         }
         self.storage.sync_dir(&self.dir).map_err(io_err(&self.dir))
     }
+}
+
+/// A snapshot's head record (format 2).
+#[derive(Serialize, Deserialize)]
+struct SnapshotHead {
+    repos: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    segments_durable: Option<(u64, u64)>,
+}
+
+/// One repository's section of a snapshot (format 2).
+#[derive(Serialize, Deserialize)]
+struct SnapshotSection {
+    name: String,
+    repo: Repo,
+}
+
+/// Writes `state` as a snapshot (format 2) atomically: a head record, then one record per
+/// repository, each with its own CRC.
+fn write_snapshot(storage: &dyn Storage, path: &Path, state: &State) -> Result<()> {
+    fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+        serde_json::to_vec(v).map_err(|e| Error::Internal(format!("catalog snapshot: {e}")))
+    }
+    let mut out = file_header_versioned(SNAPSHOT_MAGIC, SNAPSHOT_VERSION).to_vec();
+    let mut push = |payload: Vec<u8>| {
+        out.extend_from_slice(&record_header(RecordKind::CatalogBatch, 0, &[&payload]));
+        out.extend_from_slice(&payload);
+    };
+    push(json(&SnapshotHead {
+        repos: state.repos.len(),
+        segments_durable: state.segments_durable,
+    })?);
+    for (name, repo) in &state.repos {
+        push(json(&SnapshotSection {
+            name: name.clone(),
+            repo: repo.clone(),
+        })?);
+    }
+    write_atomic(storage, path, &out)
+}
+
+/// Rebuilds the state snapshot `generation` was folded from: the previous generation's
+/// snapshot (none for generation 0) and its whole journal. `Err` says why it cannot.
+fn rebuild_from_previous(
+    storage: &dyn Storage,
+    dir: &Path,
+    names: &[String],
+    generation: u64,
+) -> std::result::Result<State, String> {
+    let prev = generation
+        .checked_sub(1)
+        .ok_or("it is the first generation")?;
+    if !names.contains(&journal_name(prev)) {
+        return Err(format!(
+            "{} is gone (directories written before the previous generation was kept have \
+             none)",
+            journal_name(prev)
+        ));
+    }
+    let mut state = if prev == 0 {
+        State::default()
+    } else if names.contains(&snapshot_name(prev)) {
+        read_snapshot(storage, &dir.join(snapshot_name(prev))).map_err(|e| e.to_string())?
+    } else {
+        return Err(format!("{} is gone", snapshot_name(prev)));
+    };
+    let file = FileHandle::open(storage, &dir.join(journal_name(prev)), OpenMode::Read)
+        .map_err(|e| e.to_string())?;
+    replay_journal(&file, &mut state).map_err(|e| e.to_string())?;
+    Ok(state)
+}
+
+/// Sets aside journals newer than every snapshot that hold no batch (a stray file: renamed
+/// to `.stray`, with a warning). One that holds batches is acknowledged data whose snapshot
+/// is missing: opening fails and names it.
+fn set_aside_stray_journals(
+    storage: &dyn Storage,
+    dir: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let names = storage.list(dir).map_err(io_err(dir))?;
+    let newest_snapshot = names
+        .iter()
+        .filter_map(|n| generation_of(n, "snapshot-", ".snp"))
+        .max()
+        .unwrap_or(0);
+    for (g, name) in names
+        .iter()
+        .filter_map(|n| generation_of(n, "journal-", ".jnl").map(|g| (g, n)))
+        .filter(|(g, _)| *g > newest_snapshot)
+    {
+        let path = dir.join(name);
+        let file = FileHandle::open(storage, &path, OpenMode::Read)?;
+        let mut batches = 0usize;
+        let _ = segment::scan(&file, segment::FILE_HEADER_LEN as u64, |rec| {
+            batches += usize::from(rec.header.kind == RecordKind::CatalogBatch);
+            Ok(())
+        });
+        if batches > 0 {
+            return Err(Error::corrupted(
+                &path,
+                0,
+                format!(
+                    "catalog journal of generation {g} holds {batches} batches but its snapshot \
+                     ({}) is missing",
+                    snapshot_name(g)
+                ),
+            ));
+        }
+        let aside = dir.join(format!("{name}.stray"));
+        storage.rename(&path, &aside).map_err(io_err(&path))?;
+        warnings.push(format!(
+            "{} is newer than every catalog snapshot and holds no batch: set aside as {}",
+            path.display(),
+            aside.display()
+        ));
+    }
+    Ok(())
 }
 
 fn new_journal(storage: &dyn Storage, dir: &Path, generation: u64) -> Result<Journal> {
@@ -514,16 +663,50 @@ fn new_journal(storage: &dyn Storage, dir: &Path, generation: u64) -> Result<Jou
 fn read_snapshot(storage: &dyn Storage, path: &Path) -> Result<State> {
     let file = FileHandle::open(storage, path, OpenMode::Read)?;
     let mut head = [0u8; segment::FILE_HEADER_LEN];
-    file.read_exact_at(&mut head, 0)?;
-    check_file_header(path, SNAPSHOT_MAGIC, &head)?;
-    let (_, payload) = segment::read_record(&file, segment::FILE_HEADER_LEN as u64)?;
-    serde_json::from_slice(&payload).map_err(|e| {
-        Error::corrupted(
-            path,
-            segment::FILE_HEADER_LEN as u64,
-            format!("snapshot: {e}"),
-        )
-    })
+    file.read_exact_at(&mut head, 0)
+        .map_err(|_| Error::corrupted(path, 0, "snapshot shorter than its header"))?;
+    let version = check_file_header_versions(path, SNAPSHOT_MAGIC, &head, &SNAPSHOT_VERSIONS)?;
+    let bad = |offset: u64, why: String| Error::corrupted(path, offset, format!("snapshot: {why}"));
+    if version == 1 {
+        let (_, payload) = segment::read_record(&file, segment::FILE_HEADER_LEN as u64)?;
+        return serde_json::from_slice(&payload)
+            .map_err(|e| bad(segment::FILE_HEADER_LEN as u64, e.to_string()));
+    }
+    let mut state = State::default();
+    let mut expected = None;
+    let (_, how) = segment::scan(&file, segment::FILE_HEADER_LEN as u64, |rec| {
+        if expected.is_none() {
+            let h: SnapshotHead = serde_json::from_slice(&rec.payload)
+                .map_err(|e| bad(rec.offset, format!("head: {e}")))?;
+            state.segments_durable = h.segments_durable;
+            expected = Some(h.repos);
+        } else {
+            let section: SnapshotSection = serde_json::from_slice(&rec.payload)
+                .map_err(|e| bad(rec.offset, format!("section: {e}")))?;
+            state.repos.insert(section.name, section.repo);
+        }
+        Ok(())
+    })?;
+    if let segment::ScanEnd::Invalid { offset, reason } = how {
+        return Err(bad(
+            offset,
+            format!(
+                "{reason} in the section after repository {:?}",
+                state.repos.keys().next_back()
+            ),
+        ));
+    }
+    if expected != Some(state.repos.len()) {
+        return Err(bad(
+            0,
+            format!(
+                "{} repositories of {:?} read: the snapshot was cut short",
+                state.repos.len(),
+                expected
+            ),
+        ));
+    }
+    Ok(state)
 }
 
 fn replay_journal(file: &FileHandle, state: &mut State) -> Result<u64> {
@@ -638,6 +821,160 @@ mod tests {
             names.iter().any(|n| n.starts_with("snapshot-")),
             "{names:?}"
         );
+    }
+
+    /// Commits until the journal has been folded at least `folds` times; returns the state.
+    fn fold_times(c: &Catalog, folds: usize) -> State {
+        let d = |i: u32| Digest::of(Algorithm::Sha256, &i.to_le_bytes());
+        let mut i = 0u32;
+        while c.appended.lock().journal.generation < folds as u64 {
+            c.commit(vec![
+                Op::PutManifest {
+                    repo: format!("r{}", i % 5),
+                    digest: d(i),
+                    link: link(),
+                },
+                Op::Tag {
+                    repo: format!("r{}", i % 5),
+                    tag: format!("t{i}"),
+                    digest: d(i),
+                },
+            ])
+            .expect("commit");
+            i += 1;
+        }
+        // A batch in the newest journal too.
+        c.commit(vec![tag("after-the-fold")]).expect("commit");
+        c.read().clone()
+    }
+
+    fn generation_files(sim: &SimStorage, dir: &Path) -> Vec<String> {
+        let mut names = sim.list(dir).expect("list");
+        names.sort();
+        names
+    }
+
+    /// #14 item 2: one flipped bit in the newest snapshot no longer makes the registry
+    /// unrecoverable. The generation before it (snapshot and journal) is kept until the next
+    /// fold, and the damaged snapshot is rebuilt from it at open, with a warning.
+    #[test]
+    fn a_damaged_snapshot_is_rebuilt_from_the_generation_before_it() {
+        let sim = SimStorage::new();
+        let dir = Path::new("/c");
+        let before = {
+            let c = Catalog::open_with(Arc::new(sim.clone()), dir, 16 << 10).expect("open");
+            fold_times(&c, 3)
+        };
+        assert_eq!(
+            generation_files(&sim, dir),
+            vec![
+                journal_name(2),
+                journal_name(3),
+                snapshot_name(2),
+                snapshot_name(3)
+            ],
+            "the generation before the newest stays, older ones go"
+        );
+        let snap = dir.join(snapshot_name(3));
+        sim.flip_bit(&snap, 200);
+        let c = Catalog::open_with(Arc::new(sim.clone()), dir, 16 << 10).expect("rebuilt");
+        assert_eq!(*c.read(), before);
+        assert_eq!(c.open_warnings().len(), 1, "{:?}", c.open_warnings());
+        assert!(
+            c.open_warnings()[0].contains("rebuilt"),
+            "{:?}",
+            c.open_warnings()
+        );
+        // Written again: the next open needs no rebuild.
+        drop(c);
+        let c = Catalog::open_with(Arc::new(sim.clone()), dir, 16 << 10).expect("reopen");
+        assert!(c.open_warnings().is_empty(), "{:?}", c.open_warnings());
+        assert_eq!(*c.read(), before);
+        // Both generations damaged: opening fails and says why, naming the file.
+        drop(c);
+        sim.flip_bit(&snap, 200);
+        sim.flip_bit(&dir.join(snapshot_name(2)), 200);
+        let err = Catalog::open_with(Arc::new(sim), dir, 16 << 10).expect_err("unrecoverable");
+        assert!(err.is_corruption(), "{err}");
+        assert!(err.to_string().contains(&snapshot_name(3)), "{err}");
+    }
+
+    /// Snapshots are written in sections (one record per repository): damage is located.
+    #[test]
+    fn damage_in_a_snapshot_names_its_section() {
+        let sim = SimStorage::new();
+        let dir = Path::new("/c");
+        let state = {
+            let c = Catalog::open_with(Arc::new(sim.clone()), dir, 16 << 10).expect("open");
+            fold_times(&c, 1)
+        };
+        let path = dir.join("x.snp");
+        write_snapshot(&sim, &path, &state).expect("write");
+        assert_eq!(read_snapshot(&sim, &path).expect("read"), state);
+        let file = FileHandle::open(&sim, &path, OpenMode::Read).expect("open");
+        let size = file.len().expect("len") as usize;
+        sim.flip_bit(&path, size - 10);
+        let err = read_snapshot(&sim, &path).expect_err("damaged");
+        assert!(err.to_string().contains("after repository"), "{err}");
+    }
+
+    /// Snapshots of format 1 (one record holding the whole state) are still read.
+    #[test]
+    fn a_format_1_snapshot_is_read() {
+        let sim = SimStorage::new();
+        let dir = Path::new("/c");
+        let state = {
+            let c = Catalog::open_with(Arc::new(sim.clone()), dir, 16 << 10).expect("open");
+            fold_times(&c, 1)
+        };
+        let body = serde_json::to_vec(&state).expect("json");
+        let mut v1 = segment::file_header(SNAPSHOT_MAGIC).to_vec();
+        v1.extend_from_slice(&record_header(RecordKind::CatalogBatch, 0, &[&body]));
+        v1.extend_from_slice(&body);
+        let path = dir.join("v1.snp");
+        let f = FileHandle::open(&sim, &path, OpenMode::Truncate).expect("create");
+        f.write_all_at(&v1, 0).expect("write");
+        assert_eq!(read_snapshot(&sim, &path).expect("read"), state);
+    }
+
+    /// #14 item 6: a journal newer than every snapshot is set aside when it holds no batch
+    /// (a stray), and named when it does.
+    #[test]
+    fn a_stray_journal_is_set_aside_and_one_with_batches_is_named() {
+        let sim = SimStorage::new();
+        let dir = Path::new("/c");
+        {
+            let c = Catalog::open(Arc::new(sim.clone()), dir).expect("open");
+            c.commit(vec![tag("v1")]).expect("commit");
+        }
+        let stray = dir.join(journal_name(5));
+        let f = FileHandle::open(&sim, &stray, OpenMode::Truncate).expect("create");
+        f.write_all_at(&file_header_versioned(JOURNAL_MAGIC, JOURNAL_VERSION), 0)
+            .expect("header");
+        let c = Catalog::open(Arc::new(sim.clone()), dir).expect("opens");
+        assert_eq!(tags(&c), vec!["v1".to_owned()]);
+        assert!(
+            c.open_warnings()
+                .iter()
+                .any(|w| w.contains(&journal_name(5)) && w.contains("set aside")),
+            "{:?}",
+            c.open_warnings()
+        );
+        drop(c);
+        assert!(sim
+            .list(dir)
+            .expect("list")
+            .contains(&format!("{}.stray", journal_name(5))));
+        // One holding batches is acknowledged data without its snapshot: named, not hidden.
+        let batch = serde_json::to_vec(&vec![tag("v2")]).expect("json");
+        let mut bytes = file_header_versioned(JOURNAL_MAGIC, JOURNAL_VERSION).to_vec();
+        bytes.extend_from_slice(&record_header(RecordKind::CatalogBatch, 0, &[&batch]));
+        bytes.extend_from_slice(&batch);
+        let f =
+            FileHandle::open(&sim, &dir.join(journal_name(7)), OpenMode::Truncate).expect("create");
+        f.write_all_at(&bytes, 0).expect("write");
+        let err = Catalog::open(Arc::new(sim), dir).expect_err("refused");
+        assert!(err.to_string().contains(&journal_name(7)), "{err}");
     }
 
     fn tag(name: &str) -> Op {

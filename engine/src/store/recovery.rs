@@ -194,7 +194,7 @@ impl Store {
         chosen.sort_by_key(|(lo, _, _)| *lo);
         // Index files are derived: a damaged one is removed and its segments replayed, so
         // the store opens and the index is written again (said in `open_warnings`).
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = catalog.open_warnings().to_vec();
         let mut indexes = Vec::new();
         let mut usable = Vec::new();
         for (lo, hi, name) in chosen {
