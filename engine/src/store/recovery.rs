@@ -43,6 +43,22 @@ fn read_removed_segments(
         .collect()
 }
 
+/// Why the file at `path` is not a segment this store wrote: its header is invalid and it
+/// is larger than the header a crash can leave unwritten (`None` when it is a segment, or
+/// may be one cut short by a crash).
+fn not_a_segment(storage: &dyn crate::io::Storage, path: &Path) -> Result<Option<String>> {
+    let file = FileHandle::open(storage, path, OpenMode::Read)?;
+    let len = file.len()?;
+    if len <= 4096 {
+        return Ok(None);
+    }
+    let mut head = [0u8; FILE_HEADER_LEN];
+    file.read_exact_at(&mut head, 0)?;
+    Ok(check_file_header(path, SEGMENT_MAGIC, &head)
+        .err()
+        .map(|e| e.to_string()))
+}
+
 /// Replays a segment without an index file: collects its entries, and decides what an invalid
 /// record means. In the last segment, bytes after the last sync mark were never acknowledged,
 /// so damage there is a torn tail and is truncated; damage before it is corruption. With
@@ -226,6 +242,29 @@ impl Store {
             .filter_map(|n| parse_segment_file_name(n))
             .collect();
         seg_ids.sort_unstable();
+        if let Some(&newest) = seg_ids.last() {
+            let acknowledged = catalog
+                .read()
+                .segments_durable
+                .is_some_and(|(s, _)| s >= newest);
+            if !covered(newest) && !acknowledged {
+                let path = segment_path(&seg_dir, newest);
+                if let Some(why) = not_a_segment(storage.as_ref(), &path)? {
+                    // Not a segment this store wrote (no valid header, larger than a crash
+                    // can leave) and nothing acknowledged in it: set aside, not replayed.
+                    let aside = path.with_extension("seg.stray");
+                    storage.rename(&path, &aside).map_err(io_err(&path))?;
+                    storage.sync_dir(&seg_dir).map_err(io_err(&seg_dir))?;
+                    warnings.push(format!(
+                        "{} is not a segment ({why}) and nothing acknowledged is in it: set \
+                         aside as {}",
+                        path.display(),
+                        aside.display()
+                    ));
+                    seg_ids.pop();
+                }
+            }
+        }
 
         let mut segments = HashMap::new();
         let mut delta = Delta::default();
