@@ -327,6 +327,23 @@ impl Store {
                 ));
             }
         }
+        // Sealed segments that index files cover but that are gone, though no collection
+        // removed them: said now, not found one failed read at a time.
+        let present: std::collections::HashSet<u64> = seg_ids.iter().copied().collect();
+        let vanished: Vec<u64> = chosen
+            .iter()
+            .flat_map(|(lo, hi, _)| *lo..=*hi)
+            .filter(|id| !present.contains(id) && !removed.contains(id))
+            .collect();
+        if !vanished.is_empty() {
+            warnings.push(format!(
+                "sealed segment(s) {vanished:?} are missing from {} although their index files \
+                 name them and no collection removed them: blobs stored there cannot be \
+                 served; `ballast fsck` lists them and `ballast fsck --repair` sets them aside \
+                 until they are pushed again",
+                seg_dir.display()
+            ));
+        }
         let verified = crate::verified::RecentlyVerified::new(opts.verify_reuse);
         let inner = Arc::new(Inner {
             storage: storage.clone(),

@@ -408,6 +408,15 @@ fn fsck_reports_truncated_and_deleted_segments_and_damaged_recipes() {
     let (code, text) = ballast(&["fsck", dir]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("segment_missing"), "{text}");
+    // Every open says so at once (#14 item 6), not one failed read at a time.
+    let victim_id: u64 = victim.file_name().and_then(|n| n.to_str()).expect("name")[..20]
+        .parse()
+        .expect("id");
+    let (_, text) = ballast(&["gc", "--dry-run", dir]);
+    assert!(
+        text.contains(&format!("sealed segment(s) [{victim_id}] are missing")),
+        "{text}"
+    );
     // The server answers what lived there as missing, never with other bytes.
     let r = Registry::start(&data);
     for repo in ["a", "b"] {
