@@ -265,8 +265,11 @@ pub struct ScannedRecord {
     pub offset: u64,
     /// The decoded header.
     pub header: RecordHeader,
-    /// The payload (checked against its CRC).
+    /// The payload (checked against its CRC, or see `crc_ok`).
     pub payload: Vec<u8>,
+    /// False for a chunk record found by [`scan_salvaging`] whose CRC fails but whose
+    /// chunk verifies against its BLAKE3 id: only its checksum field is damaged.
+    pub crc_ok: bool,
 }
 
 /// Reads the records of `file` from `start` to its end, calling `visit` for each valid one,
@@ -324,6 +327,7 @@ pub fn scan(
             offset,
             header,
             payload,
+            crc_ok: true,
         })?;
         offset = next;
     }
@@ -367,6 +371,12 @@ pub fn scan_salvaging(
         else {
             return Ok((end, damage));
         };
+        if let Some(rec) = sound_chunk_with_bad_crc(file, bad)? {
+            // Not damage: the chunk is whole, only its checksum field is not.
+            offset = bad + rec.header.record_len();
+            visit(rec)?;
+            continue;
+        }
         let resumed_at = find_record_after(file, bad)?.unwrap_or(len);
         damage.push(Damage {
             offset: bad,
@@ -378,6 +388,38 @@ pub fn scan_salvaging(
         }
         offset = resumed_at;
     }
+}
+
+/// The chunk record at `offset` when its CRC fails but its header is sound and its chunk
+/// verifies against its BLAKE3 id (so only the checksum field can be damaged).
+fn sound_chunk_with_bad_crc(file: &FileHandle, offset: u64) -> Result<Option<ScannedRecord>> {
+    let Ok((header, payload)) = read_record_with(file, offset, Check::Content) else {
+        return Ok(None);
+    };
+    if header.kind != RecordKind::Chunk {
+        return Ok(None);
+    }
+    let whole = ChunkPayload::decode(&payload)
+        .and_then(|c| Some(crate::ChunkId::of(&c.bytes(header.flags).ok()?) == c.id))
+        .unwrap_or(false);
+    Ok(whole.then_some(ScannedRecord {
+        offset,
+        header,
+        payload,
+        crc_ok: false,
+    }))
+}
+
+/// Rewrites the CRC of the record at `offset` when its payload is sound (an offline repair
+/// of a damaged checksum field found by [`scan_salvaging`]); returns whether it did.
+pub fn rewrite_crc(file: &FileHandle, offset: u64) -> Result<bool> {
+    let Some(rec) = sound_chunk_with_bad_crc(file, offset)? else {
+        return Ok(false);
+    };
+    let header = record_header(rec.header.kind, rec.header.flags, &[&rec.payload]);
+    file.write_all_at(&header[8..12], offset + 8)?;
+    file.sync()?;
+    Ok(true)
 }
 
 /// The offset of the first valid record after `from`, if any.

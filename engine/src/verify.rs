@@ -35,6 +35,9 @@ pub enum FindingCode {
     RecordCorrupt,
     /// A chunk record whose bytes do not match its id or length.
     ChunkCorrupt,
+    /// A chunk record whose checksum field is damaged while its chunk verifies against its
+    /// BLAKE3 id: served as it is; `--repair` rewrites the checksum.
+    RecordCrcDamaged,
     /// A recipe record that does not decode.
     RecipeCorrupt,
     /// A segment an index names is gone, and no collection removed it.
@@ -71,6 +74,7 @@ impl FindingCode {
             FindingCode::RecordMisplaced => "record_misplaced",
             FindingCode::RecordCorrupt => "record_corrupt",
             FindingCode::ChunkCorrupt => "chunk_corrupt",
+            FindingCode::RecordCrcDamaged => "record_crc_damaged",
             FindingCode::RecipeCorrupt => "recipe_corrupt",
             FindingCode::SegmentMissing => "segment_missing",
             FindingCode::IndexCorrupt => "index_corrupt",
@@ -173,6 +177,8 @@ impl Report {
 
 const HINT_DAMAGE: &str =
     "the bytes on disk are damaged: blobs that use them cannot be served. `ballast fsck --repair DIR` sets the damaged records and those blobs aside (quarantine.json, nothing deleted) so the server opens and serves the rest; a re-push of those images heals them (or restore the data directory from a backup)";
+const HINT_CRC: &str =
+    "only the record's checksum field is damaged: `ballast fsck --repair DIR` rewrites it (nothing is quarantined)";
 const HINT_REBUILD: &str =
     "indexes are derived data: run `ballast fsck --repair DIR` to rebuild them from the segments";
 const HINT_REPUSH: &str =
@@ -249,6 +255,16 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                         report.chunks += 1;
                         match check_chunk(rec.header.flags, &rec.payload) {
                             Ok(chunk) => {
+                                if !rec.crc_ok {
+                                    problems.push((
+                                        rec.offset,
+                                        FindingCode::RecordCrcDamaged,
+                                        format!(
+                                            "the record's checksum is damaged but chunk {chunk} \
+                                             verifies against its BLAKE3 id (it is served)"
+                                        ),
+                                    ));
+                                }
                                 chunks_at.insert((id, rec.offset), chunk);
                             }
                             Err(why) => problems.push((rec.offset, FindingCode::ChunkCorrupt, why)),
@@ -280,6 +296,11 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                     report.quarantined_records += 1;
                     continue;
                 }
+                let hint = if code == FindingCode::RecordCrcDamaged {
+                    HINT_CRC
+                } else {
+                    HINT_DAMAGE
+                };
                 error(
                     &mut report,
                     code,
@@ -287,7 +308,7 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                     Some(path.clone()),
                     Some(offset),
                     why,
-                    HINT_DAMAGE,
+                    hint,
                 );
             }
             match scanned {
@@ -604,6 +625,26 @@ fn rehash(store: &Store, digest: &Digest, size: u64) -> Result<Digest, Error> {
         h.update(&piece?);
     }
     Ok(h.finish())
+}
+
+/// `fsck --repair`: rewrites the checksum of every chunk record that `report` found sound
+/// but for its checksum field (its chunk verified against its BLAKE3 id). Returns how many.
+pub fn repair_checksums(store: &Store, report: &Report) -> crate::Result<usize> {
+    let mut n = 0;
+    for f in &report.findings {
+        if let (FindingCode::RecordCrcDamaged, Some(segment), Some(offset)) =
+            (f.code, f.segment, f.offset)
+        {
+            let path = store.segment_path(segment);
+            let file = crate::io::FileHandle::open(
+                store.storage().as_ref(),
+                &path,
+                crate::io::OpenMode::ReadWrite,
+            )?;
+            n += usize::from(segment::rewrite_crc(&file, offset)?);
+        }
+    }
+    Ok(n)
 }
 
 /// `fsck --repair`'s second step: sets aside what `report` found damaged. Damaged records

@@ -173,12 +173,18 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
         // not fix.
         // The active segment is sealed too (its index written): damage salvaged in it would
         // otherwise stop the next open, which replays the active segment.
-        match verify::quarantine_damage(&store, &report, clock::now_secs())
-            .and_then(|r| store.seal_active().map(|()| r))
-        {
-            Ok((records, blobs)) => {
+        // Checksum fields of sound records are rewritten first (nothing of theirs is set
+        // aside).
+        let repaired = verify::repair_checksums(&store, &report).and_then(|crcs| {
+            let (records, blobs) = verify::quarantine_damage(&store, &report, clock::now_secs())?;
+            store.seal_active()?;
+            Ok((crcs, records, blobs))
+        });
+        match repaired {
+            Ok((crcs, records, blobs)) => {
                 summary = Some(RepairSummary {
                     findings_before: report.findings.len(),
+                    checksums_rewritten: crcs,
                     records_quarantined: records,
                     blobs_quarantined: blobs,
                 });
@@ -187,7 +193,7 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
             Err(e) => {
                 let _ = writeln!(
                     out,
-                    "fsck: could not write the quarantine: {}",
+                    "fsck: the repair could not write: {}",
                     printable(&e.to_string())
                 );
                 return EXIT_FAILED;
@@ -262,6 +268,8 @@ fn loose_modes(dir: &Path) -> Vec<String> {
 struct RepairSummary {
     /// Findings of the first pass.
     findings_before: usize,
+    /// Records whose damaged checksum field was rewritten (their content was sound).
+    checksums_rewritten: usize,
     /// Damaged records newly set aside.
     records_quarantined: usize,
     /// Blobs newly quarantined.
@@ -292,9 +300,10 @@ fn write_report(
     if let Some(s) = summary {
         writeln!(
             out,
-            "repair: the first pass found {} problems; {} damaged records and {} blobs set aside \
-             in the quarantine (nothing deleted); second pass below",
-            s.findings_before, s.records_quarantined, s.blobs_quarantined
+            "repair: the first pass found {} problems; {} damaged checksums rewritten (their records \
+             were sound), {} damaged records and {} blobs set aside in the quarantine (nothing \
+             deleted); second pass below",
+            s.findings_before, s.checksums_rewritten, s.records_quarantined, s.blobs_quarantined
         )?;
     }
     if !r.quarantined_blobs.is_empty() || r.quarantined_records > 0 {

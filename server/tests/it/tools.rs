@@ -785,3 +785,42 @@ fn damage_in_the_active_segment_is_reported_untouched_and_repaired_so_the_server
     let got = call("GET", &r.url(&format!("/v2/x/blobs/{digest}")), &[], None);
     assert!(got.status == 200 && got.body == layer, "a re-push heals it");
 }
+
+/// #14 item 8: a flipped bit in a chunk record's checksum field alone (its chunk verifies
+/// against its BLAKE3 id) is served correctly, and `--repair` rewrites the checksum instead
+/// of quarantining the blob (before, the blob answered 404 until pushed again).
+#[test]
+fn a_damaged_checksum_field_alone_is_rewritten_not_quarantined() {
+    let (_tmp, data) = stopped_with_image(9, 300_000);
+    let dir = data.to_str().expect("utf8");
+    let seg = data.join("segments").join("00000000000000000001.seg");
+    let mut bytes = std::fs::read(&seg).expect("read");
+    assert_eq!(bytes[16 + 4], 1, "the first record is a chunk");
+    bytes[16 + 9] ^= 0x08;
+    std::fs::write(&seg, &bytes).expect("write");
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("record_crc_damaged"), "{text}");
+    assert!(
+        !text.contains("chunk_missing") && !text.contains("blob_unreadable"),
+        "{text}"
+    );
+    let (code, text) = ballast(&["fsck", "--repair", dir]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("1 damaged checksums rewritten")
+            && text.contains("0 damaged records and 0 blobs"),
+        "{text}"
+    );
+    let (code, text) = ballast(&["fsck", dir]);
+    assert_eq!(code, 0, "{text}");
+    let r = Registry::start(&data);
+    let config = br#"{"seed":9}"#;
+    let got = call(
+        "GET",
+        &r.url(&format!("/v2/x/blobs/{}", sha256(config))),
+        &[],
+        None,
+    );
+    assert!(got.status == 200 && got.body == config, "{}", got.status);
+}
