@@ -221,6 +221,9 @@ pub struct Catalog {
     /// Set by a failed fsync or write after one: every later commit fails.
     poisoned: crate::error::Poison,
     journal_bytes_max: u64,
+    /// A copy of `synced`, for readers that must not wait for a journal fsync (the
+    /// segments record it: `RecordKind::CatalogDurable`).
+    durable: Mutex<(u64, u64)>,
     /// What opening mended.
     warnings: Vec<String>,
 }
@@ -334,10 +337,16 @@ impl Catalog {
             }),
             state: RwLock::new(state),
             synced: Mutex::new(position),
+            durable: Mutex::new(position),
             poisoned: crate::error::Poison::default(),
             journal_bytes_max,
             warnings,
         })
+    }
+
+    /// How far the journal is durable: (generation, offset).
+    pub fn durable_position(&self) -> (u64, u64) {
+        *self.durable.lock()
     }
 
     /// What opening mended (a damaged snapshot rebuilt, a stray journal set aside).
@@ -427,6 +436,7 @@ impl Catalog {
         // Appends go on meanwhile; they wait for the next fsync.
         file.sync().map_err(|e| self.poison(e))?;
         *synced = target;
+        *self.durable.lock() = target;
         self.make_visible(batches);
         let mut a = self.appended.lock();
         if (a.journal.generation, a.journal.len) == target {
@@ -456,6 +466,7 @@ impl Catalog {
             // more may be appended to it.
             self.fold(&mut a.journal).map_err(|e| self.poison(e))?;
             *synced = (a.journal.generation, a.journal.len);
+            *self.durable.lock() = *synced;
             a.last_batch = *synced;
         }
         Ok(())

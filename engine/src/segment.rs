@@ -40,6 +40,9 @@ pub enum RecordKind {
     /// How far the segments were durable when the catalog batch after it was committed
     /// (catalog journals only, format 2).
     SegmentsDurable = 6,
+    /// How far the catalog journal was durable when a segment sync mark was written
+    /// (segments only, format 2).
+    CatalogDurable = 7,
 }
 
 impl RecordKind {
@@ -51,6 +54,7 @@ impl RecordKind {
             4 => Some(RecordKind::CatalogBatch),
             5 => Some(RecordKind::UploadCheckpoint),
             6 => Some(RecordKind::SegmentsDurable),
+            7 => Some(RecordKind::CatalogDurable),
             _ => None,
         }
     }
@@ -59,7 +63,17 @@ impl RecordKind {
 /// Record flag: the chunk payload is zstd-compressed.
 pub const FLAG_ZSTD: u8 = 1;
 
-/// Encodes a file header (format version 1: segments, snapshots, upload logs).
+/// Format of new segments: 2 adds the CatalogDurable record. Segments of format 1 are read.
+pub const SEGMENT_FORMAT: u16 = 2;
+/// Segment formats this build reads.
+pub const SEGMENT_FORMATS: [u16; 2] = [1, SEGMENT_FORMAT];
+
+/// Checks a segment's file header (either format).
+pub fn check_segment_header(path: &Path, h: &[u8]) -> Result<u16> {
+    check_file_header_versions(path, SEGMENT_MAGIC, h, &SEGMENT_FORMATS)
+}
+
+/// Encodes a file header (format version 1: upload logs).
 pub fn file_header(magic: [u8; 8]) -> [u8; FILE_HEADER_LEN] {
     file_header_versioned(magic, SEGMENT_VERSION)
 }

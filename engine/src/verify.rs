@@ -64,6 +64,8 @@ pub enum FindingCode {
     BlobDigestMismatch,
     /// A blob cannot be reassembled.
     BlobUnreadable,
+    /// The catalog journal ends before where the segments recorded it durable.
+    CatalogTruncated,
 }
 
 impl FindingCode {
@@ -88,6 +90,7 @@ impl FindingCode {
             FindingCode::ChunkMissing => "chunk_missing",
             FindingCode::BlobDigestMismatch => "blob_digest_mismatch",
             FindingCode::BlobUnreadable => "blob_unreadable",
+            FindingCode::CatalogTruncated => "catalog_truncated",
         }
     }
 
@@ -179,6 +182,8 @@ const HINT_DAMAGE: &str =
     "the bytes on disk are damaged: blobs that use them cannot be served. `ballast fsck --repair DIR` sets the damaged records and those blobs aside (quarantine.json, nothing deleted) so the server opens and serves the rest; a re-push of those images heals them (or restore the data directory from a backup)";
 const HINT_CRC: &str =
     "only the record's checksum field is damaged: `ballast fsck --repair DIR` rewrites it (nothing is quarantined)";
+const HINT_CATALOG_CUT: &str =
+    "restore the catalog directory from a backup if you have one; otherwise `ballast fsck --repair DIR` lets the store open with the catalog as it is, and the images whose tags or links were lost must be pushed again";
 const HINT_REBUILD: &str =
     "indexes are derived data: run `ballast fsck --repair DIR` to rebuild them from the segments";
 const HINT_REPUSH: &str =
@@ -212,6 +217,17 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             hint,
         });
     };
+    if let Some(why) = store.catalog_damage() {
+        error(
+            &mut report,
+            FindingCode::CatalogTruncated,
+            None,
+            Some(store.dir().join("catalog")),
+            None,
+            why,
+            HINT_CATALOG_CUT,
+        );
+    }
 
     // 3 runs beside 1 and 2: every blob something links is reassembled (SHA-256) while the
     // segments are scanned (CRC, BLAKE3), so fsck takes about as long as the slower pass.
@@ -278,7 +294,7 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                             problems.push((rec.offset, FindingCode::RecipeCorrupt, e.to_string()))
                         }
                     },
-                    RecordKind::SyncMark => {}
+                    RecordKind::SyncMark | RecordKind::CatalogDurable => {}
                     RecordKind::CatalogBatch
                     | RecordKind::UploadCheckpoint
                     | RecordKind::SegmentsDurable => problems.push((

@@ -177,7 +177,10 @@ pub fn fsck(dir: &Path, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
         // aside).
         let repaired = verify::repair_checksums(&store, &report).and_then(|crcs| {
             let (records, blobs) = verify::quarantine_damage(&store, &report, clock::now_secs())?;
+            // Sealing also ends what the active segment recorded about the catalog: a journal
+            // cut short is then taken as it is.
             store.seal_active()?;
+            store.accept_catalog_damage();
             Ok((crcs, records, blobs))
         });
         match repaired {

@@ -153,6 +153,9 @@ pub(crate) struct Inner {
     /// What opening found and mended (a damaged index file rebuilt): for the server's log
     /// and the tools' output.
     pub(crate) open_warnings: Vec<String>,
+    /// Damage to the catalog found at open that a salvaging open went past (a journal cut
+    /// short): fsck reports it.
+    pub(crate) catalog_damage: Mutex<Option<String>>,
     pub(crate) _lock: Box<dyn Send + Sync>,
 }
 
@@ -177,6 +180,21 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 impl Store {
     /// What opening the store found and mended (damaged index files rebuilt from their
     /// segments), to be logged.
+    /// Damage to the catalog that a salvaging open (fsck) went past: a journal that ends
+    /// before where the segments recorded it durable, so acknowledged changes were cut.
+    pub fn catalog_damage(&self) -> Option<String> {
+        self.inner.catalog_damage.lock().clone()
+    }
+
+    /// `fsck --repair`: the changes cut from the journal cannot be had back; once the
+    /// active segment that recorded them is sealed, the store opens again, and this says
+    /// it was dealt with.
+    pub fn accept_catalog_damage(&self) {
+        self.inner.catalog_damage.lock().take();
+    }
+
+    /// What opening mended (a damaged index file rebuilt): for the server's log and the
+    /// tools' output.
     pub fn open_warnings(&self) -> &[String] {
         &self.inner.open_warnings
     }

@@ -16,8 +16,7 @@ use crate::index::{self, IndexFile, Location};
 use crate::io::{FileHandle, OpenMode, RealStorage, Storage, WritebackHints};
 use crate::recipe::Recipe;
 use crate::segment::{
-    self, check_file_header, file_header, parse_segment_file_name, segment_path, RecordKind,
-    FILE_HEADER_LEN, SEGMENT_MAGIC,
+    self, parse_segment_file_name, segment_path, RecordKind, FILE_HEADER_LEN, SEGMENT_MAGIC,
 };
 
 use super::*;
@@ -43,6 +42,19 @@ fn read_removed_segments(
         .collect()
 }
 
+/// What replaying a segment found: where its valid records end, its index entries, and the
+/// newest catalog position it recorded.
+type Replayed = (u64, SegmentEntries, Option<(u64, u64)>);
+
+/// The format of a segment whose header was checked at replay.
+fn segment_format(file: &FileHandle) -> u16 {
+    let mut head = [0u8; FILE_HEADER_LEN];
+    match file.read_exact_at(&mut head, 0) {
+        Ok(()) => u16::from_le_bytes([head[8], head[9]]),
+        Err(_) => segment::SEGMENT_FORMAT,
+    }
+}
+
 /// Why the file at `path` is not a segment this store wrote: its header is invalid and it
 /// is larger than the header a crash can leave unwritten (`None` when it is a segment, or
 /// may be one cut short by a crash).
@@ -54,7 +66,7 @@ fn not_a_segment(storage: &dyn crate::io::Storage, path: &Path) -> Result<Option
     }
     let mut head = [0u8; FILE_HEADER_LEN];
     file.read_exact_at(&mut head, 0)?;
-    Ok(check_file_header(path, SEGMENT_MAGIC, &head)
+    Ok(segment::check_segment_header(path, &head)
         .err()
         .map(|e| e.to_string()))
 }
@@ -75,26 +87,30 @@ fn replay_segment(
     is_last: bool,
     salvage: bool,
     acknowledged: u64,
-) -> Result<(u64, SegmentEntries)> {
+) -> Result<Replayed> {
     let path = file.path().to_path_buf();
     let len = file.len()?;
     let mut head = [0u8; FILE_HEADER_LEN];
     if len < FILE_HEADER_LEN as u64
         || file.read_exact_at(&mut head, 0).is_err()
-        || check_file_header(&path, SEGMENT_MAGIC, &head).is_err()
+        || segment::check_segment_header(&path, &head).is_err()
     {
         if is_last && len <= 4096 {
             // Created but its header never became durable: start it afresh.
             file.set_len(0)?;
-            file.write_all_at(&file_header(SEGMENT_MAGIC), 0)?;
+            file.write_all_at(
+                &segment::file_header_versioned(SEGMENT_MAGIC, segment::SEGMENT_FORMAT),
+                0,
+            )?;
             file.sync()?;
-            return Ok((FILE_HEADER_LEN as u64, (Vec::new(), Vec::new())));
+            return Ok((FILE_HEADER_LEN as u64, (Vec::new(), Vec::new()), None));
         }
-        check_file_header(&path, SEGMENT_MAGIC, &head)?;
+        segment::check_segment_header(&path, &head)?;
     }
     let mut chunks = Vec::new();
     let mut blobs = Vec::new();
     let durable_end = std::cell::Cell::new(FILE_HEADER_LEN as u64);
+    let catalog_recorded = std::cell::Cell::new(None::<(u64, u64)>);
     let mut visit = |rec: segment::ScannedRecord| {
         let loc = Location {
             segment: id,
@@ -130,6 +146,14 @@ fn replay_segment(
                 ));
             }
             RecordKind::SyncMark => durable_end.set(rec.offset),
+            RecordKind::CatalogDurable => {
+                let point: Option<[u8; 16]> = rec.payload.as_slice().try_into().ok();
+                if let Some(p) = point {
+                    let [g, o] = [&p[..8], &p[8..]]
+                        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+                    catalog_recorded.set(catalog_recorded.get().max(Some((g, o))));
+                }
+            }
             RecordKind::CatalogBatch
             | RecordKind::UploadCheckpoint
             | RecordKind::SegmentsDurable
@@ -148,18 +172,20 @@ fn replay_segment(
     };
     let (end, how) = segment::scan(file, FILE_HEADER_LEN as u64, &mut visit)?;
     let durable_end = durable_end.get().max(acknowledged);
-    match segment::settle_tail(file, &how, durable_end, is_last) {
-        Ok(()) => Ok((end, (chunks, blobs))),
+    let end = match segment::settle_tail(file, &how, durable_end, is_last) {
+        Ok(()) => end,
         Err(Error::Corrupted { .. }) if salvage => {
             // Damage in acknowledged data: index everything readable around it.
-            let segment::ScanEnd::Invalid { offset, .. } = how else {
-                return Ok((end, (chunks, blobs)));
-            };
-            let (end, _damage) = segment::scan_salvaging(file, offset, &mut visit)?;
-            Ok((end, (chunks, blobs)))
+            match how {
+                segment::ScanEnd::Invalid { offset, .. } => {
+                    segment::scan_salvaging(file, offset, &mut visit)?.0
+                }
+                segment::ScanEnd::Clean => end,
+            }
         }
-        Err(e) => Err(e),
-    }
+        Err(e) => return Err(e),
+    };
+    Ok((end, (chunks, blobs), catalog_recorded.get()))
 }
 
 impl Store {
@@ -267,6 +293,7 @@ impl Store {
         }
 
         let mut segments = HashMap::new();
+        let mut catalog_recorded: Option<(u64, u64)> = None;
         let mut delta = Delta::default();
         let mut pending = Pending::default();
         let last = seg_ids.last().copied();
@@ -285,13 +312,14 @@ impl Store {
                 Some((s, _)) if s > id => u64::MAX,
                 _ => 0,
             };
-            let (len, entries) = replay_segment(
+            let (len, entries, recorded) = replay_segment(
                 &file,
                 id,
                 is_last,
                 opts.rebuild_indexes || opts.salvage,
                 acknowledged,
             )?;
+            catalog_recorded = catalog_recorded.max(recorded);
             for (key, loc) in &entries.0 {
                 delta.chunks.insert(ChunkId(*key), *loc);
             }
@@ -300,6 +328,7 @@ impl Store {
             }
             pending.by_segment.insert(id, entries);
             if is_last {
+                let format = segment_format(&file);
                 segments.insert(id, SegmentData::File(file.clone()));
                 active = Some(Active {
                     id,
@@ -308,6 +337,8 @@ impl Store {
                     hints: WritebackHints::from(len),
                     staged: Vec::new(),
                     flushed: len,
+                    catalog_recorded: recorded.unwrap_or((0, 0)),
+                    format,
                 });
             } else {
                 segments.insert(id, open_sealed(&file)?);
@@ -315,6 +346,25 @@ impl Store {
         }
 
         let next_id = last.map_or(1, |l| l + 1);
+        // The segments say how far the journal was durable when they synced: a journal that
+        // ends before that lost acknowledged batches (cut short, or an older copy), which a
+        // torn tail never does.
+        let mut catalog_damage = None;
+        if let Some(recorded) = catalog_recorded {
+            let now = catalog.durable_position();
+            if recorded > now {
+                let why = format!(
+                    "the catalog journal ends at generation {}, offset {}, but the segments \
+                     recorded it durable through generation {}, offset {}: acknowledged \
+                     changes (tags, links, deletes) were cut from it",
+                    now.0, now.1, recorded.0, recorded.1
+                );
+                if !(opts.salvage || opts.rebuild_indexes) {
+                    return Err(Error::corrupted(dir.join("catalog"), 0, why));
+                }
+                catalog_damage = Some(why);
+            }
+        }
         let removed = read_removed_segments(storage.as_ref(), dir)?;
         if let Some((s, _)) = catalog.read().segments_durable {
             if last.is_none_or(|l| s > l) && !removed.contains(&s) {
@@ -375,6 +425,7 @@ impl Store {
             verified,
             catalog,
             open_warnings: warnings,
+            catalog_damage: Mutex::new(catalog_damage),
             _lock: lock,
         });
         {

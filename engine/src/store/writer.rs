@@ -14,8 +14,7 @@ use crate::index::{Location, Table};
 use crate::io::{create_with_header, FileHandle, Storage, WritebackHints};
 use crate::recipe::Recipe;
 use crate::segment::{
-    self, file_header, record_header, RecordKind, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN,
-    SEGMENT_MAGIC,
+    self, record_header, RecordKind, FILE_HEADER_LEN, FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_MAGIC,
 };
 
 use super::*;
@@ -32,6 +31,11 @@ pub(crate) struct Active {
     pub(crate) staged: Vec<u8>,
     /// Bytes of the file written so far.
     pub(crate) flushed: u64,
+    /// The catalog position last recorded in this segment (a CatalogDurable record).
+    pub(crate) catalog_recorded: (u64, u64),
+    /// The segment's format (a segment of format 1, still being appended to after an
+    /// upgrade, gets no record kinds of format 2).
+    pub(crate) format: u16,
 }
 
 /// Staged appends are written once they reach this size (and before every sync, seal, and
@@ -100,7 +104,12 @@ pub(crate) fn is_staged(loc: &Location, active: u64, written: u64) -> bool {
 
 pub(crate) fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> Result<Active> {
     let name = segment::segment_file_name(id);
-    let file = create_with_header(storage, seg_dir, &name, &file_header(SEGMENT_MAGIC))?;
+    let file = create_with_header(
+        storage,
+        seg_dir,
+        &name,
+        &segment::file_header_versioned(SEGMENT_MAGIC, segment::SEGMENT_FORMAT),
+    )?;
     Ok(Active {
         id,
         file,
@@ -108,6 +117,8 @@ pub(crate) fn create_segment(storage: &dyn Storage, seg_dir: &Path, id: u64) -> 
         hints: WritebackHints::default(),
         staged: Vec::new(),
         flushed: FILE_HEADER_LEN as u64,
+        catalog_recorded: (0, 0),
+        format: segment::SEGMENT_FORMAT,
     })
 }
 
@@ -317,6 +328,15 @@ impl Store {
         if w.id == id && w.len == len {
             let mark = len.to_le_bytes();
             self.append_locked(&mut w, RecordKind::SyncMark, 0, &[&mark], 0)?;
+            // And how far the catalog journal is durable: recovery tells a journal cut short
+            // (acknowledged batches removed) from a torn tail by it.
+            let catalog = self.inner.catalog.durable_position();
+            if catalog != w.catalog_recorded && w.format >= 2 {
+                let mut point = catalog.0.to_le_bytes().to_vec();
+                point.extend_from_slice(&catalog.1.to_le_bytes());
+                self.append_locked(&mut w, RecordKind::CatalogDurable, 0, &[&point], 0)?;
+                w.catalog_recorded = catalog;
+            }
             // Written at once (not left staged): a process killed after the acknowledgement
             // still leaves the mark in the page cache. Only a power cut before the next sync
             // can take it, and then the catalog's record of the sync point (written with

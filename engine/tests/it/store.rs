@@ -779,3 +779,61 @@ fn a_stray_next_segment_is_set_aside() {
     assert!(stray.with_extension("seg.stray").exists());
     store.put_blob(b"more", None).expect("writes go on");
 }
+
+/// #14 item 2: a catalog journal cut at a batch boundary (acknowledged batches removed, the
+/// rest intact) used to open, and pass fsck, as if nothing happened. The segments record how
+/// far the journal was durable when they synced, so the cut is found: a normal open refuses
+/// and a salvaging open (fsck) reports it.
+#[test]
+fn a_journal_cut_short_is_told_from_a_torn_tail() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let journal = dir.join("catalog").join("journal-00000000000000000000.jnl");
+    let link = |store: &Store, repo: &str, data: &[u8]| {
+        let c = store.put_blob(data, None).expect("put");
+        store
+            .commit_ops(vec![Op::LinkBlob {
+                repo: repo.into(),
+                digest: c.recipe.digest.clone(),
+                at: 1,
+            }])
+            .expect("link");
+    };
+    let cut_at = {
+        let store = Store::open(dir, Options::default()).expect("open");
+        link(&store, "a", &seeded(100_000, 1));
+        let cut_at = std::fs::metadata(&journal).expect("journal").len();
+        link(&store, "b", &seeded(100_000, 2));
+        link(&store, "c", &seeded(100_000, 3));
+        // A later blob's sync records how far the journal was durable (past "b" and "c").
+        store.put_blob(&seeded(100_000, 4), None).expect("put");
+        cut_at
+    };
+    let full = std::fs::read(&journal).expect("read");
+    std::fs::write(&journal, &full[..cut_at as usize]).expect("cut");
+    let err = Store::open(dir, Options::default()).expect_err("a cut journal must not open");
+    assert!(err.is_corruption(), "{err}");
+    assert!(err.to_string().contains("cut from it"), "{err}");
+    let store = Store::open(
+        dir,
+        Options {
+            salvage: true,
+            ..Options::default()
+        },
+    )
+    .expect("a salvaging open");
+    let report = ballast_engine::verify::fsck(&store, &|_, _, _| {});
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.code.as_str() == "catalog_truncated"),
+        "{:?}",
+        report.findings
+    );
+    drop(store);
+    // Restored, it opens again.
+    std::fs::write(&journal, &full).expect("restore");
+    let store = Store::open(dir, Options::default()).expect("open");
+    assert_eq!(store.catalog().read().repos.len(), 3);
+}
