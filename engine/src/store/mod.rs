@@ -74,6 +74,8 @@ pub struct Options {
     /// directory's file system has fewer free bytes than this, so that deletes and garbage
     /// collection, which need a little room to write, always work. 0: no floor.
     pub free_bytes_min: u64,
+    /// The catalog journal is folded into a snapshot past this size.
+    pub catalog_journal_bytes_max: u64,
 }
 
 impl Default for Options {
@@ -88,6 +90,7 @@ impl Default for Options {
             salvage: false,
             index_merge_fanin: 4,
             free_bytes_min: 0,
+            catalog_journal_bytes_max: crate::catalog::JOURNAL_BYTES_MAX,
         }
     }
 }

@@ -207,7 +207,11 @@ impl Store {
         // (quarantine.tmp, removed-segments.tmp; the catalog, index and upload directories
         // clear their own.)
         crate::io::remove_unfinished_writes(storage.as_ref(), dir)?;
-        let catalog = Arc::new(Catalog::open(storage.clone(), &dir.join("catalog"))?);
+        let catalog = Arc::new(Catalog::open_with(
+            storage.clone(),
+            &dir.join("catalog"),
+            opts.catalog_journal_bytes_max,
+        )?);
         crate::uploads::prepare_dir(storage.as_ref(), &crate::uploads::sessions_dir(dir))?;
         let quarantine = crate::quarantine::Quarantine::load(storage.as_ref(), dir)?;
 

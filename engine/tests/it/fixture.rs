@@ -1,7 +1,10 @@
-//! The on-disk format, pinned: a data directory written by format 1 (segments, index files,
-//! catalog journal and snapshot) is committed under `tests/fixtures/format-1/`, and every
-//! build must open it, read every blob byte-exact and find it clean. A format change that
-//! breaks it must bump the version and keep a reader for this one (docs/format.md).
+//! The on-disk format, pinned: data directories written by format 1 (segments, index files,
+//! a catalog journal) and by format 2 (segments with CatalogDurable records, a folded
+//! catalog with its snapshot and the generation before it, a non-empty active segment, a
+//! quarantine, removed segments, an upload session log) are committed under
+//! `tests/fixtures/`, and every build must open them, read every blob byte-exact and find
+//! them clean. A format change that breaks one must bump the version and keep a reader for
+//! it (docs/format.md).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +15,175 @@ use crate::{seeded, sha256, tar};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-1")
+}
+
+fn fixture_2_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-2")
+}
+
+/// The upload session the format-2 fixture holds, and what it received.
+const SESSION: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+fn session_bytes() -> Vec<u8> {
+    seeded(150_000, 9)
+}
+
+/// Writes the format-2 fixture: `cargo test -p ballast-engine --test it
+/// fixture::write_fixture_2 -- --ignored`. Only for a new format version.
+#[test]
+#[ignore = "writes the committed fixture: only for a new format version"]
+fn write_fixture_2() {
+    let dir = fixture_2_dir();
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = Options {
+        catalog_journal_bytes_max: 2048,
+        ..opts()
+    };
+    let store = Store::open(&dir, opts).expect("open");
+    let digests: Vec<Digest> = blobs()
+        .iter()
+        .map(|b| store.put_blob(b, None).expect("put").recipe.digest.clone())
+        .collect();
+    // A blob linked, then unlinked and collected: its segment goes (removed-segments).
+    let gone = store.put_blob(&seeded(70_000, 7), None).expect("put");
+    store.seal_active().expect("seal");
+    let link = |repo: &str, d: &Digest| Op::LinkBlob {
+        repo: repo.into(),
+        digest: d.clone(),
+        at: 1_790_000_000,
+    };
+    store
+        .commit_ops(vec![link("fixture/tmp", &gone.recipe.digest)])
+        .expect("link");
+    store
+        .commit_ops(vec![Op::UnlinkBlob {
+            repo: "fixture/tmp".into(),
+            digest: gone.recipe.digest.clone(),
+        }])
+        .expect("unlink");
+    // The blobs, kept by a tagged manifest; then enough small batches (tags) for the
+    // catalog to fold (a snapshot and the generation before it).
+    let manifest = format!(
+        "{{\"schemaVersion\":2,\"layers\":[\"{}\",\"{}\",\"{}\"]}}",
+        digests[0], digests[1], digests[2]
+    )
+    .into_bytes();
+    let md = store
+        .put_blob(&manifest, None)
+        .expect("manifest")
+        .recipe
+        .digest
+        .clone();
+    let mut ops: Vec<Op> = digests.iter().map(|d| link("fixture/app", d)).collect();
+    ops.push(Op::PutManifest {
+        repo: "fixture/app".into(),
+        digest: md.clone(),
+        link: ManifestLink {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: manifest.len() as u64,
+            artifact_type: None,
+            annotations: Default::default(),
+            subject: None,
+            references: digests.clone(),
+            pushed_at: 1_790_000_000,
+        },
+    });
+    store.commit_ops(ops).expect("catalog");
+    for i in 0..60 {
+        store
+            .commit_ops(vec![Op::Tag {
+                repo: "fixture/app".into(),
+                tag: format!("t{i}"),
+                digest: md.clone(),
+            }])
+            .expect("tag");
+    }
+    let report = ballast_engine::gc::collect(
+        &store,
+        &ballast_engine::gc::GcOptions {
+            grace_secs: 0,
+            dead_fraction_min: 0.01,
+            ..Default::default()
+        },
+        ballast_engine::clock::now_secs() + 10,
+    )
+    .expect("gc");
+    assert!(report.segments_compacted > 0, "{report:?}");
+    // The active segment keeps data: the store is dropped, not closed.
+    store.put_blob(b"in the active segment", None).expect("put");
+    let uploads = ballast_engine::Uploads::new(&store);
+    uploads
+        .create(
+            SESSION,
+            &ballast_engine::uploads::SessionMeta {
+                repo: "fixture/app".into(),
+                started_at: 1_790_000_000,
+                client: Some("user:fixture".into()),
+            },
+        )
+        .expect("session");
+    let mut w = uploads
+        .writer(SESSION, 0, ballast_engine::Algorithm::Sha256)
+        .expect("writer");
+    w.write(session_bytes().into()).expect("write");
+    w.checkpoint().expect("checkpoint");
+    drop(uploads);
+    let mut q = (*store.quarantine()).clone();
+    q.blobs.insert(
+        sha256(b"a blob once damaged"),
+        ballast_engine::quarantine::QuarantinedBlob {
+            reason: "chunk_missing: written for the fixture".into(),
+            at: 1_790_000_000,
+        },
+    );
+    store.set_quarantine(q).expect("quarantine");
+    drop(store);
+    let _ = std::fs::remove_file(dir.join("LOCK"));
+    let names: Vec<String> = std::fs::read_dir(dir.join("catalog"))
+        .expect("catalog")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("snapshot-")),
+        "{names:?}"
+    );
+    assert!(dir.join("removed-segments").exists());
+}
+
+#[test]
+fn format_2_fixture_reads_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&fixture_2_dir(), tmp.path());
+    let store = Store::open(tmp.path(), opts()).expect("format 2 opens");
+    for b in blobs()
+        .iter()
+        .chain([b"in the active segment".to_vec()].iter())
+    {
+        assert_eq!(&store.read_blob(&sha256(b)).expect("fixture blob"), b);
+    }
+    let state = store.catalog().read().clone();
+    assert_eq!(state.repos.len(), 1, "{:?}", state.repos.keys());
+    assert_eq!(state.repos["fixture/app"].tags.len(), 60);
+    assert!(state.segments_durable.is_some());
+    let report = verify::fsck(&store, &|_, _, _| {});
+    assert!(report.is_clean(), "{:?}", report.findings);
+    assert_eq!(report.quarantined_blobs.len(), 1);
+    // The upload session resumes and finishes.
+    let uploads = ballast_engine::Uploads::new(&store);
+    let data = session_bytes();
+    assert_eq!(
+        uploads.status(SESSION).expect("status").1,
+        data.len() as u64
+    );
+    let w = uploads
+        .writer(
+            SESSION,
+            data.len() as u64,
+            ballast_engine::Algorithm::Sha256,
+        )
+        .expect("writer");
+    w.finish(&sha256(&data)).expect("finish");
+    assert_eq!(store.read_blob(&sha256(&data)).expect("read"), data);
 }
 
 /// The blobs the fixture holds: random bytes, compressible text (stored zstd-compressed), and
