@@ -226,6 +226,8 @@ pub struct Catalog {
     durable: Mutex<(u64, u64)>,
     /// What opening mended.
     warnings: Vec<String>,
+    /// What a salvaging open could not mend.
+    damage: Option<String>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -264,8 +266,22 @@ impl Catalog {
         dir: &Path,
         journal_bytes_max: u64,
     ) -> Result<Catalog> {
+        Self::open_salvaging(storage, dir, journal_bytes_max, false)
+    }
+
+    /// [`Catalog::open_with`]; with `salvage` (fsck), a damaged snapshot that cannot be
+    /// rebuilt from the generation before it is read for what its undamaged sections hold
+    /// (and written again so: the damaged file is kept as `.damaged`); [`Catalog::damage`]
+    /// then says what was lost.
+    pub fn open_salvaging(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        journal_bytes_max: u64,
+        salvage: bool,
+    ) -> Result<Catalog> {
         storage.create_dir_all(dir).map_err(io_err(dir))?;
         let mut warnings = Vec::new();
+        let mut damage = None;
         set_aside_stray_journals(storage.as_ref(), dir, &mut warnings)?;
         let names = storage.list(dir).map_err(io_err(dir))?;
         let snapshot_gen = names
@@ -279,23 +295,41 @@ impl Catalog {
                 Err(e) if e.is_corruption() => {
                     // The previous generation (its snapshot and journal, kept until the next
                     // fold) holds exactly what this snapshot was folded from.
-                    let state =
-                        rebuild_from_previous(storage.as_ref(), dir, &names, g).map_err(|why| {
-                            Error::corrupted(
-                                dir.join(snapshot_name(g)),
-                                0,
-                                format!(
-                                    "catalog snapshot damaged ({e}), and it cannot be rebuilt \
-                                     from the generation before it: {why}"
-                                ),
-                            )
-                        })?;
-                    warnings.push(format!(
-                        "catalog snapshot {} was damaged ({e}); it was rebuilt from generation \
-                         {} (its snapshot and journal, kept for this) and written again",
-                        dir.join(snapshot_name(g)).display(),
-                        g - 1
-                    ));
+                    let path = dir.join(snapshot_name(g));
+                    let state = match rebuild_from_previous(storage.as_ref(), dir, &names, g) {
+                        Ok(state) => {
+                            warnings.push(format!(
+                                "catalog snapshot {} was damaged ({e}); it was rebuilt from \
+                                 generation {} (its snapshot and journal, kept for this) and \
+                                 written again",
+                                path.display(),
+                                g - 1
+                            ));
+                            state
+                        }
+                        Err(why) => {
+                            let unrecoverable = format!(
+                                "catalog snapshot damaged ({e}), and it cannot be rebuilt from \
+                                 the generation before it: {why}"
+                            );
+                            let salvaged = salvage
+                                .then(|| read_snapshot_salvaging(storage.as_ref(), &path))
+                                .and_then(Result::ok);
+                            let Some((state, lost)) = salvaged else {
+                                return Err(Error::corrupted(&path, 0, unrecoverable));
+                            };
+                            let aside = path.with_extension("snp.damaged");
+                            storage.rename(&path, &aside).map_err(io_err(&path))?;
+                            damage = Some(format!(
+                                "{unrecoverable}. What its undamaged sections hold was kept \
+                                 ({} repositories; {lost} lost, their tags and links with them; \
+                                 the damaged file is {})",
+                                state.repos.len(),
+                                aside.display()
+                            ));
+                            state
+                        }
+                    };
                     write_snapshot(storage.as_ref(), &dir.join(snapshot_name(g)), &state)?;
                     state
                 }
@@ -341,7 +375,13 @@ impl Catalog {
             poisoned: crate::error::Poison::default(),
             journal_bytes_max,
             warnings,
+            damage,
         })
+    }
+
+    /// What a salvaging open could not mend (a snapshot whose damaged sections were lost).
+    pub fn damage(&self) -> Option<&str> {
+        self.damage.as_deref()
     }
 
     /// How far the journal is durable: (generation, offset).
@@ -718,6 +758,31 @@ fn read_snapshot(storage: &dyn Storage, path: &Path) -> Result<State> {
         ));
     }
     Ok(state)
+}
+
+/// Reads what the undamaged sections of a snapshot (format 2) hold: the state and how many
+/// repositories were lost (the head's count minus the sections read).
+fn read_snapshot_salvaging(storage: &dyn Storage, path: &Path) -> Result<(State, usize)> {
+    let file = FileHandle::open(storage, path, OpenMode::Read)?;
+    let mut state = State::default();
+    let mut expected = None;
+    let mut damaged = 0usize;
+    let (_, damage) = segment::scan_salvaging(&file, segment::FILE_HEADER_LEN as u64, |rec| {
+        if let Ok(section) = serde_json::from_slice::<SnapshotSection>(&rec.payload) {
+            state.repos.insert(section.name, section.repo);
+        } else if let Ok(h) = serde_json::from_slice::<SnapshotHead>(&rec.payload) {
+            state.segments_durable = h.segments_durable;
+            expected = Some(h.repos);
+        } else {
+            damaged += 1;
+        }
+        Ok(())
+    })?;
+    let lost = match expected {
+        Some(n) => n.saturating_sub(state.repos.len()),
+        None => damage.len() + damaged,
+    };
+    Ok((state, lost))
 }
 
 fn replay_journal(file: &FileHandle, state: &mut State) -> Result<u64> {

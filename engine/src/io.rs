@@ -89,7 +89,7 @@ pub fn existed(path: &Path, result: io::Result<()>) -> Result<bool> {
 }
 
 /// Appended bytes between writeback hints.
-pub const WRITEBACK_STEP: u64 = 2 << 20;
+pub const WRITEBACK_STEP: u64 = 1 << 20;
 
 /// Where the last writeback hint of an appended file ended (see [`FileHandle::appended`]).
 #[derive(Clone, Copy, Debug, Default)]

@@ -66,6 +66,10 @@ pub enum FindingCode {
     BlobUnreadable,
     /// The catalog journal ends before where the segments recorded it durable.
     CatalogTruncated,
+    /// Sections of a damaged catalog snapshot were lost (nothing to rebuild them from).
+    CatalogDamaged,
+    /// A stored manifest that no repository names (listed when the catalog lost changes).
+    ManifestUnnamed,
 }
 
 impl FindingCode {
@@ -91,6 +95,8 @@ impl FindingCode {
             FindingCode::BlobDigestMismatch => "blob_digest_mismatch",
             FindingCode::BlobUnreadable => "blob_unreadable",
             FindingCode::CatalogTruncated => "catalog_truncated",
+            FindingCode::CatalogDamaged => "catalog_damaged",
+            FindingCode::ManifestUnnamed => "manifest_unnamed",
         }
     }
 
@@ -184,6 +190,8 @@ const HINT_CRC: &str =
     "only the record's checksum field is damaged: `ballast fsck --repair DIR` rewrites it (nothing is quarantined)";
 const HINT_CATALOG_CUT: &str =
     "restore the catalog directory from a backup if you have one; otherwise `ballast fsck --repair DIR` lets the store open with the catalog as it is, and the images whose tags or links were lost must be pushed again";
+const HINT_RETAG: &str =
+    "`ballast tag DIR REPOSITORY:TAG DIGEST` (server stopped) names it again in a repository, linking the blobs it references that are stored";
 const HINT_REBUILD: &str =
     "indexes are derived data: run `ballast fsck --repair DIR` to rebuild them from the segments";
 const HINT_REPUSH: &str =
@@ -217,10 +225,11 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             hint,
         });
     };
-    if let Some(why) = store.catalog_damage() {
+    let catalog_damaged = !store.catalog_damage().is_empty();
+    for (code, why) in store.catalog_damage() {
         error(
             &mut report,
-            FindingCode::CatalogTruncated,
+            code,
             None,
             Some(store.dir().join("catalog")),
             None,
@@ -529,8 +538,60 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 }
             }
         }
+        // 5. When the catalog lost changes, the manifests it no longer names: their tags can
+        // be set again (`ballast tag`).
+        if catalog_damaged {
+            let named: HashSet<&Digest> = catalog
+                .repos
+                .values()
+                .flat_map(|r| r.manifests.keys().chain(r.blobs.keys()))
+                .collect();
+            let mut unnamed: Vec<&Digest> =
+                recipes_at.values().filter(|d| !named.contains(d)).collect();
+            unnamed.sort_by_key(|d| d.to_string());
+            unnamed.dedup();
+            for d in unnamed {
+                if let Some(media_type) = manifest_media_type(store, d) {
+                    report.findings.push(Finding {
+                        severity: Severity::Warning,
+                        code: FindingCode::ManifestUnnamed,
+                        segment: None,
+                        file: None,
+                        offset: None,
+                        digest: Some(d.clone()),
+                        message: format!(
+                            "manifest {d} ({media_type}) is stored but no repository names it; \
+                             to tag it again: ballast tag DIR <repository>:<tag> {d}"
+                        ),
+                        hint: HINT_RETAG,
+                    });
+                }
+            }
+        }
         report
     })
+}
+
+/// The media type of a stored blob that is an image manifest or index (small, JSON, schema
+/// version 2), if it is one.
+fn manifest_media_type(store: &Store, digest: &Digest) -> Option<String> {
+    if store.stat(digest).ok()?? > 4 << 20 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&store.read_blob(digest).ok()?).ok()?;
+    if v.get("schemaVersion")?.as_u64()? != 2 {
+        return None;
+    }
+    match v.get("mediaType").and_then(|m| m.as_str()) {
+        Some(m) => Some(m.to_owned()),
+        None if v.get("manifests").is_some() => {
+            Some("application/vnd.oci.image.index.v1+json".into())
+        }
+        None if v.get("layers").is_some() => {
+            Some("application/vnd.oci.image.manifest.v1+json".into())
+        }
+        None => None,
+    }
 }
 
 /// A finding for a blob or manifest the catalog names but the store does not hold (repair

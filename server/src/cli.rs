@@ -11,7 +11,7 @@ use crate::auth::accounts::{self, RobotsFile};
 
 /// The actor of account changes made from the command line: the user behind `sudo`, else the
 /// login name, else the name of the effective user id (`cli:uid:N` if it has none).
-fn cli_actor() -> String {
+pub(crate) fn cli_actor() -> String {
     use std::os::unix::fs::MetadataExt;
     let from_env = ["SUDO_USER", "LOGNAME", "USER"]
         .iter()

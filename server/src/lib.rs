@@ -11,6 +11,7 @@ mod guard;
 mod handlers;
 pub mod logbuf;
 pub mod routes;
+pub mod tag;
 mod tls;
 
 use std::convert::Infallible;

@@ -142,6 +142,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Names a stored manifest again under REPOSITORY:TAG, linking the blobs it references
+    /// (after catalog damage: fsck lists such manifests as `manifest_unnamed`). Exit 0
+    /// tagged, 1 refused (not a stored manifest, blobs missing), 2 could not run.
+    Tag {
+        /// The data directory (the server must not be running on it).
+        dir: PathBuf,
+        /// Where to name it: REPOSITORY:TAG.
+        target: String,
+        /// The manifest's digest.
+        digest: String,
+        /// Config file, for the audit log's place (else the data directory's).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -223,6 +237,22 @@ fn main() -> anyhow::Result<()> {
                 &opts,
                 upload_max_age,
                 json,
+                &mut std::io::stdout(),
+            ))
+        }
+        Command::Tag {
+            dir,
+            target,
+            digest,
+            config,
+        } => {
+            let mut cfg = Config::load(config.as_deref(), std::env::vars())?;
+            cfg.data = dir.clone();
+            std::process::exit(ballast_server::tag::run(
+                &dir,
+                &target,
+                &digest,
+                &cfg.audit_path(),
                 &mut std::io::stdout(),
             ))
         }

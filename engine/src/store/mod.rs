@@ -158,7 +158,7 @@ pub(crate) struct Inner {
     pub(crate) open_warnings: Vec<String>,
     /// Damage to the catalog found at open that a salvaging open went past (a journal cut
     /// short): fsck reports it.
-    pub(crate) catalog_damage: Mutex<Option<String>>,
+    pub(crate) catalog_damage: Mutex<Vec<(crate::verify::FindingCode, String)>>,
     pub(crate) _lock: Box<dyn Send + Sync>,
 }
 
@@ -184,8 +184,9 @@ impl Store {
     /// What opening the store found and mended (damaged index files rebuilt from their
     /// segments), to be logged.
     /// Damage to the catalog that a salvaging open (fsck) went past: a journal that ends
-    /// before where the segments recorded it durable, so acknowledged changes were cut.
-    pub fn catalog_damage(&self) -> Option<String> {
+    /// before where the segments recorded it durable (acknowledged changes were cut), or a
+    /// snapshot whose damaged sections were lost.
+    pub fn catalog_damage(&self) -> Vec<(crate::verify::FindingCode, String)> {
         self.inner.catalog_damage.lock().clone()
     }
 
@@ -193,7 +194,7 @@ impl Store {
     /// active segment that recorded them is sealed, the store opens again, and this says
     /// it was dealt with.
     pub fn accept_catalog_damage(&self) {
-        self.inner.catalog_damage.lock().take();
+        self.inner.catalog_damage.lock().clear();
     }
 
     /// What opening mended (a damaged index file rebuilt): for the server's log and the

@@ -207,10 +207,11 @@ impl Store {
         // (quarantine.tmp, removed-segments.tmp; the catalog, index and upload directories
         // clear their own.)
         crate::io::remove_unfinished_writes(storage.as_ref(), dir)?;
-        let catalog = Arc::new(Catalog::open_with(
+        let catalog = Arc::new(Catalog::open_salvaging(
             storage.clone(),
             &dir.join("catalog"),
             opts.catalog_journal_bytes_max,
+            opts.salvage || opts.rebuild_indexes,
         )?);
         crate::uploads::prepare_dir(storage.as_ref(), &crate::uploads::sessions_dir(dir))?;
         let quarantine = crate::quarantine::Quarantine::load(storage.as_ref(), dir)?;
@@ -353,7 +354,11 @@ impl Store {
         // The segments say how far the journal was durable when they synced: a journal that
         // ends before that lost acknowledged batches (cut short, or an older copy), which a
         // torn tail never does.
-        let mut catalog_damage = None;
+        let mut catalog_damage: Vec<(crate::verify::FindingCode, String)> = catalog
+            .damage()
+            .map(|d| (crate::verify::FindingCode::CatalogDamaged, d.to_owned()))
+            .into_iter()
+            .collect();
         if let Some(recorded) = catalog_recorded {
             let now = catalog.durable_position();
             if recorded > now {
@@ -366,7 +371,7 @@ impl Store {
                 if !(opts.salvage || opts.rebuild_indexes) {
                     return Err(Error::corrupted(dir.join("catalog"), 0, why));
                 }
-                catalog_damage = Some(why);
+                catalog_damage.push((crate::verify::FindingCode::CatalogTruncated, why));
             }
         }
         let removed = read_removed_segments(storage.as_ref(), dir)?;

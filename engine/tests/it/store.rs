@@ -837,3 +837,126 @@ fn a_journal_cut_short_is_told_from_a_torn_tail() {
     let store = Store::open(dir, Options::default()).expect("open");
     assert_eq!(store.catalog().read().repos.len(), 3);
 }
+
+/// #14 item 2: both catalog generations damaged. A normal open refuses, naming the
+/// snapshot; a salvaging open (fsck) keeps what the undamaged sections of the snapshot hold,
+/// reports `catalog_damaged`, and lists the stored manifests no repository names any more,
+/// with the command to tag them again.
+#[test]
+fn a_catalog_beyond_rebuild_keeps_its_undamaged_sections_and_lists_unnamed_manifests() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let opts = || Options {
+        catalog_journal_bytes_max: 2048,
+        ..Options::default()
+    };
+    let manifest_of = |layer: &Digest| {
+        format!(
+            "{{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
+             \"config\":{{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"{layer}\",\"size\":1}},\
+             \"layers\":[]}}"
+        )
+        .into_bytes()
+    };
+    let mut manifests = Vec::new();
+    {
+        let store = Store::open(dir, opts()).expect("open");
+        for repo in ["a/app", "z/app"] {
+            let layer = store
+                .put_blob(
+                    &seeded(50_000, repo.len() as u64 + manifests.len() as u64),
+                    None,
+                )
+                .expect("layer")
+                .recipe
+                .digest
+                .clone();
+            let m = manifest_of(&layer);
+            let md = store
+                .put_blob(&m, None)
+                .expect("manifest")
+                .recipe
+                .digest
+                .clone();
+            store
+                .commit_ops(vec![
+                    Op::LinkBlob {
+                        repo: repo.into(),
+                        digest: layer.clone(),
+                        at: 1,
+                    },
+                    Op::PutManifest {
+                        repo: repo.into(),
+                        digest: md.clone(),
+                        link: ballast_engine::catalog::ManifestLink {
+                            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                            size: m.len() as u64,
+                            artifact_type: None,
+                            annotations: Default::default(),
+                            subject: None,
+                            references: vec![layer],
+                            pushed_at: 1,
+                        },
+                    },
+                ])
+                .expect("manifest");
+            manifests.push(md);
+        }
+        for i in 0..40 {
+            store
+                .commit_ops(vec![Op::Tag {
+                    repo: "a/app".into(),
+                    tag: format!("t{i}"),
+                    digest: manifests[0].clone(),
+                }])
+                .expect("tag");
+        }
+    }
+    // Both generations' snapshots damaged in their last section ("z/app").
+    let cat = dir.join("catalog");
+    let mut snaps: Vec<_> = std::fs::read_dir(&cat)
+        .expect("catalog")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "snp"))
+        .collect();
+    snaps.sort();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    for s in &snaps {
+        let mut b = std::fs::read(s).expect("read");
+        let at = b.len() - 20;
+        b[at] ^= 0x20;
+        std::fs::write(s, &b).expect("write");
+    }
+    let err = Store::open(dir, opts()).expect_err("beyond rebuild");
+    assert!(err.to_string().contains("cannot be rebuilt"), "{err}");
+    let store = Store::open(
+        dir,
+        Options {
+            salvage: true,
+            ..opts()
+        },
+    )
+    .expect("salvaging open");
+    let state = store.catalog().read().clone();
+    assert!(
+        state.repos.contains_key("a/app"),
+        "{:?}",
+        state.repos.keys()
+    );
+    assert!(!state.repos.contains_key("z/app"));
+    let report = ballast_engine::verify::fsck(&store, &|_, _, _| {});
+    let codes: Vec<&str> = report.findings.iter().map(|f| f.code.as_str()).collect();
+    assert!(codes.contains(&"catalog_damaged"), "{codes:?}");
+    let unnamed: Vec<&ballast_engine::verify::Finding> = report
+        .findings
+        .iter()
+        .filter(|f| f.code.as_str() == "manifest_unnamed")
+        .collect();
+    assert_eq!(unnamed.len(), 1, "{:?}", report.findings);
+    assert_eq!(unnamed[0].digest.as_ref(), Some(&manifests[1]));
+    assert!(
+        unnamed[0].message.contains("ballast tag"),
+        "{}",
+        unnamed[0].message
+    );
+}

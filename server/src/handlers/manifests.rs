@@ -107,6 +107,25 @@ fn descriptor(v: &Value, what: &str) -> Result<(Digest, Option<String>, bool), A
     Ok((digest, media_type, foreign))
 }
 
+/// What a catalog needs to name a stored manifest: its link (media type, references, ...),
+/// the blobs it references and the manifests an index lists. For `ballast tag`.
+pub fn link_of(
+    bytes: &[u8],
+    pushed_at: u64,
+) -> Result<(ManifestLink, Vec<Digest>, Vec<Digest>), ApiError> {
+    let a = analyze(bytes, None)?;
+    let link = ManifestLink {
+        media_type: a.media_type,
+        size: bytes.len() as u64,
+        artifact_type: a.artifact_type,
+        annotations: a.annotations,
+        subject: a.subject,
+        references: a.blobs.iter().chain(&a.children).cloned().collect(),
+        pushed_at,
+    };
+    Ok((link, a.blobs, a.children))
+}
+
 /// Validates a manifest as a push would (JSON, schema, media type): its media type, or the
 /// error a client gets. For the fuzz target and tests.
 pub fn validate(bytes: &[u8], content_type: Option<&str>) -> Result<String, ApiError> {

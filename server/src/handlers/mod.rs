@@ -2,7 +2,7 @@
 
 mod blobs;
 mod listing;
-mod manifests;
+pub(crate) mod manifests;
 mod token;
 mod uploads;
 

@@ -824,3 +824,48 @@ fn a_damaged_checksum_field_alone_is_rewritten_not_quarantined() {
     );
     assert!(got.status == 200 && got.body == config, "{}", got.status);
 }
+
+/// #14 item 2: a manifest that lost its name (here deleted through the API, as catalog damage
+/// that cannot be rebuilt would lose it) is named again offline by `ballast tag`, which
+/// links the blobs it references; the registry then serves it under the tag.
+#[test]
+fn ballast_tag_names_a_stored_manifest_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let dir = data.to_str().expect("utf8");
+    let mut r = Registry::start(&data);
+    let md = crate::push_image_as(&r.url(""), "x", "v1", 41, 200_000, &[]);
+    let res = call(
+        "DELETE",
+        &r.url(&format!("/v2/x/manifests/{md}")),
+        &[],
+        None,
+    );
+    assert_eq!(res.status, 202);
+    r.stop();
+    let (code, text) = ballast(&["tag", dir, "y/restored:v1", &md]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("tagged y/restored:v1"), "{text}");
+    let (code, text) = ballast(&["tag", dir, "y/restored:v2", &sha256(b"nothing stored")]);
+    assert_eq!(code, 1, "{text}");
+    let (code, text) = ballast(&["tag", dir, "no-tag-here", &md]);
+    assert_eq!(code, 2, "{text}");
+    assert_eq!(ballast(&["fsck", dir]).0, 0);
+    let r = Registry::start(&data);
+    let got = call(
+        "GET",
+        &r.url("/v2/y/restored/manifests/v1"),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        None,
+    );
+    assert_eq!(got.status, 200);
+    assert_eq!(sha256(&got.body), md);
+    let layer = seeded(200_000, 41);
+    let blob = call(
+        "GET",
+        &r.url(&format!("/v2/y/restored/blobs/{}", sha256(&layer))),
+        &[],
+        None,
+    );
+    assert!(blob.status == 200 && blob.body == layer);
+}
