@@ -1,6 +1,6 @@
 //! Deterministic data for tests, benchmarks and `ballast bench`: one pseudo-random generator,
 //! so every caller's "seed 7" is the same data (and the golden chunk boundaries pinned on it
-//! stay meaningful), and one ustar archive builder.
+//! stay meaningful), one ustar archive builder, and a snapshot of a directory's files.
 
 /// xorshift64: fast, deterministic, not for anything secret. The one copy of it.
 #[derive(Clone, Debug)]
@@ -60,5 +60,25 @@ pub fn tar<S: AsRef<str>>(files: &[(S, Vec<u8>)], mtime: u64) -> Vec<u8> {
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
     out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// Every file under `dir` (recursively) but a data directory's `LOCK`, with its bytes,
+/// sorted by path: what tests compare to show that something changed no byte.
+pub fn files_of(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("list a directory") {
+            let p = e.expect("a directory entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.ends_with("LOCK") {
+                let bytes = std::fs::read(&p).expect("read a file");
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
     out
 }

@@ -74,20 +74,7 @@ fn write_fixture_2() {
         .recipe
         .digest
         .clone();
-    let mut ops: Vec<Op> = digests.iter().map(|d| link("fixture/app", d)).collect();
-    ops.push(Op::PutManifest {
-        repo: "fixture/app".into(),
-        digest: md.clone(),
-        link: ManifestLink {
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            size: manifest.len() as u64,
-            artifact_type: None,
-            annotations: Default::default(),
-            subject: None,
-            references: digests.clone(),
-            pushed_at: 1_790_000_000,
-        },
-    });
+    let ops = manifest_ops("fixture/app", &md, manifest.len(), &digests);
     store.commit_ops(ops).expect("catalog");
     for i in 0..60 {
         store
@@ -202,6 +189,32 @@ fn blobs() -> Vec<Vec<u8>> {
     vec![seeded(20_000, 1), text, layer]
 }
 
+/// Links `refs` in `repo` and puts the manifest `md` (of `len` bytes) referencing them.
+fn manifest_ops(repo: &str, md: &Digest, len: usize, refs: &[Digest]) -> Vec<Op> {
+    let mut ops: Vec<Op> = refs
+        .iter()
+        .map(|d| Op::LinkBlob {
+            repo: repo.into(),
+            digest: d.clone(),
+            at: 1_790_000_000,
+        })
+        .collect();
+    ops.push(Op::PutManifest {
+        repo: repo.into(),
+        digest: md.clone(),
+        link: ManifestLink {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: len as u64,
+            artifact_type: None,
+            annotations: Default::default(),
+            subject: None,
+            references: refs.to_vec(),
+            pushed_at: 1_790_000_000,
+        },
+    });
+    ops
+}
+
 fn opts() -> Options {
     Options {
         segment_bytes_max: 64 * 1024,
@@ -238,27 +251,11 @@ fn write_fixture() {
     .into_bytes();
     let md = sha256(&manifest);
     store.put_blob(&manifest, None).expect("manifest");
-    let mut ops: Vec<Op> = digests
-        .iter()
-        .map(|d| Op::LinkBlob {
-            repo: "fixture/app".into(),
-            digest: d.clone(),
-            at: 1_790_000_000,
-        })
-        .collect();
-    ops.push(Op::PutManifest {
-        repo: "fixture/app".into(),
-        digest: md.clone(),
-        link: ManifestLink {
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            size: manifest.len() as u64,
-            artifact_type: None,
-            annotations: Default::default(),
-            subject: None,
-            references: digests[1..].to_vec(),
-            pushed_at: 1_790_000_000,
-        },
-    });
+    // (Format 1 linked every blob but referenced the last two.)
+    let mut ops = manifest_ops("fixture/app", &md, manifest.len(), &digests);
+    if let Some(Op::PutManifest { link, .. }) = ops.last_mut() {
+        link.references = digests[1..].to_vec();
+    }
     ops.push(Op::Tag {
         repo: "fixture/app".into(),
         tag: "v1".into(),

@@ -688,30 +688,12 @@ fn a_damaged_index_file_is_rebuilt_at_open() {
     assert!(store.open_warnings().is_empty(), "rebuilt for good");
 }
 
-/// Every file under `dir` but the lock, with its bytes.
-fn files_of(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("list") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if !p.ends_with("LOCK") {
-                let bytes = std::fs::read(&p).expect("read");
-                out.push((p, bytes));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// What `fsck` without `--repair` opens a directory on: opening mends a torn tail and a
 /// store takes writes, all in memory, and not a byte on disk changes (#14 item 1a).
 #[test]
 fn a_store_opened_on_the_overlay_changes_nothing_on_disk() {
     use ballast_engine::storage::OverlayStorage;
+    use ballast_engine::testdata::files_of;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let data = seeded(300_000, 3);

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::http::{call, Res};
-use crate::{seeded, sha256, Registry};
+use crate::http::call;
+use crate::{seeded, sha256, try_push_image_as, Registry};
 
 /// A tmpfs mounted for the test's life (needs root, as the test deps' installation does).
 struct Tmpfs(PathBuf);
@@ -37,39 +37,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Pushes an image with a random layer of `len` bytes; the manifest PUT's response, or
-/// the first failed blob upload's.
-fn try_push(r: &Registry, tag: &str, seed: u64, len: usize) -> (Res, String) {
-    let config = format!("{{\"seed\":{seed}}}").into_bytes();
-    let layer = seeded(len, seed);
-    let mut descs = Vec::new();
-    for (data, media) in [
-        (&config, "application/vnd.oci.image.config.v1+json"),
-        (&layer, "application/vnd.oci.image.layer.v1.tar"),
-    ] {
-        let d = sha256(data);
-        let res = call(
-            "POST",
-            &r.url(&format!("/v2/fill/blobs/uploads/?digest={d}")),
-            &[],
-            Some(data),
-        );
-        if res.status != 201 {
-            return (res, String::new());
-        }
-        descs.push(json!({"mediaType": media, "digest": d, "size": data.len()}));
-    }
-    let m = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": descs[0], "layers": [descs[1]]});
-    let body = m.to_string().into_bytes();
-    let res = call(
-        "PUT",
-        &r.url(&format!("/v2/fill/manifests/{tag}")),
-        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
-        Some(&body),
-    );
-    (res, sha256(&body))
-}
-
 #[test]
 fn a_full_disk_refuses_pushes_and_deletes_and_gc_make_room_without_help() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -87,7 +54,8 @@ fn a_full_disk_refuses_pushes_and_deletes_and_gc_make_room_without_help() {
     let refused = loop {
         let seed = pushed.len() as u64 + 1;
         assert!(seed < 40, "48 MiB never filled");
-        let (res, manifest) = try_push(&r, &format!("t{seed}"), seed, 3 << 20);
+        let (res, manifest) =
+            try_push_image_as(&r.url(""), "fill", &format!("t{seed}"), seed, 3 << 20, &[]);
         if res.status != 201 {
             break res;
         }
@@ -134,7 +102,7 @@ fn a_full_disk_refuses_pushes_and_deletes_and_gc_make_room_without_help() {
         None,
     );
     assert_eq!(gc.status, 200, "{}", String::from_utf8_lossy(&gc.body));
-    let (res, _) = try_push(&r, "again", 1000, 3 << 20);
+    let (res, _) = try_push_image_as(&r.url(""), "fill", "again", 1000, 3 << 20, &[]);
     assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
     let health: Value =
         serde_json::from_slice(&call("GET", &r.url("/healthz"), &[], None).body).expect("json");

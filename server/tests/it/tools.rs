@@ -711,25 +711,6 @@ fn a_directory_that_does_not_open_is_still_checked_and_points_at_repair() {
     assert_ne!(code, 2, "repair opens it: {text}");
 }
 
-/// Every file of a data directory but the lock, with its bytes.
-fn all_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("list") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name() != Some(std::ffi::OsStr::new("LOCK")) {
-                let bytes = std::fs::read(&p).expect("read");
-                out.push((p, bytes));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// #14 item 1, end to end: a server killed after a push leaves the layer in the active
 /// segment; a flipped bit there is damage to acknowledged data. Opening refuses (naming
 /// the repair), a plain fsck reports it without changing a byte, and `fsck --repair`
@@ -761,7 +742,7 @@ fn damage_in_the_active_segment_is_reported_untouched_and_repaired_so_the_server
         text.contains("acknowledged") && text.contains("ballast fsck --repair"),
         "{text}"
     );
-    let before = all_files(&data);
+    let before = ballast_engine::testdata::files_of(&data);
     let (code, text) = ballast(&["fsck", dir]);
     assert_eq!(code, 1, "{text}");
     assert!(
@@ -769,7 +750,7 @@ fn damage_in_the_active_segment_is_reported_untouched_and_repaired_so_the_server
         "{text}"
     );
     assert!(
-        all_files(&data) == before,
+        ballast_engine::testdata::files_of(&data) == before,
         "a plain fsck changed the directory"
     );
     let (code, text) = ballast(&["fsck", "--repair", dir]);
