@@ -137,6 +137,7 @@ async fn accept_loop(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let expire = tokio::spawn(expire_uploads(app.clone()));
     let scheduled_gc = tokio::spawn(scheduled_gc(app.clone()));
+    let disk = tokio::spawn(watch_disk(app.clone()));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -181,6 +182,7 @@ async fn accept_loop(
     drop(listener);
     expire.abort();
     scheduled_gc.abort();
+    disk.abort();
     let grace = Duration::from_secs(app.config.shutdown_grace_secs);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
@@ -243,6 +245,44 @@ async fn expire_uploads(app: Arc<App>) {
             _ => {}
         }
         tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+/// Warns in the log while the data directory's file system is within twice the free-space
+/// floor (pushes are refused below it): when it gets there, then every ten minutes while it
+/// stays, and once when it has room again.
+async fn watch_disk(app: Arc<App>) {
+    let floor = app.config.disk_free_min_bytes;
+    if floor == 0 {
+        return;
+    }
+    let mut warned: Option<std::time::Instant> = None;
+    loop {
+        let store = app.store.clone();
+        let free = tokio::task::spawn_blocking(move || store.free_bytes())
+            .await
+            .ok()
+            .flatten();
+        match free {
+            Some(free) if free < floor.saturating_mul(2) => {
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
+                    tracing::warn!(
+                        free_bytes = free,
+                        floor_bytes = floor,
+                        "the data directory's file system is nearly full: pushes are refused \
+                         below disk_free_min_bytes; delete images and run gc, or grow it"
+                    );
+                    warned = Some(std::time::Instant::now());
+                }
+            }
+            Some(_) if warned.is_some() => {
+                tracing::info!("the data directory's file system has room again");
+                warned = None;
+            }
+            _ => {}
+        }
+        // A statvfs: cheap enough to look often.
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

@@ -42,9 +42,11 @@ fn a_full_disk_refuses_pushes_and_deletes_and_gc_make_room_without_help() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mnt = Tmpfs::mount(&tmp.path().join("mnt"), "48m");
     let data = mnt.0.join("data");
+    let log = tmp.path().join("server.log");
     let mut r = Registry::start_with(
         &data,
         &[
+            (crate::STDERR_FILE, log.to_str().expect("utf8")),
             ("BALLAST_DISK_FREE_MIN_BYTES", &(8u64 << 20).to_string()),
             ("BALLAST_SEGMENT_BYTES_MAX", &(4u64 << 20).to_string()),
             ("BALLAST_GC_INTERVAL_SECS", "0"),
@@ -75,6 +77,18 @@ fn a_full_disk_refuses_pushes_and_deletes_and_gc_make_room_without_help() {
         health["detail"].as_str().unwrap_or("").contains("disk"),
         "{health}"
     );
+    // And the log says so (the server looks every few seconds).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("nearly full")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning in the log"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     // What is stored is still served.
     let first = seeded(3 << 20, 1);
     let got = call(
