@@ -264,17 +264,19 @@ async fn watch_disk(app: Arc<App>) {
             .ok()
             .flatten();
         match free {
-            Some(free) if free < floor.saturating_mul(2) => {
-                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
-                    tracing::warn!(
-                        free_bytes = free,
-                        floor_bytes = floor,
-                        "the data directory's file system is nearly full: pushes are refused \
-                         below disk_free_min_bytes; delete images and run gc, or grow it"
-                    );
-                    warned = Some(std::time::Instant::now());
-                }
+            Some(free)
+                if free < floor.saturating_mul(2)
+                    && warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) =>
+            {
+                tracing::warn!(
+                    free_bytes = free,
+                    floor_bytes = floor,
+                    "the data directory's file system is nearly full: pushes are refused \
+                     below disk_free_min_bytes; delete images and run gc, or grow it"
+                );
+                warned = Some(std::time::Instant::now());
             }
+            Some(free) if free < floor.saturating_mul(2) => {}
             Some(_) if warned.is_some() => {
                 tracing::info!("the data directory's file system has room again");
                 warned = None;
