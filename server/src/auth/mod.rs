@@ -691,6 +691,7 @@ pub fn replace_file(path: &Path, bytes: &[u8], new_mode: u32) -> anyhow::Result<
             .unwrap_or_default(),
         std::process::id()
     ));
+    remove_stale_temps(dir, path);
     let write = || -> anyhow::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -725,6 +726,31 @@ pub fn replace_file(path: &Path, bytes: &[u8], new_mode: u32) -> anyhow::Result<
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// Removes what earlier [`replace_file`]s of `path` left when their process died between
+/// creating the temporary file and renaming it: `.NAME.tmpPID` files whose process is gone
+/// (a live one may be writing it now). Best effort: a file that cannot be removed stays.
+fn remove_stale_temps(dir: &Path, path: &Path) {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if pid != std::process::id().to_string() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Creates a missing directory (and its missing parents) 0750, owned as its parent where the
@@ -796,5 +822,29 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<Vec<u8>> {
             Ok(key.to_vec())
         }
         Err(e) => Err(e).with_context(|| format!("reading token key {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_file_removes_the_temps_of_dead_writers_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("robots.json");
+        let at = |name: &str| tmp.path().join(name);
+        // No process has this id (above any pid_max); pid 1 is always running.
+        let dead = at(".robots.json.tmp4294967295");
+        let live = at(".robots.json.tmp1");
+        let other_file = at(".htpasswd.tmp4294967295");
+        let not_ours = at(".robots.json.tmpx");
+        for p in [&dead, &live, &other_file, &not_ours] {
+            std::fs::write(p, b"left over").expect("write");
+        }
+        replace_file(&path, b"{}", 0o640).expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{}");
+        assert!(!dead.exists(), "a dead writer's temp goes");
+        assert!(live.exists() && other_file.exists() && not_ours.exists());
     }
 }
