@@ -258,6 +258,61 @@ pub struct Accounts {
     robots: Mutex<Watched<RobotsFile>>,
     /// A hash of the cost an unknown user's check must take, and that cost.
     dummy: Mutex<(u32, String)>,
+    /// User passwords verified lately (see [`Verified`]): a client sending basic
+    /// credentials with every request pays bcrypt once a minute, not per request.
+    verified: Verified,
+    /// bcrypt verifications done (for tests and figures).
+    bcrypt_runs: std::sync::atomic::AtomicU64,
+}
+
+/// Successful password checks, remembered for [`VERIFIED_FOR`] by a keyed hash of the user,
+/// their stored bcrypt hash and the password (the password itself is never kept; the key is
+/// random per process). A changed password changes the stored hash, so it misses; a wrong
+/// password is never remembered and always pays bcrypt.
+struct Verified {
+    key: [u8; 32],
+    seen: Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
+}
+
+/// How long a verified password is taken as verified.
+const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most remembered verifications (a full table is emptied: they are only a short-cut).
+const VERIFIED_MAX: usize = 4096;
+
+impl Verified {
+    fn new() -> Verified {
+        Verified {
+            key: rand::random(),
+            seen: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn id(&self, name: &str, hash: &str, secret: &str) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        for part in [name, hash, secret] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
+
+    fn knows(&self, id: &[u8; 32]) -> bool {
+        self.seen
+            .lock()
+            .get(id)
+            .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
+    }
+
+    fn remember(&self, id: [u8; 32]) {
+        let mut seen = self.seen.lock();
+        if seen.len() >= VERIFIED_MAX {
+            seen.retain(|_, at| at.elapsed() < VERIFIED_FOR);
+            if seen.len() >= VERIFIED_MAX {
+                seen.clear();
+            }
+        }
+        seen.insert(id, std::time::Instant::now());
+    }
 }
 
 impl Accounts {
@@ -281,6 +336,8 @@ impl Accounts {
             users: htpasswd.map(|p| Mutex::new(Watched::new(p, "the htpasswd file"))),
             robots: Mutex::new(Watched::new(robots, "the robots file")),
             dummy: Mutex::new((cost, dummy_hash(cost)?)),
+            verified: Verified::new(),
+            bcrypt_runs: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -314,18 +371,37 @@ impl Accounts {
                 (users.hashes.get(name).cloned(), users.cost_max)
             }
         };
+        let bcrypt_runs = || {
+            self.bcrypt_runs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
         match hash {
-            Some(h) => bcrypt::verify(secret, &h)
-                .unwrap_or(false)
-                .then(|| Principal::User(name.to_owned())),
+            Some(h) => {
+                let id = self.verified.id(name, &h, secret);
+                if self.verified.knows(&id) {
+                    return Some(Principal::User(name.to_owned()));
+                }
+                bcrypt_runs();
+                let ok = bcrypt::verify(secret, &h).unwrap_or(false);
+                if ok {
+                    self.verified.remember(id);
+                }
+                ok.then(|| Principal::User(name.to_owned()))
+            }
             None => {
                 // An unknown user costs what a known user's wrong password costs, so timing
                 // does not tell which names exist.
                 let dummy = self.dummy_for(cost.unwrap_or(COST_DEFAULT));
+                bcrypt_runs();
                 let _ = bcrypt::verify(secret, &dummy);
                 None
             }
         }
+    }
+
+    /// bcrypt verifications done so far.
+    pub fn bcrypt_runs(&self) -> u64 {
+        self.bcrypt_runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The dummy hash of `cost`, made again when the files' highest cost changed.
@@ -486,6 +562,41 @@ mod tests {
             (0.5..2.0).contains(&ratio),
             "unknown user {u:?} vs known user with a wrong password {k:?}"
         );
+    }
+
+    /// A client that sends basic credentials with every request pays bcrypt once, not per
+    /// request; a wrong password always pays it, and a changed password is checked afresh
+    /// (the old one fails at once).
+    #[test]
+    fn a_verified_password_is_not_hashed_again_until_it_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let htpasswd = dir.path().join("htpasswd");
+        set_password(&htpasswd, "bob", Some("hunter22"), 4).expect("set");
+        let accounts = Accounts::new(Some(htpasswd.clone()), dir.path().join("robots.json"))
+            .expect("accounts");
+        let bob = Some(Principal::User("bob".into()));
+        assert_eq!(accounts.verify("bob", "hunter22"), bob);
+        let after_first = accounts.bcrypt_runs();
+        for _ in 0..20 {
+            assert_eq!(accounts.verify("bob", "hunter22"), bob);
+        }
+        assert_eq!(accounts.bcrypt_runs(), after_first, "verified once");
+        for _ in 0..3 {
+            assert_eq!(accounts.verify("bob", "hunter2"), None);
+        }
+        assert_eq!(
+            accounts.bcrypt_runs(),
+            after_first + 3,
+            "wrong passwords always pay"
+        );
+        set_password(&htpasswd, "bob", Some("new password"), 4).expect("change");
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert_eq!(
+            accounts.verify("bob", "hunter22"),
+            None,
+            "the old password fails"
+        );
+        assert_eq!(accounts.verify("bob", "new password"), bob);
     }
 
     #[test]
