@@ -63,6 +63,26 @@ impl RecordKind {
 /// Record flag: the chunk payload is zstd-compressed.
 pub const FLAG_ZSTD: u8 = 1;
 
+/// The payload of a SegmentsDurable or CatalogDurable record: a position in another file
+/// kind, `(segment or journal generation, offset)`.
+pub fn encode_position((file, offset): (u64, u64)) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&file.to_le_bytes());
+    out[8..].copy_from_slice(&offset.to_le_bytes());
+    out
+}
+
+/// Reads what [`encode_position`] wrote; `None` unless the payload is 16 bytes.
+pub fn decode_position(payload: &[u8]) -> Option<(u64, u64)> {
+    let p: &[u8; 16] = payload.try_into().ok()?;
+    let [a, b] = [&p[..8], &p[8..]].map(|half| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(half);
+        u64::from_le_bytes(w)
+    });
+    Some((a, b))
+}
+
 /// Format of new segments: 2 adds the CatalogDurable record. Segments of format 1 are read.
 pub const SEGMENT_FORMAT: u16 = 2;
 /// Segment formats this build reads.

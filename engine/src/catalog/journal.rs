@@ -108,12 +108,14 @@ pub(super) fn replay_journal(file: &FileHandle, state: &mut State) -> Result<u64
             }
             RecordKind::SyncMark => durable_end = rec.offset,
             RecordKind::SegmentsDurable => {
-                let point: [u8; 16] = rec.payload.as_slice().try_into().map_err(|_| {
-                    Error::corrupted(&path, rec.offset, "segments-durable record is not 16 bytes")
-                })?;
-                let [s, o] = [&point[..8], &point[8..]]
-                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-                segments_durable = Some((s, o));
+                segments_durable =
+                    Some(segment::decode_position(&rec.payload).ok_or_else(|| {
+                        Error::corrupted(
+                            &path,
+                            rec.offset,
+                            "segments-durable record is not 16 bytes",
+                        )
+                    })?);
             }
             _ => {
                 return Err(Error::corrupted(

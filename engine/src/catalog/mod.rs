@@ -422,16 +422,15 @@ impl Catalog {
                     .map_err(|e| Error::Internal(format!("catalog batch: {e}")))?;
                 let header = record_header(RecordKind::CatalogBatch, 0, &[&payload]);
                 let mut rec = Vec::with_capacity(header.len() + payload.len() + 32);
-                if let Some((segment, offset)) = segments_durable {
-                    let mut point = segment.to_le_bytes().to_vec();
-                    point.extend_from_slice(&offset.to_le_bytes());
+                if let Some(position) = segments_durable {
+                    let point = crate::segment::encode_position(position);
                     rec.extend_from_slice(&record_header(
                         RecordKind::SegmentsDurable,
                         0,
                         &[&point],
                     ));
                     rec.extend_from_slice(&point);
-                    a.planned.segments_durable = Some((segment, offset));
+                    a.planned.segments_durable = Some(position);
                 }
                 rec.extend_from_slice(&header);
                 rec.extend_from_slice(&payload);

@@ -147,12 +147,8 @@ fn replay_segment(
             }
             RecordKind::SyncMark => durable_end.set(rec.offset),
             RecordKind::CatalogDurable => {
-                let point: Option<[u8; 16]> = rec.payload.as_slice().try_into().ok();
-                if let Some(p) = point {
-                    let [g, o] = [&p[..8], &p[8..]]
-                        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-                    catalog_recorded.set(catalog_recorded.get().max(Some((g, o))));
-                }
+                let point = segment::decode_position(&rec.payload);
+                catalog_recorded.set(catalog_recorded.get().max(point));
             }
             RecordKind::CatalogBatch
             | RecordKind::UploadCheckpoint

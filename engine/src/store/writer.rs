@@ -332,8 +332,7 @@ impl Store {
             // (acknowledged batches removed) from a torn tail by it.
             let catalog = self.inner.catalog.durable_position();
             if catalog != w.catalog_recorded && w.format >= 2 {
-                let mut point = catalog.0.to_le_bytes().to_vec();
-                point.extend_from_slice(&catalog.1.to_le_bytes());
+                let point = segment::encode_position(catalog);
                 self.append_locked(&mut w, RecordKind::CatalogDurable, 0, &[&point], 0)?;
                 w.catalog_recorded = catalog;
             }
