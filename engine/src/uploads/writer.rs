@@ -72,7 +72,7 @@ impl Uploads {
     /// finished with (SHA-256 unless the finishing request says otherwise). One writer per
     /// session at a time: while one is out, another fails with `Busy`.
     pub fn writer(&self, id: &str, offset: u64, algorithm: Algorithm) -> Result<UploadWriter> {
-        self.meta(id)?;
+        super::validate_id(id)?;
         let taken = {
             let mut slots = self.slots.lock();
             match slots.insert(id.to_owned(), Slot::Busy) {
@@ -93,9 +93,14 @@ impl Uploads {
             dirty: false,
             others: None,
         };
+        // A warm session exists (ending one forgets its writer); a cold one is known by its
+        // meta file, read only then.
         let session = match taken {
             Some(s) if s.algorithm == algorithm => s,
-            _ => self.load(id, algorithm)?,
+            _ => {
+                self.meta(id)?;
+                self.load(id, algorithm)?
+            }
         };
         let len = session.len;
         w.session = Some(session);
