@@ -146,7 +146,10 @@ impl FileHandle {
     }
     /// See [`StorageFile::sync`]. Callers turn a failure into poisoning.
     pub fn sync(&self) -> Result<()> {
-        self.file.sync().map_err(|e| Error::io(&self.path, e))
+        let started = std::time::Instant::now();
+        let r = self.file.sync().map_err(|e| Error::io(&self.path, e));
+        crate::stats::fsync_latency().observe(started.elapsed());
+        r
     }
     /// See [`StorageFile::len`].
     pub fn len(&self) -> Result<u64> {

@@ -24,6 +24,7 @@ pub mod names;
 pub mod quarantine;
 pub mod recipe;
 pub mod segment;
+pub mod stats;
 pub mod store;
 mod sys;
 pub mod testdata;

@@ -54,6 +54,9 @@ pub struct Event {
     /// Why, for anything but `ok`; details for some `ok` events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The request that caused it (its `X-Request-Id` and request log line say the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl Event {

@@ -38,6 +38,8 @@ pub struct Pace {
     window: Duration,
     window_start: std::time::Instant,
     window_bytes: u64,
+    /// Where arriving bytes are counted too (the metrics' received bytes).
+    received: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 impl Pace {
@@ -49,12 +51,22 @@ impl Pace {
             window,
             window_start: std::time::Instant::now(),
             window_bytes: 0,
+            received: None,
         }
+    }
+
+    /// Also counts arriving bytes in `c`.
+    pub fn counting(mut self, c: Option<prometheus_client::metrics::counter::Counter>) -> Pace {
+        self.received = c;
+        self
     }
 
     /// Counts `n` bytes that arrived; fails when the window that just ended was too slow.
     fn arrived(&mut self, n: usize) -> Result<(), ApiError> {
         self.window_bytes += n as u64;
+        if let Some(c) = &self.received {
+            c.inc_by(n as u64);
+        }
         let elapsed = self.window_start.elapsed();
         if self.min_rate == 0 || elapsed < self.window {
             return Ok(());

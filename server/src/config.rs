@@ -79,6 +79,12 @@ pub struct Config {
     pub audit_log_bytes_max: u64,
     /// Rotated audit log files kept.
     pub audit_log_keep: u32,
+    /// Count requests and serve `/metrics` (Prometheus text format; the `admin` permission
+    /// when auth is on).
+    pub metrics: bool,
+    /// Also serve `/metrics`, and only that, without auth on this address (for a Prometheus
+    /// on a private network or loopback).
+    pub metrics_listen: Option<SocketAddr>,
     /// Authentication and authorization (`[auth]` in the config file).
     pub auth: AuthConfig,
 }
@@ -168,6 +174,8 @@ impl Default for Config {
             audit_log: None,
             audit_log_bytes_max: 64 << 20,
             audit_log_keep: 10,
+            metrics: true,
+            metrics_listen: None,
             auth: AuthConfig::default(),
         }
     }
@@ -203,6 +211,8 @@ pub const SETTINGS: &[&str] = &[
     "audit_log",
     "audit_log_bytes_max",
     "audit_log_keep",
+    "metrics",
+    "metrics_listen",
 ];
 
 impl Config {
@@ -289,6 +299,20 @@ impl Config {
                 "authentication is off: anyone who can reach {} may push and delete",
                 self.listen
             ));
+        }
+        if let Some(m) = self.metrics_listen {
+            if !self.metrics {
+                bail!("metrics_listen is set but metrics = false: remove one of them");
+            }
+            if m == self.listen {
+                bail!("metrics_listen is the same address as listen ({m}): choose another port");
+            }
+            if !m.ip().is_loopback() {
+                warnings.push(format!(
+                    "metrics_listen on {m} serves /metrics without auth to anyone who can reach \
+                     it (store sizes and request counts, no repository names)"
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&self.gc_min_dead_fraction) {
             bail!(
@@ -393,6 +417,13 @@ impl Config {
             "audit_log" => self.audit_log = Some(PathBuf::from(value)),
             "audit_log_bytes_max" => self.audit_log_bytes_max = num(value)?,
             "audit_log_keep" => self.audit_log_keep = num(value)?,
+            "metrics" => self.metrics = boolean(value)?,
+            "metrics_listen" => {
+                self.metrics_listen =
+                    Some(value.parse().with_context(|| {
+                        format!("{value:?} is not an address like 127.0.0.1:9100")
+                    })?)
+            }
             other => bail!("unknown setting {other:?}"),
         }
         Ok(())
@@ -455,7 +486,8 @@ mod tests {
             "data" | "tls_cert" | "tls_key" | "audit_log" => "/x",
             "log" => "debug",
             // Booleans: the opposite of the default.
-            "verify_chunks" => "false",
+            "verify_chunks" | "metrics" => "false",
+            "metrics_listen" => "127.0.0.1:9100",
             "gc_delete_untagged" | "insecure_plain_http" => "true",
             "gc_min_dead_fraction" => "0.25",
             _ => "7",

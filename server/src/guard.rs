@@ -30,6 +30,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     if allowed && d.endpoint == Endpoint::Token {
         return handlers::token(app, peer, req).await;
     }
+    let id = req.extensions().get::<RequestId>().cloned();
     let need = handlers::need(d, &r);
     // A name that cannot exist is refused before anything echoes it (the challenge's scope).
     if let Need::Repo(name, _) = &need {
@@ -45,7 +46,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         .await
     {
         Ok(a) => a,
-        Err(d) => return denied(app, d).await,
+        Err(d) => return denied(app, d, id.as_ref()).await,
     };
     if !allowed {
         return crate::error::response(&ApiError::MethodNotAllowed(format!(
@@ -55,7 +56,11 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     let plan = match d.audit {
         Audit::Change(kind) => Plan::before(app, kind, &r, &req, &access, peer),
         Audit::Read | Audit::AtEnd(_) => None,
-    };
+    }
+    .map(|mut p| {
+        p.base.request_id = id.as_ref().map(|i| i.as_str().to_owned());
+        p
+    });
     let mut req = req;
     req.extensions_mut().insert(ClientAddr(peer));
     let (mut res, failure) = match handlers::dispatch(app, &access, d.endpoint, r, req).await {
@@ -80,6 +85,33 @@ pub struct ClientAddr(pub SocketAddr);
 #[derive(Clone, Debug)]
 pub struct Actor(pub String);
 
+/// The response header naming a request's id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A request's id: 16 hex digits, random, in the response (`X-Request-Id`), the request log
+/// line and the audit lines of the request, so one request can be followed across them.
+/// The server makes its own; an id a client or proxy sent is not trusted into the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(Arc<str>);
+
+impl RequestId {
+    /// A fresh id.
+    pub fn new() -> RequestId {
+        RequestId(format!("{:016x}", rand::random::<u64>()).into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId::new()
+    }
+}
+
 /// The request's host, for the token realm (`Host`, or the authority of an HTTP/2 URI).
 fn host(req: &Request<Incoming>) -> Option<String> {
     req.headers()
@@ -89,8 +121,8 @@ fn host(req: &Request<Incoming>) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
 }
 
-/// Answers a denial, with its challenge or Retry-After, and audits it.
-pub(crate) async fn denied(app: &App, d: Denial) -> Response<ResBody> {
+/// Answers a denial, with its challenge or Retry-After, audits it and counts failed logins.
+pub(crate) async fn denied(app: &App, d: Denial, id: Option<&RequestId>) -> Response<ResBody> {
     let mut res = crate::error::response(&d.error);
     if let Some(c) = d.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
         res.headers_mut().insert(WWW_AUTHENTICATE, c);
@@ -98,7 +130,14 @@ pub(crate) async fn denied(app: &App, d: Denial) -> Response<ResBody> {
     if let Some(s) = d.retry_after {
         res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
     }
-    if let Some(e) = d.audit {
+    if let Some(mut e) = d.audit {
+        if app.config.metrics && e.action == "login" {
+            match e.outcome.as_str() {
+                "failed" => app.metrics.login_failures.inc(),
+                _ => app.metrics.login_lockouts.inc(),
+            };
+        }
+        e.request_id = id.map(|i| i.as_str().to_owned());
         res.extensions_mut().insert(Actor(e.actor.clone()));
         app.audit.record(e).await;
     }

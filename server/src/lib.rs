@@ -7,9 +7,11 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+mod gc;
 mod guard;
 mod handlers;
 pub mod logbuf;
+pub mod metrics;
 pub mod routes;
 pub mod tag;
 mod tls;
@@ -49,11 +51,26 @@ pub struct App {
     pub auth: Arc<auth::Auth>,
     /// The audit log.
     pub audit: audit::Audit,
+    /// What `/metrics` tells (counted only with `metrics = true`).
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+impl App {
+    /// How slowly a request body may arrive, starting now; its bytes are counted in the
+    /// metrics.
+    pub fn body_pace(&self) -> body::Pace {
+        self.config.body_pace().counting(
+            self.config
+                .metrics
+                .then(|| self.metrics.received_bytes.clone()),
+        )
+    }
 }
 
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -94,8 +111,23 @@ impl Server {
             config.audit_log_keep,
         )
         .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
+        let uploads = ballast_engine::Uploads::with_limits(&store, config.upload_limits());
+        let metrics = Arc::new(metrics::Metrics::new(store.clone(), uploads.clone()));
+        let metrics_listener = match config.metrics_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding metrics_listen {a}"))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let app = Arc::new(App {
-            uploads: ballast_engine::Uploads::with_limits(&store, config.upload_limits()),
+            uploads,
+            metrics,
             store,
             config,
             manifests: ManifestCache::default(),
@@ -103,9 +135,10 @@ impl Server {
             audit,
         });
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(app, listener, tls, rx));
+        let task = tokio::spawn(accept_loop(app, listener, metrics_listener, tls, rx));
         Ok(Server {
             addr,
+            metrics_addr,
             shutdown: tx,
             task,
         })
@@ -114,6 +147,11 @@ impl Server {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the metrics listener, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops accepting, lets in-flight requests finish (bounded), and closes the store.
@@ -131,12 +169,15 @@ impl Server {
 async fn accept_loop(
     app: Arc<App>,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let expire = tokio::spawn(expire_uploads(app.clone()));
-    let scheduled_gc = tokio::spawn(scheduled_gc(app.clone()));
+    let scheduled_gc = tokio::spawn(gc::scheduled(app.clone()));
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(app.clone(), l)));
+    let liveness = tokio::spawn(metrics::refresh_liveness(app.clone()));
     let disk = tokio::spawn(watch_disk(app.clone()));
     loop {
         tokio::select! {
@@ -183,6 +224,10 @@ async fn accept_loop(
     expire.abort();
     scheduled_gc.abort();
     disk.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    liveness.abort();
     let grace = Duration::from_secs(app.config.shutdown_grace_secs);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
@@ -232,6 +277,43 @@ async fn serve_connection<I>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// The `metrics_listen` listener: `GET /metrics` and nothing else, without auth.
+async fn serve_metrics(app: Arc<App>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let app = app.clone();
+                async move {
+                    let res = if req.uri().path() != "/metrics" {
+                        error::response(&error::ApiError::NotFound(
+                            "this listener (metrics_listen) serves /metrics only".into(),
+                        ))
+                    } else if req.method() != hyper::Method::GET {
+                        error::response(&error::ApiError::MethodNotAllowed(
+                            "/metrics takes GET".into(),
+                        ))
+                    } else {
+                        handlers::metrics(&app)
+                            .await
+                            .unwrap_or_else(|e| error::response(&e))
+                    };
+                    Ok::<_, Infallible>(res)
+                }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = conn.await;
+        });
     }
 }
 
@@ -288,53 +370,6 @@ async fn watch_disk(app: Arc<App>) {
     }
 }
 
-async fn scheduled_gc(app: Arc<App>) {
-    let interval = app.config.gc_interval_secs;
-    if interval == 0 {
-        return;
-    }
-    loop {
-        tokio::time::sleep(Duration::from_secs(interval)).await;
-        let opts = ballast_engine::gc::GcOptions {
-            grace_secs: app.config.gc_grace_secs,
-            delete_untagged: app.config.gc_delete_untagged,
-            dead_fraction_min: app.config.gc_min_dead_fraction,
-            ..Default::default()
-        };
-        let store = app.store.clone();
-        match tokio::task::spawn_blocking(move || {
-            ballast_engine::gc::collect(&store, &opts, now_secs())
-        })
-        .await
-        {
-            Ok(Ok(r)) => {
-                tracing::info!(
-                    reclaimed = r.bytes_reclaimed,
-                    moved = r.bytes_moved,
-                    segments = r.segments_compacted,
-                    links = r.blob_links_removed,
-                    manifests = r.manifests_removed,
-                    "scheduled garbage collection"
-                );
-                let mut e = audit::Event::new("system", "gc.run");
-                e.reason = Some(format!(
-                    "scheduled: {} bytes reclaimed, {} blob links and {} manifests removed",
-                    r.bytes_reclaimed, r.blob_links_removed, r.manifests_removed
-                ));
-                app.audit.record(e).await;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "scheduled garbage collection failed");
-                let mut ev = audit::Event::new("system", "gc.run");
-                ev.outcome = "failed".into();
-                ev.reason = Some(e.to_string());
-                app.audit.record(ev).await;
-            }
-            Err(e) => tracing::warn!(error = %e, "scheduled garbage collection panicked"),
-        }
-    }
-}
-
 pub use ballast_engine::clock::now_secs;
 
 /// Validates manifest bytes as `PUT /v2/<name>/manifests/<ref>` does (for the fuzz target).
@@ -343,11 +378,16 @@ pub use handlers::validate_manifest;
 async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResBody>, Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let id = guard::RequestId::new();
+    req.extensions_mut().insert(id.clone());
+    // Counted down when the request ends, also when the client goes away mid-request (the
+    // future is dropped).
+    let _in_flight = app.config.metrics.then(|| InFlight::enter(&app.metrics));
     let mut res = guard::serve(&app, peer, req).await;
     if method == hyper::Method::HEAD {
         // A HEAD response has headers only, whatever made it (errors carry a JSON body).
@@ -356,6 +396,9 @@ async fn handle(
         // Content-Length stays: it tells the size a GET would have.
         *res.body_mut() = body::empty();
     }
+    if let Ok(v) = hyper::header::HeaderValue::from_str(id.as_str()) {
+        res.headers_mut().insert(guard::REQUEST_ID_HEADER, v);
+    }
     let status = res.status().as_u16();
     // A number when the length is known (absent for streamed bodies without one).
     let bytes: Option<u64> = res
@@ -363,10 +406,44 @@ async fn handle(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
+    let secs = started.elapsed().as_secs_f64();
+    if app.config.metrics {
+        let m = &app.metrics;
+        m.request(
+            routes::route(&path).map(|r| r.kind()),
+            &method,
+            status,
+            secs,
+        );
+        if method != hyper::Method::HEAD {
+            if let Some(b) = bytes {
+                m.sent_bytes.inc_by(b);
+            }
+        }
+        if status == 429 {
+            m.rate_limited.inc();
+        }
+    }
     let actor = res
         .extensions()
         .get::<guard::Actor>()
         .map_or("-", |a| a.0.as_str());
-    tracing::info!(%peer, actor, %method, path, status, bytes, ms = %format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0), "request");
+    tracing::info!(%peer, actor, request_id = id.as_str(), %method, path, status, bytes, ms = %format_args!("{:.3}", secs * 1000.0), "request");
     Ok(res)
+}
+
+/// One request in flight, for the gauge.
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn enter(m: &metrics::Metrics) -> InFlight {
+        m.in_flight.inc();
+        InFlight(m.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -397,6 +397,9 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             server.addr(),
             cfg.data.display()
         );
+        if let Some(m) = server.metrics_addr() {
+            println!("metrics on http://{m}/metrics");
+        }
         tracing::info!(listen = %server.addr(), data = %cfg.data.display(), "serving");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -31,6 +31,8 @@ pub enum Route<'a> {
     AdminGc,
     /// `/token`: the token endpoint of the Docker token flow.
     Token,
+    /// `/metrics`: Prometheus metrics.
+    Metrics,
 }
 
 /// Which path an endpoint serves (a [`Route`] without its parameters).
@@ -58,6 +60,8 @@ pub enum PathKind {
     AdminGc,
     /// `/token`
     Token,
+    /// `/metrics`
+    Metrics,
 }
 
 impl Route<'_> {
@@ -75,6 +79,7 @@ impl Route<'_> {
             Route::Health => PathKind::Health,
             Route::AdminGc => PathKind::AdminGc,
             Route::Token => PathKind::Token,
+            Route::Metrics => PathKind::Metrics,
         }
     }
 
@@ -103,6 +108,8 @@ pub enum Endpoint {
     Token,
     /// `POST /admin/gc`.
     AdminGc,
+    /// `GET /metrics`.
+    Metrics,
     /// `GET /v2/_catalog`.
     Catalog,
     /// `GET /v2/<name>/tags/list`.
@@ -227,6 +234,7 @@ pub static ENDPOINTS: &[Descriptor] = &[
         Requires::Admin,
         Audit::Change(AuditKind::Gc)
     ),
+    endpoint!(Metrics, GET, Metrics, Requires::Admin, Audit::Read),
     endpoint!(Catalog, GET, Catalog, Requires::Catalog, Audit::Read),
     endpoint!(Tags, GET, Tags, Requires::Repo(Action::Pull), Audit::Read),
     endpoint!(
@@ -351,6 +359,9 @@ pub fn route(path: &str) -> Option<Route<'_>> {
     }
     if path == "/token" {
         return Some(Route::Token);
+    }
+    if path == "/metrics" {
+        return Some(Route::Metrics);
     }
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {

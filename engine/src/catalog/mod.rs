@@ -229,6 +229,8 @@ pub struct Catalog {
     warnings: Vec<String>,
     /// What a salvaging open could not mend.
     damage: Option<String>,
+    /// How long folds (snapshot written, read back, journal switched) took.
+    fold_latency: crate::stats::Histogram,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -373,7 +375,19 @@ impl Catalog {
             journal_bytes_max,
             warnings,
             damage,
+            fold_latency: crate::stats::Histogram::default(),
         })
+    }
+
+    /// Bytes in the current journal generation (a fold starts a new one past
+    /// `journal_bytes_max`).
+    pub fn journal_bytes(&self) -> u64 {
+        self.appended.lock().journal.len
+    }
+
+    /// How long folds took.
+    pub fn fold_latency(&self) -> &crate::stats::Histogram {
+        &self.fold_latency
     }
 
     /// What a salvaging open could not mend (a snapshot whose damaged sections were lost).
@@ -500,7 +514,9 @@ impl Catalog {
             // Nothing is in flight: the visible state is the planned one. A fold cut short
             // leaves the journal it replaces in use while a newer snapshot may exist: nothing
             // more may be appended to it.
+            let started = std::time::Instant::now();
             self.fold(&mut a.journal).map_err(|e| self.poison(e))?;
+            self.fold_latency.observe(started.elapsed());
             *synced = (a.journal.generation, a.journal.len);
             *self.durable.lock() = *synced;
             a.last_batch = *synced;

@@ -45,7 +45,8 @@ impl Store {
         self.locate(Table::Chunks, &id.0)
     }
 
-    pub(crate) fn blob_location(&self, key: &[u8; 32]) -> Option<Location> {
+    /// Where a blob's recipe is stored, by its digest's index key.
+    pub fn blob_location(&self, key: &[u8; 32]) -> Option<Location> {
         self.locate(Table::Blobs, key)
     }
 

@@ -35,6 +35,7 @@ use crate::index::IndexFile;
 use crate::io::{FileHandle, OpenMode, Storage};
 use crate::recipe::Recipe;
 use crate::segment::{segment_path, FILE_HEADER_LEN};
+pub use crate::stats::Stats;
 use crate::sys::Map;
 
 mod indexes;
@@ -93,21 +94,6 @@ impl Default for Options {
             catalog_journal_bytes_max: crate::catalog::JOURNAL_BYTES_MAX,
         }
     }
-}
-
-/// Counters, for inspect and benchmarks.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Chunks written.
-    pub chunks_written: AtomicU64,
-    /// Chunks found already stored.
-    pub chunks_deduped: AtomicU64,
-    /// Bytes appended to segments.
-    pub bytes_appended: AtomicU64,
-    /// fsyncs of segment files.
-    pub syncs: AtomicU64,
-    /// Chunks read and checked against their BLAKE3 id.
-    pub chunks_verified: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -289,6 +275,35 @@ impl Store {
         ids
     }
 
+    /// Segment files and their bytes, and chunk entries indexed, without touching the disk
+    /// beyond an fstat of the active segment (for metrics, read at every scrape).
+    pub fn footprint(&self) -> Footprint {
+        let mut f = Footprint::default();
+        for data in self.inner.segments.read().values() {
+            f.segments += 1;
+            f.segment_bytes += match data {
+                SegmentData::Mapped(m) => m.len() as u64,
+                SegmentData::File(h) => h.len().unwrap_or(0),
+            };
+        }
+        f.indexed_chunks = self
+            .inner
+            .indexes
+            .read()
+            .iter()
+            .map(|i| i.count(crate::index::Table::Chunks) as u64)
+            .sum::<u64>()
+            + self
+                .inner
+                .pending
+                .lock()
+                .by_segment
+                .values()
+                .map(|(c, _)| c.len() as u64)
+                .sum::<u64>();
+        f
+    }
+
     /// True when a collection removed the segment (for fsck).
     pub fn segment_was_collected(&self, id: u64) -> bool {
         self.inner.removed.lock().contains(&id)
@@ -307,6 +322,18 @@ impl Store {
     pub fn segment_path(&self, id: u64) -> PathBuf {
         segment_path(&self.inner.seg_dir, id)
     }
+}
+
+/// What [`Store::footprint`] tells.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Segment files.
+    pub segments: u64,
+    /// Their bytes.
+    pub segment_bytes: u64,
+    /// Chunk entries in index files and in segments waiting for theirs: the stored chunks
+    /// (a chunk a collection moved counts twice until the old segment's file is merged away).
+    pub indexed_chunks: u64,
 }
 
 /// File in the data directory listing segments removed by garbage collection, one id a line.

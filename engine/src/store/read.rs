@@ -92,6 +92,17 @@ impl Store {
 
     /// The raw bytes of a chunk; uncompressed chunks of sealed segments are not copied.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Bytes> {
+        let r = self.read_chunk_checked(id);
+        if let Err(Error::Corrupted { .. }) = &r {
+            self.inner
+                .stats
+                .chunk_read_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn read_chunk_checked(&self, id: &ChunkId) -> Result<Bytes> {
         // With BLAKE3 verification on, the id check below covers what the record's CRC would.
         let check = if self.inner.opts.verify_chunk_ids {
             Check::Content
@@ -216,6 +227,41 @@ impl Store {
             Err(Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// What a registry without dedup would store: per repository, the sizes of the blobs
+    /// and manifests it links (a blob two repositories link counts twice). Blob sizes come
+    /// from `sizes`, which remembers them between calls (a blob's size never changes); a
+    /// size not known yet is read from the blob's recipe, and sizes of blobs no longer
+    /// linked are forgotten. The catalog is read first and let go before any recipe is.
+    pub fn logical_bytes(&self, sizes: &mut HashMap<Digest, u64>) -> u64 {
+        let mut links: HashMap<Digest, u64> = HashMap::new();
+        let mut total = 0u64;
+        {
+            let cat = self.catalog().read();
+            for repo in cat.repos.values() {
+                total += repo.manifests.values().map(|m| m.size).sum::<u64>();
+                for d in repo.blobs.keys() {
+                    *links.entry(d.clone()).or_default() += 1;
+                }
+            }
+        }
+        sizes.retain(|d, _| links.contains_key(d));
+        for (d, n) in links {
+            let size = match sizes.get(&d) {
+                Some(s) => *s,
+                // A link to a blob that is not readable (quarantined): it adds nothing.
+                None => match self.stat(&d) {
+                    Ok(Some(s)) => {
+                        sizes.insert(d, s);
+                        s
+                    }
+                    _ => 0,
+                },
+            };
+            total += size * n;
+        }
+        total
     }
 
     /// True when the blob is stored.

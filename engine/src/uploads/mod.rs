@@ -167,6 +167,12 @@ impl Uploads {
         self.limits
     }
 
+    /// Open sessions and the bytes they received (kept in memory; read from the sessions'
+    /// files the first time).
+    pub fn open_sessions(&self) -> Result<(u64, u64)> {
+        self.with_usage(|u| (u.sessions.len() as u64, u.bytes_besides("")))
+    }
+
     /// Runs `f` on the usage, read from the sessions' files the first time.
     pub(crate) fn with_usage<R>(&self, f: impl FnOnce(&mut Usage) -> R) -> Result<R> {
         let mut usage = self.usage.lock();

@@ -334,7 +334,7 @@ pub async fn put(
         // dropped first, so a client still sending it reads the 413 rather than a reset
         // connection; a larger one is refused before any of it is read.
         if n <= 2 * max as u64 {
-            let mut pace = app.config.body_pace();
+            let mut pace = app.body_pace();
             while crate::body::next_data(&mut body, &mut pace)
                 .await?
                 .is_some()
@@ -344,7 +344,7 @@ pub async fn put(
             "manifests are limited to {max} bytes; this one declares {n} bytes"
         )));
     }
-    let bytes: Bytes = read_limited(&mut body, max, app.config.body_pace())
+    let bytes: Bytes = read_limited(&mut body, max, app.body_pace())
         .await?
         .ok_or_else(|| {
             ApiError::ManifestTooLarge(format!("manifests are limited to {max} bytes"))

@@ -52,6 +52,7 @@ pub async fn dispatch(
             Ok(health(&app.store, problems))
         }
         (Endpoint::AdminGc, _) => admin_gc(app, &req).await,
+        (Endpoint::Metrics, _) => metrics(app).await,
         (Endpoint::Catalog, _) => listing::catalog(app, access, &req),
         (Endpoint::Tags, Route::Tags { name }) => listing::tags(app, name, &req),
         (Endpoint::Referrers, Route::Referrers { name, digest }) => {
@@ -93,6 +94,22 @@ pub async fn dispatch(
     }
 }
 
+/// `GET /metrics`: the Prometheus text format.
+pub(crate) async fn metrics(app: &App) -> Result<Response<ResBody>, ApiError> {
+    if !app.config.metrics {
+        return Err(ApiError::NotFound(
+            "metrics are off in this registry's config (metrics = false)".into(),
+        ));
+    }
+    let m = app.metrics.clone();
+    // (Reading the engine's figures takes short locks: off the async threads.)
+    let text = blocking(move || Ok(m.encode())).await?;
+    Ok(reply(StatusCode::OK)
+        .header(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)
+        .header(CONTENT_LENGTH, HeaderValue::from(text.len()))
+        .body(body::full(text)))
+}
+
 /// `POST /admin/gc[?dry_run=true][&delete_untagged=true][&grace=SECONDS]`: runs a garbage
 /// collection now and answers its report. Pushes and pulls go on meanwhile.
 async fn admin_gc(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
@@ -121,16 +138,7 @@ async fn admin_gc(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody
         },
         dry_run: flag("dry_run"),
     };
-    let store = app.store.clone();
-    let report = blocking(move || {
-        ballast_engine::gc::collect(&store, &opts, crate::now_secs()).map_err(ApiError::from)
-    })
-    .await?;
-    tracing::info!(
-        reclaimed = report.bytes_reclaimed,
-        dry_run = report.dry_run,
-        "garbage collection on request"
-    );
+    let report = crate::gc::run(app, opts, crate::gc::Trigger::Request).await?;
     Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))
 }
 

@@ -20,6 +20,7 @@ const TOKEN_FORM_MAX: usize = 64 << 10;
 pub async fn token(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResBody> {
     let mut params = query(&req);
     let headers = req.headers().clone();
+    let id = req.extensions().get::<crate::guard::RequestId>().cloned();
     match *req.method() {
         Method::GET => {}
         Method::POST => {
@@ -47,6 +48,6 @@ pub async fn token(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         Ok(body) => reply(StatusCode::OK)
             .header(hyper::header::CACHE_CONTROL, "no-store")
             .json(&body),
-        Err(d) => crate::guard::denied(app, d).await,
+        Err(d) => crate::guard::denied(app, d, id.as_ref()).await,
     }
 }

@@ -315,7 +315,7 @@ async fn feed<S: Sink, T: Send + 'static>(
         }
         end(sink).map_err(ApiError::from_engine)
     });
-    let read_err = pump(body, app.config.body_pace(), tx).await;
+    let read_err = pump(body, app.body_pace(), tx).await;
     let result = match worker.await {
         Ok(r) => r,
         Err(e) => Err(ApiError::Internal(e.to_string())),

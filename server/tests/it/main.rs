@@ -6,6 +6,7 @@ mod disk;
 mod hardening;
 mod hostile;
 pub mod http;
+mod metrics;
 pub mod oci;
 mod protocol;
 mod tools;
