@@ -198,6 +198,20 @@ pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<
     storage.sync_dir(dir).map_err(|e| Error::io(dir, e))
 }
 
+/// A whole (small) file, or `None` when it does not exist.
+pub fn read_whole(storage: &dyn Storage, path: &Path) -> Result<Option<Vec<u8>>> {
+    let file = match storage.open(path, OpenMode::Read) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let len = file.len().map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(Some(buf))
+}
+
 /// Creates `dir/name` (replacing what is there) holding `header`, durable with its directory
 /// entry: how a new segment or journal starts.
 pub fn create_with_header(

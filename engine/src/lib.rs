@@ -21,6 +21,7 @@ pub mod io;
 #[cfg(not(feature = "internals"))]
 pub(crate) mod io;
 pub mod names;
+pub mod outbox;
 pub mod quarantine;
 pub mod recipe;
 pub mod segment;

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::io::{existed, write_atomic, OpenMode, Storage};
+use crate::io::{existed, write_atomic, Storage};
 use crate::{Digest, Error, Result};
 
 /// File name in the data directory.
@@ -71,20 +71,9 @@ impl Quarantine {
     /// Reads the file; a missing file is an empty quarantine.
     pub fn load(storage: &dyn Storage, dir: &Path) -> Result<Quarantine> {
         let path = dir.join(FILE);
-        let file = match storage.open(&path, OpenMode::Read) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Quarantine::default()),
-            Err(e) => return Err(Error::Io { path, source: e }),
+        let Some(buf) = crate::io::read_whole(storage, &path)? else {
+            return Ok(Quarantine::default());
         };
-        let len = file.len().map_err(|e| Error::Io {
-            path: path.clone(),
-            source: e,
-        })?;
-        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-        file.read_exact_at(&mut buf, 0).map_err(|e| Error::Io {
-            path: path.clone(),
-            source: e,
-        })?;
         let q: Quarantine = serde_json::from_slice(&buf).map_err(|e| Error::Corrupted {
             file: path.clone(),
             offset: 0,

@@ -43,6 +43,10 @@ pub enum RecordKind {
     /// How far the catalog journal was durable when a segment sync mark was written
     /// (segments only, format 2).
     CatalogDurable = 7,
+    /// An event waiting for delivery (outbox files only).
+    OutboxEvent = 8,
+    /// An event a consumer gave up on (the outbox's dead-letter file only).
+    OutboxDead = 9,
 }
 
 impl RecordKind {
@@ -55,6 +59,8 @@ impl RecordKind {
             5 => Some(RecordKind::UploadCheckpoint),
             6 => Some(RecordKind::SegmentsDurable),
             7 => Some(RecordKind::CatalogDurable),
+            8 => Some(RecordKind::OutboxEvent),
+            9 => Some(RecordKind::OutboxDead),
             _ => None,
         }
     }

@@ -70,6 +70,10 @@ pub enum FindingCode {
     CatalogDamaged,
     /// A stored manifest that no repository names (listed when the catalog lost changes).
     ManifestUnnamed,
+    /// The event outbox (webhooks) is damaged: some undelivered events are lost.
+    OutboxDamaged,
+    /// The event outbox ends in an unfinished append (a crash; it was never acknowledged).
+    OutboxTorn,
 }
 
 impl FindingCode {
@@ -97,6 +101,8 @@ impl FindingCode {
             FindingCode::CatalogTruncated => "catalog_truncated",
             FindingCode::CatalogDamaged => "catalog_damaged",
             FindingCode::ManifestUnnamed => "manifest_unnamed",
+            FindingCode::OutboxDamaged => "outbox_damaged",
+            FindingCode::OutboxTorn => "outbox_torn",
         }
     }
 
@@ -190,6 +196,10 @@ const HINT_CRC: &str =
     "only the record's checksum field is damaged: `ballast fsck --repair DIR` rewrites it (nothing is quarantined)";
 const HINT_CATALOG_CUT: &str =
     "restore the catalog directory from a backup if you have one; otherwise `ballast fsck --repair DIR` lets the store open with the catalog as it is, and the images whose tags or links were lost must be pushed again";
+const HINT_OUTBOX: &str =
+    "the server skips the damaged events at its next start (counted as dropped in the metrics) and delivers the rest; images are not affected. A receiver that must not miss an event can re-read the registry (tags list, catalog)";
+const HINT_OUTBOX_TORN: &str =
+    "nothing to do: the server cuts the unfinished append off at its next start";
 const HINT_RETAG: &str =
     "`ballast tag DIR REPOSITORY:TAG DIGEST` (server stopped) names it again in a repository, linking the blobs it references that are stored";
 const HINT_REBUILD: &str =
@@ -236,6 +246,40 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             why,
             HINT_CATALOG_CUT,
         );
+    }
+
+    match crate::outbox::Outbox::verify(store.storage().as_ref(), store.dir()) {
+        Ok(problems) => {
+            for (lost, message) in problems {
+                report.findings.push(Finding {
+                    severity: if lost {
+                        Severity::Error
+                    } else {
+                        Severity::Warning
+                    },
+                    code: if lost {
+                        FindingCode::OutboxDamaged
+                    } else {
+                        FindingCode::OutboxTorn
+                    },
+                    segment: None,
+                    file: Some(crate::outbox::outbox_dir(store.dir())),
+                    offset: None,
+                    digest: None,
+                    message,
+                    hint: if lost { HINT_OUTBOX } else { HINT_OUTBOX_TORN },
+                });
+            }
+        }
+        Err(e) => error(
+            &mut report,
+            FindingCode::OutboxDamaged,
+            None,
+            Some(crate::outbox::outbox_dir(store.dir())),
+            None,
+            format!("the outbox cannot be read: {e}"),
+            HINT_OUTBOX,
+        ),
     }
 
     // 3 runs beside 1 and 2: every blob something links is reassembled (SHA-256) while the
@@ -306,10 +350,12 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                     RecordKind::SyncMark | RecordKind::CatalogDurable => {}
                     RecordKind::CatalogBatch
                     | RecordKind::UploadCheckpoint
-                    | RecordKind::SegmentsDurable => problems.push((
+                    | RecordKind::SegmentsDurable
+                    | RecordKind::OutboxEvent
+                    | RecordKind::OutboxDead => problems.push((
                         rec.offset,
                         FindingCode::RecordMisplaced,
-                        "catalog or upload record in a segment".into(),
+                        "catalog, upload or outbox record in a segment".into(),
                     )),
                 }
                 done += rec.header.record_len();

@@ -153,14 +153,18 @@ fn replay_segment(
             RecordKind::CatalogBatch
             | RecordKind::UploadCheckpoint
             | RecordKind::SegmentsDurable
+            | RecordKind::OutboxEvent
+            | RecordKind::OutboxDead
                 if salvage => {}
             RecordKind::CatalogBatch
             | RecordKind::UploadCheckpoint
-            | RecordKind::SegmentsDurable => {
+            | RecordKind::SegmentsDurable
+            | RecordKind::OutboxEvent
+            | RecordKind::OutboxDead => {
                 return Err(Error::corrupted(
                     &path,
                     rec.offset,
-                    "catalog or upload record in a segment",
+                    "catalog, upload or outbox record in a segment",
                 ))
             }
         }
