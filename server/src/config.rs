@@ -85,6 +85,13 @@ pub struct Config {
     /// Also serve `/metrics`, and only that, without auth on this address (for a Prometheus
     /// on a private network or loopback).
     pub metrics_listen: Option<SocketAddr>,
+    /// The registry's URL as clients reach it (`https://registry.example.com`), for the
+    /// URLs and source in webhook events (default: from `listen`).
+    pub public_url: Option<String>,
+    /// Webhook endpoints (`[[webhooks]]` tables).
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// Bytes the webhook outbox may take; past it the oldest events go, delivered or not.
+    pub webhook_outbox_bytes_max: u64,
     /// Authentication and authorization (`[auth]` in the config file).
     pub auth: AuthConfig,
 }
@@ -176,6 +183,9 @@ impl Default for Config {
             audit_log_keep: 10,
             metrics: true,
             metrics_listen: None,
+            public_url: None,
+            webhooks: Vec::new(),
+            webhook_outbox_bytes_max: 256 << 20,
             auth: AuthConfig::default(),
         }
     }
@@ -213,6 +223,8 @@ pub const SETTINGS: &[&str] = &[
     "audit_log_keep",
     "metrics",
     "metrics_listen",
+    "public_url",
+    "webhook_outbox_bytes_max",
 ];
 
 impl Config {
@@ -241,6 +253,18 @@ impl Config {
             sessions_per_client_max: self.upload_sessions_per_client_max,
             session_bytes_max: self.upload_session_bytes_max,
             bytes_max: self.upload_bytes_max,
+        }
+    }
+
+    /// The registry's URL as clients reach it.
+    pub fn base_url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => format!(
+                "{}://{}",
+                if self.tls() { "https" } else { "http" },
+                self.listen
+            ),
         }
     }
 
@@ -312,6 +336,13 @@ impl Config {
                     "metrics_listen on {m} serves /metrics without auth to anyone who can reach \
                      it (store sizes and request counts, no repository names)"
                 ));
+            }
+        }
+        let (_, hook_warnings) = crate::webhooks::compile(&self.webhooks)?;
+        warnings.extend(hook_warnings);
+        if let Some(u) = &self.public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                bail!("public_url {u:?} must start with http:// or https://");
             }
         }
         if !(0.0..=1.0).contains(&self.gc_min_dead_fraction) {
@@ -418,6 +449,8 @@ impl Config {
             "audit_log_bytes_max" => self.audit_log_bytes_max = num(value)?,
             "audit_log_keep" => self.audit_log_keep = num(value)?,
             "metrics" => self.metrics = boolean(value)?,
+            "public_url" => self.public_url = Some(value.to_owned()),
+            "webhook_outbox_bytes_max" => self.webhook_outbox_bytes_max = num(value)?,
             "metrics_listen" => {
                 self.metrics_listen =
                     Some(value.parse().with_context(|| {
@@ -488,6 +521,7 @@ mod tests {
             // Booleans: the opposite of the default.
             "verify_chunks" | "metrics" => "false",
             "metrics_listen" => "127.0.0.1:9100",
+            "public_url" => "https://registry.example.com",
             "gc_delete_untagged" | "insecure_plain_http" => "true",
             "gc_min_dead_fraction" => "0.25",
             _ => "7",

@@ -28,8 +28,14 @@ impl Trigger {
     }
 }
 
-/// Runs one collection off the async threads.
-pub async fn run(app: &App, opts: GcOptions, trigger: Trigger) -> Result<GcReport, ApiError> {
+/// Runs one collection off the async threads; one that changed something is a
+/// `gc.finished` webhook event by `actor`.
+pub async fn run(
+    app: &App,
+    opts: GcOptions,
+    trigger: Trigger,
+    actor: &str,
+) -> Result<GcReport, ApiError> {
     let store = app.store.clone();
     let started = Instant::now();
     let result = crate::handlers::blocking(move || {
@@ -62,6 +68,19 @@ pub async fn run(app: &App, opts: GcOptions, trigger: Trigger) -> Result<GcRepor
             tracing::warn!(trigger = trigger.label(), error = %e, "garbage collection failed")
         }
     }
+    if let Ok(r) = &result {
+        let kind = crate::webhooks::Kind::GcFinished;
+        if !r.dry_run && app.webhooks.wanted(kind, None) {
+            let mut e = crate::webhooks::Event::new(kind, actor);
+            let mut detail = serde_json::to_value(r).unwrap_or_default();
+            if let Some(d) = detail.as_object_mut() {
+                d.insert("trigger".into(), trigger.label().into());
+            }
+            e.detail = Some(detail);
+            let hooks = app.webhooks.clone();
+            crate::handlers::blocking(move || hooks.record(&[e])).await?;
+        }
+    }
     result
 }
 
@@ -84,7 +103,7 @@ pub async fn scheduled(app: Arc<App>) {
     loop {
         tokio::time::sleep(Duration::from_secs(interval)).await;
         let mut e = crate::audit::Event::new("system", "gc.run");
-        match run(&app, scheduled_options(&app), Trigger::Schedule).await {
+        match run(&app, scheduled_options(&app), Trigger::Schedule, "system").await {
             Ok(r) => {
                 e.reason = Some(format!(
                     "scheduled: {} bytes reclaimed, {} blob links and {} manifests removed",

@@ -14,6 +14,7 @@ use crate::body::ResBody;
 use crate::error::ApiError;
 use crate::handlers::{self, first, query};
 use crate::routes::{resolve, Audit, AuditKind, Endpoint, Resolved, Route};
+use crate::webhooks::{Event as WebhookEvent, Kind as WebhookKind};
 use crate::App;
 
 /// Serves one request: resolved in the endpoint table, authorized, handled, audited.
@@ -70,11 +71,92 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
             (crate::error::response(&e), Some(format!("{code}: {e}")))
         }
     };
-    if let Some(plan) = plan {
-        app.audit.record_all(plan.after(&res, failure)).await;
+    let ok = failure.is_none() && res.status().is_success();
+    let (lines, mut events) = match plan {
+        Some(plan) => plan.after(&res, failure),
+        None => (Vec::new(), Vec::new()),
+    };
+    if ok && d.endpoint == Endpoint::ManifestGet && method == hyper::Method::GET {
+        if let Some(e) = pulled(app, &r, &res, &access, peer, id.as_ref()) {
+            events.push(e);
+        }
+    }
+    if !events.is_empty() {
+        // Recorded before the answer: an acknowledged change always has its event.
+        if let Err(e) = record_events(app, events).await {
+            tracing::error!(error = %e, "recording webhook events failed");
+            res = crate::error::response(&e);
+        }
+    }
+    if !lines.is_empty() {
+        app.audit.record_all(lines).await;
     }
     res.extensions_mut().insert(Actor(access.actor()));
     res
+}
+
+/// The webhook event of a manifest pull, when some endpoint wants it.
+fn pulled(
+    app: &App,
+    r: &Route<'_>,
+    res: &Response<ResBody>,
+    access: &Access,
+    peer: SocketAddr,
+    id: Option<&RequestId>,
+) -> Option<WebhookEvent> {
+    let Route::Manifest { name, reference } = r else {
+        return None;
+    };
+    if !app.webhooks.wanted(WebhookKind::ManifestPulled, Some(name)) {
+        return None;
+    }
+    let header = |h| {
+        res.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let mut e = WebhookEvent::new(WebhookKind::ManifestPulled, access.actor());
+    e.repository = Some((*name).to_owned());
+    e.tag = (!reference.contains(':')).then(|| (*reference).to_owned());
+    e.digest = header("Docker-Content-Digest");
+    e.media_type = header("Content-Type");
+    e.size = header("Content-Length").and_then(|v| v.parse().ok());
+    e.client = Some(peer.ip().to_string());
+    e.request_id = id.map(|i| i.as_str().to_owned());
+    Some(e)
+}
+
+/// Fills in what the audit lines do not say (a manifest's media type and size, a blob's
+/// size) and records the events in the outbox, off the async threads.
+async fn record_events(app: &Arc<App>, mut events: Vec<WebhookEvent>) -> Result<(), ApiError> {
+    let app = app.clone();
+    handlers::blocking(move || {
+        for e in &mut events {
+            let (Some(repo), Some(digest)) = (&e.repository, &e.digest) else {
+                continue;
+            };
+            let Ok(d) = digest.parse::<ballast_engine::Digest>() else {
+                continue;
+            };
+            match e.kind {
+                WebhookKind::ManifestPushed | WebhookKind::TagSet if e.size.is_none() => {
+                    let cat = app.store.catalog().read();
+                    if let Some(m) = cat.repos.get(repo).and_then(|r| r.manifests.get(&d)) {
+                        e.media_type = Some(m.media_type.clone());
+                        e.size = Some(m.size);
+                    }
+                }
+                WebhookKind::BlobUploaded => {
+                    e.media_type = Some("application/octet-stream".into());
+                    e.size = app.store.stat(&d).ok().flatten();
+                }
+                _ => {}
+            }
+        }
+        app.webhooks.record(&events)
+    })
+    .await
 }
 
 /// The address a request came from, for handlers that bound work per client.
@@ -165,6 +247,7 @@ enum Kind {
     BlobDelete,
     UploadCancel,
     Gc,
+    Redeliver,
 }
 
 impl Plan {
@@ -241,6 +324,11 @@ impl Plan {
                 base.digest = Some((*digest).to_owned());
                 Kind::BlobDelete
             }
+            (AuditKind::WebhookRedeliver, _) => {
+                base.action = "webhook.redeliver".into();
+                base.reason = req.uri().query().map(|q| format!("on request: {q}"));
+                Kind::Redeliver
+            }
             (AuditKind::Gc, _) => {
                 base.action = "gc.run".into();
                 base.reason = req.uri().query().map(|q| format!("on request: {q}"));
@@ -256,8 +344,14 @@ impl Plan {
         Some(Plan { base, kind })
     }
 
-    fn after(self, res: &Response<ResBody>, failure: Option<String>) -> Vec<Event> {
+    /// The audit lines, and the webhook events of a change that succeeded.
+    fn after(
+        self,
+        res: &Response<ResBody>,
+        failure: Option<String>,
+    ) -> (Vec<Event>, Vec<WebhookEvent>) {
         let Plan { mut base, kind } = self;
+        let mut hooks = Vec::new();
         let status = res.status();
         let digest = res
             .headers()
@@ -272,8 +366,22 @@ impl Plan {
             base.reason = Some(f.clone());
         }
         let mut out = Vec::new();
+        let ok = failure.is_none() && status.is_success();
         match kind {
             Kind::ManifestPut { tags } => {
+                if ok {
+                    let mut pushed = WebhookEvent::of_audit(WebhookKind::ManifestPushed, &base);
+                    pushed.tag = tags.first().map(|(t, _)| t.clone());
+                    hooks.push(pushed);
+                    for (tag, before) in &tags {
+                        if *before != digest {
+                            let mut set = WebhookEvent::of_audit(WebhookKind::TagSet, &base);
+                            set.tag = Some(tag.clone());
+                            set.previous = before.clone();
+                            hooks.push(set);
+                        }
+                    }
+                }
                 base.action = "manifest.put".into();
                 if !tags.is_empty() {
                     base.tag = Some(
@@ -301,24 +409,38 @@ impl Plan {
                     base.action = "tag.delete".into();
                     base.tag = Some(t);
                     base.digest = before;
+                    if ok {
+                        hooks.push(WebhookEvent::of_audit(WebhookKind::TagDeleted, &base));
+                    }
                     out.push(base);
                 }
                 None => {
                     base.action = "manifest.delete".into();
+                    if ok {
+                        hooks.push(WebhookEvent::of_audit(WebhookKind::ManifestDeleted, &base));
+                    }
                     out.push(base);
                 }
             },
             Kind::Mount { from } => {
                 // 202 means "no mount, upload it instead": nothing happened yet.
                 if status == StatusCode::ACCEPTED {
-                    return out;
+                    return (out, hooks);
                 }
                 base.action = "blob.mount".into();
                 base.previous = from;
+                if ok {
+                    let mut e = WebhookEvent::of_audit(WebhookKind::BlobUploaded, &base);
+                    e.previous = base.previous.clone();
+                    hooks.push(e);
+                }
                 out.push(base);
             }
             Kind::Upload => {
                 base.action = "blob.upload".into();
+                if ok {
+                    hooks.push(WebhookEvent::of_audit(WebhookKind::BlobUploaded, &base));
+                }
                 out.push(base);
             }
             Kind::BlobDelete => {
@@ -329,8 +451,8 @@ impl Plan {
                 base.action = "upload.cancel".into();
                 out.push(base);
             }
-            Kind::Gc => out.push(base),
+            Kind::Gc | Kind::Redeliver => out.push(base),
         }
-        out
+        (out, hooks)
     }
 }

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod routes;
 pub mod tag;
 mod tls;
+pub mod webhooks;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub struct App {
     pub audit: audit::Audit,
     /// What `/metrics` tells (counted only with `metrics = true`).
     pub metrics: Arc<metrics::Metrics>,
+    /// Webhook endpoints and their outbox.
+    pub webhooks: Arc<webhooks::Webhooks>,
 }
 
 impl App {
@@ -112,7 +115,21 @@ impl Server {
         )
         .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let uploads = ballast_engine::Uploads::with_limits(&store, config.upload_limits());
-        let metrics = Arc::new(metrics::Metrics::new(store.clone(), uploads.clone()));
+        let (endpoints, _) = webhooks::compile(&config.webhooks)?;
+        let hooks = {
+            let (store, bytes_max) = (store.clone(), config.webhook_outbox_bytes_max);
+            let (source, base) = (config.base_url(), config.base_url());
+            tokio::task::spawn_blocking(move || {
+                webhooks::Webhooks::open(&store, endpoints, bytes_max, source, base)
+            })
+            .await??
+        };
+        let hooks = Arc::new(hooks);
+        let metrics = Arc::new(metrics::Metrics::new(
+            store.clone(),
+            uploads.clone(),
+            hooks.clone(),
+        ));
         let metrics_listener = match config.metrics_listen {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -128,6 +145,7 @@ impl Server {
         let app = Arc::new(App {
             uploads,
             metrics,
+            webhooks: hooks,
             store,
             config,
             manifests: ManifestCache::default(),
@@ -178,6 +196,7 @@ async fn accept_loop(
     let scheduled_gc = tokio::spawn(gc::scheduled(app.clone()));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(app.clone(), l)));
     let liveness = tokio::spawn(metrics::refresh_liveness(app.clone()));
+    let deliveries = app.webhooks.start();
     let disk = tokio::spawn(watch_disk(app.clone()));
     loop {
         tokio::select! {
@@ -228,6 +247,10 @@ async fn accept_loop(
         t.abort();
     }
     liveness.abort();
+    // (An event being sent is sent again at the next start: at least once.)
+    for d in deliveries {
+        d.abort();
+    }
     let grace = Duration::from_secs(app.config.shutdown_grace_secs);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await

@@ -142,6 +142,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Webhook dead letters: events an endpoint gave up on (server stopped; on a running
+    /// server use GET /admin/webhooks/dead and POST /admin/webhooks/dead/redeliver).
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Names a stored manifest again under REPOSITORY:TAG, linking the blobs it references
     /// (after catalog damage: fsck lists such manifests as `manifest_unnamed`). Exit 0
     /// tagged, 1 refused (not a stored manifest, blobs missing), 2 could not run.
@@ -152,6 +158,30 @@ enum Command {
         target: String,
         /// The manifest's digest.
         digest: String,
+        /// Config file, for the audit log's place (else the data directory's).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WebhooksCommand {
+    /// Lists the dead letters (exit 0, or 2 when it could not run).
+    Dead {
+        /// The data directory.
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Puts dead letters back for delivery when the server next runs: those named by --id,
+    /// or all.
+    Redeliver {
+        /// The data directory.
+        dir: PathBuf,
+        /// A dead letter's id (repeatable); none: all of them.
+        #[arg(long = "id")]
+        ids: Vec<u64>,
         /// Config file, for the audit log's place (else the data directory's).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -256,6 +286,21 @@ fn main() -> anyhow::Result<()> {
                 &mut std::io::stdout(),
             ))
         }
+        Command::Webhooks { command } => match command {
+            WebhooksCommand::Dead { dir, json } => std::process::exit(
+                ballast_server::webhooks::offline::dead(&dir, json, &mut std::io::stdout()),
+            ),
+            WebhooksCommand::Redeliver { dir, ids, config } => {
+                let mut cfg = Config::load(config.as_deref(), std::env::vars())?;
+                cfg.data = dir.clone();
+                std::process::exit(ballast_server::webhooks::offline::redeliver(
+                    &dir,
+                    &ids,
+                    &cfg.audit_path(),
+                    &mut std::io::stdout(),
+                ))
+            }
+        },
         Command::Inspect { dir, json } => {
             std::process::exit(ballast_tools::inspect(&dir, json, &mut std::io::stdout()))
         }

@@ -95,7 +95,11 @@ fn latency_histogram() -> Histogram {
 
 impl Metrics {
     /// Registers every metric; the engine's are read from `store` and `uploads` at scrape.
-    pub fn new(store: Store, uploads: Uploads) -> Metrics {
+    pub fn new(
+        store: Store,
+        uploads: Uploads,
+        webhooks: Arc<crate::webhooks::Webhooks>,
+    ) -> Metrics {
         let mut registry = Registry::with_prefix("ballast");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -190,6 +194,7 @@ impl Metrics {
             liveness: liveness.clone(),
             blob_sizes: Mutex::default(),
         }));
+        registry.register_collector(Box::new(WebhookCollector(webhooks)));
         Metrics {
             registry,
             requests,
@@ -283,7 +288,12 @@ pub fn route_group(kind: Option<PathKind>) -> &'static str {
         Some(PathKind::UploadStart | PathKind::Upload) => "uploads",
         Some(PathKind::Referrers) => "referrers",
         Some(PathKind::Health) => "health",
-        Some(PathKind::AdminGc) => "admin",
+        Some(
+            PathKind::AdminGc
+            | PathKind::AdminWebhooks
+            | PathKind::AdminWebhooksDead
+            | PathKind::AdminWebhooksRedeliver,
+        ) => "admin",
         Some(PathKind::Token) => "token",
         Some(PathKind::Metrics) => "metrics",
     }
@@ -541,6 +551,84 @@ impl Collector for EngineCollector {
             )?;
         }
         Ok(())
+    }
+}
+
+/// Reads the webhook endpoints' counters and the outbox at each scrape.
+#[derive(Debug)]
+struct WebhookCollector(Arc<crate::webhooks::Webhooks>);
+
+impl Collector for WebhookCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let Some(stats) = self.0.outbox_stats() else {
+            return Ok(());
+        };
+        let status = self.0.status();
+        {
+            let mut m = e.encode_descriptor(
+                "webhook_deliveries",
+                "Webhook delivery attempts by endpoint and outcome (ok; failed: each failed \
+                 attempt, retried; dead: given up on, moved to the dead letters)",
+                None,
+                MetricType::Counter,
+            )?;
+            for s in &status {
+                for (outcome, v) in [
+                    ("ok", s.delivered),
+                    ("failed", s.failed_attempts),
+                    ("dead", s.dead_lettered),
+                ] {
+                    let labels = [("endpoint", s.name.as_str()), ("outcome", outcome)];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "webhook_pending_events",
+                "Events recorded that an endpoint has not had yet (some may not be for it)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for s in &status {
+                let labels = [("endpoint", s.name.as_str())];
+                ConstGauge::new(s.pending as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "webhook_oldest_pending",
+                "Age of the oldest event an endpoint has not had yet (0: none)",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            for s in &status {
+                let labels = [("endpoint", s.name.as_str())];
+                let age = s.oldest_pending_secs.unwrap_or(0) as i64;
+                ConstGauge::new(age).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        gauge(
+            &mut e,
+            "webhook_outbox",
+            "Bytes the webhook outbox takes (bounded by webhook_outbox_bytes_max)",
+            Some(Unit::Bytes),
+            stats.bytes as i64,
+        )?;
+        counter(
+            &mut e,
+            "webhook_events_dropped",
+            "Events lost because the outbox or the dead letters were full, or damaged",
+            None,
+            stats.dropped,
+        )?;
+        gauge(
+            &mut e,
+            "webhook_dead_letters",
+            "Events given up on, waiting for an admin (redeliver or leave)",
+            None,
+            stats.dead_letters as i64,
+        )
     }
 }
 

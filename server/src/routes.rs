@@ -7,7 +7,7 @@ use hyper::Method;
 use crate::auth::Action;
 
 /// A path of the distribution API (and the server's own), with its parameters.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     /// `/v2/`
     Base,
@@ -33,6 +33,12 @@ pub enum Route<'a> {
     Token,
     /// `/metrics`: Prometheus metrics.
     Metrics,
+    /// `/admin/webhooks`: each endpoint's state.
+    AdminWebhooks,
+    /// `/admin/webhooks/dead`: the dead letters.
+    AdminWebhooksDead,
+    /// `/admin/webhooks/dead/redeliver`: send dead letters again.
+    AdminWebhooksRedeliver,
 }
 
 /// Which path an endpoint serves (a [`Route`] without its parameters).
@@ -62,6 +68,12 @@ pub enum PathKind {
     Token,
     /// `/metrics`
     Metrics,
+    /// `/admin/webhooks`
+    AdminWebhooks,
+    /// `/admin/webhooks/dead`
+    AdminWebhooksDead,
+    /// `/admin/webhooks/dead/redeliver`
+    AdminWebhooksRedeliver,
 }
 
 impl Route<'_> {
@@ -80,6 +92,9 @@ impl Route<'_> {
             Route::AdminGc => PathKind::AdminGc,
             Route::Token => PathKind::Token,
             Route::Metrics => PathKind::Metrics,
+            Route::AdminWebhooks => PathKind::AdminWebhooks,
+            Route::AdminWebhooksDead => PathKind::AdminWebhooksDead,
+            Route::AdminWebhooksRedeliver => PathKind::AdminWebhooksRedeliver,
         }
     }
 
@@ -110,6 +125,12 @@ pub enum Endpoint {
     AdminGc,
     /// `GET /metrics`.
     Metrics,
+    /// `GET /admin/webhooks`.
+    AdminWebhooks,
+    /// `GET /admin/webhooks/dead`.
+    AdminWebhooksDead,
+    /// `POST /admin/webhooks/dead/redeliver`.
+    AdminWebhooksRedeliver,
     /// `GET /v2/_catalog`.
     Catalog,
     /// `GET /v2/<name>/tags/list`.
@@ -182,6 +203,8 @@ pub enum AuditKind {
     BlobDelete,
     /// `gc.run`.
     Gc,
+    /// `webhook.redeliver`.
+    WebhookRedeliver,
 }
 
 /// One endpoint: its methods and path, what it requires, what is audited.
@@ -235,6 +258,27 @@ pub static ENDPOINTS: &[Descriptor] = &[
         Audit::Change(AuditKind::Gc)
     ),
     endpoint!(Metrics, GET, Metrics, Requires::Admin, Audit::Read),
+    endpoint!(
+        AdminWebhooks,
+        GET,
+        AdminWebhooks,
+        Requires::Admin,
+        Audit::Read
+    ),
+    endpoint!(
+        AdminWebhooksDead,
+        GET,
+        AdminWebhooksDead,
+        Requires::Admin,
+        Audit::Read
+    ),
+    endpoint!(
+        AdminWebhooksRedeliver,
+        &[Method::POST],
+        AdminWebhooksRedeliver,
+        Requires::Admin,
+        Audit::Change(AuditKind::WebhookRedeliver)
+    ),
     endpoint!(Catalog, GET, Catalog, Requires::Catalog, Audit::Read),
     endpoint!(Tags, GET, Tags, Requires::Repo(Action::Pull), Audit::Read),
     endpoint!(
@@ -362,6 +406,12 @@ pub fn route(path: &str) -> Option<Route<'_>> {
     }
     if path == "/metrics" {
         return Some(Route::Metrics);
+    }
+    match path {
+        "/admin/webhooks" => return Some(Route::AdminWebhooks),
+        "/admin/webhooks/dead" => return Some(Route::AdminWebhooksDead),
+        "/admin/webhooks/dead/redeliver" => return Some(Route::AdminWebhooksRedeliver),
+        _ => {}
     }
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {

@@ -147,10 +147,7 @@ impl Policy {
                 .repositories
                 .iter()
                 .map(|p| {
-                    GlobBuilder::new(p)
-                        .literal_separator(true)
-                        .build()
-                        .map(|g| g.compile_matcher())
+                    repo_glob(p)
                         .with_context(|| format!("policy rule {n}: repository pattern {p:?}"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
@@ -211,6 +208,15 @@ impl Policy {
             r.everything && r.actions.contains(&Action::Admin) && self.applies(r, &subjects)
         })
     }
+}
+
+/// A repository pattern: `*` within one path component, `**` across them, `?`, `[abc]`,
+/// `{a,b}` (policies, webhooks and every rule that names repositories).
+pub fn repo_glob(pattern: &str) -> anyhow::Result<GlobMatcher> {
+    Ok(GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()?
+        .compile_matcher())
 }
 
 #[cfg(test)]

@@ -51,7 +51,22 @@ pub async fn dispatch(
             problems.extend(disk_problem(&app.store, app.config.disk_free_min_bytes));
             Ok(health(&app.store, problems))
         }
-        (Endpoint::AdminGc, _) => admin_gc(app, &req).await,
+        (Endpoint::AdminGc, _) => admin_gc(app, access, &req).await,
+        (Endpoint::AdminWebhooks, _) => {
+            let hooks = app.webhooks.clone();
+            let status = blocking(move || Ok(hooks.status())).await?;
+            Ok(reply(StatusCode::OK).json(&serde_json::json!({ "endpoints": status })))
+        }
+        (Endpoint::AdminWebhooksDead, _) => {
+            let dead: Vec<serde_json::Value> = app
+                .webhooks
+                .dead_letters()
+                .iter()
+                .map(crate::webhooks::dead_letter_json)
+                .collect();
+            Ok(reply(StatusCode::OK).json(&serde_json::json!({ "dead_letters": dead })))
+        }
+        (Endpoint::AdminWebhooksRedeliver, _) => redeliver(app, &req).await,
         (Endpoint::Metrics, _) => metrics(app).await,
         (Endpoint::Catalog, _) => listing::catalog(app, access, &req),
         (Endpoint::Tags, Route::Tags { name }) => listing::tags(app, name, &req),
@@ -94,6 +109,29 @@ pub async fn dispatch(
     }
 }
 
+/// `POST /admin/webhooks/dead/redeliver[?id=N...]`: puts dead letters (all, or those
+/// named) back for delivery to their endpoint.
+async fn redeliver(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
+    let q = query(req);
+    let ids = match q.get("id") {
+        None => None,
+        Some(ids) => Some(
+            ids.iter()
+                .map(|i| {
+                    i.parse::<u64>().map_err(|_| {
+                        ApiError::Unsupported(format!(
+                            "id={i:?} is not a dead letter id (GET /admin/webhooks/dead lists them)"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<u64>, ApiError>>()?,
+        ),
+    };
+    let hooks = app.webhooks.clone();
+    let n = blocking(move || hooks.redeliver(ids.as_deref())).await?;
+    Ok(reply(StatusCode::OK).json(&serde_json::json!({ "redelivered": n })))
+}
+
 /// `GET /metrics`: the Prometheus text format.
 pub(crate) async fn metrics(app: &App) -> Result<Response<ResBody>, ApiError> {
     if !app.config.metrics {
@@ -112,7 +150,11 @@ pub(crate) async fn metrics(app: &App) -> Result<Response<ResBody>, ApiError> {
 
 /// `POST /admin/gc[?dry_run=true][&delete_untagged=true][&grace=SECONDS]`: runs a garbage
 /// collection now and answers its report. Pushes and pulls go on meanwhile.
-async fn admin_gc(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
+async fn admin_gc(
+    app: &App,
+    access: &Access,
+    req: &Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
     let q = query(req);
     let flag = |k: &str| first(&q, k).is_some_and(|v| v == "true" || v == "1");
     let grace = match first(&q, "grace") {
@@ -138,7 +180,7 @@ async fn admin_gc(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody
         },
         dry_run: flag("dry_run"),
     };
-    let report = crate::gc::run(app, opts, crate::gc::Trigger::Request).await?;
+    let report = crate::gc::run(app, opts, crate::gc::Trigger::Request, &access.actor()).await?;
     Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))
 }
 

@@ -11,6 +11,7 @@ pub mod oci;
 mod protocol;
 mod tools;
 mod torture;
+mod webhooks;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -168,6 +169,13 @@ impl Drop for Registry {
             let _ = child.wait();
         }
     }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// `sha256:<hex>` of bytes.
