@@ -88,6 +88,8 @@ pub struct Config {
     /// The registry's URL as clients reach it (`https://registry.example.com`), for the
     /// URLs and source in webhook events (default: from `listen`).
     pub public_url: Option<String>,
+    /// Tag immutability rules (`[[immutable_tags]]` tables).
+    pub immutable_tags: Vec<crate::governance::ImmutableTagRule>,
     /// Webhook endpoints (`[[webhooks]]` tables).
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
     /// Bytes the webhook outbox may take; past it the oldest events go, delivered or not.
@@ -185,6 +187,7 @@ impl Default for Config {
             metrics_listen: None,
             public_url: None,
             webhooks: Vec::new(),
+            immutable_tags: Vec::new(),
             webhook_outbox_bytes_max: 256 << 20,
             auth: AuthConfig::default(),
         }
@@ -338,6 +341,7 @@ impl Config {
                 ));
             }
         }
+        crate::governance::ImmutableRules::compile(&self.immutable_tags)?;
         let (_, hook_warnings) = crate::webhooks::compile(&self.webhooks)?;
         warnings.extend(hook_warnings);
         if let Some(u) = &self.public_url {

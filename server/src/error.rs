@@ -51,6 +51,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Denied(String),
+    /// An immutable tag would be moved or deleted.
+    #[error("{0}")]
+    Immutable(String),
     #[error("{0}")]
     TooManyRequests(String),
     #[error("{0}")]
@@ -84,6 +87,7 @@ impl ApiError {
             Busy(_) => ("BUSY", StatusCode::CONFLICT),
             Unauthorized(_) => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
             Denied(_) => ("DENIED", StatusCode::FORBIDDEN),
+            Immutable(_) => ("DENIED", StatusCode::CONFLICT),
             TooManyRequests(_) => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
             InsufficientStorage(_) => ("DENIED", StatusCode::INSUFFICIENT_STORAGE),
             Internal(_) => ("INTERNAL_ERROR", StatusCode::INTERNAL_SERVER_ERROR),

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 mod gc;
+pub mod governance;
 mod guard;
 mod handlers;
 pub mod logbuf;
@@ -56,6 +57,8 @@ pub struct App {
     pub metrics: Arc<metrics::Metrics>,
     /// Webhook endpoints and their outbox.
     pub webhooks: Arc<webhooks::Webhooks>,
+    /// Tag immutability rules.
+    pub immutable: Arc<governance::ImmutableRules>,
 }
 
 impl App {
@@ -146,6 +149,7 @@ impl Server {
             uploads,
             metrics,
             webhooks: hooks,
+            immutable: Arc::new(governance::ImmutableRules::compile(&config.immutable_tags)?),
             store,
             config,
             manifests: ManifestCache::default(),

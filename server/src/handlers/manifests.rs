@@ -386,11 +386,14 @@ pub async fn put(
             .collect(),
         pushed_at: now_secs(),
     };
-    let store = app.store.clone();
+    let (store, immutable) = (app.store.clone(), app.immutable.clone());
     let (repo, d, t) = (name.to_owned(), digest.clone(), tags.clone());
     blocking(move || {
         // Through the store: the manifest blob is pinned against a running collection.
         store.commit_catalog(|state| {
+            for tag in &t {
+                immutable.check_tag(state, &repo, tag, &d)?;
+            }
             // Checked under the commit lock, so a concurrent delete cannot slip in between.
             let r = state.repos.get(&repo);
             let has_blob = |x: &Digest| {
@@ -437,7 +440,7 @@ pub async fn put(
 pub async fn delete(app: &App, name: &str, reference: &str) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let reference = parse_existing_reference(reference)?;
-    let store = app.store.clone();
+    let (store, immutable) = (app.store.clone(), app.immutable.clone());
     let repo = name.to_owned();
     blocking(move || {
         store.commit_catalog(|state| {
@@ -446,14 +449,20 @@ pub async fn delete(app: &App, name: &str, reference: &str) -> Result<Response<R
                 other => other,
             })?;
             let op = match &reference {
-                Reference::Tag(t) => Op::Untag {
-                    repo: repo.clone(),
-                    tag: t.clone(),
-                },
-                Reference::Digest(_) => Op::DeleteManifest {
-                    repo: repo.clone(),
-                    digest,
-                },
+                Reference::Tag(t) => {
+                    immutable.check_untag(state, &repo, t)?;
+                    Op::Untag {
+                        repo: repo.clone(),
+                        tag: t.clone(),
+                    }
+                }
+                Reference::Digest(_) => {
+                    immutable.check_delete_manifest(state, &repo, &digest)?;
+                    Op::DeleteManifest {
+                        repo: repo.clone(),
+                        digest,
+                    }
+                }
             };
             Ok((vec![op], ()))
         })

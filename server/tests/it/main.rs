@@ -3,6 +3,7 @@
 pub mod auth;
 mod clients;
 mod disk;
+mod governance;
 mod hardening;
 mod hostile;
 pub mod http;
