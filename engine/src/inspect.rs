@@ -178,26 +178,29 @@ pub struct Liveness {
     pub dead_bytes: u64,
 }
 
-/// Live and dead bytes from the catalog, the recipes of live blobs and the chunk index,
-/// without reading chunk data (unlike [`inspect`], which scans every record): cheap enough
-/// to run every minute for metrics. Live is what a collection with no grace period would
-/// keep.
-pub fn liveness(store: &Store) -> Result<Liveness> {
-    let needed = {
-        let catalog = store.catalog().read();
-        crate::gc::mark(
-            &catalog,
-            u64::MAX,
-            &crate::gc::GcOptions {
-                grace_secs: 0,
-                ..Default::default()
-            },
-        )
-        .1
-    };
+/// What a state needs stored: the chunks and recipes of the blobs and manifests it keeps
+/// (as a collection with no grace period sees it), and their record bytes.
+struct LiveSet {
+    chunks: HashSet<ChunkId>,
+    recipes: HashSet<Digest>,
+    bytes: u64,
+}
+
+fn live_set(store: &Store, state: &crate::catalog::State) -> Result<LiveSet> {
+    let (_, needed) = crate::gc::mark(
+        state,
+        u64::MAX,
+        &crate::gc::GcOptions {
+            grace_secs: 0,
+            ..Default::default()
+        },
+    );
     let header = segment::RECORD_HEADER_LEN as u64;
-    let mut chunks: HashSet<ChunkId> = HashSet::new();
-    let mut live = 0u64;
+    let mut out = LiveSet {
+        chunks: HashSet::new(),
+        recipes: HashSet::new(),
+        bytes: 0,
+    };
     for digest in &needed {
         let recipe = match store.recipe(digest) {
             Ok(r) => r,
@@ -207,18 +210,101 @@ pub fn liveness(store: &Store) -> Result<Liveness> {
             Err(e) => return Err(e),
         };
         if let Some(loc) = store.blob_location(&digest.index_key()) {
-            live += header + u64::from(loc.len);
+            out.bytes += header + u64::from(loc.len);
         }
+        out.recipes.insert(digest.clone());
         for p in &recipe.pieces {
             if let RecipePiece::Chunk { id, .. } = p {
-                if chunks.insert(*id) {
+                if out.chunks.insert(*id) {
                     if let Some(loc) = store.chunk_location(id) {
-                        live += header + u64::from(loc.len);
+                        out.bytes += header + u64::from(loc.len);
                     }
                 }
             }
         }
     }
+    Ok(out)
+}
+
+/// What deleting manifests would free once a collection runs: the bytes of the chunks and
+/// recipes the state needs now and would no longer need (chunks shared with anything that
+/// stays are not freed), in all and per repository (a chunk freed by deletions in several
+/// repositories counts in `shared_bytes`, not in theirs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Freed {
+    /// Bytes freed in all.
+    pub bytes: u64,
+    /// Bytes freed that only one repository's deletions free, by repository.
+    pub by_repository: BTreeMap<String, u64>,
+    /// Bytes freed by deletions in several repositories together.
+    pub shared_bytes: u64,
+}
+
+/// [`Freed`] by deleting `deleted` (repository, manifest) from `state`.
+pub fn freed_by(
+    store: &Store,
+    state: &crate::catalog::State,
+    deleted: &[(String, Digest)],
+) -> Result<Freed> {
+    let now = live_set(store, state)?;
+    let mut after = state.clone();
+    for (repo, digest) in deleted {
+        after.apply(&crate::catalog::Op::DeleteManifest {
+            repo: repo.clone(),
+            digest: digest.clone(),
+        });
+    }
+    let later = live_set(store, &after)?;
+    let header = segment::RECORD_HEADER_LEN as u64;
+    let cost = |id: &ChunkId| store.chunk_location(id).map_or(0, |l| header + u64::from(l.len));
+    // Which repositories' deletions used each freed chunk or recipe.
+    let mut users: HashMap<ChunkId, HashSet<&str>> = HashMap::new();
+    let mut recipe_users: HashMap<&Digest, HashSet<&str>> = HashMap::new();
+    for (repo, digest) in deleted {
+        let Some(link) = state.repos.get(repo).and_then(|r| r.manifests.get(digest)) else {
+            continue;
+        };
+        for d in std::iter::once(digest).chain(&link.references) {
+            if now.recipes.contains(d) && !later.recipes.contains(d) {
+                recipe_users.entry(d).or_default().insert(repo);
+            }
+            let Ok(recipe) = store.recipe(d) else { continue };
+            for p in &recipe.pieces {
+                if let RecipePiece::Chunk { id, .. } = p {
+                    if now.chunks.contains(id) && !later.chunks.contains(id) {
+                        users.entry(*id).or_default().insert(repo);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Freed {
+        bytes: now.bytes.saturating_sub(later.bytes),
+        ..Freed::default()
+    };
+    let mut attribute = |repos: &HashSet<&str>, bytes: u64| match repos.iter().next() {
+        Some(r) if repos.len() == 1 => *out.by_repository.entry((*r).to_owned()).or_default() += bytes,
+        _ => out.shared_bytes += bytes,
+    };
+    for (id, repos) in &users {
+        attribute(repos, cost(id));
+    }
+    for (d, repos) in &recipe_users {
+        let bytes = store
+            .blob_location(&d.index_key())
+            .map_or(0, |l| header + u64::from(l.len));
+        attribute(repos, bytes);
+    }
+    Ok(out)
+}
+
+/// Live and dead bytes from the catalog, the recipes of live blobs and the chunk index,
+/// without reading chunk data (unlike [`inspect`], which scans every record): cheap enough
+/// to run every minute for metrics. Live is what a collection with no grace period would
+/// keep.
+pub fn liveness(store: &Store) -> Result<Liveness> {
+    let state = store.catalog().read().clone();
+    let live = live_set(store, &state)?.bytes;
     let total = store.footprint().segment_bytes;
     Ok(Liveness {
         live_bytes: live.min(total),

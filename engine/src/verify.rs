@@ -70,6 +70,8 @@ pub enum FindingCode {
     CatalogDamaged,
     /// A stored manifest that no repository names (listed when the catalog lost changes).
     ManifestUnnamed,
+    /// Pull counts or a tag time kept for a manifest or tag the repository does not hold.
+    CatalogMetadataStray,
     /// The event outbox (webhooks) is damaged: some undelivered events are lost.
     OutboxDamaged,
     /// The event outbox ends in an unfinished append (a crash; it was never acknowledged).
@@ -101,6 +103,7 @@ impl FindingCode {
             FindingCode::CatalogTruncated => "catalog_truncated",
             FindingCode::CatalogDamaged => "catalog_damaged",
             FindingCode::ManifestUnnamed => "manifest_unnamed",
+            FindingCode::CatalogMetadataStray => "catalog_metadata_stray",
             FindingCode::OutboxDamaged => "outbox_damaged",
             FindingCode::OutboxTorn => "outbox_torn",
         }
@@ -582,6 +585,31 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                         HINT_REPUSH,
                     );
                 }
+            }
+            // Pull counts and tag times belong to manifests and tags that exist (deletes
+            // remove them together).
+            let strays = repo
+                .pulls
+                .keys()
+                .filter(|d| !repo.manifests.contains_key(d))
+                .map(|d| format!("pull counts of manifest {d}"))
+                .chain(
+                    repo.tag_set_at
+                        .keys()
+                        .filter(|t| !repo.tags.contains_key(*t))
+                        .map(|t| format!("the set time of tag {t}")),
+                );
+            for what in strays {
+                report.findings.push(Finding {
+                    severity: Severity::Warning,
+                    code: FindingCode::CatalogMetadataStray,
+                    segment: None,
+                    file: None,
+                    offset: None,
+                    digest: None,
+                    message: format!("{name} keeps {what}, which it no longer holds"),
+                    hint: "harmless (retention and reports ignore it), but deletes remove these together: please report it as a bug",
+                });
             }
         }
         // 5. When the catalog lost changes, the manifests it no longer names: their tags can

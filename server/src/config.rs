@@ -88,6 +88,11 @@ pub struct Config {
     /// The registry's URL as clients reach it (`https://registry.example.com`), for the
     /// URLs and source in webhook events (default: from `listen`).
     pub public_url: Option<String>,
+    /// Count manifest pulls (per manifest: how many, the last) for retention rules.
+    pub pull_tracking: bool,
+    /// Seconds between commits of the pulls counted in memory (a crash loses at most this
+    /// long's counts).
+    pub pull_flush_secs: u64,
     /// Tag immutability rules (`[[immutable_tags]]` tables).
     pub immutable_tags: Vec<crate::governance::ImmutableTagRule>,
     /// Webhook endpoints (`[[webhooks]]` tables).
@@ -188,6 +193,8 @@ impl Default for Config {
             public_url: None,
             webhooks: Vec::new(),
             immutable_tags: Vec::new(),
+            pull_tracking: true,
+            pull_flush_secs: 60,
             webhook_outbox_bytes_max: 256 << 20,
             auth: AuthConfig::default(),
         }
@@ -227,6 +234,8 @@ pub const SETTINGS: &[&str] = &[
     "metrics",
     "metrics_listen",
     "public_url",
+    "pull_tracking",
+    "pull_flush_secs",
     "webhook_outbox_bytes_max",
 ];
 
@@ -344,6 +353,9 @@ impl Config {
         crate::governance::ImmutableRules::compile(&self.immutable_tags)?;
         let (_, hook_warnings) = crate::webhooks::compile(&self.webhooks)?;
         warnings.extend(hook_warnings);
+        if self.pull_flush_secs == 0 {
+            bail!("pull_flush_secs must be at least 1");
+        }
         if let Some(u) = &self.public_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 bail!("public_url {u:?} must start with http:// or https://");
@@ -454,6 +466,8 @@ impl Config {
             "audit_log_keep" => self.audit_log_keep = num(value)?,
             "metrics" => self.metrics = boolean(value)?,
             "public_url" => self.public_url = Some(value.to_owned()),
+            "pull_tracking" => self.pull_tracking = boolean(value)?,
+            "pull_flush_secs" => self.pull_flush_secs = num(value)?,
             "webhook_outbox_bytes_max" => self.webhook_outbox_bytes_max = num(value)?,
             "metrics_listen" => {
                 self.metrics_listen =
@@ -523,7 +537,7 @@ mod tests {
             "data" | "tls_cert" | "tls_key" | "audit_log" => "/x",
             "log" => "debug",
             // Booleans: the opposite of the default.
-            "verify_chunks" | "metrics" => "false",
+            "verify_chunks" | "metrics" | "pull_tracking" => "false",
             "metrics_listen" => "127.0.0.1:9100",
             "public_url" => "https://registry.example.com",
             "gc_delete_untagged" | "insecure_plain_http" => "true",

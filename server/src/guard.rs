@@ -77,6 +77,9 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         None => (Vec::new(), Vec::new()),
     };
     if ok && d.endpoint == Endpoint::ManifestGet && method == hyper::Method::GET {
+        if app.config.pull_tracking {
+            count_pull(app, &r, &res);
+        }
         if let Some(e) = pulled(app, &r, &res, &access, peer, id.as_ref()) {
             events.push(e);
         }
@@ -93,6 +96,21 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     }
     res.extensions_mut().insert(Actor(access.actor()));
     res
+}
+
+/// Counts a manifest pull (committed to the catalog in batches: `pulls.rs`).
+fn count_pull(app: &App, r: &Route<'_>, res: &Response<ResBody>) {
+    let Route::Manifest { name, .. } = r else {
+        return;
+    };
+    let digest = res
+        .headers()
+        .get("Docker-Content-Digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    if let Some(d) = digest {
+        app.pulls.record(name, d, crate::now_secs());
+    }
 }
 
 /// The webhook event of a manifest pull, when some endpoint wants it.

@@ -13,6 +13,7 @@ mod guard;
 mod handlers;
 pub mod logbuf;
 pub mod metrics;
+pub mod pulls;
 pub mod routes;
 pub mod tag;
 mod tls;
@@ -59,6 +60,8 @@ pub struct App {
     pub webhooks: Arc<webhooks::Webhooks>,
     /// Tag immutability rules.
     pub immutable: Arc<governance::ImmutableRules>,
+    /// Manifest pulls waiting to be committed to the catalog.
+    pub pulls: pulls::PullRecorder,
 }
 
 impl App {
@@ -150,6 +153,7 @@ impl Server {
             metrics,
             webhooks: hooks,
             immutable: Arc::new(governance::ImmutableRules::compile(&config.immutable_tags)?),
+            pulls: pulls::PullRecorder::default(),
             store,
             config,
             manifests: ManifestCache::default(),
@@ -201,6 +205,7 @@ async fn accept_loop(
     let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(app.clone(), l)));
     let liveness = tokio::spawn(metrics::refresh_liveness(app.clone()));
     let deliveries = app.webhooks.start();
+    let pull_flush = tokio::spawn(pulls::flush_loop(app.clone()));
     let disk = tokio::spawn(watch_disk(app.clone()));
     loop {
         tokio::select! {
@@ -251,6 +256,7 @@ async fn accept_loop(
         t.abort();
     }
     liveness.abort();
+    pull_flush.abort();
     // (An event being sent is sent again at the next start: at least once.)
     for d in deliveries {
         d.abort();
@@ -264,6 +270,11 @@ async fn accept_loop(
             "in-flight requests did not finish within {} s; closing anyway",
             grace.as_secs()
         );
+    }
+    // The pulls counted since the last flush.
+    {
+        let app = app.clone();
+        let _ = tokio::task::spawn_blocking(move || app.pulls.flush(&app.store)).await;
     }
     let store = app.store.clone();
     drop(app);

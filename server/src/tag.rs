@@ -99,6 +99,7 @@ pub fn run(dir: &Path, target: &str, digest: &str, audit_log: &Path, out: &mut d
             repo: r.clone(),
             tag: tag.to_owned(),
             digest: d.clone(),
+            at: crate::now_secs(),
         });
         Ok((ops, ()))
     });

@@ -82,6 +82,23 @@ pub struct Repo {
     pub manifests: BTreeMap<Digest, ManifestLink>,
     /// Blobs linked to the repository, with the time they were linked.
     pub blobs: BTreeMap<Digest, u64>,
+    /// When each tag was last set (pointed at a manifest, moved or not), seconds since the
+    /// epoch (format 3; 0 for tags set by an older version).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tag_set_at: BTreeMap<String, u64>,
+    /// Pulls of manifests (format 3): how many and the last, gathered in memory by the
+    /// server and committed in batches.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pulls: BTreeMap<Digest, Pulls>,
+}
+
+/// How often, and when last, a manifest was pulled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pulls {
+    /// Pulls counted.
+    pub count: u64,
+    /// The last one, seconds since the epoch.
+    pub last: u64,
 }
 
 /// The whole catalog.
@@ -117,14 +134,27 @@ pub enum Op {
     },
     /// Remove a manifest and every tag pointing at it.
     DeleteManifest { repo: String, digest: Digest },
-    /// Point a tag at a manifest.
+    /// Point a tag at a manifest, at a time (0 in batches of format 2).
     Tag {
         repo: String,
         tag: String,
         digest: Digest,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        at: u64,
+    },
+    /// Count pulls of a manifest (format 3); a manifest no longer there is skipped.
+    Pulled {
+        repo: String,
+        digest: Digest,
+        count: u64,
+        at: u64,
     },
     /// Remove a tag.
     Untag { repo: String, tag: String },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl State {
@@ -154,22 +184,52 @@ impl State {
             Op::DeleteManifest { repo, digest } => {
                 if let Some(r) = self.repos.get_mut(repo) {
                     r.manifests.remove(digest);
-                    r.tags.retain(|_, d| d != digest);
+                    r.pulls.remove(digest);
+                    let gone: Vec<String> = r
+                        .tags
+                        .iter()
+                        .filter(|(_, d)| *d == digest)
+                        .map(|(t, _)| t.clone())
+                        .collect();
+                    for t in gone {
+                        r.tags.remove(&t);
+                        r.tag_set_at.remove(&t);
+                    }
                 }
                 self.drop_if_empty(repo);
             }
-            Op::Tag { repo, tag, digest } => {
-                self.repos
-                    .entry(repo.clone())
-                    .or_default()
-                    .tags
-                    .insert(tag.clone(), digest.clone());
+            Op::Tag {
+                repo,
+                tag,
+                digest,
+                at,
+            } => {
+                let r = self.repos.entry(repo.clone()).or_default();
+                r.tags.insert(tag.clone(), digest.clone());
+                if *at > 0 {
+                    r.tag_set_at.insert(tag.clone(), *at);
+                }
             }
             Op::Untag { repo, tag } => {
                 if let Some(r) = self.repos.get_mut(repo) {
                     r.tags.remove(tag);
+                    r.tag_set_at.remove(tag);
                 }
                 self.drop_if_empty(repo);
+            }
+            Op::Pulled {
+                repo,
+                digest,
+                count,
+                at,
+            } => {
+                if let Some(r) = self.repos.get_mut(repo) {
+                    if r.manifests.contains_key(digest) {
+                        let p = r.pulls.entry(digest.clone()).or_default();
+                        p.count += count;
+                        p.last = p.last.max(*at);
+                    }
+                }
             }
         }
     }

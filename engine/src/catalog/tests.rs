@@ -35,6 +35,7 @@ fn batches_survive_reopen_and_folding() {
                     repo,
                     tag: format!("t{}", i % 50),
                     digest: d(i),
+                    at: 0,
                 },
             ])
             .expect("commit");
@@ -73,6 +74,7 @@ fn fold_times(c: &Catalog, folds: usize) -> State {
                 repo: format!("r{}", i % 5),
                 tag: format!("t{i}"),
                 digest: d(i),
+                at: 0,
             },
         ])
         .expect("commit");
@@ -216,6 +218,7 @@ fn tag(name: &str) -> Op {
         repo: "a".into(),
         tag: name.into(),
         digest: Digest::of(Algorithm::Sha256, b"x"),
+        at: 0,
     }
 }
 

@@ -258,6 +258,7 @@ fn mixed_workload(sim: &SimStorage) -> Acked {
                         repo: repo.clone(),
                         tag: "t0".into(),
                         digest: md.clone(),
+                        at: 0,
                     };
                     if store.commit_ops(vec![op]).is_err() {
                         return a;

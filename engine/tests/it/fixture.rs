@@ -82,6 +82,7 @@ fn write_fixture_2() {
                 repo: "fixture/app".into(),
                 tag: format!("t{i}"),
                 digest: md.clone(),
+                at: 0,
             }])
             .expect("tag");
     }
@@ -260,6 +261,7 @@ fn write_fixture() {
         repo: "fixture/app".into(),
         tag: "v1".into(),
         digest: md,
+        at: 0,
     });
     store.commit_ops(ops).expect("catalog");
     store.close().expect("close");

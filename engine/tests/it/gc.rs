@@ -71,6 +71,7 @@ pub fn try_publish(
                     repo: repo.into(),
                     tag: tag.into(),
                     digest: md.clone(),
+                    at: 0,
                 },
             ],
             (),

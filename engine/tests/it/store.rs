@@ -890,6 +890,7 @@ fn a_catalog_beyond_rebuild_keeps_its_undamaged_sections_and_lists_unnamed_manif
                     repo: "a/app".into(),
                     tag: format!("t{i}"),
                     digest: manifests[0].clone(),
+                    at: 0,
                 }])
                 .expect("tag");
         }

@@ -255,6 +255,7 @@ except = ["latest"]
                 repo: "a".into(),
                 tag: "v1".into(),
                 digest: d(1),
+                at: 0,
             },
         ] {
             s.apply(&op);

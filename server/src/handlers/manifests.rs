@@ -419,6 +419,7 @@ pub async fn put(
                 repo: repo.clone(),
                 tag: tag.clone(),
                 digest: d.clone(),
+                at: now_secs(),
             }));
             Ok((ops, ()))
         })

@@ -145,3 +145,77 @@ fn skopeo_shows_the_immutability_message() {
         "skopeo printed: {err}"
     );
 }
+
+/// The catalog of a stopped registry's data directory.
+fn catalog_of(data: &std::path::Path) -> ballast_engine::catalog::State {
+    let store =
+        ballast_engine::Store::open(data, ballast_engine::Options::default()).expect("open");
+    let state = store.catalog().read().clone();
+    store.close().expect("close");
+    state
+}
+
+#[test]
+fn pulls_and_tag_times_are_recorded_in_batches_and_survive_restart_and_kill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut r = Registry::start_with(&data, &[("BALLAST_PULL_FLUSH_SECS", "1")]);
+    let base = r.url("");
+    let before = crate::now();
+    let digest = push_image_as(&base, "team/app", "v1", 1, 1000, &[]);
+    let url = r.url("/v2/team/app/manifests/");
+    let get = |reference: &str| {
+        let res = call("GET", &format!("{url}{reference}"), &[], None);
+        assert_eq!(res.status, 200);
+    };
+    get("v1");
+    get("v1");
+    get(&digest);
+    // HEAD is a check, not a pull.
+    assert_eq!(
+        call("HEAD", &r.url("/v2/team/app/manifests/v1"), &[], None).status,
+        200
+    );
+    r.stop();
+    let cat = catalog_of(&data);
+    let repo = &cat.repos["team/app"];
+    let d: ballast_engine::Digest = digest.parse().expect("digest");
+    assert_eq!(repo.pulls[&d].count, 3);
+    assert!(repo.pulls[&d].last >= before);
+    assert!(repo.tag_set_at["v1"] >= before);
+
+    // Killed: what was flushed (every second here) is there.
+    r.restart();
+    get("v1");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    r.kill();
+    let cat = catalog_of(&data);
+    assert_eq!(cat.repos["team/app"].pulls[&d].count, 4);
+    // A deleted manifest takes its counts with it; fsck finds the catalog consistent.
+    r.restart();
+    assert_eq!(
+        call(
+            "DELETE",
+            &r.url(&format!("/v2/team/app/manifests/{digest}")),
+            &[],
+            None
+        )
+        .status,
+        202
+    );
+    r.stop();
+    assert!(!catalog_of(&data)
+        .repos
+        .get("team/app")
+        .is_some_and(|r| r.pulls.contains_key(&d)));
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .arg("fsck")
+        .arg(&data)
+        .output()
+        .expect("fsck");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
