@@ -256,7 +256,11 @@ pub fn freed_by(
     }
     let later = live_set(store, &after)?;
     let header = segment::RECORD_HEADER_LEN as u64;
-    let cost = |id: &ChunkId| store.chunk_location(id).map_or(0, |l| header + u64::from(l.len));
+    let cost = |id: &ChunkId| {
+        store
+            .chunk_location(id)
+            .map_or(0, |l| header + u64::from(l.len))
+    };
     // Which repositories' deletions used each freed chunk or recipe.
     let mut users: HashMap<ChunkId, HashSet<&str>> = HashMap::new();
     let mut recipe_users: HashMap<&Digest, HashSet<&str>> = HashMap::new();
@@ -268,7 +272,9 @@ pub fn freed_by(
             if now.recipes.contains(d) && !later.recipes.contains(d) {
                 recipe_users.entry(d).or_default().insert(repo);
             }
-            let Ok(recipe) = store.recipe(d) else { continue };
+            let Ok(recipe) = store.recipe(d) else {
+                continue;
+            };
             for p in &recipe.pieces {
                 if let RecipePiece::Chunk { id, .. } = p {
                     if now.chunks.contains(id) && !later.chunks.contains(id) {
@@ -283,7 +289,9 @@ pub fn freed_by(
         ..Freed::default()
     };
     let mut attribute = |repos: &HashSet<&str>, bytes: u64| match repos.iter().next() {
-        Some(r) if repos.len() == 1 => *out.by_repository.entry((*r).to_owned()).or_default() += bytes,
+        Some(r) if repos.len() == 1 => {
+            *out.by_repository.entry((*r).to_owned()).or_default() += bytes
+        }
         _ => out.shared_bytes += bytes,
     };
     for (id, repos) in &users {

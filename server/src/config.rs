@@ -93,6 +93,8 @@ pub struct Config {
     /// Seconds between commits of the pulls counted in memory (a crash loses at most this
     /// long's counts).
     pub pull_flush_secs: u64,
+    /// Retention (`[retention]`, `[[retention.rules]]`).
+    pub retention: crate::governance::RetentionConfig,
     /// Tag immutability rules (`[[immutable_tags]]` tables).
     pub immutable_tags: Vec<crate::governance::ImmutableTagRule>,
     /// Webhook endpoints (`[[webhooks]]` tables).
@@ -193,6 +195,7 @@ impl Default for Config {
             public_url: None,
             webhooks: Vec::new(),
             immutable_tags: Vec::new(),
+            retention: crate::governance::RetentionConfig::default(),
             pull_tracking: true,
             pull_flush_secs: 60,
             webhook_outbox_bytes_max: 256 << 20,
@@ -351,6 +354,7 @@ impl Config {
             }
         }
         crate::governance::ImmutableRules::compile(&self.immutable_tags)?;
+        crate::governance::Retention::compile(&self.retention)?;
         let (_, hook_warnings) = crate::webhooks::compile(&self.webhooks)?;
         warnings.extend(hook_warnings);
         if self.pull_flush_secs == 0 {

@@ -265,7 +265,7 @@ enum Kind {
     BlobDelete,
     UploadCancel,
     Gc,
-    Redeliver,
+    AdminAction,
 }
 
 impl Plan {
@@ -342,10 +342,15 @@ impl Plan {
                 base.digest = Some((*digest).to_owned());
                 Kind::BlobDelete
             }
+            (AuditKind::Retention, _) => {
+                base.action = "retention.run".into();
+                base.reason = req.uri().query().map(|q| format!("on request: {q}"));
+                Kind::AdminAction
+            }
             (AuditKind::WebhookRedeliver, _) => {
                 base.action = "webhook.redeliver".into();
                 base.reason = req.uri().query().map(|q| format!("on request: {q}"));
-                Kind::Redeliver
+                Kind::AdminAction
             }
             (AuditKind::Gc, _) => {
                 base.action = "gc.run".into();
@@ -469,7 +474,7 @@ impl Plan {
                 base.action = "upload.cancel".into();
                 out.push(base);
             }
-            Kind::Gc | Kind::Redeliver => out.push(base),
+            Kind::Gc | Kind::AdminAction => out.push(base),
         }
         (out, hooks)
     }

@@ -60,6 +60,8 @@ pub struct App {
     pub webhooks: Arc<webhooks::Webhooks>,
     /// Tag immutability rules.
     pub immutable: Arc<governance::ImmutableRules>,
+    /// Retention rules.
+    pub retention: Arc<governance::Retention>,
     /// Manifest pulls waiting to be committed to the catalog.
     pub pulls: pulls::PullRecorder,
 }
@@ -154,6 +156,7 @@ impl Server {
             webhooks: hooks,
             immutable: Arc::new(governance::ImmutableRules::compile(&config.immutable_tags)?),
             pulls: pulls::PullRecorder::default(),
+            retention: Arc::new(governance::Retention::compile(&config.retention)?),
             store,
             config,
             manifests: ManifestCache::default(),
@@ -206,6 +209,7 @@ async fn accept_loop(
     let liveness = tokio::spawn(metrics::refresh_liveness(app.clone()));
     let deliveries = app.webhooks.start();
     let pull_flush = tokio::spawn(pulls::flush_loop(app.clone()));
+    let retention = tokio::spawn(governance::retention::scheduled(app.clone()));
     let disk = tokio::spawn(watch_disk(app.clone()));
     loop {
         tokio::select! {
@@ -257,6 +261,7 @@ async fn accept_loop(
     }
     liveness.abort();
     pull_flush.abort();
+    retention.abort();
     // (An event being sent is sent again at the next start: at least once.)
     for d in deliveries {
         d.abort();

@@ -142,6 +142,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Applies the config's retention rules to a data directory (server stopped): deletes
+    /// the tags no rule keeps and the manifests nothing reaches any more, and tells what a
+    /// garbage collection would then free. Exit 0 done, 2 could not run.
+    Retention {
+        /// The data directory.
+        dir: PathBuf,
+        /// Config file with the [[retention.rules]] (and [[immutable_tags]]).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Report what would go; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Webhook dead letters: events an endpoint gave up on (server stopped; on a running
     /// server use GET /admin/webhooks/dead and POST /admin/webhooks/dead/redeliver).
     Webhooks {
@@ -283,6 +299,22 @@ fn main() -> anyhow::Result<()> {
                 &target,
                 &digest,
                 &cfg.audit_path(),
+                &mut std::io::stdout(),
+            ))
+        }
+        Command::Retention {
+            dir,
+            config,
+            dry_run,
+            json,
+        } => {
+            let mut cfg = Config::load(config.as_deref(), std::env::vars())?;
+            cfg.data = dir.clone();
+            std::process::exit(ballast_server::governance::retention::offline(
+                &dir,
+                &cfg,
+                dry_run,
+                json,
                 &mut std::io::stdout(),
             ))
         }

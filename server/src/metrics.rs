@@ -338,6 +338,7 @@ fn route_index(kind: Option<PathKind>) -> usize {
         Some(PathKind::Health) => "health",
         Some(
             PathKind::AdminGc
+            | PathKind::AdminRetention
             | PathKind::AdminWebhooks
             | PathKind::AdminWebhooksDead
             | PathKind::AdminWebhooksRedeliver,

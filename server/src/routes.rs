@@ -33,6 +33,8 @@ pub enum Route<'a> {
     Token,
     /// `/metrics`: Prometheus metrics.
     Metrics,
+    /// `/admin/retention`: run retention now.
+    AdminRetention,
     /// `/admin/webhooks`: each endpoint's state.
     AdminWebhooks,
     /// `/admin/webhooks/dead`: the dead letters.
@@ -68,6 +70,8 @@ pub enum PathKind {
     Token,
     /// `/metrics`
     Metrics,
+    /// `/admin/retention`
+    AdminRetention,
     /// `/admin/webhooks`
     AdminWebhooks,
     /// `/admin/webhooks/dead`
@@ -92,6 +96,7 @@ impl Route<'_> {
             Route::AdminGc => PathKind::AdminGc,
             Route::Token => PathKind::Token,
             Route::Metrics => PathKind::Metrics,
+            Route::AdminRetention => PathKind::AdminRetention,
             Route::AdminWebhooks => PathKind::AdminWebhooks,
             Route::AdminWebhooksDead => PathKind::AdminWebhooksDead,
             Route::AdminWebhooksRedeliver => PathKind::AdminWebhooksRedeliver,
@@ -125,6 +130,8 @@ pub enum Endpoint {
     AdminGc,
     /// `GET /metrics`.
     Metrics,
+    /// `POST /admin/retention`.
+    AdminRetention,
     /// `GET /admin/webhooks`.
     AdminWebhooks,
     /// `GET /admin/webhooks/dead`.
@@ -205,6 +212,8 @@ pub enum AuditKind {
     Gc,
     /// `webhook.redeliver`.
     WebhookRedeliver,
+    /// `retention.run` (each deletion is audited by the run).
+    Retention,
 }
 
 /// One endpoint: its methods and path, what it requires, what is audited.
@@ -258,6 +267,13 @@ pub static ENDPOINTS: &[Descriptor] = &[
         Audit::Change(AuditKind::Gc)
     ),
     endpoint!(Metrics, GET, Metrics, Requires::Admin, Audit::Read),
+    endpoint!(
+        AdminRetention,
+        &[Method::POST],
+        AdminRetention,
+        Requires::Admin,
+        Audit::Change(AuditKind::Retention)
+    ),
     endpoint!(
         AdminWebhooks,
         GET,
@@ -408,6 +424,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         return Some(Route::Metrics);
     }
     match path {
+        "/admin/retention" => return Some(Route::AdminRetention),
         "/admin/webhooks" => return Some(Route::AdminWebhooks),
         "/admin/webhooks/dead" => return Some(Route::AdminWebhooksDead),
         "/admin/webhooks/dead/redeliver" => return Some(Route::AdminWebhooksRedeliver),

@@ -37,7 +37,7 @@ pub fn need(d: &Descriptor, r: &Route<'_>) -> Need {
 
 /// Calls the handler of an endpoint; `r` is the route its path resolved to.
 pub async fn dispatch(
-    app: &App,
+    app: &std::sync::Arc<App>,
     access: &Access,
     endpoint: Endpoint,
     r: Route<'_>,
@@ -67,6 +67,13 @@ pub async fn dispatch(
             Ok(reply(StatusCode::OK).json(&serde_json::json!({ "dead_letters": dead })))
         }
         (Endpoint::AdminWebhooksRedeliver, _) => redeliver(app, &req).await,
+        (Endpoint::AdminRetention, _) => {
+            let q = query(&req);
+            let dry_run = first(&q, "dry_run").is_some_and(|v| v == "true" || v == "1");
+            let report =
+                crate::governance::retention::run_in_server(app, dry_run, &access.actor()).await?;
+            Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))
+        }
         (Endpoint::Metrics, _) => metrics(app).await,
         (Endpoint::Catalog, _) => listing::catalog(app, access, &req),
         (Endpoint::Tags, Route::Tags { name }) => listing::tags(app, name, &req),

@@ -219,3 +219,145 @@ fn pulls_and_tag_times_are_recorded_in_batches_and_survive_restart_and_kill() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn retention_dry_run_changes_nothing_then_a_run_deletes_what_no_rule_keeps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("ballast.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+pull_flush_secs = 1
+[retention]
+interval_secs = 0
+[[retention.rules]]
+repositories = ["ret/pulled"]
+keep_pulled = 1
+[[retention.rules]]
+repositories = ["ret/**"]
+keep_pushed = 1
+tags_matching = '^keep-'
+[[immutable_tags]]
+repositories = ["ret/app"]
+tags = ["v0"]
+"#,
+    )
+    .expect("config");
+    let data = dir.path().join("data");
+    let mut r = Registry::start_args(&data, &[], &["--config", &cfg.to_string_lossy()]);
+    let base = r.url("");
+    let v0 = push_image_as(&base, "ret/app", "v0", 1, 3000, &[]);
+    let old = push_image_as(&base, "ret/app", "old", 2, 3000, &[]);
+    let keep = push_image_as(&base, "ret/app", "keep-me", 3, 3000, &[]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let newest = push_image_as(&base, "ret/app", "newest", 4, 3000, &[]);
+    push_image_as(&base, "other/app", "x", 5, 3000, &[]);
+    // In ret/pulled, a pull decides.
+    let a = push_image_as(&base, "ret/pulled", "a", 6, 3000, &[]);
+    let b = push_image_as(&base, "ret/pulled", "b", 7, 3000, &[]);
+    assert_eq!(
+        call("GET", &r.url("/v2/ret/pulled/manifests/a"), &[], None).status,
+        200
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+
+    let tags = |repo: &str| -> Vec<String> {
+        let v = call("GET", &r.url(&format!("/v2/{repo}/tags/list")), &[], None).json();
+        v["tags"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let dry = call("POST", &r.url("/admin/retention?dry_run=true"), &[], None);
+    assert_eq!(dry.status, 200, "{}", String::from_utf8_lossy(&dry.body));
+    let report = dry.json();
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(
+        tags("ret/app"),
+        ["keep-me", "newest", "old", "v0"],
+        "a dry run changes nothing"
+    );
+    let by_repo = |rep: &serde_json::Value, name: &str| {
+        rep["repositories"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["repository"] == name).cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        by_repo(&report, "ret/app")["tags"],
+        serde_json::json!([["old", old]])
+    );
+    assert_eq!(
+        by_repo(&report, "ret/app")["manifests"],
+        serde_json::json!([old])
+    );
+    assert_eq!(by_repo(&report, "ret/pulled")["rule"], 1);
+    assert_eq!(
+        by_repo(&report, "ret/pulled")["manifests"],
+        serde_json::json!([b])
+    );
+    assert!(by_repo(&report, "other/app").is_null());
+    // Each image has a unique 3000-byte layer, so the bytes freed are at least the two layers.
+    let freed = report["freed_bytes"].as_u64().unwrap_or(0);
+    assert!(freed >= 6000, "{report}");
+    assert!(
+        by_repo(&report, "ret/app")["freed_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3000
+    );
+
+    let run = call("POST", &r.url("/admin/retention"), &[], None);
+    assert_eq!(run.status, 200);
+    assert_eq!(run.json()["freed_bytes"], freed);
+    assert_eq!(tags("ret/app"), ["keep-me", "newest", "v0"]);
+    assert_eq!(tags("ret/pulled"), ["a"]);
+    assert_eq!(tags("other/app"), ["x"]);
+    for (d, status) in [(&old, 404), (&v0, 200), (&keep, 200), (&newest, 200)] {
+        let res = call(
+            "HEAD",
+            &r.url(&format!("/v2/ret/app/manifests/{d}")),
+            &[],
+            None,
+        );
+        assert_eq!(res.status, status, "{d}");
+    }
+    let _ = a;
+    let audit = std::fs::read_to_string(r.data.join("audit").join("audit.log")).expect("audit");
+    assert!(audit
+        .lines()
+        .any(|l| l.contains("\"action\":\"tag.delete\"")
+            && l.contains("\"tag\":\"old\"")
+            && l.contains("retention rule 2")));
+    assert!(audit.contains("\"action\":\"retention.run\""));
+
+    // Offline, with nothing left to delete: a report of nothing, exit 0.
+    r.stop();
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .args(["retention", "--json", "--config"])
+        .arg(&cfg)
+        .arg(&data)
+        .output()
+        .expect("ballast retention");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(rep["repositories"], serde_json::json!([]));
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .arg("fsck")
+        .arg(&data)
+        .output()
+        .expect("fsck");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
