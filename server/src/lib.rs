@@ -58,15 +58,25 @@ pub struct App {
     pub metrics: Arc<metrics::Metrics>,
     /// Webhook endpoints and their outbox.
     pub webhooks: Arc<webhooks::Webhooks>,
-    /// Tag immutability rules.
-    pub immutable: Arc<governance::ImmutableRules>,
-    /// Retention rules.
-    pub retention: Arc<governance::Retention>,
+    /// Tag immutability rules (replaced by a reload: [`Server::reload`]).
+    immutable: parking_lot::RwLock<Arc<governance::ImmutableRules>>,
+    /// Retention rules (replaced by a reload).
+    retention: parking_lot::RwLock<Arc<governance::Retention>>,
     /// Manifest pulls waiting to be committed to the catalog.
     pub pulls: pulls::PullRecorder,
 }
 
 impl App {
+    /// The tag immutability rules in force.
+    pub fn immutable(&self) -> Arc<governance::ImmutableRules> {
+        self.immutable.read().clone()
+    }
+
+    /// The retention rules in force.
+    pub fn retention(&self) -> Arc<governance::Retention> {
+        self.retention.read().clone()
+    }
+
     /// How slowly a request body may arrive, starting now; its bytes are counted in the
     /// metrics.
     pub fn body_pace(&self) -> body::Pace {
@@ -80,6 +90,7 @@ impl App {
 
 /// A running server.
 pub struct Server {
+    app: Arc<App>,
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
@@ -154,9 +165,13 @@ impl Server {
             uploads,
             metrics,
             webhooks: hooks,
-            immutable: Arc::new(governance::ImmutableRules::compile(&config.immutable_tags)?),
+            immutable: parking_lot::RwLock::new(Arc::new(governance::ImmutableRules::compile(
+                &config.immutable_tags,
+            )?)),
             pulls: pulls::PullRecorder::default(),
-            retention: Arc::new(governance::Retention::compile(&config.retention)?),
+            retention: parking_lot::RwLock::new(Arc::new(governance::Retention::compile(
+                &config.retention,
+            )?)),
             store,
             config,
             manifests: ManifestCache::default(),
@@ -164,8 +179,15 @@ impl Server {
             audit,
         });
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(app, listener, metrics_listener, tls, rx));
+        let task = tokio::spawn(accept_loop(
+            app.clone(),
+            listener,
+            metrics_listener,
+            tls,
+            rx,
+        ));
         Ok(Server {
+            app,
             addr,
             metrics_addr,
             shutdown: tx,
@@ -176,6 +198,44 @@ impl Server {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Takes the policies of a config read again (SIGHUP): tag immutability and retention
+    /// rules. Both are compiled before either is replaced, so a config with an error changes
+    /// nothing (the error says what is wrong). Audited as `config.reload`. Other settings
+    /// (listeners, webhooks, limits) need a restart.
+    /// `config` is the config as loaded again (an error loading it is audited and changes
+    /// nothing).
+    pub async fn reload(&self, config: anyhow::Result<Config>) -> anyhow::Result<()> {
+        let compiled = config.and_then(|mut config| {
+            // (The flags given at start still hold.)
+            config.listen = self.app.config.listen;
+            config.data = self.app.config.data.clone();
+            config.check()?;
+            let immutable = governance::ImmutableRules::compile(&config.immutable_tags)?;
+            let retention = governance::Retention::compile(&config.retention)?;
+            Ok((config, immutable, retention))
+        });
+        let mut e = audit::Event::new("system", "config.reload");
+        match compiled {
+            Ok((config, immutable, retention)) => {
+                *self.app.immutable.write() = Arc::new(immutable);
+                *self.app.retention.write() = Arc::new(retention);
+                e.reason = Some(format!(
+                    "{} immutable_tags rules, {} retention rules",
+                    config.immutable_tags.len(),
+                    config.retention.rules.len()
+                ));
+                self.app.audit.record(e).await;
+                Ok(())
+            }
+            Err(err) => {
+                e.outcome = "failed".into();
+                e.reason = Some(format!("{err:#}; the rules before stay in force"));
+                self.app.audit.record(e).await;
+                Err(err)
+            }
+        }
     }
 
     /// The address of the metrics listener, when `metrics_listen` is set.

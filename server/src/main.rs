@@ -436,7 +436,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(d) = data {
                 cfg.data = d;
             }
-            serve(cfg)
+            serve(cfg, config)
         }
     }
 }
@@ -449,7 +449,7 @@ fn fraction(s: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("{s:?} is not a fraction from 0 to 1"))
 }
 
-fn serve(cfg: Config) -> anyhow::Result<()> {
+fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     // Log lines are gathered in memory and written by a background thread (logbuf.rs), so a
     // request never waits on stderr; the guard flushes what is left when the server stops.
     // Colours only on a terminal, never in a log file.
@@ -479,9 +479,26 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         tracing::info!(listen = %server.addr(), data = %cfg.data.display(), "serving");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("interrupt: shutting down");
+                    break;
+                }
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: shutting down");
+                    break;
+                }
+                _ = hup.recv() => {
+                    // The policies of the config file (and environment) as they are now.
+                    let reloaded = Config::load(config_file.as_deref(), std::env::vars());
+                    match server.reload(reloaded).await {
+                        Ok(()) => tracing::info!("SIGHUP: policies reloaded"),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: reload refused; the policies before stay in force"),
+                    }
+                }
+            }
         }
         server.shutdown().await
     })

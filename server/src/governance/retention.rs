@@ -463,8 +463,8 @@ pub async fn run_in_server(
 ) -> Result<Report, ApiError> {
     let a = app.clone();
     let report = crate::handlers::blocking(move || {
-        a.retention
-            .run(&a.store, &a.immutable, crate::now_secs(), dry_run)
+        a.retention()
+            .run(&a.store, &a.immutable(), crate::now_secs(), dry_run)
     })
     .await?;
     let (tags, manifests) = report.counts();
@@ -498,11 +498,15 @@ pub async fn run_in_server(
 /// Runs retention every `interval_secs` (never when 0 or without rules).
 pub async fn scheduled(app: std::sync::Arc<crate::App>) {
     let every = app.config.retention.interval_secs;
-    if every == 0 || app.retention.is_empty() {
+    if every == 0 {
         return;
     }
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(every)).await;
+        // (Rules may come with a reload: none now, none run.)
+        if app.retention().is_empty() {
+            continue;
+        }
         let dry_run = app.config.retention.dry_run;
         if let Err(e) = run_in_server(&app, dry_run, "system:retention").await {
             tracing::warn!(error = %e, "scheduled retention failed");

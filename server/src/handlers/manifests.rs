@@ -386,7 +386,7 @@ pub async fn put(
             .collect(),
         pushed_at: now_secs(),
     };
-    let (store, immutable) = (app.store.clone(), app.immutable.clone());
+    let (store, immutable) = (app.store.clone(), app.immutable());
     let (repo, d, t) = (name.to_owned(), digest.clone(), tags.clone());
     blocking(move || {
         // Through the store: the manifest blob is pinned against a running collection.
@@ -441,7 +441,7 @@ pub async fn put(
 pub async fn delete(app: &App, name: &str, reference: &str) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let reference = parse_existing_reference(reference)?;
-    let (store, immutable) = (app.store.clone(), app.immutable.clone());
+    let (store, immutable) = (app.store.clone(), app.immutable());
     let repo = name.to_owned();
     blocking(move || {
         store.commit_catalog(|state| {

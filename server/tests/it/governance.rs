@@ -361,3 +361,46 @@ tags = ["v0"]
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn sighup_reloads_the_rules_and_a_bad_config_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = start(dir.path());
+    let base = r.url("");
+    push_image_as(&base, "prod/api", "v1", 1, 500, &[]);
+    let moved = |seed| {
+        crate::try_push_image_as(&base, "prod/api", "v1", seed, 500, &[])
+            .0
+            .status
+    };
+    assert_eq!(moved(2), 409);
+    let cfg = dir.path().join("ballast.toml");
+    let hup = || {
+        let ok = Command::new("kill")
+            .args(["-HUP", &r.pid().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(ok.success());
+    };
+    let audit = || std::fs::read_to_string(r.data.join("audit").join("audit.log")).expect("audit");
+    let wait_audit = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while audit().matches("\"action\":\"config.reload\"").count() < n {
+            assert!(std::time::Instant::now() < deadline, "no reload audited");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // A broken rule: refused, audited, the old rule still holds.
+    std::fs::write(&cfg, "[[immutable_tags]]\ntags = [\"[\"]\n").expect("config");
+    hup();
+    wait_audit(1);
+    assert!(audit()
+        .lines()
+        .any(|l| l.contains("config.reload") && l.contains("\"outcome\":\"failed\"")));
+    assert_eq!(moved(3), 409);
+    // The rule removed: the tag moves.
+    std::fs::write(&cfg, "").expect("config");
+    hup();
+    wait_audit(2);
+    assert_eq!(moved(4), 201);
+}

@@ -93,6 +93,11 @@ impl Registry {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Stops and starts again on the same data directory and port.
     pub fn restart(&mut self) {
         self.stop();
