@@ -319,3 +319,54 @@ pub fn liveness(store: &Store) -> Result<Liveness> {
         dead_bytes: total.saturating_sub(live),
     })
 }
+
+/// Physical bytes per group of blobs (a namespace's): those of the chunks only that group
+/// uses, and those of the chunks it shares with another group or with any other live blob.
+/// Reads the recipes of every live blob.
+pub fn sharing(store: &Store, groups: &[HashSet<Digest>]) -> Result<Vec<(u64, u64)>> {
+    const OUTSIDE: usize = usize::MAX;
+    let state = store.catalog().read().clone();
+    let (_, needed) = crate::gc::mark(
+        &state,
+        u64::MAX,
+        &crate::gc::GcOptions {
+            grace_secs: 0,
+            ..Default::default()
+        },
+    );
+    let mut users: HashMap<ChunkId, HashSet<usize>> = HashMap::new();
+    for digest in &needed {
+        let mut owners: Vec<usize> = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.contains(digest))
+            .map(|(i, _)| i)
+            .collect();
+        if owners.is_empty() {
+            owners.push(OUTSIDE);
+        }
+        let Ok(recipe) = store.recipe(digest) else {
+            continue;
+        };
+        for p in &recipe.pieces {
+            if let RecipePiece::Chunk { id, .. } = p {
+                users.entry(*id).or_default().extend(owners.iter().copied());
+            }
+        }
+    }
+    let header = segment::RECORD_HEADER_LEN as u64;
+    let mut out = vec![(0u64, 0u64); groups.len()];
+    for (id, who) in &users {
+        let cost = store
+            .chunk_location(id)
+            .map_or(0, |l| header + u64::from(l.len));
+        for g in who.iter().filter(|g| **g != OUTSIDE) {
+            if who.len() == 1 {
+                out[*g].0 += cost;
+            } else {
+                out[*g].1 += cost;
+            }
+        }
+    }
+    Ok(out)
+}

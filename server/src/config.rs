@@ -93,6 +93,8 @@ pub struct Config {
     /// Seconds between commits of the pulls counted in memory (a crash loses at most this
     /// long's counts).
     pub pull_flush_secs: u64,
+    /// Quotas per namespace (`[[quotas]]` tables).
+    pub quotas: Vec<crate::governance::QuotaRule>,
     /// Retention (`[retention]`, `[[retention.rules]]`).
     pub retention: crate::governance::RetentionConfig,
     /// Tag immutability rules (`[[immutable_tags]]` tables).
@@ -196,6 +198,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             immutable_tags: Vec::new(),
             retention: crate::governance::RetentionConfig::default(),
+            quotas: Vec::new(),
             pull_tracking: true,
             pull_flush_secs: 60,
             webhook_outbox_bytes_max: 256 << 20,
@@ -355,6 +358,7 @@ impl Config {
         }
         crate::governance::ImmutableRules::compile(&self.immutable_tags)?;
         crate::governance::Retention::compile(&self.retention)?;
+        crate::governance::quota::compile_rules(&self.quotas)?;
         let (_, hook_warnings) = crate::webhooks::compile(&self.webhooks)?;
         warnings.extend(hook_warnings);
         if self.pull_flush_secs == 0 {

@@ -51,6 +51,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Denied(String),
+    /// A quota would be exceeded.
+    #[error("{0}")]
+    Quota(String),
     /// An immutable tag would be moved or deleted.
     #[error("{0}")]
     Immutable(String),
@@ -88,6 +91,7 @@ impl ApiError {
             Unauthorized(_) => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
             Denied(_) => ("DENIED", StatusCode::FORBIDDEN),
             Immutable(_) => ("DENIED", StatusCode::CONFLICT),
+            Quota(_) => ("DENIED", StatusCode::FORBIDDEN),
             TooManyRequests(_) => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
             InsufficientStorage(_) => ("DENIED", StatusCode::INSUFFICIENT_STORAGE),
             Internal(_) => ("INTERNAL_ERROR", StatusCode::INTERNAL_SERVER_ERROR),

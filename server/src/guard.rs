@@ -67,6 +67,9 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     let (mut res, failure) = match handlers::dispatch(app, &access, d.endpoint, r, req).await {
         Ok(res) => (res, None),
         Err(e) => {
+            if app.config.metrics && matches!(e, ApiError::Quota(_)) {
+                app.metrics.quota_refusals.inc();
+            }
             let (code, _) = e.code_and_status();
             (crate::error::response(&e), Some(format!("{code}: {e}")))
         }

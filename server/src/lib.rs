@@ -62,6 +62,8 @@ pub struct App {
     immutable: parking_lot::RwLock<Arc<governance::ImmutableRules>>,
     /// Retention rules (replaced by a reload).
     retention: parking_lot::RwLock<Arc<governance::Retention>>,
+    /// Quotas and their usage (followed through the catalog).
+    pub quotas: Arc<governance::Quotas>,
     /// Manifest pulls waiting to be committed to the catalog.
     pub pulls: pulls::PullRecorder,
 }
@@ -169,6 +171,11 @@ impl Server {
                 &config.immutable_tags,
             )?)),
             pulls: pulls::PullRecorder::default(),
+            quotas: {
+                let (store, rules) = (store.clone(), config.quotas.clone());
+                tokio::task::spawn_blocking(move || governance::Quotas::install(&store, &rules))
+                    .await??
+            },
             retention: parking_lot::RwLock::new(Arc::new(governance::Retention::compile(
                 &config.retention,
             )?)),

@@ -83,6 +83,10 @@ pub struct Metrics {
     pub gc_moved_bytes: Counter,
     /// When the last collection (not a dry run) finished.
     pub gc_last_run: Gauge,
+    /// Pushes and uploads refused by a quota.
+    pub quota_refusals: Counter,
+    /// Tags and manifests retention deleted.
+    pub retention_deletions: Counter,
     liveness: Arc<Mutex<Option<(Liveness, u64)>>>,
     /// Wakes [`refresh_liveness`] early (after a collection).
     pub liveness_refresh: tokio::sync::Notify,
@@ -191,6 +195,18 @@ impl Metrics {
             Unit::Seconds,
             gc_last_run.clone(),
         );
+        let quota_refusals = Counter::default();
+        registry.register(
+            "quota_refusals",
+            "Pushes and uploads refused because a namespace quota would be exceeded",
+            quota_refusals.clone(),
+        );
+        let retention_deletions = Counter::default();
+        registry.register(
+            "retention_deletions",
+            "Tags and manifests retention deleted",
+            retention_deletions.clone(),
+        );
         let liveness = Arc::new(Mutex::new(None));
         registry.register_collector(Box::new(EngineCollector {
             store,
@@ -214,6 +230,8 @@ impl Metrics {
             gc_reclaimed_bytes,
             gc_moved_bytes,
             gc_last_run,
+            quota_refusals,
+            retention_deletions,
             liveness,
             liveness_refresh: tokio::sync::Notify::new(),
             request_cells: (0..ROUTES.len() * METHODS.len() * STATUSES.len())
@@ -339,6 +357,7 @@ fn route_index(kind: Option<PathKind>) -> usize {
         Some(
             PathKind::AdminGc
             | PathKind::AdminRetention
+            | PathKind::AdminUsage
             | PathKind::AdminWebhooks
             | PathKind::AdminWebhooksDead
             | PathKind::AdminWebhooksRedeliver,

@@ -35,6 +35,8 @@ pub enum Route<'a> {
     Metrics,
     /// `/admin/retention`: run retention now.
     AdminRetention,
+    /// `/admin/usage`: quota usage per namespace.
+    AdminUsage,
     /// `/admin/webhooks`: each endpoint's state.
     AdminWebhooks,
     /// `/admin/webhooks/dead`: the dead letters.
@@ -72,6 +74,8 @@ pub enum PathKind {
     Metrics,
     /// `/admin/retention`
     AdminRetention,
+    /// `/admin/usage`
+    AdminUsage,
     /// `/admin/webhooks`
     AdminWebhooks,
     /// `/admin/webhooks/dead`
@@ -97,6 +101,7 @@ impl Route<'_> {
             Route::Token => PathKind::Token,
             Route::Metrics => PathKind::Metrics,
             Route::AdminRetention => PathKind::AdminRetention,
+            Route::AdminUsage => PathKind::AdminUsage,
             Route::AdminWebhooks => PathKind::AdminWebhooks,
             Route::AdminWebhooksDead => PathKind::AdminWebhooksDead,
             Route::AdminWebhooksRedeliver => PathKind::AdminWebhooksRedeliver,
@@ -132,6 +137,8 @@ pub enum Endpoint {
     Metrics,
     /// `POST /admin/retention`.
     AdminRetention,
+    /// `GET /admin/usage`.
+    AdminUsage,
     /// `GET /admin/webhooks`.
     AdminWebhooks,
     /// `GET /admin/webhooks/dead`.
@@ -267,6 +274,7 @@ pub static ENDPOINTS: &[Descriptor] = &[
         Audit::Change(AuditKind::Gc)
     ),
     endpoint!(Metrics, GET, Metrics, Requires::Admin, Audit::Read),
+    endpoint!(AdminUsage, GET, AdminUsage, Requires::Admin, Audit::Read),
     endpoint!(
         AdminRetention,
         &[Method::POST],
@@ -425,6 +433,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
     }
     match path {
         "/admin/retention" => return Some(Route::AdminRetention),
+        "/admin/usage" => return Some(Route::AdminUsage),
         "/admin/webhooks" => return Some(Route::AdminWebhooks),
         "/admin/webhooks/dead" => return Some(Route::AdminWebhooksDead),
         "/admin/webhooks/dead/redeliver" => return Some(Route::AdminWebhooksRedeliver),

@@ -266,6 +266,17 @@ struct Appended {
     unsynced: VecDeque<Batch>,
     /// Where the last appended batch ends (generation, offset).
     last_batch: (u64, u64),
+    /// Told of every op as it is applied to `planned`.
+    observer: Option<Arc<dyn Observer>>,
+}
+
+/// Follows the catalog op by op, in commit order, as plans see it (a batch is observed when
+/// it is appended, before it is durable): for figures kept incrementally, such as the
+/// server's quota usage, that plans must check against. Called under the commit lock: keep
+/// it short.
+pub trait Observer: Send + Sync {
+    /// `op` is about to be applied to `before`.
+    fn applied(&self, before: &State, op: &Op);
 }
 
 /// The open catalog.
@@ -427,6 +438,7 @@ impl Catalog {
                 planned: state.clone(),
                 unsynced: VecDeque::new(),
                 last_batch: position,
+                observer: None,
             }),
             state: RwLock::new(state),
             synced: Mutex::new(position),
@@ -437,6 +449,14 @@ impl Catalog {
             damage,
             fold_latency: crate::stats::Histogram::default(),
         })
+    }
+
+    /// Installs an observer, made from the state as plans see it now (no batch slips in
+    /// between: the commit lock is held).
+    pub fn observe(&self, make: impl FnOnce(&State) -> Arc<dyn Observer>) {
+        let mut a = self.appended.lock();
+        let o = make(&a.planned);
+        a.observer = Some(o);
     }
 
     /// Bytes in the current journal generation (a fold starts a new one past
@@ -515,6 +535,9 @@ impl Catalog {
                 }
                 a.journal.len += rec.len() as u64;
                 for op in &ops {
+                    if let Some(o) = &a.observer {
+                        o.applied(&a.planned, op);
+                    }
                     a.planned.apply(op);
                 }
                 a.unsynced.push_back((ops, segments_durable));

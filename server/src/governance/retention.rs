@@ -476,6 +476,9 @@ pub async fn run_in_server(
         "retention"
     );
     let lines = report.audit_lines(actor);
+    if app.config.metrics {
+        app.metrics.retention_deletions.inc_by(lines.len() as u64);
+    }
     let events: Vec<crate::webhooks::Event> = lines
         .iter()
         .map(|l| {

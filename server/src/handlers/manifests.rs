@@ -386,7 +386,7 @@ pub async fn put(
             .collect(),
         pushed_at: now_secs(),
     };
-    let (store, immutable) = (app.store.clone(), app.immutable());
+    let (store, immutable, quotas) = (app.store.clone(), app.immutable(), app.quotas.clone());
     let (repo, d, t) = (name.to_owned(), digest.clone(), tags.clone());
     blocking(move || {
         // Through the store: the manifest blob is pinned against a running collection.
@@ -394,6 +394,7 @@ pub async fn put(
             for tag in &t {
                 immutable.check_tag(state, &repo, tag, &d)?;
             }
+            quotas.check_put(state, &repo, &d, &link, &t)?;
             // Checked under the commit lock, so a concurrent delete cannot slip in between.
             let r = state.repos.get(&repo);
             let has_blob = |x: &Digest| {

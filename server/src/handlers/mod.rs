@@ -67,6 +67,21 @@ pub async fn dispatch(
             Ok(reply(StatusCode::OK).json(&serde_json::json!({ "dead_letters": dead })))
         }
         (Endpoint::AdminWebhooksRedeliver, _) => redeliver(app, &req).await,
+        (Endpoint::AdminUsage, _) => {
+            let q = query(&req);
+            let flag = |k: &str| first(&q, k).is_some_and(|v| v == "true" || v == "1");
+            let (detail, verify) = (flag("detail"), flag("verify"));
+            let quotas = app.quotas.clone();
+            let (usage, matches) =
+                blocking(move || Ok((quotas.report(detail)?, verify.then(|| quotas.consistent()))))
+                    .await?;
+            let mut body = serde_json::json!({ "namespaces": usage });
+            if let Some(m) = matches {
+                // The usage kept incrementally against a full recount of the catalog.
+                body["recount_matches"] = serde_json::json!(m);
+            }
+            Ok(reply(StatusCode::OK).json(&body))
+        }
         (Endpoint::AdminRetention, _) => {
             let q = query(&req);
             let dry_run = first(&q, "dry_run").is_some_and(|v| v == "true" || v == "1");
@@ -87,12 +102,14 @@ pub async fn dispatch(
             blobs::delete(app, name, digest).await
         }
         (Endpoint::UploadStart, Route::UploadStart { name }) => {
+            app.quotas.check_upload(name)?;
             uploads::start(app, access, name, req).await
         }
         (Endpoint::UploadPatch, Route::Upload { name, id }) => {
             uploads::patch(app, name, id, req).await
         }
         (Endpoint::UploadFinish, Route::Upload { name, id }) => {
+            app.quotas.check_upload(name)?;
             uploads::finish(app, name, id, req).await
         }
         (Endpoint::UploadStatus, Route::Upload { name, id }) => {

@@ -404,3 +404,169 @@ fn sighup_reloads_the_rules_and_a_bad_config_changes_nothing() {
     wait_audit(2);
     assert_eq!(moved(4), 201);
 }
+
+fn quota_registry(dir: &std::path::Path, quotas: &str) -> Registry {
+    let cfg = dir.join("ballast.toml");
+    std::fs::write(&cfg, quotas).expect("config");
+    Registry::start_args(
+        &dir.join("data"),
+        &[],
+        &["--config", &cfg.to_string_lossy()],
+    )
+}
+
+#[test]
+fn a_byte_quota_lets_exactly_one_of_two_concurrent_pushes_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = quota_registry(
+        dir.path(),
+        "[[quotas]]\nnamespaces = [\"q/**\"]\nbytes_max = 7000\n",
+    );
+    let base = r.url("");
+    let results: Vec<(u16, String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6u64)
+            .map(|i| {
+                let base = base.clone();
+                s.spawn(move || {
+                    let (res, d) = crate::try_push_image_as(
+                        &base,
+                        &format!("q/r{i}"),
+                        "v1",
+                        200 + i,
+                        5000,
+                        &[],
+                    );
+                    let msg = res.json()["errors"][0]["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned();
+                    (res.status, d, msg)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("join"))
+            .collect()
+    });
+    let won = results.iter().filter(|(s, _, _)| *s == 201).count();
+    assert_eq!(won, 1, "{results:?}");
+    for (s, _, msg) in results.iter().filter(|(s, _, _)| *s != 201) {
+        assert_eq!(*s, 403);
+        assert!(
+            msg.starts_with("quota: namespace q/** uses") && msg.contains("7000"),
+            "{msg}"
+        );
+    }
+    let usage = call(
+        "GET",
+        &r.url("/admin/usage?verify=true&detail=true"),
+        &[],
+        None,
+    )
+    .json();
+    let ns = &usage["namespaces"][0];
+    let bytes = ns["bytes"].as_u64().expect("bytes");
+    assert!(bytes > 5000 && bytes <= 7000, "{usage}");
+    assert_eq!(usage["recount_matches"], true);
+    assert!(
+        ns["unique_bytes"].as_u64().is_some_and(|u| u >= 4000),
+        "{usage}"
+    );
+    // Outside the namespace: no bound.
+    push_image_as(&base, "free/x", "v1", 300, 9000, &[]);
+    // Deleting frees the charge: a push fits again.
+    let winner = results.iter().find(|(s, _, _)| *s == 201).expect("winner");
+    let repo = format!("q/r{}", results.iter().position(|x| x.0 == 201).expect("i"));
+    let del = call(
+        "DELETE",
+        &r.url(&format!("/v2/{repo}/manifests/{}", winner.1)),
+        &[],
+        None,
+    );
+    assert_eq!(del.status, 202);
+    push_image_as(&base, "q/after", "v1", 301, 5000, &[]);
+    let m = String::from_utf8_lossy(&call("GET", &r.url("/metrics"), &[], None).body).into_owned();
+    assert!(m.contains("ballast_quota_refusals_total 5"), "{m}");
+}
+
+#[test]
+fn repository_and_tag_quotas_and_a_quota_below_usage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut r = quota_registry(
+        dir.path(),
+        "[[quotas]]\nnamespaces = [\"t/**\"]\nrepositories_max = 2\ntags_per_repository_max = 2\n",
+    );
+    let base = r.url("");
+    push_image_as(&base, "t/a", "1", 1, 100, &[]);
+    push_image_as(&base, "t/a", "2", 2, 100, &[]);
+    let (res, _) = crate::try_push_image_as(&base, "t/a", "3", 3, 100, &[]);
+    assert_eq!(res.status, 403);
+    assert!(String::from_utf8_lossy(&res.body).contains("holds 2 tags"));
+    // A tag moved is not a new tag.
+    push_image_as(&base, "t/a", "2", 3, 100, &[]);
+    push_image_as(&base, "t/b", "1", 4, 100, &[]);
+    let (res, _) = crate::try_push_image_as(&base, "t/c", "1", 5, 100, &[]);
+    assert_eq!(res.status, 403);
+    assert!(String::from_utf8_lossy(&res.body).contains("holds 2 repositories"));
+    // A byte quota below what is stored: the server starts, pushes are refused until under.
+    let cfg = dir.path().join("ballast.toml");
+    std::fs::write(
+        &cfg,
+        "[[quotas]]\nnamespaces = [\"t/**\"]\nbytes_max = 10\n",
+    )
+    .expect("config");
+    r.restart();
+    let usage = call("GET", &r.url("/admin/usage?verify=true"), &[], None).json();
+    assert_eq!(usage["recount_matches"], true);
+    assert_eq!(usage["namespaces"][0]["warning"], true);
+    let blob = b"more";
+    let res = call(
+        "POST",
+        &r.url(&format!(
+            "/v2/t/a/blobs/uploads/?digest={}",
+            crate::sha256(blob)
+        )),
+        &[],
+        Some(blob),
+    );
+    assert_eq!(res.status, 403, "an upload into a namespace past its quota");
+}
+
+#[test]
+fn usage_kept_incrementally_matches_a_recount_after_random_pushes_and_deletes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = quota_registry(
+        dir.path(),
+        "[[quotas]]\nnamespaces = [\"p/a/**\", \"p/b\"]\n[[quotas]]\nnamespaces = [\"p/**\"]\n",
+    );
+    let base = r.url("");
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let repos = ["p/a/x", "p/a/y", "p/b", "p/c", "p/d/e"];
+    let mut pushed: Vec<(String, String)> = Vec::new();
+    for _ in 0..40 {
+        let repo = repos[(next() % repos.len() as u64) as usize];
+        if next() % 4 == 0 && !pushed.is_empty() {
+            let (repo, d) = pushed.remove((next() % pushed.len() as u64) as usize);
+            call(
+                "DELETE",
+                &r.url(&format!("/v2/{repo}/manifests/{d}")),
+                &[],
+                None,
+            );
+        } else {
+            // Few seeds: the same layers land in several repositories and namespaces.
+            let seed = next() % 6;
+            let d = push_image_as(&base, repo, &format!("t{}", next() % 3), seed, 2000, &[]);
+            pushed.push((repo.to_owned(), d));
+        }
+        let usage = call("GET", &r.url("/admin/usage?verify=true"), &[], None).json();
+        assert_eq!(usage["recount_matches"], true, "{usage}");
+    }
+}
