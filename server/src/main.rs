@@ -141,6 +141,10 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Config file: with [[quotas]], also each namespace's usage against its limits
+        /// (as GET /admin/usage?detail=true shows it).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Applies the config's retention rules to a data directory (server stopped): deletes
     /// the tags no rule keeps and the manifests nothing reaches any more, and tells what a
@@ -333,8 +337,18 @@ fn main() -> anyhow::Result<()> {
                 ))
             }
         },
-        Command::Inspect { dir, json } => {
-            std::process::exit(ballast_tools::inspect(&dir, json, &mut std::io::stdout()))
+        Command::Inspect { dir, json, config } => {
+            let code = ballast_tools::inspect(&dir, json, &mut std::io::stdout());
+            if code != 0 || config.is_none() {
+                std::process::exit(code)
+            }
+            let cfg = Config::load(config.as_deref(), std::env::vars())?;
+            std::process::exit(ballast_server::governance::quota::offline_report(
+                &dir,
+                &cfg.quotas,
+                json,
+                &mut std::io::stdout(),
+            ))
         }
         Command::Bench {
             dir,

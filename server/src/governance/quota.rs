@@ -430,3 +430,64 @@ impl Observer for Quotas {
         self.soft_warning(ns, u);
     }
 }
+
+/// `ballast inspect DIR --config FILE`: every namespace's usage against its limits, offline;
+/// returns the exit code (0, or 2 when it could not run).
+pub fn offline_report(
+    dir: &std::path::Path,
+    rules: &[QuotaRule],
+    json: bool,
+    out: &mut dyn std::io::Write,
+) -> i32 {
+    use ballast_tools::{printable, EXIT_FAILED};
+    if rules.is_empty() {
+        return 0;
+    }
+    let store = match ballast_tools::open_offline(dir, ballast_engine::Options::default()) {
+        Ok(s) => s,
+        Err(msg) => {
+            let _ = writeln!(out, "inspect: {}", printable(&msg));
+            return EXIT_FAILED;
+        }
+    };
+    let report = Quotas::install(&store, rules)
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|q| q.report(true).map_err(|e| e.to_string()));
+    let _ = store.close();
+    match report {
+        Ok(usage) if json => {
+            let _ = writeln!(out, "{}", serde_json::json!({ "namespaces": usage }));
+            0
+        }
+        Ok(usage) => {
+            let _ = writeln!(out, "\nquotas:");
+            let limit = |m: Option<String>| m.unwrap_or_else(|| "-".into());
+            for u in usage {
+                let _ = writeln!(
+                    out,
+                    "  {:<24} {} of {} bytes (unique {}, shared {}), {} of {} repositories, \
+                     at most {} of {} tags{}",
+                    printable(&u.namespaces.join(",")),
+                    u.bytes,
+                    limit(u.bytes_max.map(|m| m.to_string())),
+                    u.unique_bytes.unwrap_or(0),
+                    u.shared_bytes.unwrap_or(0),
+                    u.repositories,
+                    limit(u.repositories_max.map(|m| m.to_string())),
+                    u.tags_most,
+                    limit(u.tags_per_repository_max.map(|m| m.to_string())),
+                    if u.warning {
+                        "  WARNING: near or past a limit"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            0
+        }
+        Err(msg) => {
+            let _ = writeln!(out, "inspect: {}", printable(&msg));
+            EXIT_FAILED
+        }
+    }
+}

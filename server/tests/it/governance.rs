@@ -531,6 +531,22 @@ fn repository_and_tag_quotas_and_a_quota_below_usage() {
         Some(blob),
     );
     assert_eq!(res.status, 403, "an upload into a namespace past its quota");
+    // Offline, inspect shows the same.
+    r.stop();
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .args(["inspect", "--config"])
+        .arg(&cfg)
+        .arg(&r.data)
+        .output()
+        .expect("inspect");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let bytes = usage["namespaces"][0]["bytes"].as_u64().expect("bytes");
+    assert!(text.contains("quotas:") && text.contains("t/**"), "{text}");
+    assert!(
+        text.contains(&format!("{bytes} of 10 bytes")) && text.contains("WARNING"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -569,4 +585,67 @@ fn usage_kept_incrementally_matches_a_recount_after_random_pushes_and_deletes() 
         let usage = call("GET", &r.url("/admin/usage?verify=true"), &[], None).json();
         assert_eq!(usage["recount_matches"], true, "{usage}");
     }
+}
+
+#[test]
+fn a_retention_run_killed_midway_leaves_each_repository_whole_or_done() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("ballast.toml");
+    std::fs::write(
+        &cfg,
+        "[retention]\ninterval_secs = 0\n[[retention.rules]]\nrepositories = [\"k/**\"]\ntags_matching = '^keep$'\n",
+    )
+    .expect("config");
+    let data = dir.path().join("data");
+    let mut r = Registry::start_args(&data, &[], &["--config", &cfg.to_string_lossy()]);
+    let base = r.url("");
+    let repos: Vec<String> = (0..60).map(|i| format!("k/r{i:02}")).collect();
+    for (i, repo) in repos.iter().enumerate() {
+        for (j, tag) in ["keep", "a", "b"].iter().enumerate() {
+            push_image_as(&base, repo, tag, (i * 3 + j) as u64, 200, &[]);
+        }
+    }
+    let url = r.url("/admin/retention");
+    let run = std::thread::spawn(move || crate::http::try_call("POST", &url, &[], None));
+    // Killed as soon as the first repository is done (repositories go in name order), so
+    // most likely mid-run; whenever it lands, every repository must be whole or done.
+    let first = r.url("/v2/k/r00/tags/list");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let v = call("GET", &first, &[], None).json();
+        if v["tags"].as_array().is_some_and(|a| a.len() == 1) {
+            break;
+        }
+    }
+    r.kill();
+    let _ = run.join();
+    r.restart();
+    let mut done = 0;
+    for repo in &repos {
+        let v = call("GET", &r.url(&format!("/v2/{repo}/tags/list")), &[], None).json();
+        let tags: Vec<&str> = v["tags"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
+            .unwrap_or_default();
+        match tags.as_slice() {
+            ["a", "b", "keep"] => {}
+            ["keep"] => done += 1,
+            other => panic!("{repo} is half done: {other:?}"),
+        }
+    }
+    eprintln!(
+        "retention killed midway: {done} of {} repositories done",
+        repos.len()
+    );
+    r.stop();
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .arg("fsck")
+        .arg(&data)
+        .output()
+        .expect("fsck");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
