@@ -21,7 +21,7 @@ use hyper::header::{HeaderMap, AUTHORIZATION};
 pub use self::accounts::Accounts;
 use self::audit_bound::AuditBound;
 use self::limiter::{Limiter, Refusal};
-pub use self::policy::{repo_glob, Action, Policy, Principal, Rule};
+pub use self::policy::{repo_glob, repo_globs, Action, Policy, Principal, Rule};
 use self::token::{AccessEntry, Grants, Scope, Signer};
 use crate::audit::Event;
 use crate::config::Config;

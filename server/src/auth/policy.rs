@@ -143,14 +143,7 @@ impl Policy {
                     );
                 }
             }
-            let repositories = rule
-                .repositories
-                .iter()
-                .map(|p| {
-                    repo_glob(p)
-                        .with_context(|| format!("policy rule {n}: repository pattern {p:?}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let repositories = repo_globs(&rule.repositories, &format!("policy rule {n}"))?;
             compiled.push(Compiled {
                 subjects: rule.subjects.iter().cloned().collect(),
                 repositories,
@@ -208,6 +201,14 @@ impl Policy {
             r.everything && r.actions.contains(&Action::Admin) && self.applies(r, &subjects)
         })
     }
+}
+
+/// Repository patterns of a rule; an error names the rule (`at`) and the pattern.
+pub fn repo_globs(patterns: &[String], at: &str) -> anyhow::Result<Vec<GlobMatcher>> {
+    patterns
+        .iter()
+        .map(|p| repo_glob(p).with_context(|| format!("{at}: repository pattern {p:?}")))
+        .collect()
 }
 
 /// A repository pattern: `*` within one path component, `**` across them, `?`, `[abc]`,

@@ -73,14 +73,7 @@ impl ImmutableRules {
             if r.repositories.is_empty() || r.tags.is_empty() {
                 bail!("{}: repositories and tags may not be empty lists", at());
             }
-            let repos = r
-                .repositories
-                .iter()
-                .map(|p| {
-                    crate::auth::repo_glob(p)
-                        .with_context(|| format!("{}: repository pattern {p:?}", at()))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let repos = crate::auth::repo_globs(&r.repositories, &at())?;
             rules.push(Compiled {
                 repos,
                 tags: tag_set(&r.tags, "tag").with_context(at)?,

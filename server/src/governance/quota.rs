@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use ballast_engine::catalog::{ManifestLink, Observer, Op, State};
 use ballast_engine::{Digest, Store};
 use globset::GlobMatcher;
@@ -113,14 +113,7 @@ fn compile(cfg: &[QuotaRule]) -> anyhow::Result<Vec<Compiled>> {
             if q.soft_percent == 0 || q.soft_percent > 100 {
                 bail!("{at}: soft_percent is a percentage from 1 to 100");
             }
-            let globs = q
-                .namespaces
-                .iter()
-                .map(|p| {
-                    crate::auth::repo_glob(p)
-                        .with_context(|| format!("{at}: namespace pattern {p:?}"))
-                })
-                .collect::<anyhow::Result<_>>()?;
+            let globs = crate::auth::repo_globs(&q.namespaces, &at)?;
             Ok(Compiled {
                 cfg: q.clone(),
                 globs,

@@ -172,14 +172,7 @@ impl Retention {
             }
             rules.push(Compiled {
                 number,
-                repos: r
-                    .repositories
-                    .iter()
-                    .map(|p| {
-                        crate::auth::repo_glob(p)
-                            .with_context(|| format!("{at}: repository pattern {p:?}"))
-                    })
-                    .collect::<anyhow::Result<_>>()?,
+                repos: crate::auth::repo_globs(&r.repositories, &at)?,
                 keep_pushed: r.keep_pushed,
                 keep_pulled: r.keep_pulled,
                 pushed_within: duration(&at, "pushed_within", &r.pushed_within)?,

@@ -205,14 +205,7 @@ pub fn compile(cfgs: &[WebhookConfig]) -> anyhow::Result<(Vec<Endpoint>, Vec<Str
             })?;
             kinds.insert(k);
         }
-        let repos = c
-            .repositories
-            .iter()
-            .map(|p| {
-                crate::auth::repo_glob(p)
-                    .with_context(|| format!("{}: repository pattern {p:?}", at()))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let repos = crate::auth::repo_globs(&c.repositories, &at())?;
         if !(0.0..=1.0).contains(&c.pull_sample) {
             bail!("{}: pull_sample is a fraction from 0 to 1", at());
         }

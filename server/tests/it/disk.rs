@@ -122,14 +122,5 @@ fn a_full_disk_refuses_pushes_and_deletes_and_gc_make_room_without_help() {
         serde_json::from_slice(&call("GET", &r.url("/healthz"), &[], None).body).expect("json");
     assert_eq!(health["status"], "ok", "{health}");
     r.stop();
-    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
-        .args(["fsck"])
-        .arg(&data)
-        .output()
-        .expect("fsck");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    crate::assert_fsck_clean(&data);
 }

@@ -208,16 +208,7 @@ fn pulls_and_tag_times_are_recorded_in_batches_and_survive_restart_and_kill() {
         .repos
         .get("team/app")
         .is_some_and(|r| r.pulls.contains_key(&d)));
-    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
-        .arg("fsck")
-        .arg(&data)
-        .output()
-        .expect("fsck");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    crate::assert_fsck_clean(&data);
 }
 
 #[test]
@@ -350,16 +341,7 @@ tags = ["v0"]
     );
     let rep: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(rep["repositories"], serde_json::json!([]));
-    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
-        .arg("fsck")
-        .arg(&data)
-        .output()
-        .expect("fsck");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    crate::assert_fsck_clean(&data);
 }
 
 #[test]
@@ -638,14 +620,5 @@ fn a_retention_run_killed_midway_leaves_each_repository_whole_or_done() {
         repos.len()
     );
     r.stop();
-    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
-        .arg("fsck")
-        .arg(&data)
-        .output()
-        .expect("fsck");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    crate::assert_fsck_clean(&data);
 }

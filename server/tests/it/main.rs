@@ -177,6 +177,20 @@ impl Drop for Registry {
     }
 }
 
+/// Runs `ballast fsck` on a data directory (the server stopped): it must find it clean.
+pub fn assert_fsck_clean(data: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .arg("fsck")
+        .arg(data)
+        .output()
+        .expect("fsck");
+    assert!(
+        out.status.success(),
+        "fsck found problems: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Seconds since the epoch.
 pub fn now() -> u64 {
     std::time::SystemTime::now()

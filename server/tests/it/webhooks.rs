@@ -316,16 +316,7 @@ fn a_receiver_that_is_down_and_a_killed_server_still_get_every_event_in_order() 
     }
     assert_eq!(order, pushed);
     r.stop();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ballast"))
-        .arg("fsck")
-        .arg(&data)
-        .output()
-        .expect("fsck");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    crate::assert_fsck_clean(&data);
 }
 
 #[test]
