@@ -87,6 +87,19 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
             events.push(e);
         }
     }
+    let crossed = if matches!(d.audit, Audit::Change(_)) && !app.quotas.is_empty() {
+        app.quotas.take_crossed()
+    } else {
+        Vec::new()
+    };
+    for (namespace, bytes, max) in crossed {
+        let mut e = WebhookEvent::new(WebhookKind::QuotaWarning, "system");
+        e.detail = Some(serde_json::json!({
+            "namespaces": namespace, "bytes": bytes, "bytes_max": max,
+        }));
+        e.request_id = id.as_ref().map(|i| i.as_str().to_owned());
+        events.push(e);
+    }
     if !events.is_empty() {
         // Recorded before the answer: an acknowledged change always has its event.
         if let Err(e) = record_events(app, events).await {

@@ -60,6 +60,9 @@ pub struct Quotas {
     rules: Vec<Compiled>,
     usage: Mutex<Vec<Usage>>,
     store: Store,
+    /// Namespaces that just went past their soft percentage, (globs, bytes, limit), for the
+    /// `quota.warning` webhook event (recorded after the commit that crossed it).
+    crossed: Mutex<Vec<(String, u64, u64)>>,
 }
 
 impl std::fmt::Debug for Quotas {
@@ -129,6 +132,7 @@ impl Quotas {
             rules: compile(cfg)?,
             usage: Mutex::new(Vec::new()),
             store: store.clone(),
+            crossed: Mutex::new(Vec::new()),
         });
         if q.rules.is_empty() {
             return Ok(q);
@@ -389,8 +393,16 @@ impl Quotas {
                 "quota: namespace past {}% of its byte limit",
                 r.soft_percent
             );
+            self.crossed
+                .lock()
+                .push((r.namespaces.join(","), u.bytes, max));
         }
         u.warned = over;
+    }
+
+    /// The namespaces that went past their soft percentage since the last call.
+    pub fn take_crossed(&self) -> Vec<(String, u64, u64)> {
+        std::mem::take(&mut *self.crossed.lock())
     }
 }
 

@@ -31,11 +31,14 @@ pub enum Kind {
     /// A garbage collection finished.
     #[serde(rename = "gc.finished")]
     GcFinished,
+    /// A namespace went past the soft percentage of its byte quota (`detail` says how far).
+    #[serde(rename = "quota.warning")]
+    QuotaWarning,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::ManifestPushed,
         Kind::TagSet,
         Kind::TagDeleted,
@@ -43,6 +46,7 @@ impl Kind {
         Kind::BlobUploaded,
         Kind::ManifestPulled,
         Kind::GcFinished,
+        Kind::QuotaWarning,
     ];
 
     /// The name in the config and in `Ballast-Event-Type`.
@@ -55,6 +59,7 @@ impl Kind {
             Kind::BlobUploaded => "blob.uploaded",
             Kind::ManifestPulled => "manifest.pulled",
             Kind::GcFinished => "gc.finished",
+            Kind::QuotaWarning => "quota.warning",
         }
     }
 
@@ -197,7 +202,7 @@ impl Event {
             Kind::BlobUploaded => "push",
             Kind::ManifestPulled => "pull",
             Kind::ManifestDeleted | Kind::TagDeleted => "delete",
-            Kind::TagSet | Kind::GcFinished => return None,
+            Kind::TagSet | Kind::GcFinished | Kind::QuotaWarning => return None,
         };
         let repo = self.repository.clone().unwrap_or_default();
         let mut target = json!({

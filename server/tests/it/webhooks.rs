@@ -489,3 +489,30 @@ fn bad_webhook_config_stops_the_server_with_the_reason() {
         .expect("run");
     assert!(String::from_utf8_lossy(&out.stderr).contains("secret"));
 }
+
+#[test]
+fn a_namespace_past_its_soft_quota_is_a_quota_warning_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rx = Receiver::start(0, 200);
+    let cfg = config(
+        dir.path(),
+        &rx.url(),
+        "events = [\"quota.warning\"]\n[[quotas]]\nnamespaces = [\"q/**\"]\nbytes_max = 10000\nsoft_percent = 50\n",
+    );
+    let r = Registry::start_args(&dir.path().join("data"), &[], &["--config", &cfg]);
+    push_image_as(&r.url(""), "q/a", "v1", 1, 2000, &[]);
+    push_image_as(&r.url(""), "q/a", "v2", 2, 4000, &[]);
+    let got = rx.wait_for("the warning", |g| !g.is_empty());
+    got[0].verify(SECRET);
+    let ce = got[0].json();
+    assert_eq!(ce["type"], "dev.ballast.quota.warning");
+    assert_eq!(ce["data"]["detail"]["namespaces"], "q/**");
+    assert_eq!(ce["data"]["detail"]["bytes_max"], 10000);
+    assert!(ce["data"]["detail"]["bytes"]
+        .as_u64()
+        .is_some_and(|b| b >= 5000));
+    // Once: the next push (still past it) sends no second warning.
+    push_image_as(&r.url(""), "q/a", "v3", 3, 100, &[]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(rx.got().len(), 1);
+}
