@@ -186,22 +186,31 @@ struct LiveSet {
     bytes: u64,
 }
 
-fn live_set(store: &Store, state: &crate::catalog::State) -> Result<LiveSet> {
-    let (_, needed) = crate::gc::mark(
+/// What a state needs stored, as a collection with no grace period sees it.
+fn needed_by(state: &crate::catalog::State) -> HashSet<Digest> {
+    crate::gc::mark(
         state,
         u64::MAX,
         &crate::gc::GcOptions {
             grace_secs: 0,
             ..Default::default()
         },
-    );
+    )
+    .1
+}
+
+fn live_set(store: &Store, state: &crate::catalog::State) -> Result<LiveSet> {
+    live_set_of(store, &needed_by(state))
+}
+
+fn live_set_of(store: &Store, needed: &HashSet<Digest>) -> Result<LiveSet> {
     let header = segment::RECORD_HEADER_LEN as u64;
     let mut out = LiveSet {
         chunks: HashSet::new(),
         recipes: HashSet::new(),
         bytes: 0,
     };
-    for digest in &needed {
+    for digest in needed {
         let recipe = match store.recipe(digest) {
             Ok(r) => r,
             // Linked but not readable (quarantined, or removed under a damaged catalog):
@@ -311,8 +320,9 @@ pub fn freed_by(
 /// to run every minute for metrics. Live is what a collection with no grace period would
 /// keep.
 pub fn liveness(store: &Store) -> Result<Liveness> {
-    let state = store.catalog().read().clone();
-    let live = live_set(store, &state)?.bytes;
+    // (The catalog is read for the mark only, not held while recipes are read.)
+    let needed = needed_by(&store.catalog().read());
+    let live = live_set_of(store, &needed)?.bytes;
     let total = store.footprint().segment_bytes;
     Ok(Liveness {
         live_bytes: live.min(total),
@@ -325,15 +335,7 @@ pub fn liveness(store: &Store) -> Result<Liveness> {
 /// Reads the recipes of every live blob.
 pub fn sharing(store: &Store, groups: &[HashSet<Digest>]) -> Result<Vec<(u64, u64)>> {
     const OUTSIDE: usize = usize::MAX;
-    let state = store.catalog().read().clone();
-    let (_, needed) = crate::gc::mark(
-        &state,
-        u64::MAX,
-        &crate::gc::GcOptions {
-            grace_secs: 0,
-            ..Default::default()
-        },
-    );
+    let needed = needed_by(&store.catalog().read());
     let mut users: HashMap<ChunkId, HashSet<usize>> = HashMap::new();
     for digest in &needed {
         let mut owners: Vec<usize> = groups
