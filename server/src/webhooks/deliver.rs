@@ -12,7 +12,7 @@ use super::event::{sign, Event, Kind};
 use super::{Endpoint, Format};
 
 /// Events read from the outbox at a time.
-const BATCH: usize = 64;
+const BATCH: usize = 256;
 
 pub(super) async fn run(outbox: Outbox, ep: Arc<Endpoint>, source: String, base_url: String) {
     let name = ep.cfg.name.clone();
