@@ -84,7 +84,14 @@ struct EventFile {
     len: u64,
     /// The sequence number after its last record.
     end: u64,
+    /// Where appends made since open began, one every [`MARK_EVERY`] bytes or so:
+    /// (sequence number, offset), so a read from a sequence number need not scan the file
+    /// from its start.
+    marks: Vec<(u64, u64)>,
 }
+
+/// Bytes between two read marks of an event file.
+const MARK_EVERY: u64 = 64 << 10;
 
 struct State {
     /// By first sequence number; the last is the one appended to.
@@ -198,6 +205,11 @@ struct FileRead {
 
 /// Reads the records of an outbox file of `kind`, going on past damaged ones.
 fn read_file(file: &FileHandle, kind: RecordKind) -> Result<FileRead> {
+    read_file_from(file, kind, FILE_HEADER_LEN as u64)
+}
+
+/// [`read_file`] from `start`, where a record begins.
+fn read_file_from(file: &FileHandle, kind: RecordKind, start: u64) -> Result<FileRead> {
     let path = file.path().to_path_buf();
     let mut head = [0u8; FILE_HEADER_LEN];
     file.read_exact_at(&mut head, 0)
@@ -210,7 +222,7 @@ fn read_file(file: &FileHandle, kind: RecordKind) -> Result<FileRead> {
         damage: Vec::new(),
         torn_tail: false,
     };
-    let (_, damage) = segment::scan_salvaging(file, FILE_HEADER_LEN as u64, |rec| {
+    let (_, damage) = segment::scan_salvaging(file, start, |rec| {
         if rec.header.kind == kind {
             out.records.push(rec.payload);
         } else {
@@ -297,6 +309,7 @@ impl Outbox {
                     path,
                     len: end,
                     end: file_end,
+                    marks: Vec::new(),
                 },
             );
         }
@@ -312,6 +325,7 @@ impl Outbox {
                         path: dir.join(&name),
                         len: FILE_HEADER_LEN as u64,
                         end: next_seq,
+                        marks: Vec::new(),
                     },
                 );
                 file
@@ -382,6 +396,14 @@ impl Outbox {
             .values()
             .next_back()
             .map_or(FILE_HEADER_LEN as u64, |f| f.len);
+        if let Some(f) = s.files.values_mut().next_back() {
+            if f.marks
+                .last()
+                .is_none_or(|(_, at)| offset >= at + MARK_EVERY)
+            {
+                f.marks.push((first_seq, offset));
+            }
+        }
         // A failed write or sync leaves the file as it was as far as readers know: the next
         // append writes over whatever part of this one reached the file.
         s.active.write_all_at(&bytes, offset)?;
@@ -401,18 +423,26 @@ impl Outbox {
     /// Up to `max` events from sequence number `from` on that `consumer` gets (events
     /// targeted at another consumer are skipped), in order.
     pub fn read(&self, consumer: &str, from: u64, max: usize) -> Result<Vec<Entry>> {
-        let (paths, next): (Vec<PathBuf>, u64) = {
+        let (paths, next): (Vec<(PathBuf, u64)>, u64) = {
             let s = self.state.lock();
             let paths = s
                 .files
                 .iter()
                 .filter(|(_, f)| f.end > from)
-                .map(|(_, f)| f.path.clone())
+                .map(|(_, f)| {
+                    let start = f
+                        .marks
+                        .iter()
+                        .rev()
+                        .find(|(seq, _)| *seq <= from)
+                        .map_or(FILE_HEADER_LEN as u64, |(_, at)| *at);
+                    (f.path.clone(), start)
+                })
                 .collect();
             (paths, s.next_seq)
         };
         let mut out = Vec::new();
-        for path in paths {
+        for (path, start) in paths {
             let file = match FileHandle::open(self.storage.as_ref(), &path, OpenMode::Read) {
                 Ok(f) => f,
                 // Dropped by the bound meanwhile: its events are gone.
@@ -421,7 +451,7 @@ impl Outbox {
                 }
                 Err(e) => return Err(e),
             };
-            let got = read_file(&file, RecordKind::OutboxEvent)?;
+            let got = read_file_from(&file, RecordKind::OutboxEvent, start)?;
             for r in got.records {
                 let Some(e) = decode_entry(&r) else { continue };
                 // (Only what was acknowledged as appended when this read began.)
@@ -687,6 +717,7 @@ impl Outbox {
                     path: self.dir.join(&name),
                     len: FILE_HEADER_LEN as u64,
                     end: first,
+                    marks: Vec::new(),
                 },
             );
         }

@@ -186,3 +186,33 @@ fn a_new_consumer_starts_at_the_end_and_a_gone_one_holds_nothing() {
     );
     assert!(payloads(&o, "new").is_empty());
 }
+
+#[test]
+fn reads_from_any_sequence_number_find_the_same_events_with_or_without_marks() {
+    let sim = SimStorage::new();
+    let o = open(&sim, 0);
+    o.set_consumers(&["a"]).expect("consumers");
+    for i in 0..3000u32 {
+        let p = format!("event {i} {}", "x".repeat(200));
+        o.append(&[(None, p.as_bytes())], 1, true).expect("append");
+    }
+    // The same outbox opened again has no marks: it scans from each file's start.
+    let cold = open(&sim.crash_image(None), 0);
+    for from in [1, 2, 333, 1500, 2999, 3000, 3001] {
+        let warm: Vec<u64> = o
+            .read("a", from, 50)
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        let want: Vec<u64> = (from..=3000).take(50).collect();
+        assert_eq!(warm, want, "from {from}");
+        let scanned: Vec<u64> = cold
+            .read("a", from, 50)
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(scanned, want, "from {from}, no marks");
+    }
+}

@@ -56,6 +56,8 @@ struct Receiver {
     port: u16,
     got: Arc<Mutex<Vec<Got>>>,
     status: Arc<AtomicU16>,
+    /// Milliseconds to wait before answering.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -67,17 +69,23 @@ impl Receiver {
             port,
             got: Arc::default(),
             status: Arc::new(AtomicU16::new(status)),
+            delay_ms: Arc::default(),
             stop: Arc::default(),
         };
-        let (got, st, stop) = (r.got.clone(), r.status.clone(), r.stop.clone());
+        let (got, st, stop, delay) = (
+            r.got.clone(),
+            r.status.clone(),
+            r.stop.clone(),
+            r.delay_ms.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
-                let (got, st, stop) = (got.clone(), st.clone(), stop.clone());
-                std::thread::spawn(move || serve(conn, &got, &st, &stop));
+                let (got, st, stop, delay) = (got.clone(), st.clone(), stop.clone(), delay.clone());
+                std::thread::spawn(move || serve(conn, &got, &st, &stop, &delay));
             }
         });
         r
@@ -118,7 +126,13 @@ impl Drop for Receiver {
     }
 }
 
-fn serve(conn: TcpStream, got: &Mutex<Vec<Got>>, status: &AtomicU16, stop: &AtomicBool) {
+fn serve(
+    conn: TcpStream,
+    got: &Mutex<Vec<Got>>,
+    status: &AtomicU16,
+    stop: &AtomicBool,
+    delay_ms: &std::sync::atomic::AtomicU64,
+) {
     let mut w = conn.try_clone().expect("clone");
     let mut r = BufReader::new(conn);
     loop {
@@ -154,6 +168,7 @@ fn serve(conn: TcpStream, got: &Mutex<Vec<Got>>, status: &AtomicU16, stop: &Atom
             body,
             at: Instant::now(),
         });
+        std::thread::sleep(Duration::from_millis(delay_ms.load(Ordering::SeqCst)));
         let s = status.load(Ordering::SeqCst);
         if w.write_all(format!("HTTP/1.1 {s} X\r\nContent-Length: 0\r\n\r\n").as_bytes())
             .is_err()
@@ -515,4 +530,54 @@ fn a_namespace_past_its_soft_quota_is_a_quota_warning_event() {
     push_image_as(&r.url(""), "q/a", "v3", 3, 100, &[]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(rx.got().len(), 1);
+}
+
+#[test]
+fn a_receiver_that_never_answers_in_time_is_retried_then_dead_lettered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rx = Receiver::start(0, 200);
+    rx.delay_ms.store(2500, Ordering::SeqCst);
+    let cfg = config(
+        dir.path(),
+        &rx.url(),
+        "events = [\"blob.uploaded\"]\ntimeout_secs = 1\nmax_age_secs = 3\nretry_initial_ms = 100\nretry_max_delay_secs = 1",
+    );
+    let r = Registry::start_args(&dir.path().join("data"), &[], &["--config", &cfg]);
+    let blob = b"slow receiver";
+    let started = Instant::now();
+    let res = call(
+        "POST",
+        &r.url(&format!(
+            "/v2/x/blobs/uploads/?digest={}",
+            crate::sha256(blob)
+        )),
+        &[],
+        Some(blob),
+    );
+    assert_eq!(res.status, 201);
+    // The receiver takes 2.5 s to answer each delivery: the push does not wait for it.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the push waited for the receiver"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let letter = loop {
+        let dead = call("GET", &r.url("/admin/webhooks/dead"), &[], None).json();
+        if let Some(l) = dead["dead_letters"]
+            .as_array()
+            .and_then(|a| a.first())
+            .cloned()
+        {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no dead letter");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no answer within 1 s")),
+        "{letter}"
+    );
+    assert!(rx.got().len() >= 2, "retried: {} attempts", rx.got().len());
 }
