@@ -119,14 +119,16 @@ fn count_pull(app: &App, r: &Route<'_>, res: &Response<ResBody>) {
     let Route::Manifest { name, .. } = r else {
         return;
     };
-    let digest = res
-        .headers()
-        .get("Docker-Content-Digest")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    if let Some(d) = digest {
+    if let Some(d) = response_digest(res).and_then(|v| v.parse().ok()) {
         app.pulls.record(name, d, crate::now_secs());
     }
+}
+
+/// The `Docker-Content-Digest` a handler answered with.
+fn response_digest(res: &Response<ResBody>) -> Option<&str> {
+    res.headers()
+        .get("Docker-Content-Digest")
+        .and_then(|v| v.to_str().ok())
 }
 
 /// The webhook event of a manifest pull, when some endpoint wants it.
@@ -153,7 +155,7 @@ fn pulled(
     let mut e = WebhookEvent::new(WebhookKind::ManifestPulled, access.actor());
     e.repository = Some((*name).to_owned());
     e.tag = (!reference.contains(':')).then(|| (*reference).to_owned());
-    e.digest = header("Docker-Content-Digest");
+    e.digest = response_digest(res).map(str::to_owned);
     e.media_type = header("Content-Type");
     e.size = header("Content-Length").and_then(|v| v.parse().ok());
     e.client = Some(peer.ip().to_string());
@@ -392,11 +394,7 @@ impl Plan {
         let Plan { mut base, kind } = self;
         let mut hooks = Vec::new();
         let status = res.status();
-        let digest = res
-            .headers()
-            .get("Docker-Content-Digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let digest = response_digest(res).map(str::to_owned);
         if digest.is_some() {
             base.digest = digest.clone();
         }

@@ -316,7 +316,22 @@ impl Quotas {
     /// Every namespace's usage; `detail` adds unique and shared physical bytes (it reads
     /// the recipes of every live blob).
     pub fn report(&self, detail: bool) -> Result<Vec<NamespaceUsage>, ApiError> {
-        let state = self.store.catalog().read().clone();
+        // Counts under a short read of the catalog (not held while recipes are read below).
+        let counts: Vec<(usize, usize)> = {
+            let state = self.store.catalog().read();
+            (0..self.rules.len())
+                .map(|ns| {
+                    let tags_most = state
+                        .repos
+                        .iter()
+                        .filter(|(n, _)| self.namespace(n) == Some(ns))
+                        .map(|(_, r)| r.tags.len())
+                        .max()
+                        .unwrap_or(0);
+                    (self.repositories(&state, ns), tags_most)
+                })
+                .collect()
+        };
         let bytes: Vec<u64> = self.usage.lock().iter().map(|u| u.bytes).collect();
         let sharing = if detail {
             let groups: Vec<HashSet<Digest>> = {
@@ -338,14 +353,7 @@ impl Quotas {
             .iter()
             .enumerate()
             .map(|(ns, r)| {
-                let repositories = self.repositories(&state, ns);
-                let tags_most = state
-                    .repos
-                    .iter()
-                    .filter(|(n, _)| self.namespace(n) == Some(ns))
-                    .map(|(_, r)| r.tags.len())
-                    .max()
-                    .unwrap_or(0);
+                let (repositories, tags_most) = counts[ns];
                 let soft = |have: u64, max: Option<u64>| {
                     max.is_some_and(|m| have * 100 >= m * u64::from(r.cfg.soft_percent))
                 };

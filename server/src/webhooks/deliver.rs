@@ -81,7 +81,7 @@ fn wanted(ep: &Endpoint, entry: &Entry) -> Option<Event> {
     {
         return None;
     }
-    if ep.cfg.format == Format::Distribution && event.distribution("", "").is_none() {
+    if ep.cfg.format == Format::Distribution && event.distribution_action().is_none() {
         return None;
     }
     Some(event)

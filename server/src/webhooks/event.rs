@@ -131,6 +131,18 @@ impl Event {
         }
     }
 
+    /// The action Distribution's envelope names this event by, if it has one.
+    pub fn distribution_action(&self) -> Option<&'static str> {
+        Some(match self.kind {
+            Kind::ManifestPushed => "push",
+            Kind::BlobUploaded if self.previous.is_some() => "mount",
+            Kind::BlobUploaded => "push",
+            Kind::ManifestPulled => "pull",
+            Kind::ManifestDeleted | Kind::TagDeleted => "delete",
+            Kind::TagSet | Kind::GcFinished | Kind::QuotaWarning => return None,
+        })
+    }
+
     /// An event about what an audit line records (same actor, client, repository, digest,
     /// tag, request and time).
     pub fn of_audit(kind: Kind, line: &crate::audit::Event) -> Event {
@@ -196,14 +208,7 @@ impl Event {
     /// `None` for kinds Distribution has no action for (`tag.set`, `gc.finished`): a
     /// receiver written for Distribution sees a tag set in the `tag` of a push.
     pub fn distribution(&self, source_addr: &str, base_url: &str) -> Option<Value> {
-        let action = match self.kind {
-            Kind::ManifestPushed => "push",
-            Kind::BlobUploaded if self.previous.is_some() => "mount",
-            Kind::BlobUploaded => "push",
-            Kind::ManifestPulled => "pull",
-            Kind::ManifestDeleted | Kind::TagDeleted => "delete",
-            Kind::TagSet | Kind::GcFinished | Kind::QuotaWarning => return None,
-        };
+        let action = self.distribution_action()?;
         let repo = self.repository.clone().unwrap_or_default();
         let mut target = json!({
             "repository": repo,
