@@ -1,7 +1,8 @@
 //! The on-disk format, pinned: data directories written by format 1 (segments, index files,
 //! a catalog journal) and by format 2 (segments with CatalogDurable records, a folded
 //! catalog with its snapshot and the generation before it, a non-empty active segment, a
-//! quarantine, removed segments, an upload session log) are committed under
+//! quarantine, removed segments, an upload session log) and by format 3 (the same, with tag
+//! times and pull counts) are committed under
 //! `tests/fixtures/`, and every build must open them, read every blob byte-exact and find
 //! them clean. A format change that breaks one must bump the version and keep a reader for
 //! it (docs/format.md).
@@ -21,6 +22,10 @@ fn fixture_2_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-2")
 }
 
+fn fixture_3_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-3")
+}
+
 /// The upload session the format-2 fixture holds, and what it received.
 const SESSION: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
@@ -33,7 +38,22 @@ fn session_bytes() -> Vec<u8> {
 #[test]
 #[ignore = "writes the committed fixture: only for a new format version"]
 fn write_fixture_2() {
-    let dir = fixture_2_dir();
+    write_fixture_folded(&fixture_2_dir(), false);
+}
+
+/// Writes the format-3 fixture (the format-2 one's content, plus tag times and pull counts):
+/// `cargo test -p ballast-engine --test it fixture::write_fixture_3 -- --ignored`. Only for
+/// a new format version.
+#[test]
+#[ignore = "writes the committed fixture: only for a new format version"]
+fn write_fixture_3() {
+    write_fixture_folded(&fixture_3_dir(), true);
+}
+
+/// A folded catalog with its generation before, sealed and active segments, a collected
+/// segment, an upload session and a quarantine; `format_3` adds tag times and pull counts.
+fn write_fixture_folded(dir: &Path, format_3: bool) {
+    let dir = dir.to_path_buf();
     let _ = std::fs::remove_dir_all(&dir);
     let opts = Options {
         catalog_journal_bytes_max: 2048,
@@ -82,9 +102,19 @@ fn write_fixture_2() {
                 repo: "fixture/app".into(),
                 tag: format!("t{i}"),
                 digest: md.clone(),
-                at: 0,
+                at: if format_3 { 1_790_000_000 + i } else { 0 },
             }])
             .expect("tag");
+    }
+    if format_3 {
+        store
+            .commit_ops(vec![Op::Pulled {
+                repo: "fixture/app".into(),
+                digest: md.clone(),
+                count: 7,
+                at: 1_790_000_100,
+            }])
+            .expect("pulled");
     }
     let report = ballast_engine::gc::collect(
         &store,
@@ -140,9 +170,26 @@ fn write_fixture_2() {
 
 #[test]
 fn format_2_fixture_reads_back() {
+    folded_fixture_reads_back(&fixture_2_dir());
+}
+
+#[test]
+fn format_3_fixture_reads_back() {
+    let state = folded_fixture_reads_back(&fixture_3_dir());
+    let repo = &state.repos["fixture/app"];
+    assert_eq!(repo.tag_set_at.len(), 60);
+    assert_eq!(repo.tag_set_at["t59"], 1_790_000_059);
+    let pulls: Vec<_> = repo.pulls.values().collect();
+    assert_eq!(pulls.len(), 1);
+    assert_eq!((pulls[0].count, pulls[0].last), (7, 1_790_000_100));
+}
+
+/// Opens a copy of a folded fixture (format 2 and later), reads every blob back, finds it
+/// clean and finishes its upload session; returns its catalog.
+fn folded_fixture_reads_back(dir: &Path) -> ballast_engine::catalog::State {
     let tmp = tempfile::tempdir().expect("tempdir");
-    copy_dir(&fixture_2_dir(), tmp.path());
-    let store = Store::open(tmp.path(), opts()).expect("format 2 opens");
+    copy_dir(dir, tmp.path());
+    let store = Store::open(tmp.path(), opts()).expect("the fixture opens");
     for b in blobs()
         .iter()
         .chain([b"in the active segment".to_vec()].iter())
@@ -172,6 +219,7 @@ fn format_2_fixture_reads_back() {
         .expect("writer");
     w.finish(&sha256(&data)).expect("finish");
     assert_eq!(store.read_blob(&sha256(&data)).expect("read"), data);
+    state
 }
 
 /// The blobs the fixture holds: random bytes, compressible text (stored zstd-compressed), and
