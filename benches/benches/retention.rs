@@ -35,6 +35,7 @@ fn catalog(repos: u64, tags: u64) -> State {
                     subject: None,
                     references: vec![digest(r, 1_000_000 + t)],
                     pushed_at: at,
+                    origin: None,
                 },
             });
             s.apply(&Op::Tag {

@@ -564,7 +564,14 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                         format!("{name} has manifest {digest}, which is not stored"),
                     ));
                 }
-                for r in &link.references {
+                // (A cached manifest's references are fetched when first pulled.)
+                for r in link
+                    .origin
+                    .is_none()
+                    .then_some(&link.references)
+                    .into_iter()
+                    .flatten()
+                {
                     if !repo.blobs.contains_key(r) && !repo.manifests.contains_key(r) {
                         error(&mut report, FindingCode::ReferenceDangling, None, None, None,
                         format!("manifest {digest} in {name} references {r}, which the repository does not hold"), HINT_REPUSH);

@@ -12,8 +12,8 @@ use crate::segment::{
 
 /// Format of new journal files: 2 adds the SegmentsDurable record before each batch.
 /// Journals of format 1 are read as well.
-pub const JOURNAL_VERSION: u16 = 3;
-const JOURNAL_VERSIONS: [u16; 3] = [1, 2, JOURNAL_VERSION];
+pub const JOURNAL_VERSION: u16 = 4;
+const JOURNAL_VERSIONS: [u16; 4] = [1, 2, 3, JOURNAL_VERSION];
 
 /// The name of generation `generation`'s journal.
 pub(super) fn journal_name(generation: u64) -> String {

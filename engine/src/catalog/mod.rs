@@ -69,8 +69,13 @@ pub struct ManifestLink {
     /// Blobs and manifests it references, for GC and delete checks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub references: Vec<Digest>,
-    /// Seconds since the epoch when it was pushed.
+    /// Seconds since the epoch when it was pushed (or fetched).
     pub pushed_at: u64,
+    /// Where a pull-through cache fetched it from (`<upstream url>/<repository>`; format 4):
+    /// cached content is read-only to clients, and the blobs and manifests it references are
+    /// fetched when first pulled, so the repository may not hold them yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// One repository.

@@ -19,8 +19,8 @@ use crate::segment::{
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"\x89BLSNP\r\n";
 /// Format of new snapshots: 2 writes one record per repository (each with its own CRC, so
 /// damage is located) after a head record. Snapshots of format 1 (one record) are read too.
-pub const SNAPSHOT_VERSION: u16 = 3;
-const SNAPSHOT_VERSIONS: [u16; 3] = [1, 2, SNAPSHOT_VERSION];
+pub const SNAPSHOT_VERSION: u16 = 4;
+const SNAPSHOT_VERSIONS: [u16; 4] = [1, 2, 3, SNAPSHOT_VERSION];
 
 /// A snapshot's head record (format 2).
 #[derive(Serialize, Deserialize)]

@@ -13,6 +13,7 @@ fn link() -> ManifestLink {
         subject: None,
         references: vec![],
         pushed_at: 1,
+        origin: None,
     }
 }
 

@@ -126,6 +126,7 @@ mod tests {
             subject: subject.map(d),
             references: refs.iter().map(|r| d(r)).collect(),
             pushed_at,
+            origin: None,
         }
     }
 

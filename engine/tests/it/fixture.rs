@@ -259,6 +259,7 @@ fn manifest_ops(repo: &str, md: &Digest, len: usize, refs: &[Digest]) -> Vec<Op>
             subject: None,
             references: refs.to_vec(),
             pushed_at: 1_790_000_000,
+            origin: None,
         },
     });
     ops

@@ -47,6 +47,7 @@ pub fn try_publish(
         subject: None,
         references: vec![blob.clone()],
         pushed_at: now_secs(),
+        origin: None,
     };
     store.commit_catalog(|state| {
         // As the server does: the layer must be linked in the repository at commit time (a
@@ -441,4 +442,75 @@ fn a_touched_link_outlives_its_grace_period_from_the_touch() {
     // Past the grace period from the touch, it goes too.
     let r = collect(&store, &opts, now + 3601).expect("gc");
     assert_eq!(r.blob_links_removed, 1, "{r:?}");
+}
+
+/// A cached manifest (format 4 `origin`) may reference blobs the repository does not hold
+/// yet: fsck accepts that for it alone, GC keeps it and keeps what it references once held.
+#[test]
+fn cached_manifests_may_reference_what_is_not_fetched_yet() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(tmp.path(), small()).expect("open");
+    let absent = sha256(b"a layer the cache has not fetched");
+    let layer = seeded(50_000, 41);
+    let held = store
+        .put_blob(&layer, None)
+        .expect("put")
+        .recipe
+        .digest
+        .clone();
+    link(&store, "cache/up/app", &held, now_secs());
+    let put = |tag: &str, origin: Option<&str>| {
+        let manifest = format!("{{\"tag\":\"{tag}\"}}").into_bytes();
+        let md = store
+            .put_blob(&manifest, None)
+            .expect("manifest")
+            .recipe
+            .digest
+            .clone();
+        let link = ManifestLink {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: manifest.len() as u64,
+            artifact_type: None,
+            annotations: Default::default(),
+            subject: None,
+            references: vec![held.clone(), absent.clone()],
+            pushed_at: now_secs(),
+            origin: origin.map(str::to_owned),
+        };
+        store
+            .commit_ops(vec![
+                Op::PutManifest {
+                    repo: "cache/up/app".into(),
+                    digest: md.clone(),
+                    link,
+                },
+                Op::Tag {
+                    repo: "cache/up/app".into(),
+                    tag: tag.into(),
+                    digest: md,
+                    at: now_secs(),
+                },
+            ])
+            .expect("commit");
+    };
+    put("cached", Some("http://127.0.0.1:5000/app"));
+    let report = verify::fsck(&store, &|_, _, _| {});
+    assert!(report.is_clean(), "{:?}", report.findings);
+    let opts = GcOptions {
+        grace_secs: 0,
+        ..Default::default()
+    };
+    collect(&store, &opts, now_secs() + 10).expect("gc");
+    assert_eq!(store.read_blob(&held).expect("kept"), layer);
+    // The same manifest pushed (no origin) is missing a blob.
+    put("pushed", None);
+    let report = verify::fsck(&store, &|_, _, _| {});
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.code == verify::FindingCode::ReferenceDangling),
+        "{:?}",
+        report.findings
+    );
 }

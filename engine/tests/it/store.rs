@@ -878,6 +878,7 @@ fn a_catalog_beyond_rebuild_keeps_its_undamaged_sections_and_lists_unnamed_manif
                             subject: None,
                             references: vec![layer],
                             pushed_at: 1,
+                            origin: None,
                         },
                     },
                 ])

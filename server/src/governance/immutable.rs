@@ -242,6 +242,7 @@ except = ["latest"]
                     subject: None,
                     references: vec![],
                     pushed_at: 0,
+                    origin: None,
                 },
             },
             Op::Tag {

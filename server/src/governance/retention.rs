@@ -613,6 +613,7 @@ mod tests {
             subject,
             references,
             pushed_at,
+            origin: None,
         }
     }
 

@@ -122,6 +122,7 @@ pub fn link_of(
         subject: a.subject,
         references: a.blobs.iter().chain(&a.children).cloned().collect(),
         pushed_at,
+        origin: None,
     };
     Ok((link, a.blobs, a.children))
 }
@@ -385,6 +386,7 @@ pub async fn put(
             .cloned()
             .collect(),
         pushed_at: now_secs(),
+        origin: None,
     };
     let (store, immutable, quotas) = (app.store.clone(), app.immutable(), app.quotas.clone());
     let (repo, d, t) = (name.to_owned(), digest.clone(), tags.clone());
