@@ -101,6 +101,8 @@ pub struct Config {
     pub immutable_tags: Vec<crate::governance::ImmutableTagRule>,
     /// Webhook endpoints (`[[webhooks]]` tables).
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// Pull-through cache upstreams (`[[pull_through]]` tables).
+    pub pull_through: Vec<crate::upstream::UpstreamConfig>,
     /// Bytes the webhook outbox may take; past it the oldest events go, delivered or not.
     pub webhook_outbox_bytes_max: u64,
     /// Authentication and authorization (`[auth]` in the config file).
@@ -196,6 +198,7 @@ impl Default for Config {
             metrics_listen: None,
             public_url: None,
             webhooks: Vec::new(),
+            pull_through: Vec::new(),
             immutable_tags: Vec::new(),
             retention: crate::governance::RetentionConfig::default(),
             quotas: Vec::new(),
@@ -361,6 +364,7 @@ impl Config {
         crate::governance::quota::compile_rules(&self.quotas)?;
         let (_, hook_warnings) = crate::webhooks::compile(&self.webhooks)?;
         warnings.extend(hook_warnings);
+        crate::upstream::compile(&self.pull_through)?;
         if self.pull_flush_secs == 0 {
             bail!("pull_flush_secs must be at least 1");
         }

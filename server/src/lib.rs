@@ -17,6 +17,7 @@ pub mod pulls;
 pub mod routes;
 pub mod tag;
 mod tls;
+pub mod upstream;
 pub mod webhooks;
 
 use std::convert::Infallible;
@@ -66,6 +67,8 @@ pub struct App {
     pub quotas: Arc<governance::Quotas>,
     /// Manifest pulls waiting to be committed to the catalog.
     pub pulls: pulls::PullRecorder,
+    /// The pull-through cache's upstreams.
+    pub pull_through: upstream::PullThrough,
 }
 
 impl App {
@@ -136,6 +139,8 @@ impl Server {
         )
         .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let uploads = ballast_engine::Uploads::with_limits(&store, config.upload_limits());
+        let pull_through =
+            upstream::PullThrough::new(upstream::compile(&config.pull_through)?, &config.data)?;
         let (endpoints, _) = webhooks::compile(&config.webhooks)?;
         let hooks = {
             let (store, bytes_max) = (store.clone(), config.webhook_outbox_bytes_max);
@@ -150,6 +155,7 @@ impl Server {
             store.clone(),
             uploads.clone(),
             hooks.clone(),
+            pull_through.upstreams().to_vec(),
         ));
         let metrics_listener = match config.metrics_listen {
             Some(a) => Some(
@@ -171,6 +177,7 @@ impl Server {
                 &config.immutable_tags,
             )?)),
             pulls: pulls::PullRecorder::default(),
+            pull_through,
             quotas: {
                 let (store, rules) = (store.clone(), config.quotas.clone());
                 tokio::task::spawn_blocking(move || governance::Quotas::install(&store, &rules))
@@ -277,6 +284,7 @@ async fn accept_loop(
     let deliveries = app.webhooks.start();
     let pull_flush = tokio::spawn(pulls::flush_loop(app.clone()));
     let retention = tokio::spawn(governance::retention::scheduled(app.clone()));
+    let evict = tokio::spawn(upstream::evict::scheduled(app.clone()));
     let disk = tokio::spawn(watch_disk(app.clone()));
     loop {
         tokio::select! {
@@ -329,6 +337,7 @@ async fn accept_loop(
     liveness.abort();
     pull_flush.abort();
     retention.abort();
+    evict.abort();
     // (An event being sent is sent again at the next start: at least once.)
     for d in deliveries {
         d.abort();

@@ -107,6 +107,7 @@ impl Metrics {
         store: Store,
         uploads: Uploads,
         webhooks: Arc<crate::webhooks::Webhooks>,
+        upstreams: Vec<Arc<crate::upstream::Upstream>>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("ballast");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -215,6 +216,9 @@ impl Metrics {
             blob_sizes: Mutex::default(),
         }));
         registry.register_collector(Box::new(WebhookCollector(webhooks)));
+        if !upstreams.is_empty() {
+            registry.register_collector(Box::new(PullThroughCollector(upstreams)));
+        }
         Metrics {
             registry,
             requests,
@@ -360,7 +364,9 @@ fn route_index(kind: Option<PathKind>) -> usize {
             | PathKind::AdminUsage
             | PathKind::AdminWebhooks
             | PathKind::AdminWebhooksDead
-            | PathKind::AdminWebhooksRedeliver,
+            | PathKind::AdminWebhooksRedeliver
+            | PathKind::AdminPullThrough
+            | PathKind::AdminPullThroughEvict,
         ) => "admin",
         Some(PathKind::Token) => "token",
         Some(PathKind::Metrics) => "metrics",
@@ -687,6 +693,91 @@ impl Collector for WebhookCollector {
             "Events given up on, waiting for an admin (redeliver or leave)",
             None,
             stats.dead_letters as i64,
+        )
+    }
+}
+
+/// Reads the pull-through upstreams' counters at each scrape.
+struct PullThroughCollector(Vec<Arc<crate::upstream::Upstream>>);
+
+impl std::fmt::Debug for PullThroughCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PullThroughCollector")
+    }
+}
+
+impl Collector for PullThroughCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        {
+            let mut m = e.encode_descriptor(
+                "pull_through_upstream_requests",
+                "Requests to pull-through upstreams by outcome (ok, not_found, unreachable, \
+                 rate_limited, denied, failed)",
+                None,
+                MetricType::Counter,
+            )?;
+            for u in &self.0 {
+                let counts: Vec<(&'static str, u64)> = u
+                    .counters
+                    .requests
+                    .lock()
+                    .iter()
+                    .map(|(k, v)| (*k, *v))
+                    .collect();
+                for (outcome, v) in counts {
+                    let labels = [("upstream", u.cfg.name.as_str()), ("outcome", outcome)];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let per_upstream = |e: &mut DescriptorEncoder,
+                            name: &str,
+                            help: &str,
+                            unit: Option<Unit>,
+                            v: &dyn Fn(&crate::upstream::Upstream) -> u64|
+         -> std::fmt::Result {
+            let mut m = e.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
+            for u in &self.0 {
+                let labels = [("upstream", u.cfg.name.as_str())];
+                ConstCounter::new(v(u)).encode(m.encode_family(&labels)?)?;
+            }
+            Ok(())
+        };
+        per_upstream(
+            &mut e,
+            "pull_through_fetched",
+            "Bytes fetched from pull-through upstreams (manifests and blobs)",
+            Some(Unit::Bytes),
+            &|u| u.counters.bytes.load(Relaxed),
+        )?;
+        per_upstream(
+            &mut e,
+            "pull_through_manifests_cached",
+            "Manifests fetched and stored by the pull-through cache",
+            None,
+            &|u| u.counters.manifest_fills.load(Relaxed),
+        )?;
+        per_upstream(
+            &mut e,
+            "pull_through_blobs_cached",
+            "Blobs fetched and stored by the pull-through cache",
+            None,
+            &|u| u.counters.blob_fills.load(Relaxed),
+        )?;
+        per_upstream(
+            &mut e,
+            "pull_through_offline_serves",
+            "Tag pulls answered from the cache because the upstream could not be asked",
+            None,
+            &|u| u.counters.offline_serves.load(Relaxed),
+        )?;
+        per_upstream(
+            &mut e,
+            "pull_through_evicted_images",
+            "Cached images evicted",
+            None,
+            &|u| u.counters.evicted.load(Relaxed),
         )
     }
 }

@@ -43,6 +43,10 @@ pub enum Route<'a> {
     AdminWebhooksDead,
     /// `/admin/webhooks/dead/redeliver`: send dead letters again.
     AdminWebhooksRedeliver,
+    /// `/admin/pull-through`: each upstream's state.
+    AdminPullThrough,
+    /// `/admin/pull-through/evict`: run the cache's eviction now.
+    AdminPullThroughEvict,
 }
 
 /// Which path an endpoint serves (a [`Route`] without its parameters).
@@ -82,6 +86,10 @@ pub enum PathKind {
     AdminWebhooksDead,
     /// `/admin/webhooks/dead/redeliver`
     AdminWebhooksRedeliver,
+    /// `/admin/pull-through`
+    AdminPullThrough,
+    /// `/admin/pull-through/evict`
+    AdminPullThroughEvict,
 }
 
 impl Route<'_> {
@@ -105,6 +113,8 @@ impl Route<'_> {
             Route::AdminWebhooks => PathKind::AdminWebhooks,
             Route::AdminWebhooksDead => PathKind::AdminWebhooksDead,
             Route::AdminWebhooksRedeliver => PathKind::AdminWebhooksRedeliver,
+            Route::AdminPullThrough => PathKind::AdminPullThrough,
+            Route::AdminPullThroughEvict => PathKind::AdminPullThroughEvict,
         }
     }
 
@@ -145,6 +155,10 @@ pub enum Endpoint {
     AdminWebhooksDead,
     /// `POST /admin/webhooks/dead/redeliver`.
     AdminWebhooksRedeliver,
+    /// `GET /admin/pull-through`.
+    AdminPullThrough,
+    /// `POST /admin/pull-through/evict`.
+    AdminPullThroughEvict,
     /// `GET /v2/_catalog`.
     Catalog,
     /// `GET /v2/<name>/tags/list`.
@@ -221,6 +235,8 @@ pub enum AuditKind {
     WebhookRedeliver,
     /// `retention.run` (each deletion is audited by the run).
     Retention,
+    /// `pull_through.evict` (what it evicted is audited by the run).
+    PullThroughEvict,
 }
 
 /// One endpoint: its methods and path, what it requires, what is audited.
@@ -281,6 +297,20 @@ pub static ENDPOINTS: &[Descriptor] = &[
         AdminRetention,
         Requires::Admin,
         Audit::Change(AuditKind::Retention)
+    ),
+    endpoint!(
+        AdminPullThrough,
+        GET,
+        AdminPullThrough,
+        Requires::Admin,
+        Audit::Read
+    ),
+    endpoint!(
+        AdminPullThroughEvict,
+        &[Method::POST],
+        AdminPullThroughEvict,
+        Requires::Admin,
+        Audit::Change(AuditKind::PullThroughEvict)
     ),
     endpoint!(
         AdminWebhooks,
@@ -437,6 +467,8 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "/admin/webhooks" => return Some(Route::AdminWebhooks),
         "/admin/webhooks/dead" => return Some(Route::AdminWebhooksDead),
         "/admin/webhooks/dead/redeliver" => return Some(Route::AdminWebhooksRedeliver),
+        "/admin/pull-through" => return Some(Route::AdminPullThrough),
+        "/admin/pull-through/evict" => return Some(Route::AdminPullThroughEvict),
         _ => {}
     }
     let rest = path.strip_prefix("/v2")?;

@@ -45,7 +45,7 @@ pub fn run(dir: &Path, target: &str, digest: &str, audit_log: &Path, out: &mut d
         Err(e) => return fail(out, EXIT_FINDINGS, format!("{digest} cannot be read: {e}")),
     };
     let (link, blobs, children) =
-        match crate::handlers::manifests::link_of(&bytes, crate::now_secs()) {
+        match crate::handlers::manifests::link_of(&bytes, None, crate::now_secs()) {
             Ok(x) => x,
             Err(e) => {
                 return fail(

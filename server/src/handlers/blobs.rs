@@ -13,6 +13,7 @@ use super::{blocking, check_name, linked, parse_digest, reply};
 use crate::body::{parse_ranges, ChannelBody, Ranges, ResBody};
 use crate::error::ApiError;
 use crate::App;
+use std::sync::Arc;
 
 enum Part {
     Bytes(Bytes),
@@ -20,7 +21,7 @@ enum Part {
 }
 
 pub async fn get(
-    app: &App,
+    app: &Arc<App>,
     name: &str,
     digest: &str,
     req: &Request<Incoming>,
@@ -29,9 +30,17 @@ pub async fn get(
     check_name(name)?;
     let digest = parse_digest(digest)?;
     if !linked(app, name, &digest) {
-        return Err(ApiError::BlobUnknown(format!(
-            "blob {digest} is not in repository {name}"
-        )));
+        let Some(up) = app.pull_through.upstream_for(name) else {
+            return Err(ApiError::BlobUnknown(format!(
+                "blob {digest} is not in repository {name}"
+            )));
+        };
+        let up = up.clone();
+        if let Some(r) =
+            crate::upstream::serve_missing_blob(app, &up, name, &digest, req, head).await?
+        {
+            return Ok(r);
+        }
     }
     // A client told the blob is here may skip uploading it and push a manifest naming it:
     // a collection keeps the link through the grace period from now. (One that is already

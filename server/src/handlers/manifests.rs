@@ -108,12 +108,14 @@ fn descriptor(v: &Value, what: &str) -> Result<(Digest, Option<String>, bool), A
 }
 
 /// What a catalog needs to name a stored manifest: its link (media type, references, ...),
-/// the blobs it references and the manifests an index lists. For `ballast tag`.
+/// the blobs it references and the manifests an index lists. For `ballast tag` and the
+/// pull-through cache (`content_type`: what it was served with, if known).
 pub fn link_of(
     bytes: &[u8],
+    content_type: Option<&str>,
     pushed_at: u64,
 ) -> Result<(ManifestLink, Vec<Digest>, Vec<Digest>), ApiError> {
-    let a = analyze(bytes, None)?;
+    let a = analyze(bytes, content_type)?;
     let link = ManifestLink {
         media_type: a.media_type,
         size: bytes.len() as u64,
@@ -265,7 +267,11 @@ pub async fn get(
     head: bool,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
-    let reference = parse_existing_reference(reference)?;
+    let parsed = parse_existing_reference(reference)?;
+    if let Some(up) = app.pull_through.upstream_for(name) {
+        crate::upstream::fill_manifest(app, up, name, reference).await?;
+    }
+    let reference = parsed;
     let (digest, media_type, size) = {
         let state = app.store.catalog().read();
         let (digest, link) = resolve(&state, name, &reference).map_err(|e| match e {

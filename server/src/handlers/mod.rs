@@ -89,6 +89,21 @@ pub async fn dispatch(
                 crate::governance::retention::run_in_server(app, dry_run, &access.actor()).await?;
             Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))
         }
+        (Endpoint::AdminPullThrough, _) => {
+            let ups: Vec<serde_json::Value> = app
+                .pull_through
+                .upstreams()
+                .iter()
+                .map(|u| u.status())
+                .collect();
+            Ok(reply(StatusCode::OK).json(&serde_json::json!({ "upstreams": ups })))
+        }
+        (Endpoint::AdminPullThroughEvict, _) => {
+            let q = query(&req);
+            let dry_run = first(&q, "dry_run").is_some_and(|v| v == "true" || v == "1");
+            let report = crate::upstream::evict::run(app, dry_run, &access.actor()).await?;
+            Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))
+        }
         (Endpoint::Metrics, _) => metrics(app).await,
         (Endpoint::Catalog, _) => listing::catalog(app, access, &req),
         (Endpoint::Tags, Route::Tags { name }) => listing::tags(app, name, &req),
@@ -99,9 +114,11 @@ pub async fn dispatch(
             blobs::get(app, name, digest, &req, head).await
         }
         (Endpoint::BlobDelete, Route::Blob { name, digest }) => {
+            app.pull_through.refuse_writes(name)?;
             blobs::delete(app, name, digest).await
         }
         (Endpoint::UploadStart, Route::UploadStart { name }) => {
+            app.pull_through.refuse_writes(name)?;
             app.quotas.check_upload(name)?;
             uploads::start(app, access, name, req).await
         }
@@ -122,9 +139,11 @@ pub async fn dispatch(
             manifests::get(app, name, reference, head).await
         }
         (Endpoint::ManifestPut, Route::Manifest { name, reference }) => {
+            app.pull_through.refuse_writes(name)?;
             manifests::put(app, name, reference, req).await
         }
         (Endpoint::ManifestDelete, Route::Manifest { name, reference }) => {
+            app.pull_through.refuse_writes(name)?;
             manifests::delete(app, name, reference).await
         }
         (e, r) => Err(ApiError::Internal(format!(

@@ -36,13 +36,13 @@ fn run_text(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run_ok(cmd)).into_owned()
 }
 
-fn skopeo(args: &[&str]) -> String {
+pub fn skopeo(args: &[&str]) -> String {
     run_text(Command::new("skopeo").args(args))
 }
 
 /// Pushes the image (or index, with every platform) tagged `tag` in `layout` to `dest`, with
 /// the layout's digests.
-fn push_layout_all(layout: &Path, tag: &str, dest: &str) {
+pub fn push_layout_all(layout: &Path, tag: &str, dest: &str) {
     skopeo(&[
         "copy",
         "--quiet",
@@ -54,7 +54,7 @@ fn push_layout_all(layout: &Path, tag: &str, dest: &str) {
     ]);
 }
 
-fn require(program: &str) {
+pub fn require(program: &str) {
     // The project's scripts install the clients (scripts/install-test-deps); a missing one is a
     // broken setup, not a reason to pass.
     assert!(
@@ -63,7 +63,7 @@ fn require(program: &str) {
     );
 }
 
-fn blob_files(layout: &Path) -> Vec<(String, Vec<u8>)> {
+pub fn blob_files(layout: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(layout.join("blobs/sha256"))
         .expect("blobs")
         .map(|e| {

@@ -1,0 +1,415 @@
+//! The HTTP client of one upstream registry: the distribution API's reads (manifests and
+//! blobs, `GET` and `HEAD`), with the credentials it asks for: HTTP basic, or the token flow
+//! (a `401` with a `Bearer` challenge names the realm that hands out tokens for a scope; the
+//! token is kept per scope until shortly before it expires).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ballast_engine::Digest;
+use parking_lot::Mutex;
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+
+use super::UpstreamConfig;
+
+/// The manifest media types asked for (what Ballast stores and serves).
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+     application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json, \
+     application/vnd.docker.distribution.manifest.v2+json";
+
+/// Why an upstream request did not give what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The upstream says it does not have it (404).
+    NotFound,
+    /// No connection, a timeout, or an answer cut short.
+    Unreachable(String),
+    /// The upstream rate-limits this registry (429).
+    RateLimited,
+    /// The upstream refused the credentials (401/403 after authenticating).
+    Denied(String),
+    /// Any other answer (a 5xx, an unexpected status or body).
+    Failed(String),
+}
+
+impl Failure {
+    /// The label counted in the metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Failure::NotFound => "not_found",
+            Failure::Unreachable(_) => "unreachable",
+            Failure::RateLimited => "rate_limited",
+            Failure::Denied(_) => "denied",
+            Failure::Failed(_) => "failed",
+        }
+    }
+
+    /// True when cached content should be served instead (offline mode): the upstream is
+    /// down, slow, rate-limiting or failing, not saying the content is gone.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Failure::Unreachable(_) | Failure::RateLimited | Failure::Failed(_)
+        )
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::NotFound => write!(f, "not found upstream"),
+            Failure::Unreachable(why) => write!(f, "upstream unreachable: {why}"),
+            Failure::RateLimited => write!(f, "upstream rate-limits this registry (429)"),
+            Failure::Denied(why) => write!(f, "upstream refused the credentials: {why}"),
+            Failure::Failed(why) => write!(f, "upstream failed: {why}"),
+        }
+    }
+}
+
+/// A bearer token for one scope.
+struct Token {
+    value: String,
+    until: Instant,
+}
+
+/// One upstream's client.
+pub struct Client {
+    http: reqwest::Client,
+    /// `scheme://host[:port]`, no trailing slash.
+    base: String,
+    basic: Option<(String, String)>,
+    /// Bearer tokens by scope.
+    tokens: Mutex<HashMap<String, Token>>,
+}
+
+impl Client {
+    /// Builds the client of an upstream (its CA file read now).
+    pub fn new(c: &UpstreamConfig, password: Option<String>) -> anyhow::Result<Client> {
+        let timeout = Duration::from_secs(c.timeout_secs);
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            // Between two reads of a body, not the whole transfer (layers are large).
+            .read_timeout(timeout)
+            .user_agent(concat!("ballast/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &c.ca_file {
+            let pem = std::fs::read(ca).with_context(|| {
+                format!(
+                    "pull_through {:?}: reading ca_file {}",
+                    c.name,
+                    ca.display()
+                )
+            })?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+                format!(
+                    "pull_through {:?}: ca_file {} is not PEM certificates",
+                    c.name,
+                    ca.display()
+                )
+            })? {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        Ok(Client {
+            http: http
+                .build()
+                .with_context(|| format!("pull_through {:?}: its HTTP client", c.name))?,
+            base: c.url.trim_end_matches('/').to_owned(),
+            basic: c.username.clone().zip(password),
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `HEAD` of a manifest: its digest (when the upstream names it) and media type.
+    pub async fn head_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<(Option<Digest>, Option<String>), Failure> {
+        let r = self
+            .send(
+                Method::HEAD,
+                repo,
+                &format!("manifests/{reference}"),
+                Some(MANIFEST_ACCEPT),
+            )
+            .await?;
+        Ok((content_digest(r.headers()), content_type(r.headers())))
+    }
+
+    /// `GET` of a manifest, at most `max` bytes: its bytes, media type and the digest the
+    /// upstream names (checked by the caller).
+    pub async fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        max: usize,
+    ) -> Result<(Vec<u8>, Option<String>, Option<Digest>), Failure> {
+        let mut r = self
+            .send(
+                Method::GET,
+                repo,
+                &format!("manifests/{reference}"),
+                Some(MANIFEST_ACCEPT),
+            )
+            .await?;
+        let (ct, digest) = (content_type(r.headers()), content_digest(r.headers()));
+        let mut bytes = Vec::new();
+        while let Some(c) = r.chunk().await.map_err(unreachable)? {
+            if bytes.len() + c.len() > max {
+                return Err(Failure::Failed(format!(
+                    "the manifest is larger than manifest_bytes_max ({max} bytes)"
+                )));
+            }
+            bytes.extend_from_slice(&c);
+        }
+        Ok((bytes, ct, digest))
+    }
+
+    /// `HEAD` of a blob: its size.
+    pub async fn head_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, Failure> {
+        let r = self
+            .send(Method::HEAD, repo, &format!("blobs/{digest}"), None)
+            .await?;
+        Ok(r.headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
+    }
+
+    /// `GET` of a blob: the response, its body still to read.
+    pub async fn get_blob(&self, repo: &str, digest: &Digest) -> Result<Response, Failure> {
+        self.send(Method::GET, repo, &format!("blobs/{digest}"), None)
+            .await
+    }
+
+    /// Sends a request (redirects followed, as registries send blobs to storage), answering
+    /// one authentication challenge; a success or the failure it is.
+    async fn send(
+        &self,
+        method: Method,
+        repo: &str,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<Response, Failure> {
+        let url = format!("{}/v2/{repo}/{path}", self.base);
+        let scope = format!("repository:{repo}:pull");
+        let mut auth = self.cached_token(&scope).map(|t| format!("Bearer {t}"));
+        let mut challenged = false;
+        loop {
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(a) = accept {
+                req = req.header(ACCEPT, a);
+            }
+            if let Some(a) = &auth {
+                req = req.header(AUTHORIZATION, a);
+            }
+            let r = req.send().await.map_err(unreachable)?;
+            let status = r.status();
+            if status.is_success() {
+                return Ok(r);
+            }
+            if status == StatusCode::UNAUTHORIZED && !challenged {
+                challenged = true;
+                let challenge = r
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                auth = Some(self.answer(&challenge, &scope).await?);
+                continue;
+            }
+            return Err(match status {
+                StatusCode::NOT_FOUND => Failure::NotFound,
+                StatusCode::TOO_MANY_REQUESTS => Failure::RateLimited,
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    Failure::Denied(format!("{method} {url}: {status}"))
+                }
+                s => Failure::Failed(format!("{method} {url}: {s}")),
+            });
+        }
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<String> {
+        let tokens = self.tokens.lock();
+        tokens
+            .get(scope)
+            .filter(|t| t.until > Instant::now())
+            .map(|t| t.value.clone())
+    }
+
+    /// The `Authorization` value that answers a challenge.
+    async fn answer(&self, challenge: &str, scope: &str) -> Result<String, Failure> {
+        let (scheme, params) = parse_challenge(challenge);
+        if scheme.eq_ignore_ascii_case("basic") {
+            return match &self.basic {
+                Some((u, p)) => Ok(basic(u, p)),
+                None => Err(Failure::Denied(
+                    "it asks for a username and password; set username and password_file".into(),
+                )),
+            };
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Failure::Denied(format!(
+                "unsupported authentication challenge {challenge:?}"
+            )));
+        }
+        let realm = params.get("realm").ok_or_else(|| {
+            Failure::Denied(format!("a Bearer challenge without a realm: {challenge:?}"))
+        })?;
+        let scope = params.get("scope").map_or(scope, String::as_str);
+        let query = {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            if let Some(s) = params.get("service") {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+            q.finish()
+        };
+        let sep = if realm.contains('?') { '&' } else { '?' };
+        let mut req = self.http.get(format!("{realm}{sep}{query}"));
+        if let Some((u, p)) = &self.basic {
+            req = req.header(AUTHORIZATION, basic(u, p));
+        }
+        let r = req.send().await.map_err(unreachable)?;
+        let status = r.status();
+        if !status.is_success() {
+            return Err(if status == StatusCode::TOO_MANY_REQUESTS {
+                Failure::RateLimited
+            } else if status.is_server_error() {
+                Failure::Failed(format!("the token service {realm} answered {status}"))
+            } else {
+                Failure::Denied(format!("the token service {realm} answered {status}"))
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenBody {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let bytes = r.bytes().await.map_err(unreachable)?;
+        let body: TokenBody = serde_json::from_slice(&bytes)
+            .map_err(|e| Failure::Failed(format!("the token service {realm}: {e}")))?;
+        let value = body
+            .token
+            .or(body.access_token)
+            .ok_or_else(|| Failure::Failed(format!("the token service {realm} sent no token")))?;
+        // Kept until 10 s before it expires (60 s when the service does not say: the
+        // spec's default).
+        let life = body.expires_in.unwrap_or(60).saturating_sub(10);
+        self.tokens.lock().insert(
+            scope.to_owned(),
+            Token {
+                value: value.clone(),
+                until: Instant::now() + Duration::from_secs(life),
+            },
+        );
+        Ok(format!("Bearer {value}"))
+    }
+}
+
+fn unreachable(e: reqwest::Error) -> Failure {
+    // (The source chain says why: connection refused, timed out, ...)
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        why.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    Failure::Unreachable(why)
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+fn content_digest(h: &HeaderMap) -> Option<Digest> {
+    h.get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn content_type(h: &HeaderMap) -> Option<String> {
+    h.get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Splits `Scheme k="v",k2=v2` into the scheme and its parameters.
+pub fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
+    let h = h.trim();
+    let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
+    let mut params = HashMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
+            // A quoted string: up to the closing quote, `\"` escaped.
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            value.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, &quoted[end.min(quoted.len())..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_owned(), &after[end..])
+        };
+        params.insert(key, value);
+        rest = tail.trim_start().trim_start_matches(',').trim_start();
+    }
+    (scheme.to_owned(), params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_challenges() {
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(s, "Bearer");
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull,push");
+        let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
+        assert_eq!(
+            (s.as_str(), p["realm"].as_str()),
+            ("Basic", "Registry Realm")
+        );
+        let (_, p) = parse_challenge(r#"Bearer realm=x, error="a \"b\"""#);
+        assert_eq!((p["realm"].as_str(), p["error"].as_str()), ("x", "a \"b\""));
+        let (s, p) = parse_challenge("Bearer");
+        assert_eq!((s.as_str(), p.len()), ("Bearer", 0));
+    }
+}

@@ -1,0 +1,325 @@
+//! Real peers for the pull-through and replication tests: CNCF Distribution (Debian
+//! `docker-registry`), and a tap: an HTTP proxy the test puts between Ballast and a peer to
+//! count the requests that reach the peer and to corrupt blob bytes on the way.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use parking_lot::Mutex;
+
+use crate::http::{call, try_call};
+use crate::{have, seeded, sha256};
+
+/// A `docker-registry serve` process on a free loopback port (killed on drop).
+pub struct Distribution {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Distribution {
+    /// Starts Distribution with filesystem storage; with `users`, htpasswd auth (bcrypt
+    /// lines from Apache's `htpasswd -B`).
+    pub fn start(users: &[(&str, &str)]) -> Distribution {
+        assert!(
+            have("docker-registry"),
+            "docker-registry is not installed: run scripts/install-test-deps"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut yml = format!(
+            "version: 0.1\nlog: {{ level: error }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp: {{ addr: {addr} }}\n",
+            dir.path().join("data").display()
+        );
+        if !users.is_empty() {
+            let mut lines = String::new();
+            for (u, p) in users {
+                let out = Command::new("htpasswd")
+                    .args(["-nbB", "-C", "4", u, p])
+                    .output()
+                    .expect("htpasswd");
+                assert!(out.status.success());
+                lines.push_str(String::from_utf8_lossy(&out.stdout).trim());
+                lines.push('\n');
+            }
+            let f = dir.path().join("htpasswd");
+            std::fs::write(&f, lines).expect("htpasswd file");
+            yml.push_str(&format!(
+                "auth:\n  htpasswd: {{ realm: test, path: {} }}\n",
+                f.display()
+            ));
+        }
+        let config = dir.path().join("config.yml");
+        std::fs::write(&config, yml).expect("config");
+        let mut d = Distribution {
+            child: None,
+            addr,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while try_call("GET", &self.url("/v2/"), &[], None).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not start: {}",
+                std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Kills it (its data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An image pushed by [`push_image`].
+pub struct Pushed {
+    pub manifest: Vec<u8>,
+    pub digest: String,
+    pub config: Vec<u8>,
+    pub layer: Vec<u8>,
+    pub layer_digest: String,
+}
+
+/// Pushes an image (a config and one layer of `len` seeded bytes) the way every registry
+/// takes it (POST, then PUT with the bytes), then its manifest.
+pub fn push_image(
+    base: &str,
+    repo: &str,
+    tag: &str,
+    seed: u64,
+    len: usize,
+    headers: &[(&str, &str)],
+) -> Pushed {
+    let config =
+        format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
+    let layer = seeded(len, seed);
+    let mut descs = Vec::new();
+    for (data, media) in [
+        (&config, "application/vnd.oci.image.config.v1+json"),
+        (&layer, "application/vnd.oci.image.layer.v1.tar"),
+    ] {
+        let d = sha256(data);
+        let res = call(
+            "POST",
+            &format!("{base}/v2/{repo}/blobs/uploads/"),
+            headers,
+            None,
+        );
+        assert_eq!(res.status, 202, "{}", String::from_utf8_lossy(&res.body));
+        let loc = res.header("location").expect("Location").to_owned();
+        let loc = if loc.starts_with('/') {
+            format!("{base}{loc}")
+        } else {
+            loc
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let res = call("PUT", &format!("{loc}{sep}digest={d}"), headers, Some(data));
+        assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+        descs.push(serde_json::json!({"mediaType": media, "digest": d, "size": data.len()}));
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": descs[0],
+        "layers": [descs[1]],
+    })
+    .to_string()
+    .into_bytes();
+    let mut h = headers.to_vec();
+    h.push(("Content-Type", "application/vnd.oci.image.manifest.v1+json"));
+    let res = call(
+        "PUT",
+        &format!("{base}/v2/{repo}/manifests/{tag}"),
+        &h,
+        Some(&manifest),
+    );
+    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    Pushed {
+        digest: sha256(&manifest),
+        layer_digest: sha256(&layer),
+        manifest,
+        config,
+        layer,
+    }
+}
+
+/// An HTTP proxy in front of a peer: logs `METHOD path` of every request it forwards, and
+/// flips a byte in the middle of blob bodies while `corrupt` is set.
+pub struct Tap {
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    pub corrupt: Arc<AtomicBool>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Tap {
+    pub fn start(upstream: &str) -> Tap {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let corrupt = Arc::new(AtomicBool::new(false));
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let upstream = upstream.trim_end_matches('/').to_owned();
+        let (l, c) = (log.clone(), corrupt.clone());
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (l, c, client, upstream) =
+                    (l.clone(), c.clone(), client.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        forward(req, upstream.clone(), client.clone(), l.clone(), c.clone())
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Tap {
+            addr,
+            log,
+            corrupt,
+            rt: Some(rt),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The requests forwarded since the last call.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.log.lock())
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    upstream: String,
+    client: reqwest::Client,
+    log: Arc<Mutex<Vec<String>>>,
+    corrupt: Arc<AtomicBool>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_owned(), |p| p.to_string());
+    log.lock().push(format!("{method} {path}"));
+    let mut r = client.request(method.clone(), format!("{upstream}{path}"));
+    for (k, v) in req.headers() {
+        if k != hyper::header::HOST {
+            r = r.header(k, v);
+        }
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let resp = match r.body(body).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(Response::builder()
+                .status(502)
+                .body(Full::new(Bytes::from(e.to_string())))
+                .expect("response"))
+        }
+    };
+    let mut out = Response::builder().status(resp.status().as_u16());
+    for (k, v) in resp.headers() {
+        if k != hyper::header::TRANSFER_ENCODING && k != hyper::header::CONNECTION {
+            out = out.header(k, v);
+        }
+    }
+    let mut bytes = resp.bytes().await.unwrap_or_default().to_vec();
+    if corrupt.load(Ordering::SeqCst)
+        && method == hyper::Method::GET
+        && path.contains("/blobs/")
+        && bytes.len() > 100
+    {
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+    }
+    Ok(out.body(Full::new(Bytes::from(bytes))).expect("response"))
+}
+
+/// A directory for a config file and the like, and the path of a file in it.
+pub fn config_file(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let p = dir.path().join("ballast.toml");
+    std::fs::write(&p, text).expect("config");
+    p
+}
