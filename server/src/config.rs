@@ -103,6 +103,8 @@ pub struct Config {
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
     /// Pull-through cache upstreams (`[[pull_through]]` tables).
     pub pull_through: Vec<crate::upstream::UpstreamConfig>,
+    /// Replication rules (`[[replication]]` tables).
+    pub replication: Vec<crate::replication::ReplicationConfig>,
     /// Bytes the webhook outbox may take; past it the oldest events go, delivered or not.
     pub webhook_outbox_bytes_max: u64,
     /// Authentication and authorization (`[auth]` in the config file).
@@ -199,6 +201,7 @@ impl Default for Config {
             public_url: None,
             webhooks: Vec::new(),
             pull_through: Vec::new(),
+            replication: Vec::new(),
             immutable_tags: Vec::new(),
             retention: crate::governance::RetentionConfig::default(),
             quotas: Vec::new(),
@@ -365,6 +368,7 @@ impl Config {
         let (_, hook_warnings) = crate::webhooks::compile(&self.webhooks)?;
         warnings.extend(hook_warnings);
         crate::upstream::compile(&self.pull_through)?;
+        crate::replication::compile(&self.replication)?;
         if self.pull_flush_secs == 0 {
             bail!("pull_flush_secs must be at least 1");
         }

@@ -365,6 +365,11 @@ impl Plan {
                 base.reason = req.uri().query().map(|q| format!("on request: {q}"));
                 Kind::AdminAction
             }
+            (AuditKind::ReplicationReconcile, _) => {
+                base.action = "replication.reconcile".into();
+                base.reason = req.uri().query().map(|q| format!("on request: {q}"));
+                Kind::AdminAction
+            }
             (AuditKind::PullThroughEvict, _) => {
                 base.action = "pull_through.evict.run".into();
                 base.reason = req.uri().query().map(|q| format!("on request: {q}"));

@@ -14,6 +14,8 @@ mod handlers;
 pub mod logbuf;
 pub mod metrics;
 pub mod pulls;
+pub mod remote;
+pub mod replication;
 pub mod routes;
 pub mod tag;
 mod tls;
@@ -69,6 +71,8 @@ pub struct App {
     pub pulls: pulls::PullRecorder,
     /// The pull-through cache's upstreams.
     pub pull_through: upstream::PullThrough,
+    /// Replication rules.
+    pub replication: Vec<Arc<replication::Rule>>,
 }
 
 impl App {
@@ -142,11 +146,13 @@ impl Server {
         let pull_through =
             upstream::PullThrough::new(upstream::compile(&config.pull_through)?, &config.data)?;
         let (endpoints, _) = webhooks::compile(&config.webhooks)?;
+        let replication = replication::compile(&config.replication)?;
+        let subscribers = replication::subscribers(&replication);
         let hooks = {
             let (store, bytes_max) = (store.clone(), config.webhook_outbox_bytes_max);
             let (source, base) = (config.base_url(), config.base_url());
             tokio::task::spawn_blocking(move || {
-                webhooks::Webhooks::open(&store, endpoints, bytes_max, source, base)
+                webhooks::Webhooks::open(&store, endpoints, subscribers, bytes_max, source, base)
             })
             .await??
         };
@@ -156,6 +162,7 @@ impl Server {
             uploads.clone(),
             hooks.clone(),
             pull_through.upstreams().to_vec(),
+            replication.clone(),
         ));
         let metrics_listener = match config.metrics_listen {
             Some(a) => Some(
@@ -178,6 +185,7 @@ impl Server {
             )?)),
             pulls: pulls::PullRecorder::default(),
             pull_through,
+            replication,
             quotas: {
                 let (store, rules) = (store.clone(), config.quotas.clone());
                 tokio::task::spawn_blocking(move || governance::Quotas::install(&store, &rules))
@@ -285,6 +293,7 @@ async fn accept_loop(
     let pull_flush = tokio::spawn(pulls::flush_loop(app.clone()));
     let retention = tokio::spawn(governance::retention::scheduled(app.clone()));
     let evict = tokio::spawn(upstream::evict::scheduled(app.clone()));
+    let replicators = replication::start(&app);
     let disk = tokio::spawn(watch_disk(app.clone()));
     loop {
         tokio::select! {
@@ -338,6 +347,9 @@ async fn accept_loop(
     pull_flush.abort();
     retention.abort();
     evict.abort();
+    for r in replicators {
+        r.abort();
+    }
     // (An event being sent is sent again at the next start: at least once.)
     for d in deliveries {
         d.abort();

@@ -108,6 +108,7 @@ impl Metrics {
         uploads: Uploads,
         webhooks: Arc<crate::webhooks::Webhooks>,
         upstreams: Vec<Arc<crate::upstream::Upstream>>,
+        rules: Vec<Arc<crate::replication::Rule>>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("ballast");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -215,6 +216,9 @@ impl Metrics {
             liveness: liveness.clone(),
             blob_sizes: Mutex::default(),
         }));
+        if !rules.is_empty() {
+            registry.register_collector(Box::new(ReplicationCollector(rules, webhooks.clone())));
+        }
         registry.register_collector(Box::new(WebhookCollector(webhooks)));
         if !upstreams.is_empty() {
             registry.register_collector(Box::new(PullThroughCollector(upstreams)));
@@ -366,7 +370,9 @@ fn route_index(kind: Option<PathKind>) -> usize {
             | PathKind::AdminWebhooksDead
             | PathKind::AdminWebhooksRedeliver
             | PathKind::AdminPullThrough
-            | PathKind::AdminPullThroughEvict,
+            | PathKind::AdminPullThroughEvict
+            | PathKind::AdminReplication
+            | PathKind::AdminReplicationReconcile,
         ) => "admin",
         Some(PathKind::Token) => "token",
         Some(PathKind::Metrics) => "metrics",
@@ -778,6 +784,122 @@ impl Collector for PullThroughCollector {
             "Cached images evicted",
             None,
             &|u| u.counters.evicted.load(Relaxed),
+        )
+    }
+}
+
+/// Reads the replication rules' counters (and their lag in the outbox) at each scrape.
+struct ReplicationCollector(
+    Vec<Arc<crate::replication::Rule>>,
+    Arc<crate::webhooks::Webhooks>,
+);
+
+impl std::fmt::Debug for ReplicationCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicationCollector")
+    }
+}
+
+impl Collector for ReplicationCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let per_rule = |e: &mut DescriptorEncoder,
+                        name: &str,
+                        help: &str,
+                        unit: Option<Unit>,
+                        kind: MetricType,
+                        v: &dyn Fn(&crate::replication::Rule) -> u64|
+         -> std::fmt::Result {
+            let mut m = e.encode_descriptor(name, help, unit.as_ref(), kind)?;
+            for r in &self.0 {
+                let labels = [("rule", r.cfg.name.as_str())];
+                match kind {
+                    MetricType::Gauge => {
+                        ConstGauge::new(v(r) as i64).encode(m.encode_family(&labels)?)?
+                    }
+                    _ => ConstCounter::new(v(r)).encode(m.encode_family(&labels)?)?,
+                }
+            }
+            Ok(())
+        };
+        let c = MetricType::Counter;
+        per_rule(
+            &mut e,
+            "replication_manifests",
+            "Manifests put on replication targets",
+            None,
+            c,
+            &|r| r.counters.manifests.load(Relaxed),
+        )?;
+        per_rule(
+            &mut e,
+            "replication_blobs_uploaded",
+            "Blobs uploaded to replication targets",
+            None,
+            c,
+            &|r| r.counters.blobs.load(Relaxed),
+        )?;
+        per_rule(
+            &mut e,
+            "replication_blobs_mounted",
+            "Blobs mounted on replication targets from another of their repositories",
+            None,
+            c,
+            &|r| r.counters.mounted.load(Relaxed),
+        )?;
+        per_rule(
+            &mut e,
+            "replication_blobs_present",
+            "Blobs replication found on the target already",
+            None,
+            c,
+            &|r| r.counters.skipped.load(Relaxed),
+        )?;
+        per_rule(
+            &mut e,
+            "replication_uploaded",
+            "Blob bytes uploaded to replication targets",
+            Some(Unit::Bytes),
+            c,
+            &|r| r.counters.bytes.load(Relaxed),
+        )?;
+        per_rule(
+            &mut e,
+            "replication_deletes",
+            "Deletes replicated",
+            None,
+            c,
+            &|r| r.counters.deletes.load(Relaxed),
+        )?;
+        per_rule(
+            &mut e,
+            "replication_failures",
+            "Replication attempts that failed (each retry counts)",
+            None,
+            c,
+            &|r| r.counters.failures.load(Relaxed),
+        )?;
+        let outbox = self.1.outbox();
+        let now = crate::now_secs();
+        per_rule(
+            &mut e,
+            "replication_lag",
+            "Age of the oldest change a rule has not replicated yet (0: none)",
+            Some(Unit::Seconds),
+            MetricType::Gauge,
+            &|r| {
+                outbox
+                    .and_then(|o| o.oldest_pending(&r.consumer()).ok().flatten())
+                    .map_or(0, |at| now.saturating_sub(at))
+            },
+        )?;
+        per_rule(
+            &mut e,
+            "replication_last_success",
+            "When a rule last replicated a change (Unix seconds; 0: not yet)",
+            Some(Unit::Seconds),
+            MetricType::Gauge,
+            &|r| r.counters.last_success.load(Relaxed),
         )
     }
 }

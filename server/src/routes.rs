@@ -47,6 +47,10 @@ pub enum Route<'a> {
     AdminPullThrough,
     /// `/admin/pull-through/evict`: run the cache's eviction now.
     AdminPullThroughEvict,
+    /// `/admin/replication`: each replication rule's state.
+    AdminReplication,
+    /// `/admin/replication/reconcile`: reconcile now.
+    AdminReplicationReconcile,
 }
 
 /// Which path an endpoint serves (a [`Route`] without its parameters).
@@ -90,6 +94,10 @@ pub enum PathKind {
     AdminPullThrough,
     /// `/admin/pull-through/evict`
     AdminPullThroughEvict,
+    /// `/admin/replication`
+    AdminReplication,
+    /// `/admin/replication/reconcile`
+    AdminReplicationReconcile,
 }
 
 impl Route<'_> {
@@ -115,6 +123,8 @@ impl Route<'_> {
             Route::AdminWebhooksRedeliver => PathKind::AdminWebhooksRedeliver,
             Route::AdminPullThrough => PathKind::AdminPullThrough,
             Route::AdminPullThroughEvict => PathKind::AdminPullThroughEvict,
+            Route::AdminReplication => PathKind::AdminReplication,
+            Route::AdminReplicationReconcile => PathKind::AdminReplicationReconcile,
         }
     }
 
@@ -159,6 +169,10 @@ pub enum Endpoint {
     AdminPullThrough,
     /// `POST /admin/pull-through/evict`.
     AdminPullThroughEvict,
+    /// `GET /admin/replication`.
+    AdminReplication,
+    /// `POST /admin/replication/reconcile`.
+    AdminReplicationReconcile,
     /// `GET /v2/_catalog`.
     Catalog,
     /// `GET /v2/<name>/tags/list`.
@@ -237,6 +251,8 @@ pub enum AuditKind {
     Retention,
     /// `pull_through.evict` (what it evicted is audited by the run).
     PullThroughEvict,
+    /// `replication.reconcile` (each copy and delete is audited as it is done).
+    ReplicationReconcile,
 }
 
 /// One endpoint: its methods and path, what it requires, what is audited.
@@ -311,6 +327,20 @@ pub static ENDPOINTS: &[Descriptor] = &[
         AdminPullThroughEvict,
         Requires::Admin,
         Audit::Change(AuditKind::PullThroughEvict)
+    ),
+    endpoint!(
+        AdminReplication,
+        GET,
+        AdminReplication,
+        Requires::Admin,
+        Audit::Read
+    ),
+    endpoint!(
+        AdminReplicationReconcile,
+        &[Method::POST],
+        AdminReplicationReconcile,
+        Requires::Admin,
+        Audit::Change(AuditKind::ReplicationReconcile)
     ),
     endpoint!(
         AdminWebhooks,
@@ -469,6 +499,8 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "/admin/webhooks/dead/redeliver" => return Some(Route::AdminWebhooksRedeliver),
         "/admin/pull-through" => return Some(Route::AdminPullThrough),
         "/admin/pull-through/evict" => return Some(Route::AdminPullThroughEvict),
+        "/admin/replication" => return Some(Route::AdminReplication),
+        "/admin/replication/reconcile" => return Some(Route::AdminReplicationReconcile),
         _ => {}
     }
     let rest = path.strip_prefix("/v2")?;

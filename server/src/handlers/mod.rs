@@ -104,6 +104,25 @@ pub async fn dispatch(
             let report = crate::upstream::evict::run(app, dry_run, &access.actor()).await?;
             Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))
         }
+        (Endpoint::AdminReplication, _) => {
+            let outbox = app.webhooks.outbox();
+            let rules: Vec<serde_json::Value> =
+                app.replication.iter().map(|r| r.status(outbox)).collect();
+            Ok(reply(StatusCode::OK).json(&serde_json::json!({ "rules": rules })))
+        }
+        (Endpoint::AdminReplicationReconcile, _) => {
+            let q = query(&req);
+            let name = first(&q, "rule");
+            if let Some(n) = name {
+                if !app.replication.iter().any(|r| r.cfg.name == n) {
+                    return Err(ApiError::NotFound(format!(
+                        "no replication rule is named {n:?} (GET /admin/replication lists them)"
+                    )));
+                }
+            }
+            let reports = crate::replication::reconcile_now(app, name).await;
+            Ok(reply(StatusCode::OK).json(&serde_json::json!({ "reconciled": reports })))
+        }
         (Endpoint::Metrics, _) => metrics(app).await,
         (Endpoint::Catalog, _) => listing::catalog(app, access, &req),
         (Endpoint::Tags, Route::Tags { name }) => listing::tags(app, name, &req),

@@ -25,11 +25,11 @@ use hyper::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_TYPE, RANGE};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::{mpsc, watch};
 
-use super::client::Failure;
 use super::Upstream;
 use crate::body::{ChannelBody, ResBody};
 use crate::error::ApiError;
 use crate::handlers::{blocking, reply};
+use crate::remote::Failure;
 use crate::App;
 
 /// How far a fetch has come.

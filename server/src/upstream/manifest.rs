@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use ballast_engine::catalog::Op;
 use ballast_engine::Digest;
 
-use super::client::Failure;
 use super::{PullThrough, Upstream};
 use crate::error::ApiError;
 use crate::handlers::blocking;
+use crate::remote::Failure;
 use crate::App;
 
 /// Makes the catalog hold what `name:reference` is upstream (see the module comment). The

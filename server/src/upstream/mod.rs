@@ -5,7 +5,6 @@
 //! - `mod.rs` (here): the `[[pull_through]]` config, which local repository maps to which
 //!   upstream repository, the upstreams' counters, the refusal of writes to cached
 //!   repositories.
-//! - `client.rs`: the HTTP client of one upstream (basic and token authentication).
 //! - `manifest.rs`: manifest fills, tag re-checks after the TTL, offline mode.
 //! - `blob.rs`: blob fills: one upstream fetch per blob, streamed to every client waiting
 //!   for it while it arrives, verified before its last byte is sent.
@@ -15,7 +14,6 @@
 //! its manifests carry their `origin` (catalog format 4).
 
 mod blob;
-pub mod client;
 pub mod evict;
 mod manifest;
 
@@ -91,7 +89,7 @@ pub struct Upstream {
     /// The local prefix with a trailing `/`.
     local: String,
     /// The client.
-    pub client: client::Client,
+    pub client: crate::remote::Client,
     /// Counters (metrics and the admin endpoint).
     pub counters: Counters,
 }
@@ -99,7 +97,7 @@ pub struct Upstream {
 /// What an upstream counts.
 #[derive(Default)]
 pub struct Counters {
-    /// Upstream requests by outcome (`ok` and [`client::Failure::outcome`]).
+    /// Upstream requests by outcome (`ok` and [`crate::remote::Failure::outcome`]).
     pub requests: Mutex<HashMap<&'static str, u64>>,
     /// Bytes fetched (blob and manifest bodies).
     pub bytes: AtomicU64,
@@ -137,7 +135,7 @@ impl Upstream {
     }
 
     /// Counts an upstream answer.
-    pub fn count<T>(&self, r: &Result<T, client::Failure>) {
+    pub fn count<T>(&self, r: &Result<T, crate::remote::Failure>) {
         let outcome = match r {
             Ok(_) => {
                 self.counters
@@ -146,7 +144,7 @@ impl Upstream {
                 "ok"
             }
             Err(f) => {
-                if f != &client::Failure::NotFound {
+                if f != &crate::remote::Failure::NotFound {
                     *self.counters.last_error.lock() = Some((crate::now_secs(), f.to_string()));
                 }
                 f.outcome()
@@ -250,7 +248,14 @@ pub fn compile(configs: &[UpstreamConfig]) -> anyhow::Result<Vec<Arc<Upstream>>>
         if password.is_some() != c.username.is_some() {
             bail!("{}: username and a password go together", at());
         }
-        let client = client::Client::new(c, password)?;
+        let client = crate::remote::Client::new(crate::remote::Options {
+            what: &at(),
+            url: &c.url,
+            username: c.username.clone(),
+            password,
+            ca_file: c.ca_file.as_deref(),
+            timeout_secs: c.timeout_secs,
+        })?;
         out.push(Arc::new(Upstream {
             cfg: UpstreamConfig {
                 prefix: prefix.to_owned(),

@@ -252,9 +252,24 @@ pub fn compile(cfgs: &[WebhookConfig]) -> anyhow::Result<(Vec<Endpoint>, Vec<Str
     Ok((out, warnings))
 }
 
-/// The server's webhooks: endpoints and the outbox.
+/// Which events a [`Subscriber`] wants recorded (kind, repository).
+pub type Wants = Box<dyn Fn(Kind, Option<&str>) -> bool + Send + Sync>;
+
+/// A reader of the outbox besides the webhook endpoints (a replication rule): its cursor's
+/// name, which events it wants recorded, and how it is woken when some are.
+pub struct Subscriber {
+    /// The outbox cursor's name (not a webhook name: those have no `:`).
+    pub consumer: String,
+    /// True for the events it wants.
+    pub wants: Wants,
+    /// Woken when events are recorded.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+/// The server's webhooks: endpoints and the outbox (which also feeds the subscribers).
 pub struct Webhooks {
     endpoints: Vec<Arc<Endpoint>>,
+    subscribers: Vec<Subscriber>,
     outbox: Option<Outbox>,
     /// CloudEvents `source` and Distribution's `source.addr`/`request.host`.
     source: String,
@@ -295,18 +310,23 @@ impl Webhooks {
     pub fn open(
         store: &Store,
         endpoints: Vec<Endpoint>,
+        subscribers: Vec<Subscriber>,
         bytes_max: u64,
         source: String,
         base_url: String,
     ) -> anyhow::Result<Webhooks> {
         let dir = ballast_engine::outbox::outbox_dir(store.dir());
-        let outbox = if !endpoints.is_empty() || dir.exists() {
+        let outbox = if !endpoints.is_empty() || !subscribers.is_empty() || dir.exists() {
             let o = Outbox::open(store.storage().clone(), store.dir(), bytes_max)
                 .with_context(|| format!("opening the webhook outbox {}", dir.display()))?;
             for w in o.open_warnings() {
                 tracing::warn!("{w}");
             }
-            let names: Vec<&str> = endpoints.iter().map(|e| e.cfg.name.as_str()).collect();
+            let names: Vec<&str> = endpoints
+                .iter()
+                .map(|e| e.cfg.name.as_str())
+                .chain(subscribers.iter().map(|s| s.consumer.as_str()))
+                .collect();
             o.set_consumers(&names)
                 .context("setting the webhook outbox's endpoints")?;
             Some(o)
@@ -315,6 +335,7 @@ impl Webhooks {
         };
         Ok(Webhooks {
             endpoints: endpoints.into_iter().map(Arc::new).collect(),
+            subscribers,
             outbox,
             source,
             base_url,
@@ -330,6 +351,12 @@ impl Webhooks {
     /// otherwise).
     pub fn wanted(&self, kind: Kind, repo: Option<&str>) -> bool {
         self.endpoints.iter().any(|e| e.wants(kind, repo))
+            || self.subscribers.iter().any(|s| (s.wants)(kind, repo))
+    }
+
+    /// The outbox, when open (the subscribers read it from their cursors).
+    pub fn outbox(&self) -> Option<&Outbox> {
+        self.outbox.as_ref()
     }
 
     /// Records events in the outbox (durably unless every one is a pull) and wakes the
@@ -357,12 +384,15 @@ impl Webhooks {
             .append(&records, crate::now_secs(), durable)
             .map_err(|e| {
                 ApiError::Internal(format!(
-                    "the change was stored but its webhook event could not be recorded ({e}); \
-                     retry the request"
+                    "the change was stored but its event (webhooks, replication) could not be \
+                     recorded ({e}); retry the request"
                 ))
             })?;
         for ep in &self.endpoints {
             ep.wake.notify_one();
+        }
+        for s in &self.subscribers {
+            s.wake.notify_one();
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod oci;
 mod peers;
 mod protocol;
 mod pull_through;
+mod replication;
 mod tools;
 mod torture;
 mod webhooks;

@@ -1,18 +1,19 @@
-//! The HTTP client of one upstream registry: the distribution API's reads (manifests and
-//! blobs, `GET` and `HEAD`), with the credentials it asks for: HTTP basic, or the token flow
-//! (a `401` with a `Bearer` challenge names the realm that hands out tokens for a scope; the
-//! token is kept per scope until shortly before it expires).
+//! The HTTP client of another registry (a pull-through upstream, a replication target): the
+//! distribution API's reads and writes, with the credentials the registry asks for: HTTP
+//! basic, or the token flow (a `401` with a `Bearer` challenge names the realm that hands out
+//! tokens for a scope; the token is kept per repository and access until shortly before it
+//! expires). Redirects are followed (registries send blobs to storage); credentials are not
+//! sent to another host.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ballast_engine::Digest;
+use bytes::Bytes;
 use parking_lot::Mutex;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
-
-use super::UpstreamConfig;
 
 /// The manifest media types asked for (what Ballast stores and serves).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -20,7 +21,7 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
      application/vnd.docker.distribution.manifest.list.v2+json, \
      application/vnd.docker.distribution.manifest.v2+json";
 
-/// Why an upstream request did not give what was asked.
+/// Why a request to another registry did not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     /// The upstream says it does not have it (404).
@@ -60,11 +61,11 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::NotFound => write!(f, "not found upstream"),
-            Failure::Unreachable(why) => write!(f, "upstream unreachable: {why}"),
-            Failure::RateLimited => write!(f, "upstream rate-limits this registry (429)"),
-            Failure::Denied(why) => write!(f, "upstream refused the credentials: {why}"),
-            Failure::Failed(why) => write!(f, "upstream failed: {why}"),
+            Failure::NotFound => write!(f, "not found there"),
+            Failure::Unreachable(why) => write!(f, "unreachable: {why}"),
+            Failure::RateLimited => write!(f, "it rate-limits this registry (429)"),
+            Failure::Denied(why) => write!(f, "it refused the credentials: {why}"),
+            Failure::Failed(why) => write!(f, "it failed: {why}"),
         }
     }
 }
@@ -75,7 +76,23 @@ struct Token {
     until: Instant,
 }
 
-/// One upstream's client.
+/// How to reach another registry.
+pub struct Options<'a> {
+    /// What the config calls it, for messages (`pull_through "hub"`).
+    pub what: &'a str,
+    /// Its base URL.
+    pub url: &'a str,
+    /// Credentials.
+    pub username: Option<String>,
+    /// (With `username`.)
+    pub password: Option<String>,
+    /// A PEM file of CA certificates trusted besides the system's.
+    pub ca_file: Option<&'a std::path::Path>,
+    /// Seconds to connect, and between two reads of an answer.
+    pub timeout_secs: u64,
+}
+
+/// A client of another registry.
 pub struct Client {
     http: reqwest::Client,
     /// `scheme://host[:port]`, no trailing slash.
@@ -85,27 +102,26 @@ pub struct Client {
     tokens: Mutex<HashMap<String, Token>>,
 }
 
+/// Blob uploads are sent in pieces of at most this many bytes (one PUT below it, PATCHes
+/// then a PUT above it).
+pub const UPLOAD_PIECE: usize = 16 << 20;
+
 impl Client {
-    /// Builds the client of an upstream (its CA file read now).
-    pub fn new(c: &UpstreamConfig, password: Option<String>) -> anyhow::Result<Client> {
-        let timeout = Duration::from_secs(c.timeout_secs);
+    /// Builds the client (its CA file read now).
+    pub fn new(o: Options<'_>) -> anyhow::Result<Client> {
+        let timeout = Duration::from_secs(o.timeout_secs);
         let mut http = reqwest::Client::builder()
             .connect_timeout(timeout)
             // Between two reads of a body, not the whole transfer (layers are large).
             .read_timeout(timeout)
             .user_agent(concat!("ballast/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &c.ca_file {
-            let pem = std::fs::read(ca).with_context(|| {
-                format!(
-                    "pull_through {:?}: reading ca_file {}",
-                    c.name,
-                    ca.display()
-                )
-            })?;
+        if let Some(ca) = o.ca_file {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("{}: reading ca_file {}", o.what, ca.display()))?;
             for cert in reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
                 format!(
-                    "pull_through {:?}: ca_file {} is not PEM certificates",
-                    c.name,
+                    "{}: ca_file {} is not PEM certificates",
+                    o.what,
                     ca.display()
                 )
             })? {
@@ -115,9 +131,9 @@ impl Client {
         Ok(Client {
             http: http
                 .build()
-                .with_context(|| format!("pull_through {:?}: its HTTP client", c.name))?,
-            base: c.url.trim_end_matches('/').to_owned(),
-            basic: c.username.clone().zip(password),
+                .with_context(|| format!("{}: its HTTP client", o.what))?,
+            base: o.url.trim_end_matches('/').to_owned(),
+            basic: o.username.zip(o.password),
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -185,8 +201,177 @@ impl Client {
             .await
     }
 
-    /// Sends a request (redirects followed, as registries send blobs to storage), answering
-    /// one authentication challenge; a success or the failure it is.
+    /// `PUT` of a manifest, by tag or digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        bytes: Bytes,
+        media_type: &str,
+    ) -> Result<(), Failure> {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
+        let headers = [(CONTENT_TYPE, media_type.to_owned())];
+        self.send_url(Method::PUT, &url, repo, true, &headers, Some(bytes))
+            .await
+            .map(drop)
+    }
+
+    /// `DELETE` of a manifest, by tag or digest.
+    pub async fn delete_manifest(&self, repo: &str, reference: &str) -> Result<(), Failure> {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
+        self.send_url(Method::DELETE, &url, repo, true, &[], None)
+            .await
+            .map(drop)
+    }
+
+    /// The repository's tags (every page).
+    pub async fn tags(&self, repo: &str) -> Result<Vec<String>, Failure> {
+        let mut url = format!("{}/v2/{repo}/tags/list?n=1000", self.base);
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .send_url(Method::GET, &url, repo, false, &[], None)
+                .await?;
+            let next = r
+                .headers()
+                .get(reqwest::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| l.split(';').next())
+                .map(|l| {
+                    l.trim()
+                        .trim_start_matches('<')
+                        .trim_end_matches('>')
+                        .to_owned()
+                });
+            let bytes = r.bytes().await.map_err(unreachable)?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| Failure::Failed(format!("its tag list: {e}")))?;
+            out.extend(
+                v["tags"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.as_str().map(str::to_owned)),
+            );
+            match next {
+                Some(n) if !n.is_empty() => url = self.resolve(&n),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Asks for a cross-repository mount of a blob from `from`: true when it is in `repo`
+    /// now (201), false when the registry would rather have it uploaded.
+    pub async fn mount_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        from: &str,
+    ) -> Result<bool, Failure> {
+        let url = format!(
+            "{}/v2/{repo}/blobs/uploads/?mount={digest}&from={from}",
+            self.base
+        );
+        // (The token must also allow pulling from `from`.)
+        let r = self
+            .send_scoped(
+                Method::POST,
+                &url,
+                repo,
+                true,
+                Some(&format!("repository:{from}:pull")),
+                &[],
+                None,
+            )
+            .await?;
+        if r.status() == StatusCode::CREATED {
+            return Ok(true);
+        }
+        // (The session it opened instead is left to expire.)
+        Ok(false)
+    }
+
+    /// Uploads a blob of `size` bytes from `pieces` (at most [`UPLOAD_PIECE`] bytes each):
+    /// one `PUT` when it fits in a piece, `PATCH`es then a `PUT` otherwise. The registry
+    /// checks the digest.
+    pub async fn upload_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        mut pieces: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    ) -> Result<(), Failure> {
+        let url = format!("{}/v2/{repo}/blobs/uploads/", self.base);
+        let r = self
+            .send_url(Method::POST, &url, repo, true, &[], None)
+            .await?;
+        let mut location = self.location(&r)?;
+        let with_digest = |loc: &str| {
+            let sep = if loc.contains('?') { '&' } else { '?' };
+            format!("{loc}{sep}digest={digest}")
+        };
+        let octets = (CONTENT_TYPE, "application/octet-stream".to_owned());
+        if size <= UPLOAD_PIECE as u64 {
+            let mut body = Vec::with_capacity(size as usize);
+            while let Some(p) = pieces.recv().await {
+                body.extend_from_slice(&p.map_err(Failure::Failed)?);
+            }
+            self.send_url(
+                Method::PUT,
+                &with_digest(&location),
+                repo,
+                true,
+                &[octets],
+                Some(Bytes::from(body)),
+            )
+            .await?;
+            return Ok(());
+        }
+        let mut offset = 0u64;
+        while let Some(p) = pieces.recv().await {
+            let p = p.map_err(Failure::Failed)?;
+            let range = (
+                reqwest::header::CONTENT_RANGE,
+                format!("{offset}-{}", offset + p.len() as u64 - 1),
+            );
+            offset += p.len() as u64;
+            let r = self
+                .send_url(
+                    Method::PATCH,
+                    &location,
+                    repo,
+                    true,
+                    &[octets.clone(), range],
+                    Some(p),
+                )
+                .await?;
+            location = self.location(&r)?;
+        }
+        self.send_url(Method::PUT, &with_digest(&location), repo, true, &[], None)
+            .await
+            .map(drop)
+    }
+
+    /// An upload's next URL, from an answer's `Location`.
+    fn location(&self, r: &Response) -> Result<String, Failure> {
+        let loc = r
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Failure::Failed("an upload answer without a Location".into()))?;
+        Ok(self.resolve(loc))
+    }
+
+    /// A URL the registry sent, made absolute.
+    fn resolve(&self, url: &str) -> String {
+        if url.starts_with("http://") || url.starts_with("https://") {
+            url.to_owned()
+        } else {
+            format!("{}{url}", self.base)
+        }
+    }
+
+    /// A read of `/v2/<repo>/<path>`.
     async fn send(
         &self,
         method: Method,
@@ -195,16 +380,59 @@ impl Client {
         accept: Option<&str>,
     ) -> Result<Response, Failure> {
         let url = format!("{}/v2/{repo}/{path}", self.base);
-        let scope = format!("repository:{repo}:pull");
+        let headers: Vec<_> = accept.map(|a| (ACCEPT, a.to_owned())).into_iter().collect();
+        self.send_url(method, &url, repo, false, &headers, None)
+            .await
+    }
+
+    /// Sends a request about `repo` (`push`: it writes), answering one authentication
+    /// challenge; a success or the failure it is.
+    async fn send_url(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &str,
+        push: bool,
+        headers: &[(reqwest::header::HeaderName, String)],
+        body: Option<Bytes>,
+    ) -> Result<Response, Failure> {
+        self.send_scoped(method, url, repo, push, None, headers, body)
+            .await
+    }
+
+    /// [`Self::send_url`] whose token also needs `extra` (a scope).
+    #[allow(clippy::too_many_arguments)]
+    async fn send_scoped(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &str,
+        push: bool,
+        extra: Option<&str>,
+        headers: &[(reqwest::header::HeaderName, String)],
+        body: Option<Bytes>,
+    ) -> Result<Response, Failure> {
+        let mut scope = if push {
+            format!("repository:{repo}:pull,push")
+        } else {
+            format!("repository:{repo}:pull")
+        };
+        if let Some(e) = extra {
+            scope.push(' ');
+            scope.push_str(e);
+        }
         let mut auth = self.cached_token(&scope).map(|t| format!("Bearer {t}"));
         let mut challenged = false;
         loop {
-            let mut req = self.http.request(method.clone(), &url);
-            if let Some(a) = accept {
-                req = req.header(ACCEPT, a);
+            let mut req = self.http.request(method.clone(), url);
+            for (k, v) in headers {
+                req = req.header(k, v);
             }
             if let Some(a) = &auth {
                 req = req.header(AUTHORIZATION, a);
+            }
+            if let Some(b) = &body {
+                req = req.body(b.clone());
             }
             let r = req.send().await.map_err(unreachable)?;
             let status = r.status();
@@ -222,13 +450,31 @@ impl Client {
                 auth = Some(self.answer(&challenge, &scope).await?);
                 continue;
             }
+            // What the registry says went wrong (its OCI error), for the message.
+            let said = match method {
+                Method::HEAD => String::new(),
+                _ => r
+                    .bytes()
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| {
+                        let e = &v["errors"][0];
+                        Some(format!(
+                            " {}: {}",
+                            e["code"].as_str()?,
+                            e["message"].as_str().unwrap_or("")
+                        ))
+                    })
+                    .unwrap_or_default(),
+            };
             return Err(match status {
                 StatusCode::NOT_FOUND => Failure::NotFound,
                 StatusCode::TOO_MANY_REQUESTS => Failure::RateLimited,
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    Failure::Denied(format!("{method} {url}: {status}"))
+                    Failure::Denied(format!("{method} {url}: {status}{said}"))
                 }
-                s => Failure::Failed(format!("{method} {url}: {s}")),
+                s => Failure::Failed(format!("{method} {url}: {s}{said}")),
             });
         }
     }
@@ -260,13 +506,27 @@ impl Client {
         let realm = params.get("realm").ok_or_else(|| {
             Failure::Denied(format!("a Bearer challenge without a realm: {challenge:?}"))
         })?;
-        let scope = params.get("scope").map_or(scope, String::as_str);
+        // Asked for: the scope the registry names, when it does, and ours (several, space
+        // separated); the token is kept under ours, which the next request of the kind
+        // looks up.
+        let mut asked: Vec<&str> = params
+            .get("scope")
+            .map(String::as_str)
+            .into_iter()
+            .collect();
+        for s in scope.split(' ') {
+            if !asked.contains(&s) {
+                asked.push(s);
+            }
+        }
         let query = {
             let mut q = form_urlencoded::Serializer::new(String::new());
             if let Some(s) = params.get("service") {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", scope);
+            for s in &asked {
+                q.append_pair("scope", s);
+            }
             q.finish()
         };
         let sep = if realm.contains('?') { '&' } else { '?' };
