@@ -79,6 +79,10 @@ pub enum Input {
     UploadOffset,
     /// A byte range of a blob.
     Range,
+    /// A chunk sent by id (delta replication).
+    Chunk,
+    /// A recipe sent to assemble a blob from (delta replication).
+    Recipe,
 }
 
 impl std::fmt::Display for Input {
@@ -90,6 +94,8 @@ impl std::fmt::Display for Input {
             Input::UploadId => "upload id",
             Input::UploadOffset => "upload offset",
             Input::Range => "range",
+            Input::Chunk => "chunk",
+            Input::Recipe => "recipe",
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod blob;
 pub mod catalog;
 pub mod chunker;
 pub mod clock;
+pub mod delta;
 pub mod digest;
 pub mod error;
 pub mod gc;

@@ -106,6 +106,32 @@ impl Recipe {
     }
 }
 
+/// The pieces of a blob as delta replication sends them (docs/replication.md): the blob's size
+/// (u64 little-endian), then the pieces as a recipe record holds them.
+pub fn encode_wire(size: u64, pieces: &[RecipePiece]) -> Vec<u8> {
+    let mut out = size.to_le_bytes().to_vec();
+    encode_pieces(pieces, &mut out);
+    out
+}
+
+/// Reads what [`encode_wire`] wrote: the size and the pieces, whose lengths must add up to
+/// it. Never panics; the error says what is wrong.
+pub fn decode_wire(bytes: &[u8]) -> std::result::Result<(u64, Vec<RecipePiece>), String> {
+    let bad = |why: &str| Error::Internal(why.to_owned());
+    let mut r = Reader::new(bytes);
+    let size = r.u64().ok_or("truncated size")?;
+    let (pieces, total) = decode_pieces(&mut r, &bad).map_err(|e| e.to_string())?;
+    if r.pos != bytes.len() {
+        return Err("trailing bytes".into());
+    }
+    if total != size {
+        return Err(format!(
+            "the pieces' lengths add up to {total} bytes, not the size {size}"
+        ));
+    }
+    Ok((size, pieces))
+}
+
 /// Appends a piece count and the pieces (the encoding of a recipe's piece list, also used by
 /// upload session logs).
 pub(crate) fn encode_pieces(pieces: &[RecipePiece], out: &mut Vec<u8>) {

@@ -356,6 +356,11 @@ impl Plan {
                 Kind::Upload
             }
             (AuditKind::UploadCancel, _) => Kind::UploadCancel,
+            (AuditKind::DeltaBlob, Route::DeltaBlob { digest, .. }) => {
+                base.digest = Some((*digest).to_owned());
+                base.reason = Some("assembled from its recipe (delta replication)".into());
+                Kind::Upload
+            }
             (AuditKind::BlobDelete, Route::Blob { digest, .. }) => {
                 base.digest = Some((*digest).to_owned());
                 Kind::BlobDelete

@@ -328,7 +328,7 @@ impl Metrics {
 }
 
 /// The `route` labels.
-const ROUTES: [&str; 13] = [
+const ROUTES: [&str; 14] = [
     "none",
     "base",
     "catalog",
@@ -337,6 +337,7 @@ const ROUTES: [&str; 13] = [
     "blobs",
     "uploads",
     "referrers",
+    "delta",
     "health",
     "admin",
     "token",
@@ -361,6 +362,7 @@ fn route_index(kind: Option<PathKind>) -> usize {
         Some(PathKind::Blob) => "blobs",
         Some(PathKind::UploadStart | PathKind::Upload) => "uploads",
         Some(PathKind::Referrers) => "referrers",
+        Some(PathKind::DeltaMissing | PathKind::DeltaChunks | PathKind::DeltaBlob) => "delta",
         Some(PathKind::Health) => "health",
         Some(
             PathKind::AdminGc

@@ -412,6 +412,28 @@ impl Client {
         headers: &[(reqwest::header::HeaderName, String)],
         body: Option<Bytes>,
     ) -> Result<Response, Failure> {
+        let r = self
+            .exchange(method.clone(), url, repo, push, extra, headers, body)
+            .await?;
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        Err(failure(&method, url, r).await)
+    }
+
+    /// Sends a request, answering one authentication challenge; the answer whatever its
+    /// status (after a second 401, that one).
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &str,
+        push: bool,
+        extra: Option<&str>,
+        headers: &[(reqwest::header::HeaderName, String)],
+        body: Option<Bytes>,
+    ) -> Result<Response, Failure> {
         let mut scope = if push {
             format!("repository:{repo}:pull,push")
         } else {
@@ -435,11 +457,7 @@ impl Client {
                 req = req.body(b.clone());
             }
             let r = req.send().await.map_err(unreachable)?;
-            let status = r.status();
-            if status.is_success() {
-                return Ok(r);
-            }
-            if status == StatusCode::UNAUTHORIZED && !challenged {
+            if r.status() == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
                 let challenge = r
                     .headers()
@@ -450,33 +468,104 @@ impl Client {
                 auth = Some(self.answer(&challenge, &scope).await?);
                 continue;
             }
-            // What the registry says went wrong (its OCI error), for the message.
-            let said = match method {
-                Method::HEAD => String::new(),
-                _ => r
-                    .bytes()
-                    .await
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|v| {
-                        let e = &v["errors"][0];
-                        Some(format!(
-                            " {}: {}",
-                            e["code"].as_str()?,
-                            e["message"].as_str().unwrap_or("")
-                        ))
-                    })
-                    .unwrap_or_default(),
-            };
-            return Err(match status {
-                StatusCode::NOT_FOUND => Failure::NotFound,
-                StatusCode::TOO_MANY_REQUESTS => Failure::RateLimited,
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    Failure::Denied(format!("{method} {url}: {status}{said}"))
-                }
-                s => Failure::Failed(format!("{method} {url}: {s}{said}")),
-            });
+            return Ok(r);
         }
+    }
+
+    /// Which of `ids` the registry (a Ballast) lacks for `repo` (`POST
+    /// /v2/_ballast/<repo>/chunks/missing`). A registry without the extension answers
+    /// [`Failure::NotFound`] or another refusal.
+    pub async fn chunks_missing(
+        &self,
+        repo: &str,
+        ids: &[ballast_engine::ChunkId],
+    ) -> Result<Vec<ballast_engine::ChunkId>, Failure> {
+        let url = format!("{}/v2/_ballast/{repo}/chunks/missing", self.base);
+        let body: Vec<u8> = ids.iter().flat_map(|i| i.0).collect();
+        let r = self
+            .send_url(
+                Method::POST,
+                &url,
+                repo,
+                true,
+                &[octet_stream()],
+                Some(Bytes::from(body)),
+            )
+            .await?;
+        let bytes = r.bytes().await.map_err(unreachable)?;
+        if !bytes.len().is_multiple_of(32) {
+            return Err(Failure::Failed(format!(
+                "POST {url}: an answer of {} bytes is not a list of chunk ids",
+                bytes.len()
+            )));
+        }
+        Ok(bytes
+            .chunks_exact(32)
+            .map(|c| ballast_engine::ChunkId(c.try_into().unwrap_or([0; 32])))
+            .collect())
+    }
+
+    /// Sends chunks (frames of id, u32 length, bytes) for `repo`.
+    pub async fn post_chunks(&self, repo: &str, frames: Bytes) -> Result<(), Failure> {
+        let url = format!("{}/v2/_ballast/{repo}/chunks", self.base);
+        self.send_url(
+            Method::POST,
+            &url,
+            repo,
+            true,
+            &[octet_stream()],
+            Some(frames),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Commits a blob in `repo` from its recipe (`encode_wire`): `Ok(vec![])` when it is
+    /// there, or the chunks the registry says it lacks.
+    pub async fn put_recipe(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        recipe: Bytes,
+    ) -> Result<Vec<ballast_engine::ChunkId>, Failure> {
+        let url = format!("{}/v2/_ballast/{repo}/blobs/{digest}", self.base);
+        let r = self
+            .exchange(
+                Method::PUT,
+                &url,
+                repo,
+                true,
+                None,
+                &[octet_stream()],
+                Some(recipe),
+            )
+            .await?;
+        if r.status().is_success() {
+            return Ok(Vec::new());
+        }
+        if r.status() != StatusCode::BAD_REQUEST {
+            return Err(failure(&Method::PUT, &url, r).await);
+        }
+        let bytes = r.bytes().await.map_err(unreachable)?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let e = &v["errors"][0];
+        let missing: Vec<ballast_engine::ChunkId> = e["detail"]["missing"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str())
+            .filter_map(|h| hex::decode(h).ok())
+            .filter_map(|b| <[u8; 32]>::try_from(b).ok())
+            .map(ballast_engine::ChunkId)
+            .collect();
+        if missing.is_empty() {
+            return Err(Failure::Failed(format!(
+                "PUT {url}: 400 {}: {}",
+                e["code"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or("")
+            )));
+        }
+        Ok(missing)
     }
 
     fn cached_token(&self, scope: &str) -> Option<String> {
@@ -569,6 +658,40 @@ impl Client {
             },
         );
         Ok(format!("Bearer {value}"))
+    }
+}
+
+fn octet_stream() -> (reqwest::header::HeaderName, String) {
+    (CONTENT_TYPE, "application/octet-stream".to_owned())
+}
+
+/// The failure an answer that is not a success says (its OCI error in the message).
+async fn failure(method: &Method, url: &str, r: Response) -> Failure {
+    let status = r.status();
+    let said = match *method {
+        Method::HEAD => String::new(),
+        _ => r
+            .bytes()
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                let e = &v["errors"][0];
+                Some(format!(
+                    " {}: {}",
+                    e["code"].as_str()?,
+                    e["message"].as_str().unwrap_or("")
+                ))
+            })
+            .unwrap_or_default(),
+    };
+    match status {
+        StatusCode::NOT_FOUND => Failure::NotFound,
+        StatusCode::TOO_MANY_REQUESTS => Failure::RateLimited,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            Failure::Denied(format!("{method} {url}: {status}{said}"))
+        }
+        s => Failure::Failed(format!("{method} {url}: {s}{said}")),
     }
 }
 

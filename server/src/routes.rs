@@ -25,6 +25,12 @@ pub enum Route<'a> {
     Upload { name: &'a str, id: &'a str },
     /// `/v2/<name>/referrers/<digest>`
     Referrers { name: &'a str, digest: &'a str },
+    /// `/v2/_ballast/<name>/chunks/missing`: which chunks a repository's store lacks.
+    DeltaMissing { name: &'a str },
+    /// `/v2/_ballast/<name>/chunks`: chunks sent by id.
+    DeltaChunks { name: &'a str },
+    /// `/v2/_ballast/<name>/blobs/<digest>`: a blob committed from its recipe.
+    DeltaBlob { name: &'a str, digest: &'a str },
     /// `/healthz`
     Health,
     /// `/admin/gc`: run a garbage collection now.
@@ -72,6 +78,12 @@ pub enum PathKind {
     Upload,
     /// `/v2/<name>/referrers/<digest>`
     Referrers,
+    /// `/v2/_ballast/<name>/chunks/missing`
+    DeltaMissing,
+    /// `/v2/_ballast/<name>/chunks`
+    DeltaChunks,
+    /// `/v2/_ballast/<name>/blobs/<digest>`
+    DeltaBlob,
     /// `/healthz`
     Health,
     /// `/admin/gc`
@@ -112,6 +124,9 @@ impl Route<'_> {
             Route::UploadStart { .. } => PathKind::UploadStart,
             Route::Upload { .. } => PathKind::Upload,
             Route::Referrers { .. } => PathKind::Referrers,
+            Route::DeltaMissing { .. } => PathKind::DeltaMissing,
+            Route::DeltaChunks { .. } => PathKind::DeltaChunks,
+            Route::DeltaBlob { .. } => PathKind::DeltaBlob,
             Route::Health => PathKind::Health,
             Route::AdminGc => PathKind::AdminGc,
             Route::Token => PathKind::Token,
@@ -136,7 +151,10 @@ impl Route<'_> {
             | Route::Blob { name, .. }
             | Route::UploadStart { name }
             | Route::Upload { name, .. }
-            | Route::Referrers { name, .. } => Some(name),
+            | Route::Referrers { name, .. }
+            | Route::DeltaMissing { name }
+            | Route::DeltaChunks { name }
+            | Route::DeltaBlob { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -199,6 +217,12 @@ pub enum Endpoint {
     UploadStatus,
     /// `DELETE /v2/<name>/blobs/uploads/<id>`.
     UploadCancel,
+    /// `POST /v2/_ballast/<name>/chunks/missing`.
+    DeltaMissing,
+    /// `POST /v2/_ballast/<name>/chunks`.
+    DeltaChunks,
+    /// `PUT /v2/_ballast/<name>/blobs/<digest>`.
+    DeltaBlob,
 }
 
 /// What a request to an endpoint needs to be allowed (auth.rs decides).
@@ -253,6 +277,8 @@ pub enum AuditKind {
     PullThroughEvict,
     /// `replication.reconcile` (each copy and delete is audited as it is done).
     ReplicationReconcile,
+    /// `blob.upload` of a blob committed from its recipe (delta replication).
+    DeltaBlob,
 }
 
 /// One endpoint: its methods and path, what it requires, what is audited.
@@ -442,6 +468,27 @@ pub static ENDPOINTS: &[Descriptor] = &[
         Requires::Repo(Action::Push),
         Audit::Change(AuditKind::UploadCancel)
     ),
+    endpoint!(
+        DeltaMissing,
+        &[Method::POST],
+        DeltaMissing,
+        Requires::Repo(Action::Push),
+        Audit::AtEnd(Endpoint::DeltaBlob)
+    ),
+    endpoint!(
+        DeltaChunks,
+        &[Method::POST],
+        DeltaChunks,
+        Requires::Repo(Action::Push),
+        Audit::AtEnd(Endpoint::DeltaBlob)
+    ),
+    endpoint!(
+        DeltaBlob,
+        &[Method::PUT],
+        DeltaBlob,
+        Requires::Repo(Action::Push),
+        Audit::Change(AuditKind::DeltaBlob)
+    ),
 ];
 
 /// What a request resolves to.
@@ -510,6 +557,19 @@ pub fn route(path: &str) -> Option<Route<'_>> {
     let rest = rest.strip_prefix('/')?;
     if rest == "_catalog" {
         return Some(Route::Catalog);
+    }
+    // (No repository starts with `_`: these cannot shadow one.)
+    if let Some(ext) = rest.strip_prefix("_ballast/") {
+        if let Some(name) = ext.strip_suffix("/chunks/missing") {
+            return Some(Route::DeltaMissing { name });
+        }
+        if let Some(name) = ext.strip_suffix("/chunks") {
+            return Some(Route::DeltaChunks { name });
+        }
+        let (head, digest) = ext.rsplit_once('/')?;
+        let name = head.strip_suffix("/blobs")?;
+        return (!name.is_empty() && !digest.is_empty())
+            .then_some(Route::DeltaBlob { name, digest });
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Some(Route::Tags { name });

@@ -1,6 +1,7 @@
 //! Request handlers, grouped by endpoint, and what they share.
 
 mod blobs;
+mod delta;
 mod listing;
 pub(crate) mod manifests;
 mod token;
@@ -153,6 +154,13 @@ pub async fn dispatch(
         }
         (Endpoint::UploadCancel, Route::Upload { name, id }) => {
             uploads::cancel(app, name, id).await
+        }
+        (Endpoint::DeltaMissing, Route::DeltaMissing { name }) => {
+            delta::missing(app, name, req).await
+        }
+        (Endpoint::DeltaChunks, Route::DeltaChunks { name }) => delta::chunks(app, name, req).await,
+        (Endpoint::DeltaBlob, Route::DeltaBlob { name, digest }) => {
+            delta::blob(app, name, digest, req).await
         }
         (Endpoint::ManifestGet, Route::Manifest { name, reference }) => {
             manifests::get(app, name, reference, head).await

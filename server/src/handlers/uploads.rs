@@ -123,7 +123,7 @@ fn session_reply(status: StatusCode, name: &str, id: &str, len: u64) -> Response
 
 /// Links a stored blob to a repository. The blob is pinned in the same catalog commit, so a
 /// collection running at the same time cannot take it away under the new link.
-async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), ApiError> {
+pub(super) async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), ApiError> {
     let store = app.store.clone();
     let op = Op::LinkBlob {
         repo: name.to_owned(),

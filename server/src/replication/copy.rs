@@ -154,6 +154,22 @@ async fn copy_blob(app: &App, rule: &Rule, target: &str, digest: &Digest) -> Res
             return Ok(true);
         }
     }
+    if rule.cfg.delta && rule.delta_support.load(Ordering::Relaxed) != 2 {
+        match super::delta::send(app, rule, target, digest).await {
+            Ok(()) => {
+                rule.seen.lock().insert(digest.clone(), target.to_owned());
+                return Ok(true);
+            }
+            Err(super::delta::Refusal::Unsupported(why)) => {
+                rule.delta_support.store(2, Ordering::Relaxed);
+                tracing::info!(rule = %rule.cfg.name, %why, "the target takes no delta uploads: plain uploads from now on");
+            }
+            Err(super::delta::Refusal::Refused(why)) => {
+                tracing::warn!(rule = %rule.cfg.name, %digest, %why, "a delta upload was refused: a plain upload instead");
+            }
+            Err(super::delta::Refusal::Failed(f)) => return Err(f),
+        }
+    }
     let store = app.store.clone();
     let d = digest.clone();
     let reader = tokio::task::spawn_blocking(move || store.open_blob(&d))

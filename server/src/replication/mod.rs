@@ -5,10 +5,13 @@
 //!   the outbox subscriptions.
 //! - `copy.rs`: copying a manifest with what it references (index children, blobs, the
 //!   referrers of it) and deleting; what the target has is not sent again.
+//! - `delta.rs`: a blob sent as the chunks the target lacks and its recipe, when the target
+//!   is a Ballast (docs/replication.md).
 //! - `worker.rs`: each rule's worker, which follows the durable outbox (so a change is
 //!   replicated after a restart or a kill -9), and its periodic reconciliation.
 
 mod copy;
+mod delta;
 mod worker;
 
 use std::collections::HashMap;
@@ -47,6 +50,10 @@ pub struct ReplicationConfig {
     /// Replicate deletes of tags and manifests too.
     #[serde(default)]
     pub delete: bool,
+    /// Send blobs as the chunks the target lacks when it is a Ballast (found out at the
+    /// first blob; other registries get plain uploads).
+    #[serde(default = "default_delta")]
+    pub delta: bool,
     /// Credentials on the target (basic, or for its token service).
     #[serde(default)]
     pub username: Option<String>,
@@ -79,6 +86,10 @@ fn default_timeout() -> u64 {
     30
 }
 
+fn default_delta() -> bool {
+    true
+}
+
 fn default_reconcile() -> u64 {
     3600
 }
@@ -106,6 +117,12 @@ pub struct Counters {
     pub bytes: AtomicU64,
     /// Deletes replicated.
     pub deletes: AtomicU64,
+    /// Blobs sent by delta (chunks the target lacked, then the recipe).
+    pub delta_blobs: AtomicU64,
+    /// Bytes those took on the wire (chunk frames and recipes).
+    pub delta_bytes: AtomicU64,
+    /// What those blobs weigh (what plain uploads would have sent).
+    pub delta_blob_bytes: AtomicU64,
     /// Attempts that failed (each retry counts).
     pub failures: AtomicU64,
     /// Unix seconds of the last replicated change.
@@ -133,6 +150,8 @@ pub struct Rule {
     /// Where a blob was last seen on the target (digest → target repository), for
     /// cross-repository mounts.
     seen: Mutex<HashMap<ballast_engine::Digest, String>>,
+    /// Whether the target takes delta uploads: 0 not known yet, 1 yes, 2 no.
+    delta_support: std::sync::atomic::AtomicU8,
 }
 
 impl Rule {
@@ -210,6 +229,15 @@ impl Rule {
             "blobs_already_there": c.skipped.load(Ordering::Relaxed),
             "bytes_uploaded": c.bytes.load(Ordering::Relaxed),
             "deletes": c.deletes.load(Ordering::Relaxed),
+            "delta": match self.delta_support.load(Ordering::Relaxed) {
+                _ if !self.cfg.delta => "off",
+                1 => "in use",
+                2 => "target does not take it",
+                _ => "not tried yet",
+            },
+            "delta_blobs": c.delta_blobs.load(Ordering::Relaxed),
+            "delta_bytes_sent": c.delta_bytes.load(Ordering::Relaxed),
+            "delta_blob_bytes": c.delta_blob_bytes.load(Ordering::Relaxed),
             "failed_attempts": c.failures.load(Ordering::Relaxed),
             "last_success": match c.last_success.load(Ordering::Relaxed) { 0 => None, t => Some(t) },
             "last_error": last_error.map(|(at, e)| serde_json::json!({"at": at, "error": e})),
@@ -287,6 +315,7 @@ pub fn compile(configs: &[ReplicationConfig]) -> anyhow::Result<Vec<Arc<Rule>>> 
             counters: Counters::default(),
             wake: Arc::default(),
             seen: Mutex::new(HashMap::new()),
+            delta_support: std::sync::atomic::AtomicU8::new(0),
         }));
     }
     Ok(out)

@@ -2,7 +2,6 @@
 //! `docker-registry`), and a tap: an HTTP proxy the test puts between Ballast and a peer to
 //! count the requests that reach the peer and to corrupt blob bytes on the way.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -141,9 +140,20 @@ pub fn push_image(
     len: usize,
     headers: &[(&str, &str)],
 ) -> Pushed {
+    push_layer(base, repo, tag, seed, seeded(len, seed), headers)
+}
+
+/// [`push_image`] with a layer of the caller's (the config names `seed`).
+pub fn push_layer(
+    base: &str,
+    repo: &str,
+    tag: &str,
+    seed: u64,
+    layer: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Pushed {
     let config =
         format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
-    let layer = seeded(len, seed);
     let mut descs = Vec::new();
     for (data, media) in [
         (&config, "application/vnd.oci.image.config.v1+json"),
@@ -194,12 +204,16 @@ pub fn push_image(
     }
 }
 
-/// An HTTP proxy in front of a peer: logs `METHOD path` of every request it forwards, and
-/// flips a byte in the middle of blob bodies while `corrupt` is set.
+/// An HTTP proxy in front of a peer: logs `METHOD path BODY-LENGTH` of every request, flips
+/// a byte in the middle of blob bodies while `corrupt` is set, and plays a faulty Ballast
+/// for delta replication: `cut_chunks` drops the connection at the Nth chunk upload from
+/// now (1: the next), `lie_missing` answers "none missing" for every chunk question.
 pub struct Tap {
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
     pub corrupt: Arc<AtomicBool>,
+    pub cut_chunks: Arc<std::sync::atomic::AtomicUsize>,
+    pub lie_missing: Arc<AtomicBool>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -216,22 +230,38 @@ impl Tap {
         let addr = listener.local_addr().expect("addr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let corrupt = Arc::new(AtomicBool::new(false));
+        let faults = Faults {
+            cut_chunks: Arc::default(),
+            lie_missing: Arc::default(),
+        };
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("client");
         let upstream = upstream.trim_end_matches('/').to_owned();
-        let (l, c) = (log.clone(), corrupt.clone());
+        let (l, c, fl) = (log.clone(), corrupt.clone(), faults.clone());
         rt.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (l, c, client, upstream) =
-                    (l.clone(), c.clone(), client.clone(), upstream.clone());
+                let (l, c, fl, client, upstream) = (
+                    l.clone(),
+                    c.clone(),
+                    fl.clone(),
+                    client.clone(),
+                    upstream.clone(),
+                );
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        forward(req, upstream.clone(), client.clone(), l.clone(), c.clone())
+                        forward(
+                            req,
+                            upstream.clone(),
+                            client.clone(),
+                            l.clone(),
+                            c.clone(),
+                            fl.clone(),
+                        )
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -243,6 +273,8 @@ impl Tap {
             addr,
             log,
             corrupt,
+            cut_chunks: faults.cut_chunks,
+            lie_missing: faults.lie_missing,
             rt: Some(rt),
         }
     }
@@ -265,31 +297,57 @@ impl Drop for Tap {
     }
 }
 
+#[derive(Clone)]
+struct Faults {
+    cut_chunks: Arc<std::sync::atomic::AtomicUsize>,
+    lie_missing: Arc<AtomicBool>,
+}
+
 async fn forward(
     req: Request<Incoming>,
     upstream: String,
     client: reqwest::Client,
     log: Arc<Mutex<Vec<String>>>,
     corrupt: Arc<AtomicBool>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+    faults: Faults,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let method = req.method().clone();
     let path = req
         .uri()
         .path_and_query()
         .map_or("/".to_owned(), |p| p.to_string());
-    log.lock().push(format!("{method} {path}"));
-    let mut r = client.request(method.clone(), format!("{upstream}{path}"));
-    for (k, v) in req.headers() {
-        if k != hyper::header::HOST {
-            r = r.header(k, v);
-        }
-    }
+    let headers = req.headers().clone();
     let body = req
         .into_body()
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    log.lock().push(format!("{method} {path} {}", body.len()));
+    if method == hyper::Method::POST && path.ends_with("/chunks") {
+        let cut = faults
+            .cut_chunks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok_and(|before| before == 1);
+        if cut {
+            return Err(std::io::Error::other("the tap cuts this chunk upload"));
+        }
+    }
+    if method == hyper::Method::POST
+        && path.ends_with("/chunks/missing")
+        && faults.lie_missing.load(Ordering::SeqCst)
+    {
+        return Ok(Response::builder()
+            .status(200)
+            .body(Full::new(Bytes::new()))
+            .expect("response"));
+    }
+    let mut r = client.request(method.clone(), format!("{upstream}{path}"));
+    for (k, v) in &headers {
+        if k != hyper::header::HOST {
+            r = r.header(k, v);
+        }
+    }
     let resp = match r.body(body).send().await {
         Ok(r) => r,
         Err(e) => {

@@ -273,3 +273,179 @@ fn replication_to_ballast_with_token_auth_reconciles_what_was_there_before() {
     );
     assert_eq!(res.status, 404);
 }
+
+/// Bytes of chunk frames the tap forwarded (chunk uploads that reached the target).
+fn chunk_bytes(log: &[String]) -> u64 {
+    log.iter()
+        .filter(|l| l.starts_with("POST ") && l.contains("/chunks ") && !l.contains("/missing"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn rule_status(r: &Registry) -> serde_json::Value {
+    call("GET", &r.url("/admin/replication"), &[], None).json()["rules"][0].clone()
+}
+
+#[test]
+fn delta_replication_between_ballasts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut dst = Registry::start(&tmp.path().join("target"));
+    let target = dst.url("");
+    let tap = crate::peers::Tap::start(&target);
+    let config = config_file(
+        &tmp,
+        &format!(
+            "[[replication]]\nname = \"peer\"\nurl = \"{}\"\nretry_initial_ms = 50\nretry_max_delay_secs = 1\nreconcile_interval_secs = 0\n",
+            tap.url()
+        ),
+    );
+    let r = Registry::start_args(
+        &tmp.path().join("source"),
+        &[],
+        &["--config", &config.to_string_lossy()],
+    );
+    let src = r.url("");
+
+    // A first image: everything is new there.
+    let base = crate::seeded(8 << 20, 31);
+    let a = crate::peers::push_layer(&src, "apps/web", "v1", 31, base.clone(), &[]);
+    within(30, "v1 on the target", || {
+        manifest(&target, "apps/web", "v1", &[]).as_deref() == Some(&a.manifest[..])
+    });
+    let first = rule_status(&r);
+    assert_eq!(first["delta"], "in use", "{first}");
+    tap.take();
+    // A rebuild that changed 4 KiB in the middle of the layer: a few chunks go.
+    let mut changed = base.clone();
+    changed[4 << 20..(4 << 20) + 4096].copy_from_slice(&crate::seeded(4096, 32));
+    let b = crate::peers::push_layer(&src, "apps/web", "v2", 31, changed.clone(), &[]);
+    within(30, "v2 on the target", || {
+        manifest(&target, "apps/web", "v2", &[]).as_deref() == Some(&b.manifest[..])
+    });
+    let got = call(
+        "GET",
+        &format!("{target}/v2/apps/web/blobs/{}", b.layer_digest),
+        &[],
+        None,
+    );
+    assert!(
+        got.body == changed,
+        "the target holds the rebuilt layer whole"
+    );
+    let sent = chunk_bytes(&tap.take());
+    assert!(
+        sent * 10 < changed.len() as u64,
+        "{sent} bytes of chunks for a layer of {} with 4 KiB changed",
+        changed.len()
+    );
+
+    // The connection cut at the second chunk upload: retried, and the chunks the target
+    // acknowledged are not sent again.
+    tap.cut_chunks.store(2, std::sync::atomic::Ordering::SeqCst);
+    let fresh = crate::seeded(40 << 20, 33);
+    let c = crate::peers::push_layer(&src, "apps/batch", "v1", 33, fresh.clone(), &[]);
+    within(60, "the cut image on the target", || {
+        manifest(&target, "apps/batch", "v1", &[]).as_deref() == Some(&c.manifest[..])
+    });
+    let log = tap.take();
+    let forwarded = chunk_bytes(&log);
+    let cuts = log
+        .iter()
+        .filter(|l| l.contains("/chunks ") && l.starts_with("POST "))
+        .count();
+    assert!(cuts >= 3, "{log:?}");
+    // Every chunk frame the target took, once (36 bytes of frame header per ~64 KiB chunk),
+    // plus the one batch that was cut and never reached it.
+    assert!(
+        forwarded < fresh.len() as u64 + (16 << 20) + fresh.len() as u64 / 1000,
+        "{forwarded} bytes forwarded for {} bytes of chunks: confirmed chunks were sent again",
+        fresh.len()
+    );
+    let got = call(
+        "GET",
+        &format!("{target}/v2/apps/batch/blobs/{}", c.layer_digest),
+        &[],
+        None,
+    );
+    assert!(got.body == fresh);
+
+    // A target that claims to hold every chunk: its recipe check catches it, the chunks go,
+    // and nothing wrong becomes visible.
+    tap.lie_missing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let other = crate::seeded(2 << 20, 34);
+    let d = crate::peers::push_layer(&src, "apps/lied", "v1", 34, other.clone(), &[]);
+    within(30, "the image on the lying target", || {
+        manifest(&target, "apps/lied", "v1", &[]).as_deref() == Some(&d.manifest[..])
+    });
+    let log = tap.take();
+    let recipe_puts = log
+        .iter()
+        .filter(|l| {
+            l.starts_with(&format!(
+                "PUT /v2/_ballast/apps/lied/blobs/{}",
+                d.layer_digest
+            ))
+        })
+        .count();
+    assert_eq!(recipe_puts, 2, "{log:?}");
+    let got = call(
+        "GET",
+        &format!("{target}/v2/apps/lied/blobs/{}", d.layer_digest),
+        &[],
+        None,
+    );
+    assert!(got.body == other);
+    tap.lie_missing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    // The endpoints refuse what does not hold: a chunk whose bytes are not its id's, a
+    // recipe whose chunks are not there, one whose digest is not the blob's.
+    let wrong_id = [7u8; 32];
+    let mut frame = wrong_id.to_vec();
+    frame.extend_from_slice(&5u32.to_le_bytes());
+    frame.extend_from_slice(b"bytes");
+    let res = call(
+        "POST",
+        &format!("{target}/v2/_ballast/apps/web/chunks"),
+        &[],
+        Some(&frame),
+    );
+    assert_eq!(res.status, 400);
+    assert_eq!(res.code(), "DIGEST_INVALID");
+    let mut recipe = 5u64.to_le_bytes().to_vec();
+    recipe.extend_from_slice(&1u32.to_le_bytes());
+    recipe.push(0);
+    recipe.extend_from_slice(&wrong_id);
+    recipe.extend_from_slice(&5u32.to_le_bytes());
+    let res = call(
+        "PUT",
+        &format!("{target}/v2/_ballast/apps/web/blobs/{}", sha256(b"bytes")),
+        &[],
+        Some(&recipe),
+    );
+    assert_eq!(res.status, 400);
+    assert_eq!(res.code(), "BLOB_UPLOAD_INVALID");
+    assert_eq!(
+        res.json()["errors"][0]["detail"]["missing"][0],
+        hex::encode(wrong_id)
+    );
+    let mut inline = 5u64.to_le_bytes().to_vec();
+    inline.extend_from_slice(&1u32.to_le_bytes());
+    inline.push(1);
+    inline.extend_from_slice(&5u16.to_le_bytes());
+    inline.extend_from_slice(b"bytes");
+    let res = call(
+        "PUT",
+        &format!("{target}/v2/_ballast/apps/web/blobs/{}", sha256(b"other")),
+        &[],
+        Some(&inline),
+    );
+    assert_eq!(res.status, 400);
+    assert_eq!(res.code(), "DIGEST_INVALID");
+    let status = rule_status(&r);
+    assert!(status["delta_blobs"].as_u64().unwrap_or(0) >= 4, "{status}");
+    drop(r);
+    dst.stop();
+    crate::assert_fsck_clean(&tmp.path().join("target"));
+}

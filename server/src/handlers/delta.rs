@@ -1,0 +1,169 @@
+//! The delta replication endpoints (docs/replication.md), under `/v2/_ballast/<name>/`, with
+//! push permission on `<name>`:
+//!
+//! - `POST …/chunks/missing`: a body of 32-byte chunk ids; the answer lists those this
+//!   registry lacks, in the same form.
+//! - `POST …/chunks`: frames of (id, u32 length, bytes); each is checked against its BLAKE3
+//!   id before it is stored.
+//! - `PUT …/blobs/<digest>`: the blob's size and pieces (the engine's recipe encoding); the
+//!   blob is assembled from held chunks, checked, stored and linked in `<name>`. Chunks not
+//!   held are listed in the error (`BLOB_UPLOAD_INVALID`, `detail.missing`).
+
+use ballast_engine::delta::{Assembled, CHUNK_LEN_MAX};
+use ballast_engine::{ChunkId, Error as EngineError};
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Request, Response, StatusCode};
+
+use super::{blocking, check_name, parse_digest, reply};
+use crate::body::{full, read_limited, ResBody};
+use crate::error::ApiError;
+use crate::App;
+
+/// Ids asked about at a time.
+pub const IDS_MAX: usize = 65_536;
+/// Bytes of chunks sent at a time.
+pub const CHUNKS_BODY_MAX: usize = 64 << 20;
+/// Bytes of a recipe.
+const RECIPE_MAX: usize = 64 << 20;
+
+async fn body(
+    app: &App,
+    req: Request<Incoming>,
+    max: usize,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    let mut b = req.into_body();
+    read_limited(&mut b, max, app.body_pace())
+        .await?
+        .ok_or_else(|| ApiError::SizeInvalid(format!("{what} is limited to {max} bytes")))
+}
+
+fn ids(bytes: &[u8]) -> Result<Vec<ChunkId>, ApiError> {
+    if !bytes.len().is_multiple_of(32) {
+        return Err(ApiError::Unsupported(format!(
+            "the body is {} bytes: 32-byte chunk ids are expected",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| ChunkId(c.try_into().unwrap_or([0; 32])))
+        .collect())
+}
+
+fn octets(status: StatusCode, bytes: Vec<u8>) -> Response<ResBody> {
+    reply(status)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .body(full(bytes))
+}
+
+/// `POST /v2/_ballast/<name>/chunks/missing`.
+pub async fn missing(
+    app: &App,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    app.pull_through.refuse_writes(name)?;
+    let bytes = body(app, req, IDS_MAX * 32, "a list of chunk ids").await?;
+    let ids = ids(&bytes)?;
+    let store = app.store.clone();
+    let missing = blocking(move || Ok(store.missing_chunks(&ids))).await?;
+    Ok(octets(
+        StatusCode::OK,
+        missing.iter().flat_map(|id| id.0).collect(),
+    ))
+}
+
+/// `POST /v2/_ballast/<name>/chunks`.
+pub async fn chunks(
+    app: &App,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    app.pull_through.refuse_writes(name)?;
+    app.quotas.check_upload(name)?;
+    super::check_room(app).await?;
+    let bytes = body(app, req, CHUNKS_BODY_MAX, "a body of chunks").await?;
+    let mut frames = Vec::new();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let head = bytes.get(at..at + 36).ok_or_else(|| {
+            ApiError::Unsupported(format!("a chunk frame is cut short at byte {at}"))
+        })?;
+        let id = ChunkId(head[..32].try_into().unwrap_or([0; 32]));
+        let len = u32::from_le_bytes(head[32..36].try_into().unwrap_or([0; 4])) as usize;
+        if len > CHUNK_LEN_MAX {
+            return Err(ApiError::SizeInvalid(format!(
+                "a chunk of {len} bytes: at most {CHUNK_LEN_MAX} are taken"
+            )));
+        }
+        let data = bytes
+            .get(at + 36..at + 36 + len)
+            .ok_or_else(|| ApiError::Unsupported(format!("the chunk at byte {at} is cut short")))?;
+        frames.push((id, bytes.slice_ref(data)));
+        at += 36 + len;
+    }
+    let store = app.store.clone();
+    let n = frames.len();
+    let new = blocking(move || {
+        store.put_chunks(&frames).map_err(|e| match e {
+            EngineError::InvalidInput { reason, .. } => ApiError::DigestInvalid(reason),
+            other => ApiError::from_engine(other),
+        })
+    })
+    .await?;
+    Ok(reply(StatusCode::OK).json(&serde_json::json!({ "received": n, "new": new })))
+}
+
+/// `PUT /v2/_ballast/<name>/blobs/<digest>`.
+pub async fn blob(
+    app: &App,
+    name: &str,
+    digest: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    check_name(name)?;
+    app.pull_through.refuse_writes(name)?;
+    app.quotas.check_upload(name)?;
+    let digest = parse_digest(digest)?;
+    super::check_room(app).await?;
+    let bytes = body(app, req, RECIPE_MAX, "a recipe").await?;
+    let (size, pieces) = ballast_engine::recipe::decode_wire(&bytes)
+        .map_err(|why| ApiError::BlobUploadInvalid(format!("the recipe is not valid: {why}")))?;
+    let store = app.store.clone();
+    let d = digest.clone();
+    let assembled = blocking(move || {
+        store
+            .commit_from_recipe(&d, size, pieces)
+            .map_err(ApiError::from_engine)
+    })
+    .await?;
+    match assembled {
+        Assembled::Committed(_) => {}
+        Assembled::Missing(ids) => {
+            let hexes: Vec<String> = ids.iter().map(|i| hex::encode(i.0)).collect();
+            let body = serde_json::json!({"errors": [{
+                "code": "BLOB_UPLOAD_INVALID",
+                "message": format!(
+                    "{} chunks of blob {digest} are not held here: send them \
+                     (POST /v2/_ballast/{name}/chunks), then the recipe again",
+                    ids.len()
+                ),
+                "detail": { "missing": hexes },
+            }]});
+            return Ok(reply(StatusCode::BAD_REQUEST).json(&body));
+        }
+    }
+    super::uploads::link(app, name, &digest).await?;
+    Ok(reply(StatusCode::CREATED)
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(
+            hyper::header::LOCATION,
+            format!("/v2/{name}/blobs/{digest}"),
+        )
+        .empty())
+}
