@@ -356,6 +356,15 @@ impl Plan {
                 Kind::Upload
             }
             (AuditKind::UploadCancel, _) => Kind::UploadCancel,
+            (AuditKind::DeltaChunks, _) => {
+                base.action = "chunks.upload".into();
+                base.reason = req
+                    .headers()
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|n| format!("{n} bytes of chunk frames (delta replication)"));
+                Kind::AdminAction
+            }
             (AuditKind::DeltaBlob, Route::DeltaBlob { digest, .. }) => {
                 base.digest = Some((*digest).to_owned());
                 base.reason = Some("assembled from its recipe (delta replication)".into());

@@ -362,7 +362,13 @@ fn route_index(kind: Option<PathKind>) -> usize {
         Some(PathKind::Blob) => "blobs",
         Some(PathKind::UploadStart | PathKind::Upload) => "uploads",
         Some(PathKind::Referrers) => "referrers",
-        Some(PathKind::DeltaMissing | PathKind::DeltaChunks | PathKind::DeltaBlob) => "delta",
+        Some(
+            PathKind::DeltaMissing
+            | PathKind::DeltaChunks
+            | PathKind::DeltaBlob
+            | PathKind::DeltaRecipe
+            | PathKind::DeltaFetch,
+        ) => "delta",
         Some(PathKind::Health) => "health",
         Some(
             PathKind::AdminGc

@@ -505,6 +505,69 @@ impl Client {
             .collect())
     }
 
+    /// A blob's recipe (`encode_wire`) from a Ballast (`GET
+    /// /v2/_ballast/<repo>/blobs/<digest>/recipe`): [`Failure::NotFound`] when it says the
+    /// blob is not there, [`Failure::Failed`] when the registry has no such endpoint.
+    pub async fn get_recipe(&self, repo: &str, digest: &Digest) -> Result<Bytes, Failure> {
+        let url = format!("{}/v2/_ballast/{repo}/blobs/{digest}/recipe", self.base);
+        let r = self
+            .exchange(Method::GET, &url, repo, false, None, &[], None)
+            .await?;
+        let status = r.status();
+        if status.is_success() {
+            return r.bytes().await.map_err(unreachable);
+        }
+        if status != StatusCode::NOT_FOUND {
+            return Err(failure(&Method::GET, &url, r).await);
+        }
+        // Ballast's 404 is an OCI error; another registry's is its router's.
+        let body = r.bytes().await.unwrap_or_default();
+        let code = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_owned));
+        match code.as_deref() {
+            Some("BLOB_UNKNOWN" | "NAME_UNKNOWN") => Err(Failure::NotFound),
+            _ => Err(Failure::Failed(format!(
+                "GET {url}: 404 without an OCI error: no delta endpoints"
+            ))),
+        }
+    }
+
+    /// Chunks of a blob from a Ballast, by id (`POST
+    /// /v2/_ballast/<repo>/blobs/<digest>/chunks`): as many as it answers at once, in order.
+    pub async fn fetch_chunks(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        ids: &[ballast_engine::ChunkId],
+    ) -> Result<Vec<(ballast_engine::ChunkId, Bytes)>, Failure> {
+        let url = format!("{}/v2/_ballast/{repo}/blobs/{digest}/chunks", self.base);
+        let body: Vec<u8> = ids.iter().flat_map(|i| i.0).collect();
+        let r = self
+            .send_url(
+                Method::POST,
+                &url,
+                repo,
+                false,
+                &[octet_stream()],
+                Some(Bytes::from(body)),
+            )
+            .await?;
+        let bytes = r.bytes().await.map_err(unreachable)?;
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let bad = || Failure::Failed(format!("POST {url}: a chunk frame is cut short"));
+            let head = bytes.get(at..at + 36).ok_or_else(bad)?;
+            let id = ballast_engine::ChunkId(head[..32].try_into().unwrap_or([0; 32]));
+            let len = u32::from_le_bytes(head[32..36].try_into().unwrap_or([0; 4])) as usize;
+            let data = bytes.get(at + 36..at + 36 + len).ok_or_else(bad)?;
+            out.push((id, bytes.slice_ref(data)));
+            at += 36 + len;
+        }
+        Ok(out)
+    }
+
     /// Sends chunks (frames of id, u32 length, bytes) for `repo`.
     pub async fn post_chunks(&self, repo: &str, frames: Bytes) -> Result<(), Failure> {
         let url = format!("{}/v2/_ballast/{repo}/chunks", self.base);

@@ -31,6 +31,10 @@ pub enum Route<'a> {
     DeltaChunks { name: &'a str },
     /// `/v2/_ballast/<name>/blobs/<digest>`: a blob committed from its recipe.
     DeltaBlob { name: &'a str, digest: &'a str },
+    /// `/v2/_ballast/<name>/blobs/<digest>/recipe`: a blob's recipe.
+    DeltaRecipe { name: &'a str, digest: &'a str },
+    /// `/v2/_ballast/<name>/blobs/<digest>/chunks`: chunks of a blob, by id.
+    DeltaFetch { name: &'a str, digest: &'a str },
     /// `/healthz`
     Health,
     /// `/admin/gc`: run a garbage collection now.
@@ -84,6 +88,10 @@ pub enum PathKind {
     DeltaChunks,
     /// `/v2/_ballast/<name>/blobs/<digest>`
     DeltaBlob,
+    /// `/v2/_ballast/<name>/blobs/<digest>/recipe`
+    DeltaRecipe,
+    /// `/v2/_ballast/<name>/blobs/<digest>/chunks`
+    DeltaFetch,
     /// `/healthz`
     Health,
     /// `/admin/gc`
@@ -127,6 +135,8 @@ impl Route<'_> {
             Route::DeltaMissing { .. } => PathKind::DeltaMissing,
             Route::DeltaChunks { .. } => PathKind::DeltaChunks,
             Route::DeltaBlob { .. } => PathKind::DeltaBlob,
+            Route::DeltaRecipe { .. } => PathKind::DeltaRecipe,
+            Route::DeltaFetch { .. } => PathKind::DeltaFetch,
             Route::Health => PathKind::Health,
             Route::AdminGc => PathKind::AdminGc,
             Route::Token => PathKind::Token,
@@ -154,7 +164,9 @@ impl Route<'_> {
             | Route::Referrers { name, .. }
             | Route::DeltaMissing { name }
             | Route::DeltaChunks { name }
-            | Route::DeltaBlob { name, .. } => Some(name),
+            | Route::DeltaBlob { name, .. }
+            | Route::DeltaRecipe { name, .. }
+            | Route::DeltaFetch { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -223,6 +235,10 @@ pub enum Endpoint {
     DeltaChunks,
     /// `PUT /v2/_ballast/<name>/blobs/<digest>`.
     DeltaBlob,
+    /// `GET /v2/_ballast/<name>/blobs/<digest>/recipe`.
+    DeltaRecipe,
+    /// `POST /v2/_ballast/<name>/blobs/<digest>/chunks`.
+    DeltaFetch,
 }
 
 /// What a request to an endpoint needs to be allowed (auth.rs decides).
@@ -279,6 +295,8 @@ pub enum AuditKind {
     ReplicationReconcile,
     /// `blob.upload` of a blob committed from its recipe (delta replication).
     DeltaBlob,
+    /// `chunks.upload`: chunks sent for blobs to come (delta replication).
+    DeltaChunks,
 }
 
 /// One endpoint: its methods and path, what it requires, what is audited.
@@ -473,14 +491,14 @@ pub static ENDPOINTS: &[Descriptor] = &[
         &[Method::POST],
         DeltaMissing,
         Requires::Repo(Action::Push),
-        Audit::AtEnd(Endpoint::DeltaBlob)
+        Audit::Read
     ),
     endpoint!(
         DeltaChunks,
         &[Method::POST],
         DeltaChunks,
         Requires::Repo(Action::Push),
-        Audit::AtEnd(Endpoint::DeltaBlob)
+        Audit::Change(AuditKind::DeltaChunks)
     ),
     endpoint!(
         DeltaBlob,
@@ -488,6 +506,20 @@ pub static ENDPOINTS: &[Descriptor] = &[
         DeltaBlob,
         Requires::Repo(Action::Push),
         Audit::Change(AuditKind::DeltaBlob)
+    ),
+    endpoint!(
+        DeltaRecipe,
+        GET,
+        DeltaRecipe,
+        Requires::Repo(Action::Pull),
+        Audit::Read
+    ),
+    endpoint!(
+        DeltaFetch,
+        &[Method::POST],
+        DeltaFetch,
+        Requires::Repo(Action::Pull),
+        Audit::Read
     ),
 ];
 
@@ -560,6 +592,20 @@ pub fn route(path: &str) -> Option<Route<'_>> {
     }
     // (No repository starts with `_`: these cannot shadow one.)
     if let Some(ext) = rest.strip_prefix("_ballast/") {
+        // `<name>/blobs/<digest>/recipe|chunks` first: the latter also ends in `/chunks`.
+        if let Some((head, what)) = ext.rsplit_once('/') {
+            if let Some((name, digest)) = head.rsplit_once('/').and_then(|(h, d)| {
+                h.strip_suffix("/blobs")
+                    .filter(|n| !n.is_empty() && d.contains(':'))
+                    .map(|n| (n, d))
+            }) {
+                match what {
+                    "recipe" => return Some(Route::DeltaRecipe { name, digest }),
+                    "chunks" => return Some(Route::DeltaFetch { name, digest }),
+                    _ => {}
+                }
+            }
+        }
         if let Some(name) = ext.strip_suffix("/chunks/missing") {
             return Some(Route::DeltaMissing { name });
         }
@@ -616,7 +662,10 @@ mod tests {
                 .methods
                 .iter()
                 .any(|m| !matches!(*m, Method::GET | Method::HEAD))
-                && d.endpoint != Endpoint::Token;
+                && d.endpoint != Endpoint::Token
+                // (POSTs of chunk ids, asking which are missing or for their bytes: reads.)
+                && d.endpoint != Endpoint::DeltaFetch
+                && d.endpoint != Endpoint::DeltaMissing;
             match d.audit {
                 Audit::Read => assert!(
                     !mutates,

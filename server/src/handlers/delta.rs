@@ -8,6 +8,12 @@
 //! - `PUT …/blobs/<digest>`: the blob's size and pieces (the engine's recipe encoding); the
 //!   blob is assembled from held chunks, checked, stored and linked in `<name>`. Chunks not
 //!   held are listed in the error (`BLOB_UPLOAD_INVALID`, `detail.missing`).
+//!
+//! And for a pull-through cache reading this registry, with pull permission:
+//!
+//! - `GET …/blobs/<digest>/recipe`: the blob's size and pieces, as above.
+//! - `POST …/blobs/<digest>/chunks`: a body of chunk ids of that blob; the answer is frames
+//!   for as many of them, in order, as fit in 16 MiB (ask again for the rest).
 
 use ballast_engine::delta::{Assembled, CHUNK_LEN_MAX};
 use ballast_engine::{ChunkId, Error as EngineError};
@@ -166,4 +172,85 @@ pub async fn blob(
             format!("/v2/{name}/blobs/{digest}"),
         )
         .empty())
+}
+
+/// Frames of chunks answered at a time.
+pub const FETCH_FRAMES_MAX: usize = 16 << 20;
+
+/// The recipe of a blob `name` may read.
+async fn readable_recipe(
+    app: &App,
+    name: &str,
+    digest: &str,
+) -> Result<std::sync::Arc<ballast_engine::recipe::Recipe>, ApiError> {
+    check_name(name)?;
+    let digest = parse_digest(digest)?;
+    if !super::linked(app, name, &digest) {
+        return Err(ApiError::BlobUnknown(format!(
+            "blob {digest} is not in repository {name}"
+        )));
+    }
+    let store = app.store.clone();
+    blocking(move || {
+        store.recipe(&digest).map_err(|e| match e {
+            EngineError::NotFound(_) => {
+                ApiError::BlobUnknown(format!("blob {digest} is not stored"))
+            }
+            other => ApiError::from_engine(other),
+        })
+    })
+    .await
+}
+
+/// `GET /v2/_ballast/<name>/blobs/<digest>/recipe`.
+pub async fn recipe(app: &App, name: &str, digest: &str) -> Result<Response<ResBody>, ApiError> {
+    let r = readable_recipe(app, name, digest).await?;
+    Ok(octets(
+        StatusCode::OK,
+        ballast_engine::recipe::encode_wire(r.size, &r.pieces),
+    ))
+}
+
+/// `POST /v2/_ballast/<name>/blobs/<digest>/chunks`.
+pub async fn fetch(
+    app: &App,
+    name: &str,
+    digest: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    let r = readable_recipe(app, name, digest).await?;
+    let bytes = body(app, req, IDS_MAX * 32, "a list of chunk ids").await?;
+    let wanted = ids(&bytes)?;
+    // Only chunks of this blob: the blob is what the caller may read.
+    let own: std::collections::HashSet<ChunkId> = r
+        .pieces
+        .iter()
+        .filter_map(|p| match p {
+            ballast_engine::recipe::RecipePiece::Chunk { id, .. } => Some(*id),
+            ballast_engine::recipe::RecipePiece::Inline(_) => None,
+        })
+        .collect();
+    if let Some(x) = wanted.iter().find(|w| !own.contains(w)) {
+        return Err(ApiError::BlobUnknown(format!(
+            "chunk {} is not part of blob {}",
+            hex::encode(x.0),
+            r.digest
+        )));
+    }
+    let store = app.store.clone();
+    let frames = blocking(move || {
+        let mut out: Vec<u8> = Vec::new();
+        for id in &wanted {
+            let b = store.read_chunk(id).map_err(ApiError::from_engine)?;
+            if !out.is_empty() && out.len() + 36 + b.len() > FETCH_FRAMES_MAX {
+                break;
+            }
+            out.extend_from_slice(&id.0);
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(&b);
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(octets(StatusCode::OK, frames))
 }

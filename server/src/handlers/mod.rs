@@ -162,6 +162,12 @@ pub async fn dispatch(
         (Endpoint::DeltaBlob, Route::DeltaBlob { name, digest }) => {
             delta::blob(app, name, digest, req).await
         }
+        (Endpoint::DeltaRecipe, Route::DeltaRecipe { name, digest }) => {
+            delta::recipe(app, name, digest).await
+        }
+        (Endpoint::DeltaFetch, Route::DeltaFetch { name, digest }) => {
+            delta::fetch(app, name, digest, req).await
+        }
         (Endpoint::ManifestGet, Route::Manifest { name, reference }) => {
             manifests::get(app, name, reference, head).await
         }

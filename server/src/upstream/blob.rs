@@ -219,6 +219,22 @@ async fn fetch(
     digest: &Digest,
     flight: &Arc<Flight>,
 ) -> Result<(), Failure> {
+    if up.cfg.delta && up.delta_support.load(Ordering::Relaxed) != 2 {
+        match super::delta::fetch(app, up, name, digest).await {
+            Ok(()) => return link(app, name, digest).await,
+            Err(Failure::Failed(why)) => {
+                if up.delta_support.load(Ordering::Relaxed) == 0 {
+                    up.delta_support.store(2, Ordering::Relaxed);
+                    tracing::info!(upstream = %up.cfg.name, %why, "the upstream has no delta endpoints: plain blob fetches from now on");
+                } else {
+                    tracing::warn!(upstream = %up.cfg.name, %digest, %why, "a delta fetch failed: a plain fetch instead");
+                }
+            }
+            // (Another registry's "not found" for a path it does not know: asked plainly.)
+            Err(Failure::NotFound) if up.delta_support.load(Ordering::Relaxed) != 1 => {}
+            Err(f) => return Err(f),
+        }
+    }
     let r = up.client.get_blob(&up.remote_name(name), digest).await;
     up.count(&r);
     let mut r = r?;

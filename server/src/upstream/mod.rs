@@ -8,12 +8,15 @@
 //! - `manifest.rs`: manifest fills, tag re-checks after the TTL, offline mode.
 //! - `blob.rs`: blob fills: one upstream fetch per blob, streamed to every client waiting
 //!   for it while it arrives, verified before its last byte is sent.
+//! - `delta.rs`: blob fills from an upstream Ballast by chunks: its recipe, then only the
+//!   chunks this store lacks (docs/replication.md).
 //! - `evict.rs`: eviction of cached images (not pulled for a while, bytes above a cap).
 //!
 //! Cached content is stored like pushed content (chunks deduplicate with everything else);
 //! its manifests carry their `origin` (catalog format 4).
 
 mod blob;
+mod delta;
 pub mod evict;
 mod manifest;
 
@@ -65,6 +68,10 @@ pub struct UpstreamConfig {
     /// Seconds to connect, and between two reads of an answer.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Fetch blobs from an upstream Ballast as the chunks this store lacks (found out at the
+    /// first blob; other registries are read plainly).
+    #[serde(default = "default_delta")]
+    pub delta: bool,
     /// Cached images not pulled for this many days are evicted (none: kept).
     #[serde(default)]
     pub evict_unpulled_days: Option<u64>,
@@ -82,6 +89,10 @@ fn default_timeout() -> u64 {
     30
 }
 
+fn default_delta() -> bool {
+    true
+}
+
 /// One upstream, compiled.
 pub struct Upstream {
     /// Its configuration.
@@ -92,6 +103,8 @@ pub struct Upstream {
     pub client: crate::remote::Client,
     /// Counters (metrics and the admin endpoint).
     pub counters: Counters,
+    /// Whether the upstream answers delta fetches: 0 not known yet, 1 yes, 2 no.
+    pub delta_support: std::sync::atomic::AtomicU8,
 }
 
 /// What an upstream counts.
@@ -109,6 +122,10 @@ pub struct Counters {
     pub offline_serves: AtomicU64,
     /// Cached images evicted.
     pub evicted: AtomicU64,
+    /// Blobs filled by delta (their recipe, then the chunks this store lacked).
+    pub delta_blobs: AtomicU64,
+    /// What those blobs weigh (what plain fetches would have read).
+    pub delta_blob_bytes: AtomicU64,
     /// The last failure (Unix seconds, what) and when the upstream last answered.
     pub last_error: Mutex<Option<(u64, String)>>,
     /// (Unix seconds.)
@@ -167,6 +184,14 @@ impl Upstream {
             "blobs_fetched": c.blob_fills.load(Ordering::Relaxed),
             "offline_serves": c.offline_serves.load(Ordering::Relaxed),
             "evicted_images": c.evicted.load(Ordering::Relaxed),
+            "delta": match self.delta_support.load(Ordering::Relaxed) {
+                _ if !self.cfg.delta => "off",
+                1 => "in use",
+                2 => "upstream does not take it",
+                _ => "not tried yet",
+            },
+            "delta_blobs": c.delta_blobs.load(Ordering::Relaxed),
+            "delta_blob_bytes": c.delta_blob_bytes.load(Ordering::Relaxed),
             "last_ok": match c.last_ok.load(Ordering::Relaxed) { 0 => None, t => Some(t) },
             "last_error": last_error.map(|(at, what)| serde_json::json!({"at": at, "error": what})),
         })
@@ -264,6 +289,7 @@ pub fn compile(configs: &[UpstreamConfig]) -> anyhow::Result<Vec<Arc<Upstream>>>
             local,
             client,
             counters: Counters::default(),
+            delta_support: std::sync::atomic::AtomicU8::new(0),
         }));
     }
     Ok(out)

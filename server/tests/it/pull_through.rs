@@ -412,3 +412,53 @@ fn skopeo_pulls_a_multi_arch_index_through_the_cache() {
     let raw = crate::clients::skopeo(&["inspect", "--raw", "--tls-verify=false", &src]);
     assert_eq!(crate::sha256(raw.as_bytes()), index.digest);
 }
+
+/// From an upstream Ballast, a blob whose chunks are mostly cached already (a rebuild) is
+/// filled by delta: its recipe and the few chunks missing here.
+#[test]
+fn pull_through_from_ballast_fetches_only_missing_chunks() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let up = Registry::start(&tmp.path().join("upstream"));
+    let base = crate::seeded(8 << 20, 51);
+    let v1 = crate::peers::push_layer(&up.url(""), "lib/app", "v1", 51, base.clone(), &[]);
+    let mut changed = base.clone();
+    changed[2 << 20..(2 << 20) + 4096].copy_from_slice(&crate::seeded(4096, 52));
+    let v2 = crate::peers::push_layer(&up.url(""), "lib/app", "v2", 51, changed.clone(), &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_file(&dir, &cache_config(&up.url(""), ""));
+    let r = Registry::start_args(
+        &dir.path().join("data"),
+        &[],
+        &["--config", &config.to_string_lossy()],
+    );
+    let fetched = |r: &Registry| {
+        get(r, "/admin/pull-through").json()["upstreams"][0]["bytes_fetched"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for (img, layer) in [(&v1, &base), (&v2, &changed)] {
+        let before = fetched(&r);
+        let m = get(
+            &r,
+            &format!("/v2/cache/up/lib/app/manifests/{}", img.digest),
+        );
+        assert_eq!(m.status, 200);
+        let res = get(
+            &r,
+            &format!("/v2/cache/up/lib/app/blobs/{}", img.layer_digest),
+        );
+        assert_eq!(res.status, 200);
+        assert!(&res.body == layer, "the cached layer is the upstream's");
+        let spent = fetched(&r) - before;
+        if img.digest == v2.digest {
+            assert!(
+                spent * 10 < layer.len() as u64,
+                "{spent} bytes fetched for a rebuilt layer of {}",
+                layer.len()
+            );
+        }
+    }
+    let status = get(&r, "/admin/pull-through").json();
+    assert_eq!(status["upstreams"][0]["delta"], "in use", "{status}");
+    assert!(status["upstreams"][0]["delta_blobs"].as_u64().unwrap_or(0) >= 2);
+}
