@@ -16,6 +16,57 @@ use crate::store::Store;
 /// Largest chunk taken from another store (the chunker's largest is far below it).
 pub const CHUNK_LEN_MAX: usize = 16 << 20;
 
+/// Chunk ids as the protocol sends them: 32 bytes each, concatenated.
+pub fn encode_ids(ids: &[ChunkId]) -> Vec<u8> {
+    ids.iter().flat_map(|i| i.0).collect()
+}
+
+/// Reads what [`encode_ids`] wrote.
+pub fn decode_ids(bytes: &[u8]) -> std::result::Result<Vec<ChunkId>, String> {
+    if !bytes.len().is_multiple_of(32) {
+        return Err(format!(
+            "{} bytes are not a list of 32-byte chunk ids",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| ChunkId(c.try_into().unwrap_or([0; 32])))
+        .collect())
+}
+
+/// Appends a chunk frame: its id, its length (u32 little-endian), its bytes.
+pub fn encode_frame(out: &mut Vec<u8>, id: &ChunkId, bytes: &[u8]) {
+    out.extend_from_slice(&id.0);
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Reads frames [`encode_frame`] wrote (the chunks are slices of `bytes`, not copies); a
+/// chunk longer than [`CHUNK_LEN_MAX`] or a frame cut short is an error saying where.
+pub fn decode_frames(bytes: &Bytes) -> std::result::Result<Vec<(ChunkId, Bytes)>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let head = bytes
+            .get(at..at + 36)
+            .ok_or_else(|| format!("a chunk frame is cut short at byte {at}"))?;
+        let id = ChunkId(head[..32].try_into().unwrap_or([0; 32]));
+        let len = u32::from_le_bytes(head[32..36].try_into().unwrap_or([0; 4])) as usize;
+        if len > CHUNK_LEN_MAX {
+            return Err(format!(
+                "a chunk of {len} bytes at byte {at}: at most {CHUNK_LEN_MAX} are taken"
+            ));
+        }
+        let data = bytes
+            .get(at + 36..at + 36 + len)
+            .ok_or_else(|| format!("the chunk at byte {at} is cut short"))?;
+        out.push((id, bytes.slice_ref(data)));
+        at += 36 + len;
+    }
+    Ok(out)
+}
+
 /// What committing a blob from a recipe did.
 #[derive(Debug)]
 pub enum Assembled {

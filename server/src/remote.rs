@@ -92,6 +92,32 @@ pub struct Options<'a> {
     pub timeout_secs: u64,
 }
 
+/// The password of a table that names another registry (`[[pull_through]]`,
+/// `[[replication]]`): `password`, or `password_file`'s content without its line end; it
+/// goes with `username`. `at` names the table in errors.
+pub fn password(
+    at: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    let password = match (password, file) {
+        (Some(_), Some(_)) => anyhow::bail!("{at}: set password or password_file, not both"),
+        (Some(p), None) => Some(p.to_owned()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("{at}: reading password_file {}", f.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    if password.is_some() != username.is_some() {
+        anyhow::bail!("{at}: username and a password go together");
+    }
+    Ok(password)
+}
+
 /// A client of another registry.
 pub struct Client {
     http: reqwest::Client,
@@ -481,7 +507,7 @@ impl Client {
         ids: &[ballast_engine::ChunkId],
     ) -> Result<Vec<ballast_engine::ChunkId>, Failure> {
         let url = format!("{}/v2/_ballast/{repo}/chunks/missing", self.base);
-        let body: Vec<u8> = ids.iter().flat_map(|i| i.0).collect();
+        let body = ballast_engine::delta::encode_ids(ids);
         let r = self
             .send_url(
                 Method::POST,
@@ -493,16 +519,8 @@ impl Client {
             )
             .await?;
         let bytes = r.bytes().await.map_err(unreachable)?;
-        if !bytes.len().is_multiple_of(32) {
-            return Err(Failure::Failed(format!(
-                "POST {url}: an answer of {} bytes is not a list of chunk ids",
-                bytes.len()
-            )));
-        }
-        Ok(bytes
-            .chunks_exact(32)
-            .map(|c| ballast_engine::ChunkId(c.try_into().unwrap_or([0; 32])))
-            .collect())
+        ballast_engine::delta::decode_ids(&bytes)
+            .map_err(|why| Failure::Failed(format!("POST {url}: {why}")))
     }
 
     /// A blob's recipe (`encode_wire`) from a Ballast (`GET
@@ -542,7 +560,7 @@ impl Client {
         ids: &[ballast_engine::ChunkId],
     ) -> Result<Vec<(ballast_engine::ChunkId, Bytes)>, Failure> {
         let url = format!("{}/v2/_ballast/{repo}/blobs/{digest}/chunks", self.base);
-        let body: Vec<u8> = ids.iter().flat_map(|i| i.0).collect();
+        let body = ballast_engine::delta::encode_ids(ids);
         let r = self
             .send_url(
                 Method::POST,
@@ -554,18 +572,8 @@ impl Client {
             )
             .await?;
         let bytes = r.bytes().await.map_err(unreachable)?;
-        let mut out = Vec::new();
-        let mut at = 0usize;
-        while at < bytes.len() {
-            let bad = || Failure::Failed(format!("POST {url}: a chunk frame is cut short"));
-            let head = bytes.get(at..at + 36).ok_or_else(bad)?;
-            let id = ballast_engine::ChunkId(head[..32].try_into().unwrap_or([0; 32]));
-            let len = u32::from_le_bytes(head[32..36].try_into().unwrap_or([0; 4])) as usize;
-            let data = bytes.get(at + 36..at + 36 + len).ok_or_else(bad)?;
-            out.push((id, bytes.slice_ref(data)));
-            at += 36 + len;
-        }
-        Ok(out)
+        ballast_engine::delta::decode_frames(&bytes)
+            .map_err(|why| Failure::Failed(format!("POST {url}: {why}")))
     }
 
     /// Sends chunks (frames of id, u32 length, bytes) for `repo`.

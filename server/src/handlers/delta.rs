@@ -15,7 +15,7 @@
 //! - `POST …/blobs/<digest>/chunks`: a body of chunk ids of that blob; the answer is frames
 //!   for as many of them, in order, as fit in 16 MiB (ask again for the rest).
 
-use ballast_engine::delta::{Assembled, CHUNK_LEN_MAX};
+use ballast_engine::delta::Assembled;
 use ballast_engine::{ChunkId, Error as EngineError};
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -47,16 +47,7 @@ async fn body(
 }
 
 fn ids(bytes: &[u8]) -> Result<Vec<ChunkId>, ApiError> {
-    if !bytes.len().is_multiple_of(32) {
-        return Err(ApiError::Unsupported(format!(
-            "the body is {} bytes: 32-byte chunk ids are expected",
-            bytes.len()
-        )));
-    }
-    Ok(bytes
-        .chunks_exact(32)
-        .map(|c| ChunkId(c.try_into().unwrap_or([0; 32])))
-        .collect())
+    ballast_engine::delta::decode_ids(bytes).map_err(ApiError::Unsupported)
 }
 
 fn octets(status: StatusCode, bytes: Vec<u8>) -> Response<ResBody> {
@@ -79,7 +70,7 @@ pub async fn missing(
     let missing = blocking(move || Ok(store.missing_chunks(&ids))).await?;
     Ok(octets(
         StatusCode::OK,
-        missing.iter().flat_map(|id| id.0).collect(),
+        ballast_engine::delta::encode_ids(&missing),
     ))
 }
 
@@ -94,25 +85,13 @@ pub async fn chunks(
     app.quotas.check_upload(name)?;
     super::check_room(app).await?;
     let bytes = body(app, req, CHUNKS_BODY_MAX, "a body of chunks").await?;
-    let mut frames = Vec::new();
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let head = bytes.get(at..at + 36).ok_or_else(|| {
-            ApiError::Unsupported(format!("a chunk frame is cut short at byte {at}"))
-        })?;
-        let id = ChunkId(head[..32].try_into().unwrap_or([0; 32]));
-        let len = u32::from_le_bytes(head[32..36].try_into().unwrap_or([0; 4])) as usize;
-        if len > CHUNK_LEN_MAX {
-            return Err(ApiError::SizeInvalid(format!(
-                "a chunk of {len} bytes: at most {CHUNK_LEN_MAX} are taken"
-            )));
+    let frames = ballast_engine::delta::decode_frames(&bytes).map_err(|why| {
+        if why.contains("at most") {
+            ApiError::SizeInvalid(why)
+        } else {
+            ApiError::Unsupported(why)
         }
-        let data = bytes
-            .get(at + 36..at + 36 + len)
-            .ok_or_else(|| ApiError::Unsupported(format!("the chunk at byte {at} is cut short")))?;
-        frames.push((id, bytes.slice_ref(data)));
-        at += 36 + len;
-    }
+    })?;
     let store = app.store.clone();
     let n = frames.len();
     let new = blocking(move || {
@@ -245,9 +224,7 @@ pub async fn fetch(
             if !out.is_empty() && out.len() + 36 + b.len() > FETCH_FRAMES_MAX {
                 break;
             }
-            out.extend_from_slice(&id.0);
-            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            out.extend_from_slice(&b);
+            ballast_engine::delta::encode_frame(&mut out, id, &b);
         }
         Ok(out)
     })

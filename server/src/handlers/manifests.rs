@@ -129,6 +129,22 @@ pub fn link_of(
     Ok((link, a.blobs, a.children))
 }
 
+/// The catalog ops that put a manifest in a repository and point tags at it (now).
+pub(crate) fn put_ops(repo: &str, digest: &Digest, link: ManifestLink, tags: &[String]) -> Vec<Op> {
+    let mut ops = vec![Op::PutManifest {
+        repo: repo.to_owned(),
+        digest: digest.clone(),
+        link,
+    }];
+    ops.extend(tags.iter().map(|tag| Op::Tag {
+        repo: repo.to_owned(),
+        tag: tag.clone(),
+        digest: digest.clone(),
+        at: now_secs(),
+    }));
+    ops
+}
+
 /// Validates a manifest as a push would (JSON, schema, media type): its media type, or the
 /// error a client gets. For the fuzz target and tests.
 pub fn validate(bytes: &[u8], content_type: Option<&str>) -> Result<String, ApiError> {
@@ -419,18 +435,7 @@ pub async fn put(
                     "manifest {missing} is not in repository {repo}; push it first"
                 )));
             }
-            let mut ops = vec![Op::PutManifest {
-                repo: repo.clone(),
-                digest: d.clone(),
-                link,
-            }];
-            ops.extend(t.iter().map(|tag| Op::Tag {
-                repo: repo.clone(),
-                tag: tag.clone(),
-                digest: d.clone(),
-                at: now_secs(),
-            }));
-            Ok((ops, ()))
+            Ok((put_ops(&repo, &d, link, &t), ()))
         })
     })
     .await?;

@@ -118,9 +118,7 @@ async fn send_chunks(app: &App, rule: &Rule, target: &str, ids: &[ChunkId]) -> R
                 if taken > 0 && frames.len() + 36 + bytes.len() > FRAMES_MAX {
                     break;
                 }
-                frames.extend_from_slice(&id.0);
-                frames.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-                frames.extend_from_slice(&bytes);
+                ballast_engine::delta::encode_frame(&mut frames, id, &bytes);
                 taken += 1;
             }
             Ok::<_, ballast_engine::Error>((frames, taken))

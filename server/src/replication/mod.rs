@@ -285,20 +285,12 @@ pub fn compile(configs: &[ReplicationConfig]) -> anyhow::Result<Vec<Arc<Rule>>> 
                     .with_context(|| format!("{at}: tag pattern {t:?}"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let password = match (&c.password, &c.password_file) {
-            (Some(_), Some(_)) => bail!("{at}: set password or password_file, not both"),
-            (Some(p), None) => Some(p.clone()),
-            (None, Some(f)) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("{at}: reading password_file {}", f.display()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
-        if password.is_some() != c.username.is_some() {
-            bail!("{at}: username and a password go together");
-        }
+        let password = crate::remote::password(
+            &at,
+            c.username.as_deref(),
+            c.password.as_deref(),
+            c.password_file.as_deref(),
+        )?;
         let client = crate::remote::Client::new(crate::remote::Options {
             what: &at,
             url: &c.url,

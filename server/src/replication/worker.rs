@@ -126,6 +126,7 @@ async fn apply(app: &App, rule: &Rule, event: &Event) -> Result<(), Failure> {
     let Some(repo) = event.repository.as_deref() else {
         return Ok(());
     };
+    let event_digest: Option<Digest> = event.digest.as_deref().and_then(|d| d.parse().ok());
     match event.kind {
         Kind::TagSet => {
             let Some(tag) = event.tag.as_deref().filter(|t| rule.covers_tag(t)) else {
@@ -146,11 +147,7 @@ async fn apply(app: &App, rule: &Rule, event: &Event) -> Result<(), Failure> {
         Kind::ManifestPushed if event.tag.is_none() => {
             // A referrer pushed by digest (a signature, an SBOM) follows its subject once
             // that is on the target; other untagged manifests go with what lists them.
-            let Some(digest) = event
-                .digest
-                .as_deref()
-                .and_then(|d| d.parse::<Digest>().ok())
-            else {
+            let Some(digest) = event_digest.clone() else {
                 return Ok(());
             };
             let subject = {
@@ -185,11 +182,7 @@ async fn apply(app: &App, rule: &Rule, event: &Event) -> Result<(), Failure> {
             deleted(app, rule, repo, Some(tag), None).await;
         }
         Kind::ManifestDeleted if rule.cfg.delete => {
-            let Some(digest) = event
-                .digest
-                .as_deref()
-                .and_then(|d| d.parse::<Digest>().ok())
-            else {
+            let Some(digest) = event_digest.clone() else {
                 return Ok(());
             };
             copy::delete_manifest(rule, repo, &digest).await?;
@@ -202,32 +195,44 @@ async fn apply(app: &App, rule: &Rule, event: &Event) -> Result<(), Failure> {
 
 /// Counts and audits a copy (`replication.copy`).
 async fn copied(app: &App, rule: &Rule, repo: &str, tag: Option<&str>, digest: &Digest) {
-    rule.counters
-        .last_success
-        .store(crate::now_secs(), Ordering::Relaxed);
-    let mut e =
-        crate::audit::Event::new(format!("replication:{}", rule.cfg.name), "replication.copy");
-    e.repository = Some(repo.to_owned());
-    e.tag = tag.map(str::to_owned);
-    e.digest = Some(digest.to_string());
-    e.reason = Some(format!("to {} as {}", rule.cfg.url, rule.target(repo)));
-    app.audit.record(e).await;
+    let reason = format!("to {} as {}", rule.cfg.url, rule.target(repo));
+    done(
+        app,
+        rule,
+        "replication.copy",
+        repo,
+        tag,
+        Some(digest),
+        reason,
+    )
+    .await;
 }
 
 /// Counts and audits a delete (`replication.delete`).
 async fn deleted(app: &App, rule: &Rule, repo: &str, tag: Option<&str>, digest: Option<&Digest>) {
     rule.counters.deletes.fetch_add(1, Ordering::Relaxed);
+    let reason = format!("on {} in {}", rule.cfg.url, rule.target(repo));
+    done(app, rule, "replication.delete", repo, tag, digest, reason).await;
+}
+
+/// Notes a replicated change: the rule's last success, and its audit line.
+async fn done(
+    app: &App,
+    rule: &Rule,
+    action: &str,
+    repo: &str,
+    tag: Option<&str>,
+    digest: Option<&Digest>,
+    reason: String,
+) {
     rule.counters
         .last_success
         .store(crate::now_secs(), Ordering::Relaxed);
-    let mut e = crate::audit::Event::new(
-        format!("replication:{}", rule.cfg.name),
-        "replication.delete",
-    );
+    let mut e = crate::audit::Event::new(format!("replication:{}", rule.cfg.name), action);
     e.repository = Some(repo.to_owned());
     e.tag = tag.map(str::to_owned);
     e.digest = digest.map(ToString::to_string);
-    e.reason = Some(format!("on {} in {}", rule.cfg.url, rule.target(repo)));
+    e.reason = Some(reason);
     app.audit.record(e).await;
 }
 

@@ -184,19 +184,12 @@ async fn fetch(
             .put_blob(&bytes, Some(&d))
             .map_err(ApiError::from_engine)?;
         // Through the store: the manifest blob is pinned against a running collection.
+        let tags: Vec<String> = t.into_iter().collect();
         store.commit_catalog(|_| {
-            let mut ops = vec![Op::PutManifest {
-                repo: repo.clone(),
-                digest: d.clone(),
-                link,
-            }];
-            ops.extend(t.iter().map(|tag| Op::Tag {
-                repo: repo.clone(),
-                tag: tag.clone(),
-                digest: d.clone(),
-                at: crate::now_secs(),
-            }));
-            Ok::<_, ApiError>((ops, ()))
+            Ok::<_, ApiError>((
+                crate::handlers::manifests::put_ops(&repo, &d, link, &tags),
+                (),
+            ))
         })
     })
     .await

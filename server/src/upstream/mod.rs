@@ -259,20 +259,12 @@ pub fn compile(configs: &[UpstreamConfig]) -> anyhow::Result<Vec<Arc<Upstream>>>
                 at()
             );
         }
-        let password = match (&c.password, &c.password_file) {
-            (Some(_), Some(_)) => bail!("{}: set password or password_file, not both", at()),
-            (Some(p), None) => Some(p.clone()),
-            (None, Some(f)) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("{}: reading password_file {}", at(), f.display()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
-        if password.is_some() != c.username.is_some() {
-            bail!("{}: username and a password go together", at());
-        }
+        let password = crate::remote::password(
+            &at(),
+            c.username.as_deref(),
+            c.password.as_deref(),
+            c.password_file.as_deref(),
+        )?;
         let client = crate::remote::Client::new(crate::remote::Options {
             what: &at(),
             url: &c.url,
