@@ -214,6 +214,9 @@ pub struct Tap {
     pub corrupt: Arc<AtomicBool>,
     pub cut_chunks: Arc<std::sync::atomic::AtomicUsize>,
     pub lie_missing: Arc<AtomicBool>,
+    /// While set, blob uploads (PATCH, and PUT to an upload) are held before they are
+    /// forwarded.
+    pub stall_uploads: Arc<AtomicBool>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -233,6 +236,7 @@ impl Tap {
         let faults = Faults {
             cut_chunks: Arc::default(),
             lie_missing: Arc::default(),
+            stall_uploads: Arc::default(),
         };
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -275,6 +279,7 @@ impl Tap {
             corrupt,
             cut_chunks: faults.cut_chunks,
             lie_missing: faults.lie_missing,
+            stall_uploads: faults.stall_uploads,
             rt: Some(rt),
         }
     }
@@ -301,6 +306,7 @@ impl Drop for Tap {
 struct Faults {
     cut_chunks: Arc<std::sync::atomic::AtomicUsize>,
     lie_missing: Arc<AtomicBool>,
+    stall_uploads: Arc<AtomicBool>,
 }
 
 async fn forward(
@@ -324,6 +330,13 @@ async fn forward(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     log.lock().push(format!("{method} {path} {}", body.len()));
+    if (method == hyper::Method::PATCH || method == hyper::Method::PUT)
+        && path.contains("/blobs/uploads/")
+    {
+        while faults.stall_uploads.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
     if method == hyper::Method::POST && path.ends_with("/chunks") {
         let cut = faults
             .cut_chunks
@@ -343,10 +356,9 @@ async fn forward(
             .expect("response"));
     }
     let mut r = client.request(method.clone(), format!("{upstream}{path}"));
+    // (Host too: a registry builds upload Locations from it, and they must lead back here.)
     for (k, v) in &headers {
-        if k != hyper::header::HOST {
-            r = r.header(k, v);
-        }
+        r = r.header(k, v);
     }
     let resp = match r.body(body).send().await {
         Ok(r) => r,

@@ -462,3 +462,92 @@ fn pull_through_from_ballast_fetches_only_missing_chunks() {
     assert_eq!(status["upstreams"][0]["delta"], "in use", "{status}");
     assert!(status["upstreams"][0]["delta_blobs"].as_u64().unwrap_or(0) >= 2);
 }
+
+/// An upstream over HTTPS with a private CA: trusted through `ca_file`, refused without it.
+#[test]
+fn pull_through_over_tls_with_a_ca_file() {
+    let up = crate::auth::secure_with_tls();
+    let robot = crate::auth::basic("ci", &up.s.robot_token);
+    // (The test's HTTP client does not trust the private CA: push with curl, which can.)
+    let layer = crate::seeded(30_000, 61);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = up.certs.join("ca.crt");
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--fail-with-body", "--cacert"])
+            .arg(&ca)
+            .args(["-H", &format!("Authorization: {robot}")])
+            .args(args)
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    let config_blob = b"{\"architecture\":\"amd64\",\"os\":\"linux\"}".to_vec();
+    for b in [&config_blob, &layer] {
+        let f = dir.path().join("blob");
+        std::fs::write(&f, b).expect("blob");
+        curl(&[
+            "-X",
+            "POST",
+            "--data-binary",
+            &format!("@{}", f.display()),
+            &up.s.r.url(&format!(
+                "/v2/team-a/tls/blobs/uploads/?digest={}",
+                crate::sha256(b)
+            )),
+        ]);
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": crate::sha256(&config_blob), "size": config_blob.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": crate::sha256(&layer), "size": layer.len()}],
+    })
+    .to_string();
+    let mf = dir.path().join("manifest");
+    std::fs::write(&mf, &manifest).expect("manifest");
+    curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+        "--data-binary",
+        &format!("@{}", mf.display()),
+        &up.s.r.url("/v2/team-a/tls/manifests/v1"),
+    ]);
+    let text = format!(
+        "{}\nca_file = \"{}\"\n[[pull_through]]\nname = \"untrusted\"\nprefix = \"cache/untrusted\"\nurl = \"{}\"\n",
+        cache_config(
+            &up.s.r.url(""),
+            "username = \"runtime\"\npassword = \"runtime-password-1\""
+        ),
+        ca.display(),
+        up.s.r.url("")
+    );
+
+    let config = config_file(&dir, &text);
+    let r = Registry::start_args(
+        &dir.path().join("data"),
+        &[],
+        &["--config", &config.to_string_lossy()],
+    );
+    let res = get(&r, "/v2/cache/up/team-a/tls/manifests/v1");
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.body, manifest.as_bytes());
+    let res = get(
+        &r,
+        &format!("/v2/cache/up/team-a/tls/blobs/{}", crate::sha256(&layer)),
+    );
+    assert!(res.body == layer);
+    let res = get(&r, "/v2/cache/untrusted/team-a/tls/manifests/v1");
+    assert_eq!(res.status, 503, "{}", String::from_utf8_lossy(&res.body));
+    let msg = String::from_utf8_lossy(&res.body);
+    assert!(
+        msg.contains("certificate") || msg.contains("unreachable"),
+        "{msg}"
+    );
+}

@@ -76,11 +76,14 @@ fn push_referrer(base: &str, repo: &str, subject: &str, subject_len: usize) -> S
 fn replication_to_distribution() {
     let mut dist = Distribution::start(&[]);
     let target = dist.url("");
+    // The rule reaches Distribution through a tap (to hold an upload mid-way below).
+    let tap = crate::peers::Tap::start(&target);
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = config_file(
         &tmp,
         &format!(
-            "[[replication]]\nname = \"dr\"\nurl = \"{target}\"\nrepositories = [\"team/**\"]\ntags = [\"v*\"]\ndelete = true\nretry_initial_ms = 50\nretry_max_delay_secs = 1\ntimeout_secs = 5\nreconcile_interval_secs = 0\n"
+            "[[replication]]\nname = \"dr\"\nurl = \"{}\"\nrepositories = [\"team/**\"]\ntags = [\"v*\"]\ndelete = true\nretry_initial_ms = 50\nretry_max_delay_secs = 1\ntimeout_secs = 5\nreconcile_interval_secs = 0\n",
+            tap.url()
         ),
     );
     let data = tmp.path().join("data");
@@ -139,9 +142,20 @@ fn replication_to_distribution() {
     });
     assert!(manifest(&target, "team/app", "v2", &[]).is_some());
 
-    // kill -9 right after a push: replicated once the source is back.
+    // kill -9 while the layer's upload to the target is under way (the tap holds it):
+    // replicated once the source is back.
+    tap.take();
+    tap.stall_uploads
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let big = push_image(&src, "team/big", "v1", 6, 24 << 20, &[]);
+    within(20, "the layer's upload under way", || {
+        tap.take()
+            .iter()
+            .any(|l| l.contains("/v2/team/big/blobs/uploads/") && !l.starts_with("POST"))
+    });
     r.kill();
+    tap.stall_uploads
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let mut r = Registry::start_args(&data, &[], &["--config", &config.to_string_lossy()]);
     within(60, "the big image on the target", || {
         manifest(&target, "team/big", "v1", &[]).as_deref() == Some(&big.manifest[..])
