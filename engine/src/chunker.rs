@@ -1,5 +1,7 @@
-//! Content-defined chunking: FastCDC-style gear hash with normalized chunking, and tar-aware
-//! splitting that cuts at tar member boundaries (docs/design.md, "Chunking").
+//! Content-defined chunking: FastCDC-style gear hash with normalized chunking, tar-aware
+//! splitting that cuts at tar member boundaries, and zstd-aware splitting that cuts at frame
+//! boundaries (zstd:chunked layers compress each file as a frame of its own, so an unchanged
+//! file is an identical frame: docs/design.md, "Chunking").
 //!
 //! Chunk boundaries are part of the on-disk format: changing the gear table, the sizes or the
 //! masks changes which chunks a blob produces and so breaks dedup with what is stored. The
@@ -130,8 +132,130 @@ pub enum Piece<'a> {
 enum State {
     Detect,
     TarHeader,
-    TarData { remaining: u64 },
+    TarData {
+        remaining: u64,
+    },
     Plain,
+    /// A stream of zstd frames: where the next structural point is.
+    Zstd(Walker),
+}
+
+/// A structural point of a zstd stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Point {
+    /// A frame (or skippable frame) starts.
+    Frame,
+    /// A block header; `checksum`: the frame ends with a 4-byte checksum.
+    Block { checksum: bool },
+    /// A frame's checksum.
+    Checksum,
+}
+
+/// Where the next structural point of a zstd stream is, from the chunker's position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Walker {
+    to_point: u64,
+    point: Point,
+}
+
+/// The zstd frame magic number, little-endian.
+const ZSTD_MAGIC: u32 = 0xFD2F_B528;
+/// Skippable frames' magic numbers are these with any low nibble.
+const ZSTD_SKIPPABLE: u32 = 0x184D_2A50;
+/// Bytes after a point that are enough to read its header (a frame header is at most 18).
+const ZSTD_LOOKAHEAD: usize = 32;
+/// The largest block a zstd frame may hold.
+const ZSTD_BLOCK_MAX: u64 = 128 * 1024;
+
+fn le32(b: &[u8]) -> Option<u32> {
+    b.get(..4)?.try_into().ok().map(u32::from_le_bytes)
+}
+
+/// True when `b` starts with a zstd frame (or skippable frame) magic number.
+pub fn starts_zstd(b: &[u8]) -> bool {
+    le32(b).is_some_and(|m| m == ZSTD_MAGIC || m & 0xFFFF_FFF0 == ZSTD_SKIPPABLE)
+}
+
+/// The length of what starts at a point, and the point after it; `None` for bytes that are
+/// not what the point says (a crafted or damaged stream).
+fn step(point: Point, b: &[u8]) -> Option<(u64, Point)> {
+    match point {
+        Point::Frame => {
+            let magic = le32(b)?;
+            if magic & 0xFFFF_FFF0 == ZSTD_SKIPPABLE {
+                return Some((8 + u64::from(le32(b.get(4..)?)?), Point::Frame));
+            }
+            if magic != ZSTD_MAGIC {
+                return None;
+            }
+            let fhd = *b.get(4)?;
+            if fhd & 0x08 != 0 {
+                return None; // reserved bit
+            }
+            let single = fhd & 0x20 != 0;
+            let fcs = match fhd >> 6 {
+                0 => usize::from(single),
+                1 => 2,
+                2 => 4,
+                _ => 8,
+            };
+            let did = [0, 1, 2, 4][usize::from(fhd & 3)];
+            let len = 5 + usize::from(!single) + did + fcs;
+            Some((
+                len as u64,
+                Point::Block {
+                    checksum: fhd & 0x04 != 0,
+                },
+            ))
+        }
+        Point::Block { checksum } => {
+            let h =
+                u32::from(*b.first()?) | u32::from(*b.get(1)?) << 8 | u32::from(*b.get(2)?) << 16;
+            let (last, kind, size) = (h & 1 != 0, (h >> 1) & 3, u64::from(h >> 3));
+            let content = match kind {
+                0 | 2 if size <= ZSTD_BLOCK_MAX => size,
+                1 => 1, // RLE: one byte repeated `size` times
+                _ => return None,
+            };
+            let next = match (last, checksum) {
+                (false, _) => Point::Block { checksum },
+                (true, true) => Point::Checksum,
+                (true, false) => Point::Frame,
+            };
+            Some((3 + content, next))
+        }
+        Point::Checksum => Some((4, Point::Frame)),
+    }
+}
+
+/// Walks the points of `bytes` from `w` up to `limit`: the walker at the first point at or
+/// after `limit`, and where the first frame after the start begins (the end of the frame the
+/// position is in), if before `limit`. `None`: the stream is not zstd from here on.
+fn walk(mut w: Walker, bytes: &[u8], limit: usize) -> Option<(Walker, Option<usize>)> {
+    let mut at: u64 = 0;
+    let mut frame_end = None;
+    loop {
+        let p = at + w.to_point;
+        if p >= limit as u64 {
+            return Some((
+                Walker {
+                    to_point: p - limit as u64,
+                    point: w.point,
+                },
+                frame_end,
+            ));
+        }
+        let p = p as usize;
+        if w.point == Point::Frame && p > 0 && frame_end.is_none() {
+            frame_end = Some(p);
+        }
+        let (len, next) = step(w.point, bytes.get(p..)?)?;
+        at = p as u64;
+        w = Walker {
+            to_point: len,
+            point: next,
+        };
+    }
 }
 
 /// Splits a byte stream that arrives in arbitrary pieces into the same pieces whatever the
@@ -249,6 +373,12 @@ fn next_cut(state: &mut State, avail: &[u8], at_end: bool) -> Option<(bool, usiz
             return None;
         }
         match *state {
+            State::Detect if starts_zstd(avail) => {
+                *state = State::Zstd(Walker {
+                    to_point: 0,
+                    point: Point::Frame,
+                });
+            }
             State::Detect | State::TarHeader => {
                 if avail.len() < TAR_BLOCK && !at_end {
                     return None;
@@ -285,6 +415,24 @@ fn next_cut(state: &mut State, avail: &[u8], at_end: bool) -> Option<(bool, usiz
                     return None;
                 }
                 return Some((false, cut(avail)));
+            }
+            State::Zstd(w) => {
+                if avail.len() < CHUNK_LEN_MAX + ZSTD_LOOKAHEAD && !at_end {
+                    return None;
+                }
+                // Decided on at most a chunk's bytes: the cuts do not depend on how the
+                // stream arrives.
+                let window = avail.len().min(CHUNK_LEN_MAX);
+                let Some((_, frame_end)) = walk(w, avail, window) else {
+                    *state = State::Plain;
+                    continue;
+                };
+                let n = cut(&avail[..frame_end.unwrap_or(window)]);
+                match walk(w, avail, n) {
+                    Some((after, _)) => *state = State::Zstd(after),
+                    None => *state = State::Plain,
+                }
+                return Some((false, n));
             }
         }
     }
@@ -515,5 +663,114 @@ mod tests {
         bad[0] ^= 1;
         assert_eq!(tar_member_data_len(&bad), None);
         assert_eq!(tar_member_data_len(&[0u8; 512]), None);
+    }
+
+    /// A zstd:chunked-style stream: each file a frame of its own (some stored raw, some
+    /// large enough for several blocks), and a skippable frame at the end; the frame
+    /// boundaries.
+    fn zstd_stream(files: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
+        let mut out = Vec::new();
+        let mut ends = Vec::new();
+        for f in files {
+            out.extend(zstd::bulk::compress(f, 3).expect("compress"));
+            ends.push(out.len());
+        }
+        // A skippable frame (zstd:chunked keeps its table of contents in one).
+        out.extend_from_slice(&0x184D_2A5Eu32.to_le_bytes());
+        out.extend_from_slice(&5u32.to_le_bytes());
+        out.extend_from_slice(b"index");
+        ends.push(out.len());
+        (out, ends)
+    }
+
+    fn files(seed: u64) -> Vec<Vec<u8>> {
+        (0..40)
+            .map(|i| {
+                let n = [3_000, 40_000, 700_000, 90_000][i % 4];
+                let text: Vec<u8> = (0..n / 20)
+                    .flat_map(|j| format!("line {j} of file {i}/{seed}\n").into_bytes())
+                    .collect();
+                if i % 5 == 0 {
+                    seeded(n, seed + i as u64) // incompressible: raw blocks
+                } else {
+                    text
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn zstd_streams_are_cut_at_every_frame_boundary() {
+        let (stream, ends) = zstd_stream(&files(1));
+        for step in [1_000, 65_536, 300_000, stream.len()] {
+            let ps = pieces(&stream, Mode::Auto, step);
+            assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), stream.len());
+            assert!(ps.iter().all(|p| !p.0 && p.1 <= CHUNK_LEN_MAX));
+            let mut at = 0;
+            let cuts: std::collections::HashSet<usize> = ps
+                .iter()
+                .map(|p| {
+                    at += p.1;
+                    at
+                })
+                .collect();
+            for e in &ends {
+                assert!(
+                    cuts.contains(e),
+                    "no cut at the frame end {e} (step {step})"
+                );
+            }
+            assert_eq!(ps, pieces(&stream, Mode::Auto, stream.len()));
+        }
+    }
+
+    #[test]
+    fn an_unchanged_file_is_an_unchanged_chunk() {
+        let v1 = files(2);
+        let mut v2 = v1.clone();
+        v2[6].extend_from_slice(b"one more line\n");
+        let chunks = |fs: &[Vec<u8>]| -> std::collections::HashSet<Vec<u8>> {
+            let (stream, _) = zstd_stream(fs);
+            let mut out = std::collections::HashSet::new();
+            let mut c = StreamChunker::new(Mode::Auto);
+            c.push(&stream, &mut |p| {
+                if let Piece::Chunk(b) = p {
+                    out.insert(b.to_vec());
+                }
+            });
+            c.finish(&mut |p| {
+                if let Piece::Chunk(b) = p {
+                    out.insert(b.to_vec());
+                }
+            });
+            out
+        };
+        let (a, b) = (chunks(&v1), chunks(&v2));
+        let new: usize = b.difference(&a).map(Vec::len).sum();
+        let whole: usize = b.iter().map(Vec::len).sum();
+        // Only the changed file's frame is new.
+        assert!(new * 20 < whole, "{new} of {whole} bytes new");
+    }
+
+    #[test]
+    fn crafted_zstd_headers_fall_back_to_plain_cuts() {
+        let mut bad = 0xFD2F_B528u32.to_le_bytes().to_vec();
+        bad.push(0x08); // reserved bit set
+        bad.extend(seeded(600_000, 9));
+        let ps = pieces(&bad, Mode::Auto, 4096);
+        assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), bad.len());
+        assert_eq!(ps, pieces(&bad, Mode::Auto, bad.len()));
+        // A block claiming more than a block may hold; a stream cut in the middle of a frame.
+        let mut huge = 0xFD2F_B528u32.to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0x20, 0x10]);
+        huge.extend_from_slice(&((1u32 << 20) << 3).to_le_bytes()[..3]);
+        huge.extend(seeded(300_000, 10));
+        let ps = pieces(&huge, Mode::Auto, 777);
+        assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), huge.len());
+        let (stream, _) = zstd_stream(&files(3));
+        let cut_short = &stream[..stream.len() - 100];
+        let ps = pieces(cut_short, Mode::Auto, 5000);
+        assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), cut_short.len());
+        assert_eq!(ps, pieces(cut_short, Mode::Auto, cut_short.len()));
     }
 }
