@@ -47,6 +47,13 @@ pub struct Inspection {
     pub blobs: u64,
     /// Sum of the sizes of distinct blobs.
     pub blob_bytes: u64,
+    /// Recipe records (one per distinct blob).
+    pub recipes: u64,
+    /// Recipe records stored zstd-compressed (segment format 3).
+    pub recipes_compressed: u64,
+    /// Bytes the recipe records take (headers included): the tar headers layers hold inline
+    /// are here.
+    pub recipe_stored_bytes: u64,
     /// Sum over repositories of what they link: what a registry without dedup would store.
     pub logical_bytes: u64,
     /// Bytes of records that tags and manifests still need.
@@ -89,7 +96,17 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
                     chunk_cost.insert(id, cost);
                 }
                 RecordKind::Recipe => {
-                    if let Ok(r) = Recipe::decode(file.path(), rec.offset, &rec.payload) {
+                    out.recipes += 1;
+                    out.recipe_stored_bytes += cost;
+                    if rec.header.flags & crate::segment::FLAG_ZSTD != 0 {
+                        out.recipes_compressed += 1;
+                    }
+                    if let Ok(r) = Recipe::decode_record(
+                        file.path(),
+                        rec.offset,
+                        rec.header.flags,
+                        &rec.payload,
+                    ) {
                         recipes.insert(r.digest.clone(), (r, cost));
                     }
                 }

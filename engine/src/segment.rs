@@ -89,10 +89,11 @@ pub fn decode_position(payload: &[u8]) -> Option<(u64, u64)> {
     Some((a, b))
 }
 
-/// Format of new segments: 2 adds the CatalogDurable record. Segments of format 1 are read.
-pub const SEGMENT_FORMAT: u16 = 2;
+/// Format of new segments: 2 adds the CatalogDurable record, 3 zstd-compressed recipe records
+/// (flag [`FLAG_ZSTD`]). Segments of formats 1 and 2 are read.
+pub const SEGMENT_FORMAT: u16 = 3;
 /// Segment formats this build reads.
-pub const SEGMENT_FORMATS: [u16; 2] = [1, SEGMENT_FORMAT];
+pub const SEGMENT_FORMATS: [u16; 3] = [1, 2, SEGMENT_FORMAT];
 
 /// Checks a segment's file header (either format).
 pub fn check_segment_header(path: &Path, h: &[u8]) -> Result<u16> {

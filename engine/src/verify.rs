@@ -342,7 +342,12 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                             Err(why) => problems.push((rec.offset, FindingCode::ChunkCorrupt, why)),
                         }
                     }
-                    RecordKind::Recipe => match Recipe::decode(&path, rec.offset, &rec.payload) {
+                    RecordKind::Recipe => match Recipe::decode_record(
+                        &path,
+                        rec.offset,
+                        rec.header.flags,
+                        &rec.payload,
+                    ) {
                         Ok(r) => {
                             recipes_at.insert((id, rec.offset), r.digest);
                         }

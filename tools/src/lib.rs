@@ -407,6 +407,13 @@ fn write_inspection(
     )?;
     writeln!(
         out,
+        "  recipes         {} ({} compressed), stored {}",
+        i.recipes,
+        i.recipes_compressed,
+        human_bytes(i.recipe_stored_bytes)
+    )?;
+    writeln!(
+        out,
         "  logical         {} linked by repositories; stored {} ({:.2}x reduction)",
         human_bytes(i.logical_bytes),
         human_bytes(i.segment_bytes),

@@ -93,9 +93,12 @@ impl Store {
                 let key = digest.index_key();
                 if let Some(loc) = self.blob_location(&key) {
                     let (flags, payload) = self.read_record_locked(&mut w, &loc)?;
-                    if let Ok(r) =
-                        Recipe::decode(&self.segment_path(loc.segment), loc.offset, &payload)
-                    {
+                    if let Ok(r) = Recipe::decode_record(
+                        &self.segment_path(loc.segment),
+                        loc.offset,
+                        flags,
+                        &payload,
+                    ) {
                         chunks.extend(r.pieces.iter().filter_map(|p| match p {
                             RecipePiece::Chunk { id, .. } => Some(*id),
                             RecipePiece::Inline(_) => None,

@@ -197,10 +197,11 @@ impl Store {
                 return Ok(r.clone());
             }
         }
-        let (loc, _, payload) = self.read_located(Table::Blobs, &key, Check::Crc)?;
-        let recipe = Recipe::decode(
+        let (loc, flags, payload) = self.read_located(Table::Blobs, &key, Check::Crc)?;
+        let recipe = Recipe::decode_record(
             &segment_path(&self.inner.seg_dir, loc.segment),
             loc.offset,
+            flags,
             &payload,
         )?;
         if recipe.digest != *digest {
@@ -271,10 +272,11 @@ impl Store {
 
     /// Reads a recipe by its location (for fsck and inspect).
     pub fn recipe_at(&self, loc: &Location) -> Result<Recipe> {
-        let (_, payload) = self.read_record(loc)?;
-        Recipe::decode(
+        let (flags, payload) = self.read_record(loc)?;
+        Recipe::decode_record(
             &segment_path(&self.inner.seg_dir, loc.segment),
             loc.offset,
+            flags,
             &payload,
         )
     }

@@ -131,7 +131,12 @@ fn replay_segment(
                 ));
             }
             RecordKind::Recipe => {
-                let r = match Recipe::decode(&path, rec.offset, &rec.payload) {
+                let r = match Recipe::decode_record(
+                    &path,
+                    rec.offset,
+                    rec.header.flags,
+                    &rec.payload,
+                ) {
                     Ok(r) => r,
                     // A CRC-valid record that does not decode: fsck reports it.
                     Err(_) if salvage => return Ok(()),

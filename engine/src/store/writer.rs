@@ -368,6 +368,7 @@ impl Store {
             }
         }
         let payload = recipe.encode();
+        let compressed = crate::recipe::compress(&payload, self.inner.opts.zstd_level);
         if payload.len() > segment::RECORD_PAYLOAD_MAX {
             return Err(Error::LimitExceeded(format!(
                 "recipe of {} bytes is too large",
@@ -379,11 +380,17 @@ impl Store {
         // (sealing syncs first, so the entry is never visible before it is durable).
         let loc = {
             let mut w = self.inner.writer.lock();
+            // (Compressed only in segments of format 3: an older one being appended to
+            // after an upgrade gets what its format knows.)
+            let (flags, body) = match &compressed {
+                Some(z) if w.format >= 3 => (segment::FLAG_ZSTD, z),
+                _ => (0, &payload),
+            };
             let loc = self.append_locked(
                 &mut w,
                 RecordKind::Recipe,
-                0,
-                &[&payload],
+                flags,
+                &[body],
                 u32::from(recipe.digest.algorithm().code()),
             )?;
             self.inner.pending.lock().queue(Table::Blobs, key, loc);
