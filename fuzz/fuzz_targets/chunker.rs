@@ -1,5 +1,6 @@
 //! Chunker rules hold for any input and any arrival pattern: pieces cover the input exactly,
-//! chunks respect the maximum, and the cuts do not depend on how the bytes arrive.
+//! chunks respect the maximum, and the cuts do not depend on how the bytes arrive; also for
+//! any bytes behind a zstd frame magic (the zstd frame walker).
 #![no_main]
 use ballast_engine::chunker::{Mode, Piece, StreamChunker, CHUNK_LEN_MAX};
 use libfuzzer_sys::fuzz_target;
@@ -18,10 +19,19 @@ fn cut(data: &[u8], step: usize) -> Vec<(bool, usize)> {
     out
 }
 
-fuzz_target!(|input: (u16, &[u8])| {
-    let (step, data) = input;
-    let a = cut(data, usize::from(step));
+fn check(data: &[u8], step: usize) {
+    let a = cut(data, step);
     assert_eq!(a.iter().map(|p| p.1).sum::<usize>(), data.len());
     assert!(a.iter().all(|p| p.1 <= CHUNK_LEN_MAX && p.1 > 0));
     assert_eq!(a, cut(data, data.len()));
+}
+
+fuzz_target!(|input: (u16, &[u8])| {
+    let (step, data) = input;
+    check(data, usize::from(step));
+    // The same bytes after a zstd frame magic: the frame walker gets them as headers and
+    // blocks (a crafted zstd:chunked layer).
+    let mut zstd = 0xFD2F_B528u32.to_le_bytes().to_vec();
+    zstd.extend_from_slice(data);
+    check(&zstd, usize::from(step));
 });

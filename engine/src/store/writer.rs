@@ -368,13 +368,13 @@ impl Store {
             }
         }
         let payload = recipe.encode();
-        let compressed = crate::recipe::compress(&payload, self.inner.opts.zstd_level);
         if payload.len() > segment::RECORD_PAYLOAD_MAX {
             return Err(Error::LimitExceeded(format!(
                 "recipe of {} bytes is too large",
                 payload.len()
             )));
         }
+        let compressed = crate::recipe::compress(&payload, self.inner.opts.zstd_level);
         // The index entry is queued with the append, under the writer lock: if the segment
         // is sealed before this commit's sync returns, its index file must hold the recipe
         // (sealing syncs first, so the entry is never visible before it is durable).
