@@ -174,7 +174,11 @@ fn join_or_start(
     let cache = &app.pull_through;
     let key = (name.to_owned(), digest.clone());
     let mut flights = cache.flights.lock();
-    if let Some(f) = flights.get(&key) {
+    // (A fetch that just failed is not joined: this request tries again.)
+    if let Some(f) = flights
+        .get(&key)
+        .filter(|f| !matches!(f.progress.borrow().done, Some(Err(_))))
+    {
         return Ok(f.clone());
     }
     let path = cache
@@ -205,7 +209,11 @@ fn join_or_start(
             }
         }
         f.progress.send_modify(|p| p.done = Some(result));
-        app.pull_through.flights.lock().remove(&key);
+        let mut flights = app.pull_through.flights.lock();
+        // (Only this fetch's entry: a retry may have replaced a failed one already.)
+        if flights.get(&key).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+            flights.remove(&key);
+        }
     });
     Ok(flight)
 }

@@ -33,7 +33,16 @@ fn pull_through_distribution() {
     let bad = push_image(&base, "team/bad", "v1", 4, 1 << 20, &[]);
     let tap = Tap::start(&base);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = config_file(&tmp, &cache_config(&tap.url(), "tag_ttl_secs = 2"));
+    // `up` keeps tags for the default 300 s (warm pulls stay local however slow the
+    // machine); `ttl`, the same upstream, re-checks them after 3 s.
+    let config = config_file(
+        &tmp,
+        &format!(
+            "{}[[pull_through]]\nname = \"ttl\"\nprefix = \"cache/ttl\"\nurl = \"{}\"\ntag_ttl_secs = 3\ntimeout_secs = 5\n",
+            cache_config(&tap.url(), ""),
+            tap.url()
+        ),
+    );
     let mut r = Registry::start_args(
         &tmp.path().join("data"),
         &[],
@@ -103,14 +112,20 @@ fn pull_through_distribution() {
     assert_eq!(res.status, 403);
 
     // A tag moved upstream is seen once its TTL has passed, not before.
-    let moved = push_image(&base, "team/app", "v1", 5, 100_000, &[]);
-    let res = get(&r, "/v2/cache/up/team/app/manifests/v1");
+    let res = get(&r, "/v2/cache/ttl/team/app/manifests/v1");
     assert_eq!(
         res.header("docker-content-digest"),
         Some(v1.digest.as_str())
     );
-    std::thread::sleep(Duration::from_millis(2100));
-    let res = get(&r, "/v2/cache/up/team/app/manifests/v1");
+    let moved = push_image(&base, "team/app", "v1", 5, 100_000, &[]);
+    let res = get(&r, "/v2/cache/ttl/team/app/manifests/v1");
+    assert_eq!(
+        res.header("docker-content-digest"),
+        Some(v1.digest.as_str())
+    );
+    tap.take();
+    std::thread::sleep(Duration::from_millis(3100));
+    let res = get(&r, "/v2/cache/ttl/team/app/manifests/v1");
     assert_eq!(
         res.header("docker-content-digest"),
         Some(moved.digest.as_str())
@@ -174,8 +189,8 @@ fn pull_through_distribution() {
     // The upstream down: cached content is served (the TTL passed: offline mode), what is
     // not cached fails with a clear error.
     dist.stop();
-    std::thread::sleep(Duration::from_millis(2100));
-    let res = get(&r, "/v2/cache/up/team/app/manifests/v1");
+    std::thread::sleep(Duration::from_millis(3100));
+    let res = get(&r, "/v2/cache/ttl/team/app/manifests/v1");
     assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
     assert_eq!(res.body, moved.manifest);
     let res = get(
@@ -201,13 +216,18 @@ fn pull_through_distribution() {
     );
     assert_eq!(res.status, 503);
     let status = get(&r, "/admin/pull-through").json();
-    let up = &status["upstreams"][0];
-    assert_eq!(up["name"], "up");
-    assert!(up["offline_serves"].as_u64().unwrap_or(0) >= 1, "{status}");
-    assert!(up["last_error"]["error"].as_str().is_some(), "{status}");
+    let ttl = &status["upstreams"][1];
+    assert_eq!(ttl["name"], "ttl");
+    assert!(ttl["offline_serves"].as_u64().unwrap_or(0) >= 1, "{status}");
+    assert!(
+        status["upstreams"][0]["last_error"]["error"]
+            .as_str()
+            .is_some(),
+        "{status}"
+    );
     let metrics = String::from_utf8_lossy(&get(&r, "/metrics").body).into_owned();
     assert!(
-        metrics.contains("ballast_pull_through_offline_serves_total{upstream=\"up\"}"),
+        metrics.contains("ballast_pull_through_offline_serves_total{upstream=\"ttl\"} 1"),
         "{metrics}"
     );
     assert!(
