@@ -42,25 +42,42 @@ pub fn encode_frame(out: &mut Vec<u8>, id: &ChunkId, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// Why chunk frames could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// A frame is cut short (the message says where).
+    Malformed(String),
+    /// A chunk is longer than [`CHUNK_LEN_MAX`].
+    TooLarge(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Malformed(why) | FrameError::TooLarge(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Reads frames [`encode_frame`] wrote (the chunks are slices of `bytes`, not copies); a
 /// chunk longer than [`CHUNK_LEN_MAX`] or a frame cut short is an error saying where.
-pub fn decode_frames(bytes: &Bytes) -> std::result::Result<Vec<(ChunkId, Bytes)>, String> {
+pub fn decode_frames(bytes: &Bytes) -> std::result::Result<Vec<(ChunkId, Bytes)>, FrameError> {
     let mut out = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
-        let head = bytes
-            .get(at..at + 36)
-            .ok_or_else(|| format!("a chunk frame is cut short at byte {at}"))?;
+        let head = bytes.get(at..at + 36).ok_or_else(|| {
+            FrameError::Malformed(format!("a chunk frame is cut short at byte {at}"))
+        })?;
         let id = ChunkId(head[..32].try_into().unwrap_or([0; 32]));
         let len = u32::from_le_bytes(head[32..36].try_into().unwrap_or([0; 4])) as usize;
         if len > CHUNK_LEN_MAX {
-            return Err(format!(
+            return Err(FrameError::TooLarge(format!(
                 "a chunk of {len} bytes at byte {at}: at most {CHUNK_LEN_MAX} are taken"
-            ));
+            )));
         }
         let data = bytes
             .get(at + 36..at + 36 + len)
-            .ok_or_else(|| format!("the chunk at byte {at} is cut short"))?;
+            .ok_or_else(|| FrameError::Malformed(format!("the chunk at byte {at} is cut short")))?;
         out.push((id, bytes.slice_ref(data)));
         at += 36 + len;
     }
@@ -96,21 +113,19 @@ impl Store {
     }
 
     /// Stores chunks sent with their ids: each is checked against its id first (a chunk
-    /// that does not match fails the call, naming it; those before it stay, harmless:
+    /// that does not match fails the call with [`Input::Chunk`], naming it; one longer than
+    /// [`CHUNK_LEN_MAX`] with [`Error::LimitExceeded`]; those before it stay, harmless:
     /// unreferenced chunks go with a collection). Returns how many were new. They become
     /// durable with the next sync, at the latest with the commit of a blob that uses them.
     pub fn put_chunks(&self, chunks: &[(ChunkId, Bytes)]) -> Result<u64> {
         let mut new = 0;
         for (id, bytes) in chunks {
             if bytes.len() > CHUNK_LEN_MAX {
-                return Err(Error::InvalidInput {
-                    what: Input::Chunk,
-                    reason: format!(
-                        "chunk {} is {} bytes; at most {CHUNK_LEN_MAX} are taken",
-                        hex::encode(id.0),
-                        bytes.len()
-                    ),
-                });
+                return Err(Error::LimitExceeded(format!(
+                    "chunk {} is {} bytes; at most {CHUNK_LEN_MAX} are taken",
+                    hex::encode(id.0),
+                    bytes.len()
+                )));
             }
             if ChunkId::of(bytes) != *id {
                 return Err(Error::InvalidInput {

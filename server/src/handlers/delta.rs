@@ -15,7 +15,7 @@
 //! - `POST …/blobs/<digest>/chunks`: a body of chunk ids of that blob; the answer is frames
 //!   for as many of them, in order, as fit in 16 MiB (ask again for the rest).
 
-use ballast_engine::delta::Assembled;
+use ballast_engine::delta::{Assembled, FrameError};
 use ballast_engine::{ChunkId, Error as EngineError};
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -44,6 +44,15 @@ async fn body(
     read_limited(&mut b, max, app.body_pace())
         .await?
         .ok_or_else(|| ApiError::SizeInvalid(format!("{what} is limited to {max} bytes")))
+}
+
+/// What every sending endpoint checks first: a valid name, not a cached repository, room
+/// under its quota and on the disk.
+async fn writable(app: &App, name: &str) -> Result<(), ApiError> {
+    check_name(name)?;
+    app.pull_through.refuse_writes(name)?;
+    app.quotas.check_upload(name)?;
+    super::check_room(app).await
 }
 
 fn ids(bytes: &[u8]) -> Result<Vec<ChunkId>, ApiError> {
@@ -80,22 +89,17 @@ pub async fn chunks(
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<ResBody>, ApiError> {
-    check_name(name)?;
-    app.pull_through.refuse_writes(name)?;
-    app.quotas.check_upload(name)?;
-    super::check_room(app).await?;
+    writable(app, name).await?;
     let bytes = body(app, req, CHUNKS_BODY_MAX, "a body of chunks").await?;
-    let frames = ballast_engine::delta::decode_frames(&bytes).map_err(|why| {
-        if why.contains("at most") {
-            ApiError::SizeInvalid(why)
-        } else {
-            ApiError::Unsupported(why)
-        }
+    let frames = ballast_engine::delta::decode_frames(&bytes).map_err(|e| match e {
+        FrameError::TooLarge(why) => ApiError::SizeInvalid(why),
+        FrameError::Malformed(why) => ApiError::Unsupported(why),
     })?;
     let store = app.store.clone();
     let n = frames.len();
     let new = blocking(move || {
         store.put_chunks(&frames).map_err(|e| match e {
+            // (The bytes sent are not their id's.)
             EngineError::InvalidInput { reason, .. } => ApiError::DigestInvalid(reason),
             other => ApiError::from_engine(other),
         })
@@ -111,11 +115,8 @@ pub async fn blob(
     digest: &str,
     req: Request<Incoming>,
 ) -> Result<Response<ResBody>, ApiError> {
-    check_name(name)?;
-    app.pull_through.refuse_writes(name)?;
-    app.quotas.check_upload(name)?;
+    writable(app, name).await?;
     let digest = parse_digest(digest)?;
-    super::check_room(app).await?;
     let bytes = body(app, req, RECIPE_MAX, "a recipe").await?;
     let (size, pieces) = ballast_engine::recipe::decode_wire(&bytes)
         .map_err(|why| ApiError::BlobUploadInvalid(format!("the recipe is not valid: {why}")))?;
