@@ -16,6 +16,46 @@ use crate::error::ApiError;
 /// The response body type.
 pub type ResBody = BoxBody<Bytes, std::io::Error>;
 
+/// A request's body: what the connection received, or nothing (a request the console makes
+/// on its signed-in user's behalf, which goes through the same endpoint table, checks and
+/// audit as one from the wire).
+#[derive(Debug)]
+pub enum ReqBody {
+    /// The body the client sends.
+    Wire(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Wire(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Wire(b) => b.is_end_stream(),
+            ReqBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Wire(b) => b.size_hint(),
+            ReqBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// An empty body.
 pub fn empty() -> ResBody {
     Empty::new().map_err(|never| match never {}).boxed()
@@ -90,7 +130,7 @@ impl Pace {
 /// Reads the next data frame of a request body; `None` at its end. A body that stalls or
 /// trickles (see [`Pace`]) fails with a timeout, so a slow client cannot hold a request
 /// forever.
-pub async fn next_data(body: &mut Incoming, pace: &mut Pace) -> Result<Option<Bytes>, ApiError> {
+pub async fn next_data(body: &mut ReqBody, pace: &mut Pace) -> Result<Option<Bytes>, ApiError> {
     loop {
         match tokio::time::timeout(pace.idle, body.frame()).await {
             Err(_) => {
@@ -119,7 +159,7 @@ pub async fn next_data(body: &mut Incoming, pace: &mut Pace) -> Result<Option<By
 
 /// Reads a whole body of at most `max` bytes.
 pub async fn read_limited(
-    body: &mut Incoming,
+    body: &mut ReqBody,
     max: usize,
     mut pace: Pace,
 ) -> Result<Option<Bytes>, ApiError> {

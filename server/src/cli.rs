@@ -2,7 +2,7 @@
 //! queries over the audit log. They work on files, beside a running server or without one.
 
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 
@@ -56,25 +56,6 @@ fn audit_change(log: &Path, action: &str, what: &str, reason: Option<String>) {
     }
 }
 
-/// Holds an exclusive lock beside `path` while an account file is edited.
-fn edit_lock(path: &Path) -> anyhow::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let lock = PathBuf::from(format!("{}.lock", path.display()));
-    if let Some(dir) = lock.parent() {
-        crate::auth::create_dir_owned_as_parent(dir)?;
-    }
-    let f = std::fs::OpenOptions::new()
-        .mode(ballast_engine::storage::FILE_MODE)
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .with_context(|| format!("opening {}", lock.display()))?;
-    f.lock()
-        .with_context(|| format!("locking {}", lock.display()))?;
-    Ok(f)
-}
-
 /// `ballast robot create`: adds a robot and prints its token, once.
 pub fn robot_create(
     robots: &Path,
@@ -83,10 +64,9 @@ pub fn robot_create(
     description: &str,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let _lock = edit_lock(robots)?;
-    let mut file = RobotsFile::load(robots)?;
-    let token = file.create(name, description, crate::now_secs())?;
-    file.save(robots)?;
+    let token = accounts::edit_robots(robots, |file| {
+        file.create(name, description, crate::now_secs())
+    })?;
     warn_if_unreadable(robots);
     audit_change(audit_log, "robot.create", &format!("robot:{name}"), None);
     writeln!(out, "{token}")?;
@@ -100,12 +80,7 @@ pub fn robot_create(
 
 /// `ballast robot revoke`: removes a robot; its token and tokens issued to it stop working.
 pub fn robot_revoke(robots: &Path, audit_log: &Path, name: &str) -> anyhow::Result<()> {
-    let _lock = edit_lock(robots)?;
-    let mut file = RobotsFile::load(robots)?;
-    if !file.revoke(name) {
-        bail!("there is no robot {name:?} in {}", robots.display());
-    }
-    file.save(robots)?;
+    accounts::edit_robots(robots, |file| file.revoke(name))?;
     warn_if_unreadable(robots);
     audit_change(audit_log, "robot.revoke", &format!("robot:{name}"), None);
     eprintln!("robot {name:?} revoked");
@@ -159,7 +134,7 @@ pub fn passwd(
     if !(4..=31).contains(&cost) {
         bail!("--cost must be between 4 and 31");
     }
-    let _lock = edit_lock(htpasswd)?;
+    let _lock = accounts::edit_lock(htpasswd)?;
     if delete {
         if !accounts::set_password(htpasswd, user, None, 0)? {
             bail!("there is no user {user:?} in {}", htpasswd.display());
@@ -199,97 +174,37 @@ pub fn passwd(
     Ok(())
 }
 
-/// Filters of `ballast audit`.
-#[derive(Debug, Default)]
-pub struct AuditFilter {
-    /// Actor, exactly (`user:alice`).
-    pub actor: Option<String>,
-    /// Action, exactly or by prefix with a trailing `.` (`manifest.`).
-    pub action: Option<String>,
-    /// Repository, exactly.
-    pub repository: Option<String>,
-    /// Outcome (`ok`, `denied`, `failed`).
-    pub outcome: Option<String>,
-    /// Only events at or after this time (RFC 3339), or this long ago (`2h`, `30m`).
-    pub since: Option<String>,
-}
-
 /// `ballast audit`: prints the matching lines of the log and its rotated files, oldest first.
 pub fn audit_query(
     log: &Path,
-    filter: &AuditFilter,
+    filter: &audit::query::Filter,
     json: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
-    let since = match &filter.since {
-        None => None,
-        Some(s) => Some(match humantime::parse_rfc3339_weak(s) {
-            Ok(t) => t,
-            Err(_) => {
-                let ago = humantime::parse_duration(s).with_context(|| {
-                    format!("--since {s:?} is neither a time (2026-11-28T10:00:00Z) nor a duration (2h)")
-                })?;
-                std::time::SystemTime::now() - ago
-            }
-        }),
-    };
-    let files = audit::files(log);
-    if files.is_empty() {
-        bail!("no audit log at {}", log.display());
-    }
-    let mut n = 0;
-    for f in files {
-        let file = std::fs::File::open(&f).with_context(|| format!("opening {}", f.display()))?;
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line?;
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
-            let matches = |want: &Option<String>, k: &str| match want {
-                None => true,
-                Some(w) => {
-                    let got = field(k);
-                    got == w || (w.ends_with('.') && got.starts_with(w.as_str()))
-                }
-            };
-            if !(matches(&filter.actor, "actor")
-                && matches(&filter.action, "action")
-                && matches(&filter.repository, "repository")
-                && matches(&filter.outcome, "outcome"))
-            {
-                continue;
-            }
-            if let Some(since) = since {
-                match humantime::parse_rfc3339_weak(field("time")) {
-                    Ok(t) if t >= since => {}
-                    _ => continue,
-                }
-            }
-            n += 1;
-            if json {
-                writeln!(out, "{line}")?;
-            } else {
-                let what = [field("repository"), field("tag"), field("digest")]
-                    .into_iter()
-                    .filter(|s| !s.is_empty())
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                // Every field as text a terminal shows as it is: a user name or a tag sent
-                // by a client must not move the cursor or start a line of its own.
-                let p = ballast_tools::printable;
-                writeln!(
-                    out,
-                    "{} {:<8} {:<20} {:<16} {} {}",
-                    p(field("time")),
-                    p(field("outcome")),
-                    p(field("actor")),
-                    p(field("action")),
-                    p(&what),
-                    p(field("reason"))
-                )?;
-            }
+    audit::query::each(log, filter, |line, v| {
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+        if json {
+            writeln!(out, "{line}")?;
+        } else {
+            let what = [field("repository"), field("tag"), field("digest")]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            // Every field as text a terminal shows as it is: a user name or a tag sent
+            // by a client must not move the cursor or start a line of its own.
+            let p = ballast_tools::printable;
+            writeln!(
+                out,
+                "{} {:<8} {:<20} {:<16} {} {}",
+                p(field("time")),
+                p(field("outcome")),
+                p(field("actor")),
+                p(field("action")),
+                p(&what),
+                p(field("reason"))
+            )?;
         }
-    }
-    Ok(n)
+        Ok(())
+    })
 }

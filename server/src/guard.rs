@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Request, Response, StatusCode};
 
@@ -18,7 +18,7 @@ use crate::webhooks::{Event as WebhookEvent, Kind as WebhookKind};
 use crate::App;
 
 /// Serves one request: resolved in the endpoint table, authorized, handled, audited.
-pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResBody> {
+pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<ReqBody>) -> Response<ResBody> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let (d, r, allowed) = match resolve(&method, &path) {
@@ -54,8 +54,56 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
             "{method} is not allowed on {path}"
         )));
     }
+    authorized(app, peer, d, r, &access, req).await
+}
+
+/// Serves a request made on behalf of a caller whose access is already known (the console's
+/// signed-in user): resolved in the same endpoint table, refused unless that access grants
+/// what the endpoint needs (the refusal audited like the API's), then handled, audited and
+/// announced exactly as a request from the wire is.
+pub async fn serve_as(
+    app: &Arc<App>,
+    peer: SocketAddr,
+    access: &Access,
+    req: Request<ReqBody>,
+) -> Response<ResBody> {
+    let path = req.uri().path().to_owned();
+    let (d, r) = match resolve(req.method(), &path) {
+        Resolved::Found(d, r) => (d, r),
+        Resolved::NotFound | Resolved::MethodNotAllowed(..) => {
+            return crate::error::response(&ApiError::NotFound(format!(
+                "no endpoint takes {} {path}",
+                req.method()
+            )))
+        }
+    };
+    let need = handlers::need(d, &r);
+    if let Need::Repo(name, _) = &need {
+        if let Err(e) = ballast_engine::names::validate_repo(name) {
+            return crate::error::response(&ApiError::NameInvalid(e.to_string()));
+        }
+    }
+    if let Err(denial) = app.auth.permits(access, peer.ip(), &need) {
+        let id = req.extensions().get::<RequestId>().cloned();
+        return denied(app, denial, id.as_ref()).await;
+    }
+    authorized(app, peer, d, r, access, req).await
+}
+
+/// The part of serving a request after it was allowed: the audit plan, the handler, the
+/// audit lines and webhook events.
+async fn authorized(
+    app: &Arc<App>,
+    peer: SocketAddr,
+    d: &'static crate::routes::Descriptor,
+    r: Route<'_>,
+    access: &Access,
+    req: Request<ReqBody>,
+) -> Response<ResBody> {
+    let method = req.method().clone();
+    let id = req.extensions().get::<RequestId>().cloned();
     let plan = match d.audit {
-        Audit::Change(kind) => Plan::before(app, kind, &r, &req, &access, peer),
+        Audit::Change(kind) => Plan::before(app, kind, &r, &req, access, peer),
         Audit::Read | Audit::AtEnd(_) => None,
     }
     .map(|mut p| {
@@ -64,7 +112,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     });
     let mut req = req;
     req.extensions_mut().insert(ClientAddr(peer));
-    let (mut res, failure) = match handlers::dispatch(app, &access, d.endpoint, r, req).await {
+    let (mut res, failure) = match handlers::dispatch(app, access, d.endpoint, r, req).await {
         Ok(res) => (res, None),
         Err(e) => {
             if app.config.metrics && matches!(e, ApiError::Quota(_)) {
@@ -83,7 +131,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
         if app.config.pull_tracking {
             count_pull(app, &r, &res);
         }
-        if let Some(e) = pulled(app, &r, &res, &access, peer, id.as_ref()) {
+        if let Some(e) = pulled(app, &r, &res, access, peer, id.as_ref()) {
             events.push(e);
         }
     }
@@ -231,7 +279,7 @@ impl Default for RequestId {
 }
 
 /// The request's host, for the token realm (`Host`, or the authority of an HTTP/2 URI).
-fn host(req: &Request<Incoming>) -> Option<String> {
+fn host(req: &Request<ReqBody>) -> Option<String> {
     req.headers()
         .get(hyper::header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -291,7 +339,7 @@ impl Plan {
         app: &App,
         kind: AuditKind,
         r: &Route<'_>,
-        req: &Request<Incoming>,
+        req: &Request<ReqBody>,
         access: &Access,
         peer: SocketAddr,
     ) -> Option<Plan> {
@@ -392,6 +440,16 @@ impl Plan {
             (AuditKind::WebhookRedeliver, _) => {
                 base.action = "webhook.redeliver".into();
                 base.reason = req.uri().query().map(|q| format!("on request: {q}"));
+                Kind::AdminAction
+            }
+            (AuditKind::RobotCreate, _) => {
+                base.action = "robot.create".into();
+                base.tag = first(&query(req), "name").map(|n| format!("robot:{n}"));
+                Kind::AdminAction
+            }
+            (AuditKind::RobotRevoke, Route::AdminRobot { name }) => {
+                base.action = "robot.revoke".into();
+                base.tag = Some(format!("robot:{name}"));
                 Kind::AdminAction
             }
             (AuditKind::Gc, _) => {

@@ -519,7 +519,7 @@ async fn handle(
     // Counted down when the request ends, also when the client goes away mid-request (the
     // future is dropped).
     let _in_flight = app.config.metrics.then(|| InFlight::enter(&app.metrics));
-    let mut res = guard::serve(&app, peer, req).await;
+    let mut res = guard::serve(&app, peer, req.map(body::ReqBody::Wire)).await;
     if method == hyper::Method::HEAD {
         // A HEAD response has headers only, whatever made it (errors carry a JSON body).
         // HTTP/1.1 drops the body by itself; hyper's HTTP/2 would send it as DATA frames,

@@ -429,12 +429,15 @@ fn main() -> anyhow::Result<()> {
             } else {
                 path
             };
-            let filter = cli::AuditFilter {
+            let filter = ballast_server::audit::query::Filter {
                 actor,
                 action,
                 repository,
                 outcome,
-                since,
+                since: since
+                    .map(|s| ballast_server::audit::query::parse_time(&s, "--since"))
+                    .transpose()?,
+                until: None,
             };
             cli::audit_query(&log, &filter, json, &mut std::io::stdout()).map(|_| ())
         }

@@ -61,6 +61,12 @@ pub enum Route<'a> {
     AdminReplication,
     /// `/admin/replication/reconcile`: reconcile now.
     AdminReplicationReconcile,
+    /// `/admin/robots`: the robot accounts.
+    AdminRobots,
+    /// `/admin/robots/<name>`: one robot account.
+    AdminRobot { name: &'a str },
+    /// `/admin/audit`: the audit log, newest first.
+    AdminAudit,
 }
 
 /// Which path an endpoint serves (a [`Route`] without its parameters).
@@ -118,6 +124,12 @@ pub enum PathKind {
     AdminReplication,
     /// `/admin/replication/reconcile`
     AdminReplicationReconcile,
+    /// `/admin/robots`
+    AdminRobots,
+    /// `/admin/robots/<name>`
+    AdminRobot,
+    /// `/admin/audit`
+    AdminAudit,
 }
 
 impl Route<'_> {
@@ -150,6 +162,9 @@ impl Route<'_> {
             Route::AdminPullThroughEvict => PathKind::AdminPullThroughEvict,
             Route::AdminReplication => PathKind::AdminReplication,
             Route::AdminReplicationReconcile => PathKind::AdminReplicationReconcile,
+            Route::AdminRobots => PathKind::AdminRobots,
+            Route::AdminRobot { .. } => PathKind::AdminRobot,
+            Route::AdminAudit => PathKind::AdminAudit,
         }
     }
 
@@ -203,6 +218,14 @@ pub enum Endpoint {
     AdminReplication,
     /// `POST /admin/replication/reconcile`.
     AdminReplicationReconcile,
+    /// `GET /admin/robots`: the robots (never their tokens).
+    AdminRobots,
+    /// `POST /admin/robots?name=…`: a new robot; its token is in the answer, once.
+    AdminRobotCreate,
+    /// `DELETE /admin/robots/<name>`.
+    AdminRobotRevoke,
+    /// `GET /admin/audit`: audit lines, newest first, filtered and paged.
+    AdminAudit,
     /// `GET /v2/_catalog`.
     Catalog,
     /// `GET /v2/<name>/tags/list`.
@@ -297,6 +320,10 @@ pub enum AuditKind {
     DeltaBlob,
     /// `chunks.upload`: chunks sent for blobs to come (delta replication).
     DeltaChunks,
+    /// `robot.create`.
+    RobotCreate,
+    /// `robot.revoke`.
+    RobotRevoke,
 }
 
 /// One endpoint: its methods and path, what it requires, what is audited.
@@ -407,6 +434,22 @@ pub static ENDPOINTS: &[Descriptor] = &[
         Requires::Admin,
         Audit::Change(AuditKind::WebhookRedeliver)
     ),
+    endpoint!(AdminRobots, GET, AdminRobots, Requires::Admin, Audit::Read),
+    endpoint!(
+        AdminRobotCreate,
+        &[Method::POST],
+        AdminRobots,
+        Requires::Admin,
+        Audit::Change(AuditKind::RobotCreate)
+    ),
+    endpoint!(
+        AdminRobotRevoke,
+        &[Method::DELETE],
+        AdminRobot,
+        Requires::Admin,
+        Audit::Change(AuditKind::RobotRevoke)
+    ),
+    endpoint!(AdminAudit, GET, AdminAudit, Requires::Admin, Audit::Read),
     endpoint!(Catalog, GET, Catalog, Requires::Catalog, Audit::Read),
     endpoint!(Tags, GET, Tags, Requires::Repo(Action::Pull), Audit::Read),
     endpoint!(
@@ -580,7 +623,12 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "/admin/pull-through/evict" => return Some(Route::AdminPullThroughEvict),
         "/admin/replication" => return Some(Route::AdminReplication),
         "/admin/replication/reconcile" => return Some(Route::AdminReplicationReconcile),
+        "/admin/robots" => return Some(Route::AdminRobots),
+        "/admin/audit" => return Some(Route::AdminAudit),
         _ => {}
+    }
+    if let Some(name) = path.strip_prefix("/admin/robots/") {
+        return (!name.is_empty() && !name.contains('/')).then_some(Route::AdminRobot { name });
     }
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {

@@ -222,12 +222,47 @@ impl RobotsFile {
         Ok(token)
     }
 
-    /// Removes a robot; false when there was none of that name.
-    pub fn revoke(&mut self, name: &str) -> bool {
+    /// Removes a robot; an error when there is none of that name.
+    pub fn revoke(&mut self, name: &str) -> anyhow::Result<()> {
         let before = self.robots.len();
         self.robots.retain(|r| r.name != name);
-        self.robots.len() != before
+        if self.robots.len() == before {
+            bail!("there is no robot {name:?}");
+        }
+        Ok(())
     }
+}
+
+/// Holds an exclusive lock beside `path` while an account file is edited.
+pub fn edit_lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let lock = PathBuf::from(format!("{}.lock", path.display()));
+    if let Some(dir) = lock.parent() {
+        crate::auth::create_dir_owned_as_parent(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .mode(ballast_engine::storage::FILE_MODE)
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .with_context(|| format!("opening {}", lock.display()))?;
+    f.lock()
+        .with_context(|| format!("locking {}", lock.display()))?;
+    Ok(f)
+}
+
+/// Changes the robots file under its edit lock (the command line and a running server may
+/// both edit it): read, changed by `f`, written atomically.
+pub fn edit_robots<T>(
+    path: &Path,
+    f: impl FnOnce(&mut RobotsFile) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let _lock = edit_lock(path)?;
+    let mut file = RobotsFile::load(path)?;
+    let out = f(&mut file)?;
+    file.save(path)?;
+    Ok(out)
 }
 
 /// Robot names: lowercase letters, digits, `.`, `_`, `-`, up to 64, starting alphanumeric.
@@ -417,6 +452,15 @@ impl Accounts {
         };
         *self.dummy.lock() = (cost, hash.clone());
         hash
+    }
+
+    /// Reads the files again at the next check, whenever they last were (the server changed
+    /// one: its change takes effect at once, not after [`RECHECK`]).
+    pub fn changed(&self) {
+        self.robots.lock().checked = None;
+        if let Some(u) = &self.users {
+            u.lock().checked = None;
+        }
     }
 
     /// True while the account behind a principal still exists (a token outlives neither a
@@ -628,7 +672,7 @@ mod tests {
         assert!(accounts.exists(&Principal::Robot("ci".into())));
 
         // Revocation and password removal take effect without a restart.
-        assert!(file.revoke("ci"));
+        file.revoke("ci").expect("revoked");
         file.save(&robots).expect("save");
         assert!(set_password(&htpasswd, "bob", None, 4).expect("remove"));
         std::thread::sleep(RECHECK + Duration::from_millis(50));

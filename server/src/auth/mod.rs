@@ -312,6 +312,60 @@ impl Auth {
         }
     }
 
+    /// The access of a principal that signed in earlier (a console session): what the live
+    /// policy grants them now, or `None` when the account is gone. With authentication off,
+    /// open access.
+    pub fn session_access(&self, p: &Principal) -> Option<Access> {
+        if !self.enabled {
+            return Some(Access::open());
+        }
+        self.accounts.exists(p).then(|| Access {
+            principal: p.clone(),
+            kind: AccessKind::Live,
+        })
+    }
+
+    /// Reads the account files again at the next check (the server just changed one).
+    pub fn accounts_changed(&self) {
+        self.accounts.changed();
+    }
+
+    /// True when `access` grants what `need` asks (the registry admin's pages and buttons).
+    pub fn grants(&self, access: &Access, need: &Need) -> bool {
+        match &access.kind {
+            AccessKind::Open => true,
+            AccessKind::Live => self.live_allows(&access.principal, need),
+            AccessKind::Token(g) => match need {
+                Need::Nothing | Need::Authenticated => true,
+                Need::Repo(name, a) => g.repositories.get(name).is_some_and(|s| s.contains(a)),
+                Need::Catalog => g.registry.contains("catalog"),
+                Need::Admin => g.registry.contains("admin"),
+            },
+        }
+    }
+
+    /// Decides a request made on behalf of a caller whose access is known (a console
+    /// session): allowed, or the denial to answer with its audit line.
+    pub fn permits(&self, access: &Access, peer: IpAddr, need: &Need) -> Result<(), Denial> {
+        if self.grants(access, need) {
+            return Ok(());
+        }
+        let subject = access.actor();
+        Err(Denial {
+            error: ApiError::Denied(format!(
+                "{subject} may not {}{}",
+                need.audit_action(),
+                match need {
+                    Need::Repo(n, _) => format!(" {n}"),
+                    _ => String::new(),
+                }
+            )),
+            challenge: None,
+            retry_after: None,
+            audit: Some(self.denied_event(&subject, peer, need, "not granted")),
+        })
+    }
+
     fn denied_event(&self, actor: &str, peer: IpAddr, need: &Need, reason: &str) -> Event {
         let mut e = Event::new(actor, need.audit_action());
         e.client = Some(peer.to_string());
@@ -462,26 +516,11 @@ impl Auth {
             Credentials::Basic(user, secret) => {
                 let challenge = self.challenge(host, need, None);
                 let p = self.login(&user, &secret, peer, Some(challenge)).await?;
-                if self.live_allows(&p, need) {
-                    return Ok(Access {
-                        principal: p,
-                        kind: AccessKind::Live,
-                    });
-                }
-                Err(Denial {
-                    error: ApiError::Denied(format!(
-                        "{} may not {}{}",
-                        p.subject(),
-                        need.audit_action(),
-                        match need {
-                            Need::Repo(n, _) => format!(" {n}"),
-                            _ => String::new(),
-                        }
-                    )),
-                    challenge: None,
-                    retry_after: None,
-                    audit: Some(self.denied_event(&p.subject(), peer, need, "not granted")),
-                })
+                let access = Access {
+                    principal: p,
+                    kind: AccessKind::Live,
+                };
+                self.permits(&access, peer, need).map(|()| access)
             }
             Credentials::Bearer(t) => {
                 let claims = match self.signer.verify(&t) {

@@ -1,11 +1,11 @@
 //! `GET`/`HEAD`/`DELETE /v2/<name>/blobs/<digest>`: blob downloads (whole, one range, or many
 //! ranges as `multipart/byteranges`) and unlinking.
 
+use crate::body::ReqBody;
 use ballast_engine::catalog::Op;
 use ballast_engine::{BlobReader, Error as EngineError};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use hyper::{Request, Response, StatusCode};
 
@@ -24,7 +24,7 @@ pub async fn get(
     app: &Arc<App>,
     name: &str,
     digest: &str,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
     head: bool,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;

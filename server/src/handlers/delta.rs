@@ -15,10 +15,10 @@
 //! - `POST …/blobs/<digest>/chunks`: a body of chunk ids of that blob; the answer is frames
 //!   for as many of them, in order, as fit in 16 MiB (ask again for the rest).
 
+use crate::body::ReqBody;
 use ballast_engine::delta::{Assembled, FrameError};
 use ballast_engine::{ChunkId, Error as EngineError};
 use bytes::Bytes;
-use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Request, Response, StatusCode};
 
@@ -34,12 +34,7 @@ pub const CHUNKS_BODY_MAX: usize = 64 << 20;
 /// Bytes of a recipe.
 const RECIPE_MAX: usize = 64 << 20;
 
-async fn body(
-    app: &App,
-    req: Request<Incoming>,
-    max: usize,
-    what: &str,
-) -> Result<Bytes, ApiError> {
+async fn body(app: &App, req: Request<ReqBody>, max: usize, what: &str) -> Result<Bytes, ApiError> {
     let mut b = req.into_body();
     read_limited(&mut b, max, app.body_pace())
         .await?
@@ -69,7 +64,7 @@ fn octets(status: StatusCode, bytes: Vec<u8>) -> Response<ResBody> {
 pub async fn missing(
     app: &App,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     app.pull_through.refuse_writes(name)?;
@@ -87,7 +82,7 @@ pub async fn missing(
 pub async fn chunks(
     app: &App,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     writable(app, name).await?;
     let bytes = body(app, req, CHUNKS_BODY_MAX, "a body of chunks").await?;
@@ -113,7 +108,7 @@ pub async fn blob(
     app: &App,
     name: &str,
     digest: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     writable(app, name).await?;
     let digest = parse_digest(digest)?;
@@ -196,7 +191,7 @@ pub async fn fetch(
     app: &App,
     name: &str,
     digest: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     let r = readable_recipe(app, name, digest).await?;
     let bytes = body(app, req, IDS_MAX * 32, "a list of chunk ids").await?;

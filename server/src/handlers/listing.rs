@@ -1,6 +1,6 @@
 //! Listings: `GET /v2/_catalog`, `GET /v2/<name>/tags/list`, `GET /v2/<name>/referrers/<digest>`.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::header::{CONTENT_TYPE, LINK};
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
@@ -44,7 +44,7 @@ fn next_link(path: &str, n: Option<usize>, items: &[String]) -> Option<String> {
 pub fn catalog(
     app: &App,
     access: &crate::auth::Access,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     let q = query(req);
     let n = page_size(&q)?;
@@ -66,7 +66,7 @@ pub fn catalog(
     Ok(r.json(&json!({ "repositories": repos })))
 }
 
-pub fn tags(app: &App, name: &str, req: &Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
+pub fn tags(app: &App, name: &str, req: &Request<ReqBody>) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let q = query(req);
     let n = page_size(&q)?;
@@ -98,7 +98,7 @@ pub async fn referrers(
     app: &App,
     name: &str,
     digest: &str,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let subject = parse_digest(digest)?;

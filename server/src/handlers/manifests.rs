@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::body::ReqBody;
 use ballast_engine::catalog::{ManifestLink, Op, State};
 use ballast_engine::{names, Algorithm, Digest, Error as EngineError};
 use bytes::Bytes;
-use hyper::body::Incoming;
 use hyper::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, ETAG, LOCATION};
 use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
@@ -324,7 +324,7 @@ pub async fn put(
     app: &App,
     name: &str,
     reference: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let reference = parse_reference(reference)?;

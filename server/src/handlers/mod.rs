@@ -1,5 +1,6 @@
 //! Request handlers, grouped by endpoint, and what they share.
 
+mod admin;
 mod blobs;
 mod delta;
 mod listing;
@@ -9,8 +10,8 @@ mod uploads;
 
 use std::collections::BTreeMap;
 
+use crate::body::ReqBody;
 use ballast_engine::{names, Digest};
-use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -42,7 +43,7 @@ pub async fn dispatch(
     access: &Access,
     endpoint: Endpoint,
     r: Route<'_>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     let head = req.method() == Method::HEAD;
     match (endpoint, r) {
@@ -124,6 +125,12 @@ pub async fn dispatch(
             let reports = crate::replication::reconcile_now(app, name).await;
             Ok(reply(StatusCode::OK).json(&serde_json::json!({ "reconciled": reports })))
         }
+        (Endpoint::AdminRobots, _) => admin::robots(app).await,
+        (Endpoint::AdminRobotCreate, _) => admin::robot_create(app, &req).await,
+        (Endpoint::AdminRobotRevoke, Route::AdminRobot { name }) => {
+            admin::robot_revoke(app, name).await
+        }
+        (Endpoint::AdminAudit, _) => admin::audit(app, &req).await,
         (Endpoint::Metrics, _) => metrics(app).await,
         (Endpoint::Catalog, _) => listing::catalog(app, access, &req),
         (Endpoint::Tags, Route::Tags { name }) => listing::tags(app, name, &req),
@@ -187,7 +194,7 @@ pub async fn dispatch(
 
 /// `POST /admin/webhooks/dead/redeliver[?id=N...]`: puts dead letters (all, or those
 /// named) back for delivery to their endpoint.
-async fn redeliver(app: &App, req: &Request<Incoming>) -> Result<Response<ResBody>, ApiError> {
+async fn redeliver(app: &App, req: &Request<ReqBody>) -> Result<Response<ResBody>, ApiError> {
     let q = query(req);
     let ids = match q.get("id") {
         None => None,
@@ -229,7 +236,7 @@ pub(crate) async fn metrics(app: &App) -> Result<Response<ResBody>, ApiError> {
 async fn admin_gc(
     app: &App,
     access: &Access,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     let q = query(req);
     let flag = |k: &str| first(&q, k).is_some_and(|v| v == "true" || v == "1");
@@ -312,7 +319,7 @@ pub fn parse_digest(s: &str) -> Result<Digest, ApiError> {
 }
 
 /// Query parameters, percent-decoded; repeated keys keep every value in order.
-pub fn query(req: &Request<Incoming>) -> BTreeMap<String, Vec<String>> {
+pub fn query(req: &Request<ReqBody>) -> BTreeMap<String, Vec<String>> {
     parse_form(req.uri().query().unwrap_or(""))
 }
 

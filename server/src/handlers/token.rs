@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::body::ReqBody;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::{parse_form, query, reply};
@@ -17,7 +17,7 @@ use crate::App;
 const TOKEN_FORM_MAX: usize = 64 << 10;
 
 /// `GET /token` (Basic credentials or none) and `POST /token` (OAuth2 password grant).
-pub async fn token(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResBody> {
+pub async fn token(app: &Arc<App>, peer: SocketAddr, req: Request<ReqBody>) -> Response<ResBody> {
     let mut params = query(&req);
     let headers = req.headers().clone();
     let id = req.extensions().get::<crate::guard::RequestId>().cloned();

@@ -3,11 +3,11 @@
 //! themselves (their durability, warm writers, resumption) are the engine's
 //! (`ballast_engine::Uploads`); this file speaks HTTP.
 
+use crate::body::ReqBody;
 use ballast_engine::catalog::Op;
 use ballast_engine::uploads::SessionMeta;
 use ballast_engine::{Algorithm, Digest, Error as EngineError, Input, UploadWriter};
 use bytes::Bytes;
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_RANGE, LOCATION, RANGE};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::mpsc;
@@ -21,7 +21,7 @@ pub async fn start(
     app: &App,
     access: &crate::auth::Access,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let q = query(&req);
@@ -59,7 +59,7 @@ pub async fn start(
 
 /// Who a session counts against for `upload_sessions_per_client_max`: the account, or the
 /// address of an anonymous client.
-fn client_key(access: &crate::auth::Access, req: &Request<Incoming>) -> Option<String> {
+fn client_key(access: &crate::auth::Access, req: &Request<ReqBody>) -> Option<String> {
     match &access.principal {
         crate::auth::Principal::Anonymous => req
             .extensions()
@@ -209,7 +209,7 @@ pub async fn patch(
     app: &App,
     name: &str,
     id: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let len = session_len(app, name, id).await?;
@@ -246,7 +246,7 @@ async fn take_writer(
 
 /// A chunk must start where the session ends (416 otherwise, with the current range).
 fn check_content_range(
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
     name: &str,
     id: &str,
     len: u64,
@@ -268,7 +268,7 @@ fn check_content_range(
 
 /// Sends a request body's data frames to a blocking consumer until the body ends, the
 /// consumer stops, or reading fails (returned). Dropping the sender tells the consumer the end.
-async fn pump(body: &mut Incoming, mut pace: Pace, tx: mpsc::Sender<Bytes>) -> Option<ApiError> {
+async fn pump(body: &mut ReqBody, mut pace: Pace, tx: mpsc::Sender<Bytes>) -> Option<ApiError> {
     loop {
         match next_data(body, &mut pace).await {
             Ok(Some(data)) => {
@@ -304,7 +304,7 @@ impl Sink for ballast_engine::Ingest {
 /// it failed (returned beside). A failure to store stops reading.
 async fn feed<S: Sink, T: Send + 'static>(
     app: &App,
-    body: &mut Incoming,
+    body: &mut ReqBody,
     mut sink: S,
     end: impl FnOnce(S) -> Result<T, EngineError> + Send + 'static,
 ) -> (Result<T, ApiError>, Option<ApiError>) {
@@ -327,7 +327,7 @@ pub async fn finish(
     app: &App,
     name: &str,
     id: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<ResBody>, ApiError> {
     check_name(name)?;
     let q = query(&req);
@@ -364,7 +364,7 @@ pub async fn finish(
 
 /// Feeds a monolithic upload's body into the engine, which checks the digest (and only
 /// hashes the bytes when the blob is stored already: a dedup hit writes nothing).
-async fn ingest(app: &App, body: &mut Incoming, expected: &Digest) -> Result<(), ApiError> {
+async fn ingest(app: &App, body: &mut ReqBody, expected: &Digest) -> Result<(), ApiError> {
     let store = app.store.clone();
     let d = expected.clone();
     let sink = blocking(move || Ok(store.ingest(&d))).await?;

@@ -385,7 +385,10 @@ fn route_index(kind: Option<PathKind>) -> usize {
             | PathKind::AdminPullThrough
             | PathKind::AdminPullThroughEvict
             | PathKind::AdminReplication
-            | PathKind::AdminReplicationReconcile,
+            | PathKind::AdminReplicationReconcile
+            | PathKind::AdminRobots
+            | PathKind::AdminRobot
+            | PathKind::AdminAudit,
         ) => "admin",
         Some(PathKind::Token) => "token",
         Some(PathKind::Metrics) => "metrics",

@@ -16,11 +16,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::body::ReqBody;
 use ballast_engine::catalog::Op;
 use ballast_engine::Digest;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_TYPE, RANGE};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::{mpsc, watch};
@@ -87,7 +87,7 @@ pub async fn serve_missing_blob(
     up: &Arc<Upstream>,
     name: &str,
     digest: &Digest,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
     head: bool,
 ) -> Result<Option<Response<ResBody>>, ApiError> {
     let remote = up.remote_name(name);

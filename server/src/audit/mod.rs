@@ -7,6 +7,8 @@
 //! counted and reported in the log itself (`audit.dropped`). The file is rotated by size:
 //! `audit.log` → `audit.log.1` → … → `audit.log.<keep>` (the oldest is removed).
 
+pub mod query;
+
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
