@@ -23,6 +23,7 @@ pub mod io;
 pub(crate) mod io;
 pub mod names;
 pub mod outbox;
+pub mod ownership;
 pub mod quarantine;
 pub mod recipe;
 pub mod segment;

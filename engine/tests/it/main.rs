@@ -3,6 +3,7 @@
 mod crash;
 mod fixture;
 mod gc;
+mod ownership;
 mod store;
 
 use ballast_engine::Digest;
