@@ -64,6 +64,8 @@ pub struct Ownership {
     images: HashMap<(String, Digest), u64>,
     /// Per namespace (a repository name's first component).
     pub namespaces: BTreeMap<String, NamespaceBytes>,
+    /// Logical bytes per repository: the sizes of what it links.
+    pub repositories: HashMap<String, u64>,
     /// Stored bytes of every chunk some image needs.
     pub stored_bytes: u64,
     /// Of those, the bytes several images need.
@@ -157,6 +159,7 @@ impl Ownership {
                 .or_default();
             ns.repositories += 1;
             ns.logical_bytes += bytes;
+            out.repositories.insert(repo.clone(), *bytes);
         }
         let names: Vec<&str> = out.namespaces.keys().map(String::as_str).collect();
         for (i, n) in names.iter().enumerate() {

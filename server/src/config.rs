@@ -90,6 +90,12 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Count manifest pulls (per manifest: how many, the last) for retention rules.
     pub pull_tracking: bool,
+    /// Serve the web console under `/ui/` on the registry's listener.
+    pub console: bool,
+    /// Seconds a console session may stay unused before it must sign in again.
+    pub console_idle_secs: u64,
+    /// Seconds a console session lasts at most, used or not.
+    pub console_session_max_secs: u64,
     /// Seconds between commits of the pulls counted in memory (a crash loses at most this
     /// long's counts).
     pub pull_flush_secs: u64,
@@ -206,6 +212,9 @@ impl Default for Config {
             retention: crate::governance::RetentionConfig::default(),
             quotas: Vec::new(),
             pull_tracking: true,
+            console: true,
+            console_idle_secs: 1800,
+            console_session_max_secs: 12 * 3600,
             pull_flush_secs: 60,
             webhook_outbox_bytes_max: 256 << 20,
             auth: AuthConfig::default(),
@@ -247,6 +256,9 @@ pub const SETTINGS: &[&str] = &[
     "metrics_listen",
     "public_url",
     "pull_tracking",
+    "console",
+    "console_idle_secs",
+    "console_session_max_secs",
     "pull_flush_secs",
     "webhook_outbox_bytes_max",
 ];
@@ -347,6 +359,12 @@ impl Config {
                 "authentication is off: anyone who can reach {} may push and delete",
                 self.listen
             ));
+        }
+        if self.console && (self.console_idle_secs == 0 || self.console_session_max_secs == 0) {
+            bail!(
+                "console_idle_secs and console_session_max_secs must be above 0 (to turn the \
+                 console off, set console = false)"
+            );
         }
         if let Some(m) = self.metrics_listen {
             if !self.metrics {
@@ -483,6 +501,9 @@ impl Config {
             "metrics" => self.metrics = boolean(value)?,
             "public_url" => self.public_url = Some(value.to_owned()),
             "pull_tracking" => self.pull_tracking = boolean(value)?,
+            "console" => self.console = boolean(value)?,
+            "console_idle_secs" => self.console_idle_secs = num(value)?,
+            "console_session_max_secs" => self.console_session_max_secs = num(value)?,
             "pull_flush_secs" => self.pull_flush_secs = num(value)?,
             "webhook_outbox_bytes_max" => self.webhook_outbox_bytes_max = num(value)?,
             "metrics_listen" => {

@@ -69,6 +69,13 @@ pub async fn run(
         }
     }
     if let Ok(r) = &result {
+        if !r.dry_run {
+            *app.last_gc.lock() = Some((
+                crate::now_secs(),
+                trigger.label().to_owned(),
+                serde_json::to_value(r).unwrap_or_default(),
+            ));
+        }
         let kind = crate::webhooks::Kind::GcFinished;
         if !r.dry_run && app.webhooks.wanted(kind, None) {
             let mut e = crate::webhooks::Event::new(kind, actor);

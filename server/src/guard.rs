@@ -85,7 +85,7 @@ pub async fn serve_as(
     }
     if let Err(denial) = app.auth.permits(access, peer.ip(), &need) {
         let id = req.extensions().get::<RequestId>().cloned();
-        return denied(app, denial, id.as_ref()).await;
+        return denied(app, *denial, id.as_ref()).await;
     }
     authorized(app, peer, d, r, access, req).await
 }

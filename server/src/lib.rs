@@ -6,6 +6,7 @@ pub mod body;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod error;
 mod gc;
 pub mod governance;
@@ -73,6 +74,10 @@ pub struct App {
     pub pull_through: upstream::PullThrough,
     /// Replication rules.
     pub replication: Vec<Arc<replication::Rule>>,
+    /// The web console's sessions and figures.
+    pub console: console::Console,
+    /// The last collection that changed something: when, what started it, its report.
+    pub last_gc: parking_lot::Mutex<Option<(u64, String, serde_json::Value)>>,
 }
 
 impl App {
@@ -194,6 +199,8 @@ impl Server {
             retention: parking_lot::RwLock::new(Arc::new(governance::Retention::compile(
                 &config.retention,
             )?)),
+            console: console::Console::new(&config),
+            last_gc: parking_lot::Mutex::new(None),
             store,
             config,
             manifests: ManifestCache::default(),
@@ -519,7 +526,13 @@ async fn handle(
     // Counted down when the request ends, also when the client goes away mid-request (the
     // future is dropped).
     let _in_flight = app.config.metrics.then(|| InFlight::enter(&app.metrics));
-    let mut res = guard::serve(&app, peer, req.map(body::ReqBody::Wire)).await;
+    let req = req.map(body::ReqBody::Wire);
+    let console = app.config.console && (console::serves(&path) || console::browser_at_root(&req));
+    let mut res = if console {
+        console::serve(&app, peer, req).await
+    } else {
+        guard::serve(&app, peer, req).await
+    };
     if method == hyper::Method::HEAD {
         // A HEAD response has headers only, whatever made it (errors carry a JSON body).
         // HTTP/1.1 drops the body by itself; hyper's HTTP/2 would send it as DATA frames,
@@ -540,12 +553,16 @@ async fn handle(
     let secs = started.elapsed().as_secs_f64();
     if app.config.metrics {
         let m = &app.metrics;
-        m.request(
-            routes::route(&path).map(|r| r.kind()),
-            &method,
-            status,
-            secs,
-        );
+        if console {
+            m.console_request(&method, status, secs);
+        } else {
+            m.request(
+                routes::route(&path).map(|r| r.kind()),
+                &method,
+                status,
+                secs,
+            );
+        }
         if method != hyper::Method::HEAD {
             if let Some(b) = bytes {
                 m.sent_bytes.inc_by(b);

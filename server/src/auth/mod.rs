@@ -89,12 +89,14 @@ fn quoted(s: &str) -> String {
 }
 
 /// What a request's caller may do.
+#[derive(Clone)]
 pub struct Access {
     /// Who is asking.
     pub principal: Principal,
     kind: AccessKind,
 }
 
+#[derive(Clone)]
 enum AccessKind {
     /// Authentication is off: everything is allowed.
     Open,
@@ -110,6 +112,14 @@ impl Access {
         Access {
             principal: Principal::Anonymous,
             kind: AccessKind::Open,
+        }
+    }
+
+    /// Access that grants nothing.
+    pub fn nobody() -> Access {
+        Access {
+            principal: Principal::Anonymous,
+            kind: AccessKind::Token(Grants::default()),
         }
     }
 
@@ -346,12 +356,12 @@ impl Auth {
 
     /// Decides a request made on behalf of a caller whose access is known (a console
     /// session): allowed, or the denial to answer with its audit line.
-    pub fn permits(&self, access: &Access, peer: IpAddr, need: &Need) -> Result<(), Denial> {
+    pub fn permits(&self, access: &Access, peer: IpAddr, need: &Need) -> Result<(), Box<Denial>> {
         if self.grants(access, need) {
             return Ok(());
         }
         let subject = access.actor();
-        Err(Denial {
+        Err(Box::new(Denial {
             error: ApiError::Denied(format!(
                 "{subject} may not {}{}",
                 need.audit_action(),
@@ -363,7 +373,7 @@ impl Auth {
             challenge: None,
             retry_after: None,
             audit: Some(self.denied_event(&subject, peer, need, "not granted")),
-        })
+        }))
     }
 
     fn denied_event(&self, actor: &str, peer: IpAddr, need: &Need, reason: &str) -> Event {
@@ -520,7 +530,9 @@ impl Auth {
                     principal: p,
                     kind: AccessKind::Live,
                 };
-                self.permits(&access, peer, need).map(|()| access)
+                self.permits(&access, peer, need)
+                    .map(|()| access)
+                    .map_err(|d| *d)
             }
             Credentials::Bearer(t) => {
                 let claims = match self.signer.verify(&t) {

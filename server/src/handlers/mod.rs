@@ -21,6 +21,7 @@ use crate::error::ApiError;
 use crate::routes::{Descriptor, Endpoint, Requires, Route};
 use crate::App;
 
+pub use admin::audit_filter as admin_audit_filter;
 pub use manifests::validate as validate_manifest;
 pub use token::token;
 

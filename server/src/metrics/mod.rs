@@ -260,7 +260,16 @@ impl Metrics {
     /// in their families once and then kept by index: a request costs two atomic adds and
     /// one short histogram lock, no hashing.
     pub fn request(&self, kind: Option<PathKind>, method: &hyper::Method, status: u16, secs: f64) {
-        let r = route_index(kind);
+        self.request_at(route_index(kind), method, status, secs);
+    }
+
+    /// Counts one answered request of the web console (`route="console"`).
+    pub fn console_request(&self, method: &hyper::Method, status: u16, secs: f64) {
+        let r = ROUTES.iter().position(|r| *r == "console").unwrap_or(0);
+        self.request_at(r, method, status, secs);
+    }
+
+    fn request_at(&self, r: usize, method: &hyper::Method, status: u16, secs: f64) {
         let m = METHODS
             .iter()
             .position(|x| *x == method.as_str())
@@ -333,8 +342,9 @@ impl Metrics {
 }
 
 /// The `route` labels.
-const ROUTES: [&str; 14] = [
+const ROUTES: [&str; 15] = [
     "none",
+    "console",
     "base",
     "catalog",
     "tags",

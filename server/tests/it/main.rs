@@ -2,6 +2,7 @@
 
 pub mod auth;
 mod clients;
+mod console;
 mod disk;
 mod governance;
 mod hardening;
