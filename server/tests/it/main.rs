@@ -1,6 +1,7 @@
 //! The server's integration tests (one binary): HTTP behaviour, restarts, real clients.
 
 pub mod auth;
+mod browser;
 mod clients;
 mod console;
 mod disk;
