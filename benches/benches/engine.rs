@@ -186,11 +186,36 @@ fn chunking(c: &mut Criterion) {
         at += len;
         i += 1;
     }
+    // Compressed layers of the same tar (64 MiB of it): one gzip member (an ordinary
+    // tar+gzip layer: the member scan gives up after its probe), one gzip member per file
+    // (eStargz: the scan inflates everything), one zstd frame per file (zstd:chunked). Each is
+    // also cut as plain bytes, in the same run: what being aware of the format costs.
+    let part = &tar[..64 << 20];
+    let files = tar_files(part);
+    let gzip_single = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(part).expect("gzip");
+        e.finish().expect("gzip")
+    };
+    let mut gzip_members = Vec::new();
+    let mut zstd_frames = Vec::new();
+    for f in &files {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(f).expect("gzip");
+        gzip_members.extend(e.finish().expect("gzip"));
+        zstd_frames.extend(zstd::bulk::compress(f, 1).expect("zstd"));
+    }
     let mut g = c.benchmark_group("chunker");
     g.sample_size(10);
     for (name, input, mode) in [
         ("plain", &data, ChunkMode::Plain),
         ("tar_aware", &tar, ChunkMode::Auto),
+        ("gzip_single_aware", &gzip_single, ChunkMode::Auto),
+        ("gzip_single_as_plain", &gzip_single, ChunkMode::Plain),
+        ("gzip_members_aware", &gzip_members, ChunkMode::Auto),
+        ("gzip_members_as_plain", &gzip_members, ChunkMode::Plain),
+        ("zstd_frames_aware", &zstd_frames, ChunkMode::Auto),
+        ("zstd_frames_as_plain", &zstd_frames, ChunkMode::Plain),
     ] {
         g.throughput(Throughput::Bytes(input.len() as u64));
         g.bench_with_input(BenchmarkId::new("cdc", name), input, |b, input| {
@@ -215,6 +240,22 @@ fn chunking(c: &mut Criterion) {
         b.iter(|| sha2::Sha256::digest(&data))
     });
     g.finish();
+}
+
+/// The members of a tar (each header with its data), as a layer compressed per file holds
+/// them.
+fn tar_files(tar: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= tar.len() {
+        let Some(len) = ballast_engine::chunker::tar_member_data_len(&tar[at..at + 512]) else {
+            break;
+        };
+        let end = (at + 512 + (len as usize).div_ceil(512) * 512).min(tar.len());
+        out.push(&tar[at..end]);
+        at = end;
+    }
+    out
 }
 
 /// A store of `count` small chunks, closed, for the open and lookup benchmarks.

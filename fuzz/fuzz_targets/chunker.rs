@@ -1,6 +1,7 @@
 //! Chunker rules hold for any input and any arrival pattern: pieces cover the input exactly,
 //! chunks respect the maximum, and the cuts do not depend on how the bytes arrive; also for
-//! any bytes behind a zstd frame magic (the zstd frame walker).
+//! any bytes behind a zstd frame magic (the zstd frame walker) and behind a gzip member
+//! header (the gzip member scan, which inflates them).
 #![no_main]
 use ballast_engine::chunker::{Mode, Piece, StreamChunker, CHUNK_LEN_MAX};
 use libfuzzer_sys::fuzz_target;
@@ -34,4 +35,9 @@ fuzz_target!(|input: (u16, &[u8])| {
     let mut zstd = 0xFD2F_B528u32.to_le_bytes().to_vec();
     zstd.extend_from_slice(data);
     check(&zstd, usize::from(step));
+    // And after a gzip member header: the member scan inflates them (a crafted eStargz
+    // layer: bad deflate data, members cut short, headers with every flag).
+    let mut gzip = vec![0x1f, 0x8b, 8, data.first().copied().unwrap_or(0) & 0x1f, 0, 0, 0, 0, 0, 3];
+    gzip.extend_from_slice(data);
+    check(&gzip, usize::from(step));
 });

@@ -7,6 +7,7 @@
 //! directory).
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,6 +27,11 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // chromedriver and the browsers it started are one process group of their own:
+        // all of it goes, also when a failed assertion left a browser session open.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -45,6 +51,7 @@ impl Driver {
             .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("starting chromedriver");
         let d = Driver { child, port };
@@ -76,6 +83,7 @@ async fn browser(driver: &Driver, profile: &Path) -> Client {
             "args": [
                 "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1360,900", "--no-first-run", "--disable-extensions",
+                "--disable-crash-reporter", "--disable-breakpad",
                 format!("--user-data-dir={}", profile.display()),
             ],
         }),

@@ -263,6 +263,10 @@ actions = ["pull", "push", "delete"]
 subjects = ["user:admin"]
 repositories = ["**"]
 actions = ["pull", "push", "delete", "admin"]
+
+[[immutable_tags]]
+repositories = ["team-a/**"]
+tags = ["release-*"]
 "#,
             htpasswd.display()
         ),
@@ -313,9 +317,51 @@ fn open_console_escapes_user_text_sends_a_strict_policy_and_deletes_only_with_th
     // Nothing is fetched from elsewhere.
     assert!(!list.body.contains("http://") && !list.body.contains("https://"));
 
+    // A multi-platform index of two images.
+    let arm = crate::push_image_as(&r.url(""), "team-a/app", "arm-only", 9, 1000, &[]);
+    let index = json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": 1,
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm, "size": 1,
+             "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        ],
+    })
+    .to_string()
+    .into_bytes();
+    let put = call(
+        "PUT",
+        &r.url("/v2/team-a/app/manifests/multi"),
+        &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
+        Some(&index),
+    );
+    assert_eq!(put.status, 201, "{}", String::from_utf8_lossy(&put.body));
+
     let repo = v.get("/ui/repo?name=team-a/app");
     assert_eq!(repo.status, 200);
     assert!(repo.body.contains("data-tag=\"v1\"") && repo.body.contains("data-tag=\"v2\""));
+    let multi = &repo.body[repo
+        .body
+        .find("data-tag=\"multi\"")
+        .expect("the index's row")..];
+    let multi = &multi[..multi.find("</tr>").expect("row end")];
+    assert!(
+        multi.contains("index")
+            && multi.contains("linux/amd64")
+            && multi.contains("linux/arm64/v8"),
+        "{multi}"
+    );
+    let children = v.get(&format!(
+        "/ui/image?repo=team-a/app&digest={}",
+        sha256(&index)
+    ));
+    assert!(
+        children.body.contains("id=\"children\""),
+        "{}",
+        children.body
+    );
+    assert!(children.body.contains("linux/arm64/v8") && children.body.contains(&arm[..19]));
 
     let image = v.get(&format!("/ui/image?repo=team-a/app&digest={digest}"));
     assert_eq!(image.status, 200, "{}", image.body);
@@ -393,6 +439,9 @@ fn open_console_escapes_user_text_sends_a_strict_policy_and_deletes_only_with_th
         2,
         "refused forms are audited"
     );
+    // Console requests have a route of their own in the metrics.
+    let metrics = call("GET", &r.url("/metrics"), &[], None);
+    assert!(String::from_utf8_lossy(&metrics.body).contains("route=\"console\""));
 
     // Storage and Admin are open with authentication off, like the admin endpoints.
     let storage = v.get("/ui/storage");
@@ -483,6 +532,28 @@ fn console_sign_in_shows_each_user_only_their_repositories_and_refuses_the_rest(
     assert!(audit_lines(&r.data, "delete")
         .iter()
         .any(|l| l["actor"] == "user:alice" && l["outcome"] == "denied"));
+    // An immutable tag: the console shows the server's refusal.
+    push_rich_image(&r.url(""), "team-a/app", "release-1", 3, &h, false);
+    let refused = v.post(
+        "/ui/tag/delete",
+        &[
+            ("csrf", &csrf),
+            ("repo", "team-a/app"),
+            ("tag", "release-1"),
+        ],
+    );
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(refused.body.contains("immutable"), "{}", refused.body);
+    assert_eq!(
+        call(
+            "GET",
+            &r.url("/v2/team-a/app/manifests/release-1"),
+            &h,
+            None
+        )
+        .status,
+        200
+    );
     // Alice's own Activity shows nothing of team-b.
     let activity = v.get("/ui/activity");
     assert!(!activity.body.contains("team-b"), "{}", activity.body);
