@@ -78,14 +78,13 @@ fn build(dir: &std::path::Path) {
     store.close().expect("close");
 }
 
-/// One GET over a kept-alive connection; the body's length.
-fn get(conn: &mut BufReader<TcpStream>, path: &str) -> usize {
+/// One GET over a kept-alive connection: the status line and the body.
+fn fetch(conn: &mut BufReader<TcpStream>, path: &str) -> (String, String) {
     // One write (with Nagle off below): the time is the server's, not delayed ACKs'.
     let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n");
     conn.get_mut().write_all(req.as_bytes()).expect("send");
     let mut status = String::new();
     conn.read_line(&mut status).expect("status");
-    assert!(status.contains(" 200 "), "{path}: {status}");
     let mut len = 0;
     loop {
         let mut line = String::new();
@@ -99,11 +98,15 @@ fn get(conn: &mut BufReader<TcpStream>, path: &str) -> usize {
     }
     let mut body = vec![0; len];
     conn.read_exact(&mut body).expect("body");
-    assert!(
-        !String::from_utf8_lossy(&body).contains(">…<"),
-        "{path}: figures not ready"
-    );
-    len
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A page that must be complete: 200, every figure made (a cell reads "…" until they are).
+fn get(conn: &mut BufReader<TcpStream>, path: &str) -> usize {
+    let (status, body) = fetch(conn, path);
+    assert!(status.contains(" 200 "), "{path}: {status}");
+    assert!(!body.contains(">…<"), "{path}: figures not ready");
+    body.len()
 }
 
 fn bench(c: &mut Criterion) {
@@ -129,30 +132,7 @@ fn bench(c: &mut Criterion) {
     let mut conn = BufReader::new(stream);
     // Until the byte figures are made (the first pages wait for them briefly).
     let ready = std::time::Instant::now();
-    loop {
-        conn.get_mut()
-            .write_all(b"GET /ui/ HTTP/1.1\r\nHost: x\r\n\r\n")
-            .expect("send");
-        let mut all = String::new();
-        let mut line = String::new();
-        let mut len = 0;
-        loop {
-            line.clear();
-            conn.read_line(&mut line).expect("line");
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().expect("length");
-            }
-        }
-        let mut body = vec![0; len];
-        conn.read_exact(&mut body).expect("body");
-        all.push_str(&String::from_utf8_lossy(&body));
-        // (A cell reads "…" until the figures are made.)
-        if !all.contains(">…<") {
-            break;
-        }
+    while fetch(&mut conn, "/ui/").1.contains(">…<") {
         assert!(ready.elapsed().as_secs() < 120, "figures never ready");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

@@ -208,14 +208,7 @@ fn zstd_streams_are_cut_at_every_frame_boundary() {
         let ps = pieces(&stream, Mode::Auto, step);
         assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), stream.len());
         assert!(ps.iter().all(|p| !p.0 && p.1 <= CHUNK_LEN_MAX));
-        let mut at = 0;
-        let cuts: std::collections::HashSet<usize> = ps
-            .iter()
-            .map(|p| {
-                at += p.1;
-                at
-            })
-            .collect();
+        let cuts = cut_ends(&ps);
         for e in &ends {
             assert!(
                 cuts.contains(e),
@@ -231,22 +224,7 @@ fn an_unchanged_file_is_an_unchanged_chunk() {
     let v1 = files(2);
     let mut v2 = v1.clone();
     v2[6].extend_from_slice(b"one more line\n");
-    let chunks = |fs: &[Vec<u8>]| -> std::collections::HashSet<Vec<u8>> {
-        let (stream, _) = zstd_stream(fs);
-        let mut out = std::collections::HashSet::new();
-        let mut c = StreamChunker::new(Mode::Auto);
-        c.push(&stream, &mut |p| {
-            if let Piece::Chunk(b) = p {
-                out.insert(b.to_vec());
-            }
-        });
-        c.finish(&mut |p| {
-            if let Piece::Chunk(b) = p {
-                out.insert(b.to_vec());
-            }
-        });
-        out
-    };
+    let chunks = |fs: &[Vec<u8>]| chunk_set(&zstd_stream(fs).0);
     let (a, b) = (chunks(&v1), chunks(&v2));
     let new: usize = b.difference(&a).map(Vec::len).sum();
     let whole: usize = b.iter().map(Vec::len).sum();
@@ -274,6 +252,20 @@ fn crafted_zstd_headers_fall_back_to_plain_cuts() {
     let ps = pieces(cut_short, Mode::Auto, 5000);
     assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), cut_short.len());
     assert_eq!(ps, pieces(cut_short, Mode::Auto, cut_short.len()));
+}
+
+/// The chunks a stream is cut into.
+fn chunk_set(stream: &[u8]) -> std::collections::HashSet<Vec<u8>> {
+    let mut out = std::collections::HashSet::new();
+    let mut c = StreamChunker::new(Mode::Auto);
+    let mut keep = |p: Piece<'_>| {
+        if let Piece::Chunk(b) = p {
+            out.insert(b.to_vec());
+        }
+    };
+    c.push(stream, &mut keep);
+    c.finish(&mut keep);
+    out
 }
 
 /// An eStargz-style stream: each file a gzip member of its own, then a member holding a
@@ -326,19 +318,7 @@ fn an_unchanged_file_is_an_unchanged_chunk_in_gzip_members() {
     let v1 = files(5);
     let mut v2 = v1.clone();
     v2[7].extend_from_slice(b"one more line\n");
-    let chunks = |fs: &[Vec<u8>]| -> std::collections::HashSet<Vec<u8>> {
-        let (stream, _) = gzip_members(fs);
-        let mut out = std::collections::HashSet::new();
-        let mut c = StreamChunker::new(Mode::Auto);
-        let mut keep = |p: Piece<'_>| {
-            if let Piece::Chunk(b) = p {
-                out.insert(b.to_vec());
-            }
-        };
-        c.push(&stream, &mut keep);
-        c.finish(&mut keep);
-        out
-    };
+    let chunks = |fs: &[Vec<u8>]| chunk_set(&gzip_members(fs).0);
     let (a, b) = (chunks(&v1), chunks(&v2));
     let new: usize = b.difference(&a).map(Vec::len).sum();
     let whole: usize = b.iter().map(Vec::len).sum();

@@ -402,7 +402,31 @@ fn podman_partial_pull_of_a_zstd_chunked_layer_fetches_only_changed_files() {
         layer["digest"].as_str().expect("digest"),
         layer["size"].as_u64().expect("size"),
     );
+    let v1: Value = serde_json::from_slice(
+        &call(
+            "GET",
+            &r.url("/v2/partial/app/manifests/v1"),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            None,
+        )
+        .body,
+    )
+    .expect("manifest");
+    let v1_size = v1["layers"][0]["size"].as_u64().expect("size");
     r.stop();
+    // Cut at zstd frame ends, v2's unchanged files are v1's chunks: both layers together
+    // take little more than one in the store (Distribution keeps both whole).
+    let (code, out, err) =
+        crate::auth::ballast(&["inspect", "--json", &r.data.to_string_lossy()], "");
+    assert_eq!(code, 0, "{err}");
+    let inspect: Value = serde_json::from_str(&out).expect("inspect json");
+    let stored = inspect["chunk_stored_bytes"].as_u64().expect("chunk bytes");
+    let ratio = stored as f64 / (v1_size + size) as f64;
+    eprintln!("zstd:chunked v1 + v2 layers {v1_size} + {size} bytes, stored as {stored} bytes of chunks ({ratio:.2})");
+    assert!(
+        ratio < 0.65,
+        "the two zstd:chunked layers ({v1_size} + {size} bytes) take {stored} bytes of chunks ({ratio:.2})"
+    );
     let text = std::fs::read_to_string(&log).expect("server log");
     let gets: Vec<&str> = text
         .lines()

@@ -164,15 +164,9 @@ pub fn push_rich_image(
         (&config, "application/vnd.oci.image.config.v1+json"),
         (&layer, "application/vnd.oci.image.layer.v1.tar"),
     ] {
-        let d = sha256(data);
-        let res = call(
-            "POST",
-            &format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"),
-            headers,
-            Some(data),
-        );
+        let (res, desc) = crate::upload_blob(base, repo, data, media, headers);
         assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
-        descs.push(json!({"mediaType": media, "digest": d, "size": data.len()}));
+        descs.push(desc);
     }
     let m = json!({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -192,14 +186,15 @@ pub fn push_rich_image(
     let digest = sha256(&body);
     if referrer {
         let empty = b"{}";
-        let ed = sha256(empty);
-        let res = call(
-            "POST",
-            &format!("{base}/v2/{repo}/blobs/uploads/?digest={ed}"),
+        let (res, _) = crate::upload_blob(
+            base,
+            repo,
+            empty,
+            "application/vnd.oci.empty.v1+json",
             headers,
-            Some(empty),
         );
         assert_eq!(res.status, 201);
+        let ed = sha256(empty);
         let sig = json!({
             "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",

@@ -235,6 +235,26 @@ pub fn push_image_as(
     digest
 }
 
+/// Uploads `data` to `repo` in one request (`POST …/blobs/uploads/?digest=D`): the answer,
+/// and the blob's descriptor with media type `media`.
+pub fn upload_blob(
+    base: &str,
+    repo: &str,
+    data: &[u8],
+    media: &str,
+    headers: &[(&str, &str)],
+) -> (http::Res, serde_json::Value) {
+    let d = sha256(data);
+    let res = http::call(
+        "POST",
+        &format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"),
+        headers,
+        Some(data),
+    );
+    let desc = serde_json::json!({"mediaType": media, "digest": d, "size": data.len()});
+    (res, desc)
+}
+
 /// [`push_image_as`] that hands back the first answer that is not a success (a blob
 /// upload's, or the manifest PUT's) with the manifest's digest.
 pub fn try_push_image_as(
@@ -254,17 +274,11 @@ pub fn try_push_image_as(
         (&config, "application/vnd.oci.image.config.v1+json"),
         (&layer, "application/vnd.oci.image.layer.v1.tar"),
     ] {
-        let d = sha256(data);
-        let res = call(
-            "POST",
-            &format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"),
-            headers,
-            Some(data),
-        );
+        let (res, desc) = upload_blob(base, repo, data, media, headers);
         if res.status != 201 {
             return (res, String::new());
         }
-        descs.push(json!({"mediaType": media, "digest": d, "size": data.len()}));
+        descs.push(desc);
     }
     let m = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": descs[0], "layers": [descs[1]]});
     let mut h = headers.to_vec();
