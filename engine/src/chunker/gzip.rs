@@ -16,8 +16,10 @@ use std::collections::VecDeque;
 
 use flate2::{Decompress, FlushDecompress, Status};
 
-/// A first member longer than this (compressed bytes) is an ordinary gzip stream.
-pub const PROBE_BYTES: u64 = 8 << 20;
+/// A first member longer than this (compressed bytes) is an ordinary gzip stream. eStargz
+/// starts a member at each file and at each 4 MiB of a big file's data, so its members are
+/// shorter.
+pub const PROBE_BYTES: u64 = 5 << 20;
 /// The longest member header read (a name or comment without its end is no gzip header).
 pub const HEADER_MAX: usize = 64 << 10;
 /// The gzip trailer: CRC-32 and length.
