@@ -34,10 +34,8 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<ReqBody>) -> R
     let id = req.extensions().get::<RequestId>().cloned();
     let need = handlers::need(d, &r);
     // A name that cannot exist is refused before anything echoes it (the challenge's scope).
-    if let Need::Repo(name, _) = &need {
-        if let Err(e) = ballast_engine::names::validate_repo(name) {
-            return crate::error::response(&ApiError::NameInvalid(e.to_string()));
-        }
+    if let Some(res) = invalid_name(&need) {
+        return res;
     }
     // (Only challenges use the host; the hot path without authentication skips it.)
     let host = if app.auth.enabled() { host(&req) } else { None };
@@ -78,16 +76,24 @@ pub async fn serve_as(
         }
     };
     let need = handlers::need(d, &r);
-    if let Need::Repo(name, _) = &need {
-        if let Err(e) = ballast_engine::names::validate_repo(name) {
-            return crate::error::response(&ApiError::NameInvalid(e.to_string()));
-        }
+    if let Some(res) = invalid_name(&need) {
+        return res;
     }
     if let Err(denial) = app.auth.permits(access, peer.ip(), &need) {
         let id = req.extensions().get::<RequestId>().cloned();
         return denied(app, *denial, id.as_ref()).await;
     }
     authorized(app, peer, d, r, access, req).await
+}
+
+/// The answer to a request naming a repository that cannot exist, if it does.
+fn invalid_name(need: &Need) -> Option<Response<ResBody>> {
+    let Need::Repo(name, _) = need else {
+        return None;
+    };
+    ballast_engine::names::validate_repo(name)
+        .err()
+        .map(|e| crate::error::response(&ApiError::NameInvalid(e.to_string())))
 }
 
 /// The part of serving a request after it was allowed: the audit plan, the handler, the

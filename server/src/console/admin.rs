@@ -8,19 +8,9 @@ use maud::html;
 use super::html::{self, Nav};
 use super::{Reply, Visit};
 
-fn admin_only(v: &Visit<'_>) -> Option<Reply> {
-    (!v.viewer.admin).then(|| {
-        v.fail(
-            StatusCode::FORBIDDEN,
-            "Admins only",
-            "The Admin page is for the registry's admins.",
-        )
-    })
-}
-
 /// `GET /ui/admin`.
 pub async fn show(v: &Visit<'_>) -> Reply {
-    if let Some(r) = admin_only(v) {
+    if let Some(r) = v.admin_only("Admin") {
         return r;
     }
     let robots = v.api(Method::GET, "/admin/robots").await;
@@ -104,7 +94,7 @@ pub async fn create_robot(v: &Visit<'_>) -> Reply {
 
 /// `GET /ui/robots/revoke?name=…`: asks to confirm.
 pub async fn confirm_revoke(v: &Visit<'_>) -> Reply {
-    if let Some(r) = admin_only(v) {
+    if let Some(r) = v.admin_only("Admin") {
         return r;
     }
     let name = v.q("name").to_owned();

@@ -7,7 +7,6 @@ use maud::html;
 
 use super::html::{self, Nav};
 use super::{Reply, Visit};
-use crate::audit::Event;
 use crate::auth::Principal;
 
 /// Where to go after signing in: a console path, never another site.
@@ -75,11 +74,9 @@ pub async fn submit(v: &mut Visit<'_>) -> (Reply, Option<Option<String>>) {
     );
     match app.auth.login(&user, &password, v.peer.ip(), None).await {
         Ok(Principal::Robot(name)) => {
-            let mut e = Event::new(format!("robot:{name}"), "console.login");
-            e.client = Some(v.peer.ip().to_string());
+            let mut e = v.event(format!("robot:{name}"), "console.login");
             e.outcome = "denied".into();
             e.reason = Some("robots cannot sign in to the console".into());
-            e.request_id = v.id.as_ref().map(|i| i.as_str().to_owned());
             app.audit.record(e).await;
             let msg = "Robot accounts cannot sign in to the console; sign in as a user.";
             (
@@ -92,9 +89,7 @@ pub async fn submit(v: &mut Visit<'_>) -> (Reply, Option<Option<String>>) {
             // a page on another site could have seen set, is dropped).
             app.console.sessions.remove(&v.token);
             let (token, _) = app.console.sessions.create(Some(p.clone()));
-            let mut e = Event::new(p.subject(), "console.login");
-            e.client = Some(v.peer.ip().to_string());
-            e.request_id = v.id.as_ref().map(|i| i.as_str().to_owned());
+            let e = v.event(p.subject(), "console.login");
             app.audit.record(e).await;
             (Reply::Redirect(next), Some(Some(token)))
         }
@@ -114,9 +109,7 @@ pub async fn logout(v: &mut Visit<'_>) -> (Reply, Option<Option<String>>) {
     app.console.sessions.remove(&v.token);
     if let Some(p) = &v.session.user {
         if app.auth.enabled() {
-            let mut e = Event::new(p.subject(), "console.logout");
-            e.client = Some(v.peer.ip().to_string());
-            e.request_id = v.id.as_ref().map(|i| i.as_str().to_owned());
+            let e = v.event(p.subject(), "console.logout");
             app.audit.record(e).await;
         }
     }
@@ -137,13 +130,11 @@ pub async fn csrf_refused(v: &Visit<'_>, path: &str) -> Reply {
         .as_ref()
         .map_or("anonymous".to_owned(), Principal::subject);
     tracing::warn!(peer = %v.peer, actor, path, "console: form without a valid form token refused");
-    let mut e = Event::new(actor, "console.form");
-    e.client = Some(v.peer.ip().to_string());
+    let mut e = v.event(actor, "console.form");
     e.outcome = "denied".into();
     e.reason = Some(format!(
         "POST {path} without this session's form token (CSRF)"
     ));
-    e.request_id = v.id.as_ref().map(|i| i.as_str().to_owned());
     v.app.audit.record(e).await;
     v.fail(
         StatusCode::FORBIDDEN,

@@ -221,6 +221,25 @@ impl Visit<'_> {
         )
     }
 
+    /// The refusal of an admins-only page to anyone else.
+    pub fn admin_only(&self, page: &str) -> Option<Reply> {
+        (!self.viewer.admin).then(|| {
+            self.fail(
+                StatusCode::FORBIDDEN,
+                "Admins only",
+                &format!("The {page} page is for the registry's admins."),
+            )
+        })
+    }
+
+    /// An audit line of this visit: actor, action, client address and request id.
+    pub fn event(&self, actor: impl Into<String>, action: &str) -> crate::audit::Event {
+        let mut e = crate::audit::Event::new(actor, action);
+        e.client = Some(self.peer.ip().to_string());
+        e.request_id = self.id.as_ref().map(|i| i.as_str().to_owned());
+        e
+    }
+
     /// The page for a repository the viewer may not see or that does not exist (the same
     /// answer for both: the console tells nothing of repositories one may not pull).
     pub fn no_repository(&self, name: &str) -> Reply {
@@ -462,11 +481,7 @@ fn finish(reply: Reply, cookie: Option<&str>, secure: bool) -> Response<ResBody>
         }
     };
     let h = res.headers_mut();
-    h.insert("content-security-policy", HeaderValue::from_static(CSP));
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
+    protect(h);
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -476,6 +491,15 @@ fn finish(reply: Reply, cookie: Option<&str>, secure: bool) -> Response<ResBody>
         }
     }
     res
+}
+
+/// The headers every console answer carries: the policy, and no type sniffing.
+fn protect(h: &mut hyper::HeaderMap) {
+    h.insert("content-security-policy", HeaderValue::from_static(CSP));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
 }
 
 /// The stylesheet and the script, compiled into the binary.
@@ -498,11 +522,7 @@ fn asset(name: &str) -> Response<ResBody> {
     let mut r = Response::new(body::full(body));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(kind));
-    h.insert("content-security-policy", HeaderValue::from_static(CSP));
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
+    protect(h);
     h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=300"));
     r
 }

@@ -2,21 +2,11 @@
 //! segments, per namespace; the last collection, and collections and retention run or
 //! previewed (dry run) from here through the API's admin endpoints.
 
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use maud::{html, Markup};
 
 use super::html::{self, Nav};
 use super::{Reply, Visit};
-
-fn admin_only(v: &Visit<'_>) -> Option<Reply> {
-    (!v.viewer.admin).then(|| {
-        v.fail(
-            StatusCode::FORBIDDEN,
-            "Admins only",
-            "The Storage page is for the registry's admins.",
-        )
-    })
-}
 
 /// A JSON report as a definition list (every value escaped).
 fn report(v: &serde_json::Value) -> Markup {
@@ -32,7 +22,7 @@ fn report(v: &serde_json::Value) -> Markup {
 
 /// `GET /ui/storage`.
 pub async fn show(v: &Visit<'_>) -> Reply {
-    if let Some(r) = admin_only(v) {
+    if let Some(r) = v.admin_only("Storage") {
         return r;
     }
     let figures = v
