@@ -26,8 +26,12 @@ pub fn manifest_json(app: &App, digest: &Digest) -> Option<Value> {
     if size > app.config.manifest_bytes_max as u64 {
         return None;
     }
-    let bytes = app.store.read_blob(digest).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    let bytes = bytes::Bytes::from(app.store.read_blob(digest).ok()?);
+    let json = serde_json::from_slice(&bytes).ok();
+    // Kept for the next page, and for pulls (manifests never change).
+    app.manifests
+        .put(digest.clone(), crate::CachedManifest::new(digest, bytes));
+    json
 }
 
 /// What a table row tells of a manifest.
