@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pulls;
 pub mod remote;
 pub mod replication;
+pub mod reqlog;
 pub mod routes;
 pub mod tag;
 mod tls;
@@ -576,7 +577,16 @@ async fn handle(
         .extensions()
         .get::<guard::Actor>()
         .map_or("-", |a| a.0.as_str());
-    tracing::info!(%peer, actor, request_id = id.as_str(), %method, path, status, bytes, ms = %format_args!("{:.3}", secs * 1000.0), "request");
+    reqlog::emit(&reqlog::Line {
+        peer,
+        actor,
+        request_id: id.as_str(),
+        method: method.as_str(),
+        path: &path,
+        status,
+        bytes,
+        secs,
+    });
     Ok(res)
 }
 

@@ -117,6 +117,22 @@ impl BatchedWriter {
     }
 }
 
+/// Where request lines go when the binary set up the log (see [`crate::reqlog`]).
+static REQUEST_SINK: std::sync::OnceLock<BatchedWriter> = std::sync::OnceLock::new();
+
+impl BatchedWriter {
+    /// Makes this writer the one request lines are appended to directly, without going
+    /// through tracing's formatting (the binary does this once, for the log it sets up).
+    pub fn take_request_lines(&self) {
+        let _ = REQUEST_SINK.set(self.clone());
+    }
+}
+
+/// The writer request lines are appended to directly, if the binary set one.
+pub fn request_sink() -> Option<&'static BatchedWriter> {
+    REQUEST_SINK.get()
+}
+
 impl Write for BatchedWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         let mut buf = self.shared.buf.lock();
