@@ -463,6 +463,35 @@ impl Accounts {
         }
     }
 
+    /// A fingerprint of an account's current secret (a user's password hash, a robot's
+    /// token hash): it changes when the password or token does; `None` when the account is
+    /// gone. (For console sessions: one signed in with an old password ends.)
+    pub fn secret_stamp(&self, p: &Principal) -> Option<u64> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match p {
+            Principal::Anonymous => return Some(0),
+            Principal::Robot(n) => self
+                .robots
+                .lock()
+                .refresh(RobotsFile::parse)
+                .robots
+                .iter()
+                .find(|r| &r.name == n)?
+                .token_sha256
+                .hash(&mut h),
+            Principal::User(n) => self
+                .users
+                .as_ref()?
+                .lock()
+                .refresh(parse_users)
+                .hashes
+                .get(n)?
+                .hash(&mut h),
+        }
+        Some(h.finish())
+    }
+
     /// True while the account behind a principal still exists (a token outlives neither a
     /// revoked robot nor a removed user).
     pub fn exists(&self, p: &Principal) -> bool {

@@ -322,17 +322,27 @@ impl Auth {
         }
     }
 
-    /// The access of a principal that signed in earlier (a console session): what the live
-    /// policy grants them now, or `None` when the account is gone. With authentication off,
-    /// open access.
-    pub fn session_access(&self, p: &Principal) -> Option<Access> {
+    /// The access of a principal that signed in earlier (a console session) with the secret
+    /// whose fingerprint is `stamp`: what the live policy grants them now, or `None` when the
+    /// account is gone or its password or token changed since. With authentication off, open
+    /// access.
+    pub fn session_access(&self, p: &Principal, stamp: u64) -> Option<Access> {
         if !self.enabled {
             return Some(Access::open());
         }
-        self.accounts.exists(p).then(|| Access {
+        (self.accounts.secret_stamp(p) == Some(stamp)).then(|| Access {
             principal: p.clone(),
             kind: AccessKind::Live,
         })
+    }
+
+    /// The fingerprint of a principal's secret a session keeps from its sign-in (see
+    /// [`Auth::session_access`]).
+    pub fn session_stamp(&self, p: &Principal) -> u64 {
+        if !self.enabled {
+            return 0;
+        }
+        self.accounts.secret_stamp(p).unwrap_or(0)
     }
 
     /// Reads the account files again at the next check (the server just changed one).

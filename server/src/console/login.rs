@@ -41,8 +41,8 @@ fn form_with(
             h1 { "Sign in to Ballast" }
             @if expired {
                 (html::message("note", &format!(
-                    "Your session ended (unused for more than {idle_min} minutes, or signed \
-                     out elsewhere). Sign in again."
+                    "Your session ended (unused for more than {idle_min} minutes, signed out, \
+                     or the account's password changed). Sign in again."
                 )))
             }
             @if let Some(e) = error { (html::message("error", e)) }
@@ -88,7 +88,8 @@ pub async fn submit(v: &mut Visit<'_>) -> (Reply, Option<Option<String>>) {
             // A new session for the signed-in user (the one from before signing in, which
             // a page on another site could have seen set, is dropped).
             app.console.sessions.remove(&v.token);
-            let (token, _) = app.console.sessions.create(Some(p.clone()));
+            let stamp = app.auth.session_stamp(&p);
+            let (token, _) = app.console.sessions.create(Some(p.clone()), stamp);
             let e = v.event(p.subject(), "console.login");
             app.audit.record(e).await;
             (Reply::Redirect(next), Some(Some(token)))

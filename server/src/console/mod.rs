@@ -290,7 +290,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<ReqBody>) -> R
         other => {
             expired = matches!(other, Some((Found::Expired, _)));
             let user = (!app.auth.enabled()).then_some(Principal::Anonymous);
-            let (t, s) = console.sessions.create(user);
+            let (t, s) = console.sessions.create(user, 0);
             new_cookie = Some(t.clone());
             (t, s)
         }
@@ -298,13 +298,12 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<ReqBody>) -> R
     let mut access = session
         .user
         .as_ref()
-        .and_then(|p| app.auth.session_access(p));
+        .and_then(|p| app.auth.session_access(p, session.stamp));
     if session.user.is_some() && access.is_none() {
-        // The account is gone: its sessions end with it.
-        if let Some(p) = &session.user {
-            console.sessions.remove_user(p);
-        }
-        let (t, s) = console.sessions.create(None);
+        // The account is gone, or its password changed: this session ends (others end at
+        // their own next request; one signed in with the new password stays).
+        console.sessions.remove(&token);
+        let (t, s) = console.sessions.create(None, 0);
         new_cookie = Some(t.clone());
         (token, session, access) = (t, s, None);
         expired = true;

@@ -29,6 +29,8 @@ pub struct Session {
     pub user: Option<Principal>,
     /// The form token every POST of this session carries.
     pub csrf: String,
+    /// The fingerprint of the user's secret at sign-in (a changed password ends the session).
+    pub stamp: u64,
     created: Instant,
     last: Instant,
 }
@@ -100,12 +102,13 @@ impl Sessions {
     }
 
     /// A new session: its token (for the cookie) and the session.
-    pub fn create(&self, user: Option<Principal>) -> (String, Session) {
+    pub fn create(&self, user: Option<Principal>, stamp: u64) -> (String, Session) {
         let token = random_token();
         let now = Instant::now();
         let s = Session {
             user,
             csrf: random_token(),
+            stamp,
             created: now,
             last: now,
         };
@@ -126,11 +129,6 @@ impl Sessions {
     /// Ends a session.
     pub fn remove(&self, token: &str) {
         self.map.lock().remove(&key(token));
-    }
-
-    /// Ends every session of a principal (its account was removed).
-    pub fn remove_user(&self, p: &Principal) {
-        self.map.lock().retain(|_, s| s.user.as_ref() != Some(p));
     }
 
     /// Live sessions.
@@ -172,7 +170,7 @@ mod tests {
     #[test]
     fn sessions_expire_when_idle_and_tokens_are_checked() {
         let s = Sessions::new(Duration::from_millis(50), Duration::from_secs(60));
-        let (token, session) = s.create(Some(Principal::User("alice".into())));
+        let (token, session) = s.create(Some(Principal::User("alice".into())), 0);
         assert!(matches!(s.find(&token), Found::Live(x) if x.user == session.user));
         assert!(matches!(s.find("forged"), Found::None));
         assert!(session.csrf_ok(Some(&session.csrf)));
@@ -181,7 +179,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         assert!(matches!(s.find(&token), Found::Expired));
         assert!(matches!(s.find(&token), Found::None));
-        let (anon, _) = s.create(None);
+        let (anon, _) = s.create(None, 0);
         std::thread::sleep(Duration::from_millis(80));
         // A visitor who never signed in has nothing to be told.
         assert!(matches!(s.find(&anon), Found::None));
@@ -190,7 +188,7 @@ mod tests {
     #[test]
     fn sessions_end_at_their_maximum_age_even_when_used() {
         let s = Sessions::new(Duration::from_secs(60), Duration::from_millis(60));
-        let (token, _) = s.create(Some(Principal::User("a".into())));
+        let (token, _) = s.create(Some(Principal::User("a".into())), 0);
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(15));
             assert!(matches!(s.find(&token), Found::Live(_)));

@@ -628,3 +628,33 @@ fn console_sessions_end_when_idle() {
     assert!(after.body.contains("Your session ended"), "{}", after.body);
     assert!(after.body.contains("id=\"signin\""));
 }
+
+#[test]
+fn console_sessions_end_when_the_password_changes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (r, _) = teams(tmp.path(), &[]);
+    let mut old = Visitor::new(&r.url(""));
+    assert_eq!(old.sign_in("bob", BOB_PW).status, 303);
+    assert_eq!(old.get("/ui/").status, 200);
+    let htpasswd = tmp.path().join("htpasswd");
+    let (code, _, err) = ballast(
+        &["passwd", &htpasswd.to_string_lossy(), "bob", "--cost", "4"],
+        "bob-new-password-2\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    // The account files are read again at most once a second.
+    std::thread::sleep(Duration::from_millis(1300));
+    let mut new = Visitor::new(&r.url(""));
+    assert_eq!(new.sign_in("bob", "bob-new-password-2").status, 303);
+    let after = old.get("/ui/");
+    assert_eq!(after.status, 200, "the sign-in page, saying why");
+    assert!(after.body.contains("password changed"), "{}", after.body);
+    // The session signed in with the new password is not touched by the old one's end.
+    let still = new.get("/ui/");
+    assert_eq!(still.status, 200);
+    assert!(
+        still.body.contains("id=\"repositories\"") || still.body.contains("No repositories"),
+        "{}",
+        still.body
+    );
+}
