@@ -170,7 +170,7 @@ fn tar_header_parsing() {
 /// A zstd:chunked-style stream: each file a frame of its own (some stored raw, some
 /// large enough for several blocks), and a skippable frame at the end; the frame
 /// boundaries.
-fn zstd_stream(files: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
+fn zstd_stream(files: &[Vec<u8>]) -> Encoded {
     let mut out = Vec::new();
     let mut ends = Vec::new();
     for f in files {
@@ -201,9 +201,12 @@ fn files(seed: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-#[test]
-fn zstd_streams_are_cut_at_every_frame_boundary() {
-    let (stream, ends) = zstd_stream(&files(1));
+/// A stream and where its frames or members end.
+type Encoded = (Vec<u8>, Vec<usize>);
+
+/// Cut at every frame (or member) end of `files` encoded by `encode`, whatever the arrival.
+fn cut_at_every_end(encode: fn(&[Vec<u8>]) -> Encoded, seed: u64, what: &str) {
+    let (stream, ends) = encode(&files(seed));
     for step in [1_000, 65_536, 300_000, stream.len()] {
         let ps = pieces(&stream, Mode::Auto, step);
         assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), stream.len());
@@ -212,24 +215,33 @@ fn zstd_streams_are_cut_at_every_frame_boundary() {
         for e in &ends {
             assert!(
                 cuts.contains(e),
-                "no cut at the frame end {e} (step {step})"
+                "no cut at the {what} end {e} (step {step})"
             );
         }
         assert_eq!(ps, pieces(&stream, Mode::Auto, stream.len()));
     }
 }
 
-#[test]
-fn an_unchanged_file_is_an_unchanged_chunk() {
-    let v1 = files(2);
+/// One file changed between two streams: only its frame (or member) is new.
+fn unchanged_files_are_unchanged_chunks(encode: fn(&[Vec<u8>]) -> Encoded, seed: u64) {
+    let v1 = files(seed);
     let mut v2 = v1.clone();
     v2[6].extend_from_slice(b"one more line\n");
-    let chunks = |fs: &[Vec<u8>]| chunk_set(&zstd_stream(fs).0);
+    let chunks = |fs: &[Vec<u8>]| chunk_set(&encode(fs).0);
     let (a, b) = (chunks(&v1), chunks(&v2));
     let new: usize = b.difference(&a).map(Vec::len).sum();
     let whole: usize = b.iter().map(Vec::len).sum();
-    // Only the changed file's frame is new.
     assert!(new * 20 < whole, "{new} of {whole} bytes new");
+}
+
+#[test]
+fn zstd_streams_are_cut_at_every_frame_boundary() {
+    cut_at_every_end(zstd_stream, 1, "frame");
+}
+
+#[test]
+fn an_unchanged_file_is_an_unchanged_chunk() {
+    unchanged_files_are_unchanged_chunks(zstd_stream, 2);
 }
 
 #[test]
@@ -270,7 +282,7 @@ fn chunk_set(stream: &[u8]) -> std::collections::HashSet<Vec<u8>> {
 
 /// An eStargz-style stream: each file a gzip member of its own, then a member holding a
 /// table of contents; the member ends.
-fn gzip_members(files: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
+fn gzip_members(files: &[Vec<u8>]) -> Encoded {
     use std::io::Write as _;
     let mut out = Vec::new();
     let mut ends = Vec::new();
@@ -297,32 +309,12 @@ fn cut_ends(ps: &[(bool, usize)]) -> std::collections::HashSet<usize> {
 
 #[test]
 fn gzip_members_are_cut_at_every_member_end() {
-    let (stream, ends) = gzip_members(&files(4));
-    for step in [1_000, 65_536, 300_000, stream.len()] {
-        let ps = pieces(&stream, Mode::Auto, step);
-        assert_eq!(ps.iter().map(|p| p.1).sum::<usize>(), stream.len());
-        assert!(ps.iter().all(|p| !p.0 && p.1 <= CHUNK_LEN_MAX));
-        let cuts = cut_ends(&ps);
-        for e in &ends {
-            assert!(
-                cuts.contains(e),
-                "no cut at the member end {e} (step {step})"
-            );
-        }
-        assert_eq!(ps, pieces(&stream, Mode::Auto, stream.len()));
-    }
+    cut_at_every_end(gzip_members, 4, "member");
 }
 
 #[test]
 fn an_unchanged_file_is_an_unchanged_chunk_in_gzip_members() {
-    let v1 = files(5);
-    let mut v2 = v1.clone();
-    v2[7].extend_from_slice(b"one more line\n");
-    let chunks = |fs: &[Vec<u8>]| chunk_set(&gzip_members(fs).0);
-    let (a, b) = (chunks(&v1), chunks(&v2));
-    let new: usize = b.difference(&a).map(Vec::len).sum();
-    let whole: usize = b.iter().map(Vec::len).sum();
-    assert!(new * 20 < whole, "{new} of {whole} bytes new");
+    unchanged_files_are_unchanged_chunks(gzip_members, 5);
 }
 
 #[test]

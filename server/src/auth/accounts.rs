@@ -495,20 +495,7 @@ impl Accounts {
     /// True while the account behind a principal still exists (a token outlives neither a
     /// revoked robot nor a removed user).
     pub fn exists(&self, p: &Principal) -> bool {
-        match p {
-            Principal::Anonymous => true,
-            Principal::Robot(n) => self
-                .robots
-                .lock()
-                .refresh(RobotsFile::parse)
-                .robots
-                .iter()
-                .any(|r| &r.name == n),
-            Principal::User(n) => self
-                .users
-                .as_ref()
-                .is_some_and(|u| u.lock().refresh(parse_users).hashes.contains_key(n)),
-        }
+        self.secret_stamp(p).is_some()
     }
 
     /// What is wrong with the account files now (each unreadable or invalid file, whose
