@@ -173,17 +173,9 @@ pub fn push_rich_image(
         "config": descs[0], "layers": [descs[1]],
         "annotations": {"org.example.note": EVIL},
     });
-    let mut h = headers.to_vec();
-    h.push(("Content-Type", "application/vnd.oci.image.manifest.v1+json"));
     let body = m.to_string().into_bytes();
-    let res = call(
-        "PUT",
-        &format!("{base}/v2/{repo}/manifests/{tag}"),
-        &h,
-        Some(&body),
-    );
+    let (res, digest) = crate::put_manifest(base, repo, tag, &body, headers);
     assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
-    let digest = sha256(&body);
     if referrer {
         let empty = b"{}";
         let (res, _) = crate::upload_blob(
@@ -205,13 +197,7 @@ pub fn push_rich_image(
         })
         .to_string()
         .into_bytes();
-        let sd = sha256(&sig);
-        let res = call(
-            "PUT",
-            &format!("{base}/v2/{repo}/manifests/{sd}"),
-            &h,
-            Some(&sig),
-        );
+        let (res, _) = crate::put_manifest(base, repo, &sha256(&sig), &sig, headers);
         assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
     }
     digest

@@ -265,7 +265,6 @@ pub fn try_push_image_as(
     len: usize,
     headers: &[(&str, &str)],
 ) -> (http::Res, String) {
-    use http::call;
     use serde_json::json;
     let config = format!("{{\"seed\":{seed}}}").into_bytes();
     let layer = seeded(len, seed);
@@ -281,14 +280,24 @@ pub fn try_push_image_as(
         descs.push(desc);
     }
     let m = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": descs[0], "layers": [descs[1]]});
+    put_manifest(base, repo, tag, &m.to_string().into_bytes(), headers)
+}
+
+/// Puts OCI image manifest bytes at `repo:reference`: the answer and the manifest's digest.
+pub fn put_manifest(
+    base: &str,
+    repo: &str,
+    reference: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> (http::Res, String) {
     let mut h = headers.to_vec();
     h.push(("Content-Type", "application/vnd.oci.image.manifest.v1+json"));
-    let body = m.to_string().into_bytes();
-    let res = call(
+    let res = http::call(
         "PUT",
-        &format!("{base}/v2/{repo}/manifests/{tag}"),
+        &format!("{base}/v2/{repo}/manifests/{reference}"),
         &h,
-        Some(&body),
+        Some(body),
     );
-    (res, sha256(&body))
+    (res, sha256(body))
 }
