@@ -16,6 +16,7 @@ use std::sync::mpsc::{sync_channel as bounded, SyncSender as Sender};
 use crate::chunker::{Mode, Piece, StreamChunker};
 use crate::digest::{Algorithm, ChunkId, Digest, Hasher};
 use crate::error::{Error, Input, Result};
+use crate::readahead::{Prefetcher, ReadAhead, VerifyAhead, AHEAD_BYTES, AHEAD_MIN_BLOB};
 use crate::recipe::{Recipe, RecipePiece};
 use crate::store::Store;
 
@@ -541,11 +542,22 @@ impl BlobReader {
             .starts
             .partition_point(|&s| s <= start)
             .saturating_sub(1);
+        let mode = self.store.inner.opts.read_ahead;
+        let big = end - start >= AHEAD_MIN_BLOB;
+        let ahead = (mode != ReadAhead::Off && big).then(|| Prefetcher::new(mode));
+        let verifier = if big && mode != ReadAhead::Off {
+            VerifyAhead::start(&self.store)
+        } else {
+            None
+        };
         Ok(RangeIter {
             reader: self.clone(),
             piece: first,
             pos: start,
             end,
+            ahead,
+            verifier,
+            planned: first,
         })
     }
 }
@@ -556,13 +568,68 @@ pub struct RangeIter {
     piece: usize,
     pos: u64,
     end: u64,
+    /// What was asked for ahead of the position (none for small ranges or with read-ahead
+    /// off), and the first piece not asked for yet.
+    ahead: Option<Prefetcher>,
+    verifier: Option<VerifyAhead>,
+    planned: usize,
+}
+
+impl RangeIter {
+    /// Keeps the pieces up to [`AHEAD_BYTES`] past the position asked for, in steps of half
+    /// that, so the reads ahead are few and large.
+    fn read_ahead(&mut self) {
+        let Some(ahead) = self.ahead.as_mut() else {
+            return;
+        };
+        let r = &self.reader;
+        let planned_to = r.starts.get(self.planned).copied().unwrap_or(u64::MAX);
+        if planned_to >= self.end || planned_to >= self.pos + AHEAD_BYTES / 2 {
+            return;
+        }
+        let horizon = (self.pos + AHEAD_BYTES).min(self.end);
+        let mut locs = Vec::new();
+        let mut ids = Vec::new();
+        while let (Some(piece), Some(&start)) = (
+            r.recipe.pieces.get(self.planned),
+            r.starts.get(self.planned),
+        ) {
+            if start >= horizon {
+                break;
+            }
+            if let RecipePiece::Chunk { id, .. } = piece {
+                if let Some(loc) = r.store.chunk_location(id) {
+                    locs.push(loc);
+                    ids.push(*id);
+                }
+            }
+            self.planned += 1;
+        }
+        let keys: Vec<[u8; 32]> = ids.iter().map(|id| id.0).collect();
+        ahead.ask(&r.store, &keys, &locs);
+        if let Some(v) = &self.verifier {
+            v.ask(ids);
+        }
+    }
+
+    fn chunk(&mut self, id: &ChunkId) -> Result<Bytes> {
+        let store = &self.reader.store;
+        if let Some((loc, record)) = self.ahead.as_mut().and_then(|a| a.take(&id.0)) {
+            if let Ok(b) = store.read_chunk_fetched(id, &loc, &record) {
+                return Ok(b);
+            }
+        }
+        store.read_chunk(id)
+    }
 }
 
 impl Iterator for RangeIter {
     type Item = Result<Bytes>;
     fn next(&mut self) -> Option<Result<Bytes>> {
         while self.pos < self.end {
-            let piece = self.reader.recipe.pieces.get(self.piece)?;
+            self.read_ahead();
+            let recipe = self.reader.recipe.clone();
+            let piece = recipe.pieces.get(self.piece)?;
             let piece_start = *self.reader.starts.get(self.piece)?;
             let piece_end = piece_start + piece.len();
             self.piece += 1;
@@ -571,7 +638,7 @@ impl Iterator for RangeIter {
             }
             let bytes = match piece {
                 RecipePiece::Inline(b) => Bytes::copy_from_slice(b),
-                RecipePiece::Chunk { id, len } => match self.reader.store.read_chunk(id) {
+                RecipePiece::Chunk { id, len } => match self.chunk(id) {
                     Ok(b) if b.len() == *len as usize => b,
                     Ok(_) => {
                         return Some(Err(Error::NotFound(format!(

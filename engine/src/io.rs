@@ -54,6 +54,14 @@ pub trait StorageFile: Send + Sync {
     fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Hints that the byte range will be read soon: start reading it into the page cache.
+    /// The default does nothing.
+    fn will_need(&self, _offset: u64, _len: u64) {}
+    /// The file's descriptor, for reads through io_uring; `None` where there is none (the
+    /// simulated storage), and such files are read with `read_exact_at`.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// The directory-level operations.
@@ -131,6 +139,14 @@ impl FileHandle {
     /// The path this handle was opened with.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+    /// The open file, shared.
+    pub(crate) fn file(&self) -> Arc<dyn StorageFile> {
+        self.file.clone()
+    }
+    /// See [`StorageFile::will_need`].
+    pub fn will_need(&self, offset: u64, len: u64) {
+        self.file.will_need(offset, len);
     }
     /// See [`StorageFile::read_exact_at`].
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -279,6 +295,17 @@ impl StorageFile for RealFile {
     }
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         crate::sys::start_writeback(&self.0, offset, len)
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        let _ = rustix::fs::fadvise(
+            &self.0,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::WillNeed,
+        );
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.0))
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Stats {
     /// Chunk reads that found damage: bytes not matching their BLAKE3 id, a record that
     /// does not hold the chunk the index names, a record that cannot be read as one.
     pub chunk_read_failures: AtomicU64,
+    /// Bytes read ahead of readers through io_uring (`read_ahead = "uring"`).
+    pub bytes_read_ahead: AtomicU64,
 }
 
 /// Upper bounds of the latency buckets, in seconds: 50 µs to 10 s, roughly doubling. An fsync

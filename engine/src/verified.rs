@@ -42,6 +42,11 @@ impl RecentlyVerified {
         }
     }
 
+    /// True when verifications are remembered at all (a window above zero).
+    pub(crate) fn reuses(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
     fn slot(&self, id: &ChunkId) -> Option<&Mutex<Option<Seen>>> {
         if self.slots.is_empty() {
             return None;

@@ -54,6 +54,9 @@ pub struct Config {
     /// same place is served without hashing it again (many clients pulling one image at
     /// once). 0: hash every read.
     pub verify_reuse_ms: u64,
+    /// How pulls and compaction read ahead of what they send or copy: `advise` (page-cache
+    /// read-ahead hints), `uring` (reads at queue depth through io_uring) or `off`.
+    pub read_ahead: ballast_engine::ReadAhead,
     /// Seconds between scheduled garbage collections (0: never on a schedule).
     pub gc_interval_secs: u64,
     /// Blob links, manifests and segments younger than this are never collected.
@@ -63,6 +66,9 @@ pub struct Config {
     /// A collection compacts a segment when at least this fraction of it is dead (half as
     /// much for segments older than a week): lower frees more, by copying more live data.
     pub gc_min_dead_fraction: f64,
+    /// While pushes run, a collection copies live data at most this many MiB a second (0:
+    /// never paced); without pushes it copies at full speed.
+    pub gc_pace_mb_per_sec: u64,
     /// Log filter (tracing `EnvFilter` syntax).
     pub log: String,
     /// TLS certificate chain (PEM). With `tls_key`, the server speaks HTTPS (HTTP/1.1 and
@@ -191,10 +197,12 @@ impl Default for Config {
             segment_bytes_max: 64 << 20,
             verify_chunks: true,
             verify_reuse_ms: 1000,
+            read_ahead: ballast_engine::ReadAhead::default(),
             gc_interval_secs: 3600,
             gc_grace_secs: 3600,
             gc_delete_untagged: false,
             gc_min_dead_fraction: 0.5,
+            gc_pace_mb_per_sec: ballast_engine::gc::PACE_BYTES_PER_SEC >> 20,
             log: "info".into(),
             tls_cert: None,
             tls_key: None,
@@ -241,10 +249,12 @@ pub const SETTINGS: &[&str] = &[
     "segment_bytes_max",
     "verify_chunks",
     "verify_reuse_ms",
+    "read_ahead",
     "gc_interval_secs",
     "gc_grace_secs",
     "gc_delete_untagged",
     "gc_min_dead_fraction",
+    "gc_pace_mb_per_sec",
     "log",
     "tls_cert",
     "tls_key",
@@ -487,10 +497,12 @@ impl Config {
             "segment_bytes_max" => self.segment_bytes_max = num(value)?,
             "verify_chunks" => self.verify_chunks = boolean(value)?,
             "verify_reuse_ms" => self.verify_reuse_ms = num(value)?,
+            "read_ahead" => self.read_ahead = value.parse().map_err(anyhow::Error::msg)?,
             "gc_interval_secs" => self.gc_interval_secs = num(value)?,
             "gc_grace_secs" => self.gc_grace_secs = num(value)?,
             "gc_delete_untagged" => self.gc_delete_untagged = boolean(value)?,
             "gc_min_dead_fraction" => self.gc_min_dead_fraction = num(value)?,
+            "gc_pace_mb_per_sec" => self.gc_pace_mb_per_sec = num(value)?,
             "log" => self.log = value.to_owned(),
             "tls_cert" => self.tls_cert = Some(PathBuf::from(value)),
             "tls_key" => self.tls_key = Some(PathBuf::from(value)),
@@ -579,6 +591,7 @@ mod tests {
             "public_url" => "https://registry.example.com",
             "gc_delete_untagged" | "insecure_plain_http" => "true",
             "gc_min_dead_fraction" => "0.25",
+            "read_ahead" => "uring",
             _ => "7",
         };
         for name in SETTINGS {

@@ -58,6 +58,7 @@ pub async fn run(
             dry_run = r.dry_run,
             reclaimed = r.bytes_reclaimed,
             moved = r.bytes_moved,
+            paced_ms = r.paced_ms,
             segments = r.segments_compacted,
             links = r.blob_links_removed,
             manifests = r.manifests_removed,
@@ -97,6 +98,7 @@ pub fn scheduled_options(app: &App) -> GcOptions {
         grace_secs: app.config.gc_grace_secs,
         delete_untagged: app.config.gc_delete_untagged,
         dead_fraction_min: app.config.gc_min_dead_fraction,
+        pace_bytes_per_sec: app.config.gc_pace_mb_per_sec << 20,
         ..Default::default()
     }
 }

@@ -127,6 +127,7 @@ impl Server {
             segment_bytes_max: config.segment_bytes_max,
             verify_chunk_ids: config.verify_chunks,
             verify_reuse: std::time::Duration::from_millis(config.verify_reuse_ms),
+            read_ahead: config.read_ahead,
             free_bytes_min: config.disk_free_min_bytes,
             ..Options::default()
         };

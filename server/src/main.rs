@@ -281,6 +281,8 @@ fn main() -> anyhow::Result<()> {
                 delete_untagged,
                 dead_fraction_min: min_dead_fraction,
                 dry_run,
+                // Offline: no pushes to make room for.
+                pace_bytes_per_sec: 0,
             };
             std::process::exit(ballast_tools::gc(
                 &dir,

@@ -12,7 +12,7 @@ use ballast_engine::catalog::Op;
 use ballast_engine::{
     clock, gc, storage::drop_page_cache, verify, Algorithm, BlobWriter, ChunkMode,
 };
-use ballast_engine::{Digest, Options, Store};
+use ballast_engine::{Digest, Options, ReadAhead, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use sha2::Digest as _;
@@ -188,7 +188,7 @@ impl Run<'_> {
     }
 }
 
-const STEPS: u64 = 15;
+const STEPS: u64 = 30;
 
 /// Runs the suite in a scratch directory under `opts.dir`.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
@@ -327,6 +327,11 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         "cpu: SHA-256",
     );
 
+    // A blob made of chunks of all the others, round robin: its recipe points all over the
+    // segments, as a new image's does when most of its chunks were pushed before by
+    // other images. Built from whole chunks, so nearly all of them deduplicate.
+    let scattered = scattered_blob(&store, &digests, sizes.total() / 4)?;
+
     run.step("small blob commits");
     let start = Instant::now();
     for i in 0..sizes.small_ops {
@@ -365,20 +370,69 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     }
     run.plain("engine: store open", best.as_secs_f64() * 1000.0, "ms");
 
-    run.step("blob read (cold)");
-    drop_cache_under(&data_dir);
-    let store = Store::open(&data_dir, Options::default()).map_err(err("reopening"))?;
-    let start = Instant::now();
-    let mut read = 0u64;
-    for d in &digests {
-        read += read_all(&store, d)?;
+    // Cold reads, each way of reading ahead, then verified as the server reads (BLAKE3 of
+    // every chunk) with the default read-ahead.
+    let cold = [
+        (
+            ReadAhead::Off,
+            false,
+            "engine: blob read (cold, no read-ahead)",
+        ),
+        (
+            ReadAhead::Uring,
+            false,
+            "engine: blob read (cold, io_uring)",
+        ),
+        (ReadAhead::Advise, false, "engine: blob read (cold, advise)"),
+        (
+            ReadAhead::default(),
+            true,
+            "engine: blob read (cold, verified)",
+        ),
+    ];
+    for (mode, verify, name) in cold {
+        run.step("blob read (cold)");
+        drop_cache_under(&data_dir);
+        let store = Store::open(&data_dir, read_options(mode, verify)).map_err(err("reopening"))?;
+        let start = Instant::now();
+        let mut read = 0u64;
+        for d in &digests {
+            read += read_all(&store, d)?;
+        }
+        run.compared(
+            name,
+            rate(read, start.elapsed()),
+            "MB/s",
+            "disk: sequential read (cold)",
+        );
+        store.close().map_err(err("closing"))?;
     }
-    run.compared(
-        "engine: blob read (cold)",
-        rate(read, start.elapsed()),
-        "MB/s",
-        "disk: sequential read (cold)",
-    );
+    let scattered_reads = [
+        (ReadAhead::Off, "engine: scattered blob read (cold, none)"),
+        (
+            ReadAhead::Uring,
+            "engine: scattered blob read (cold, uring)",
+        ),
+        (
+            ReadAhead::Advise,
+            "engine: scattered blob read (cold, advise)",
+        ),
+    ];
+    for (mode, name) in scattered_reads {
+        run.step("scattered blob read (cold)");
+        drop_cache_under(&data_dir);
+        let store = Store::open(&data_dir, read_options(mode, false)).map_err(err("reopening"))?;
+        let start = Instant::now();
+        let read = read_all(&store, &scattered)?;
+        run.compared(
+            name,
+            rate(read, start.elapsed()),
+            "MB/s",
+            "disk: sequential read (cold)",
+        );
+        store.close().map_err(err("closing"))?;
+    }
+    let store = Store::open(&data_dir, Options::default()).map_err(err("reopening"))?;
 
     run.step("fsck");
     let stored: u64 = std::fs::read_dir(data_dir.join("segments"))
@@ -398,33 +452,64 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     }
     run.compared("engine: fsck", rate(stored, took), "MB/s", "cpu: SHA-256");
 
-    run.step("GC compaction");
+    // Compaction of cold segments, each way of reading ahead (fresh garbage for each).
     let opts_gc = gc::GcOptions {
         grace_secs: 0,
         ..Default::default()
     };
-    let start = Instant::now();
-    let report = gc::collect(&store, &opts_gc, clock::now_secs() + 1).map_err(err("collecting"))?;
-    let took = start.elapsed();
-    if report.bytes_moved == 0 {
-        return Err(format!("the collection moved nothing: {report:?}"));
+    let mut store = store;
+    let compactions = [
+        (ReadAhead::Off, "engine: GC compaction (no read-ahead)"),
+        (ReadAhead::Uring, "engine: GC compaction (io_uring)"),
+        (ReadAhead::Advise, "engine: GC compaction (advise)"),
+    ];
+    for (i, (mode, name)) in compactions.into_iter().enumerate() {
+        run.step("GC compaction");
+        if i > 0 {
+            let ops = make_garbage(&store, total / 4, 500_000 + 10_000 * i as u64)?;
+            store.commit_ops(ops).map_err(err("linking"))?;
+        }
+        store.close().map_err(err("closing"))?;
+        drop_cache_under(&data_dir);
+        store = Store::open(&data_dir, read_options(mode, false)).map_err(err("reopening"))?;
+        let start = Instant::now();
+        // A low threshold: the fresh garbage shares its segment with what the collection
+        // before moved there (live).
+        let opts = gc::GcOptions {
+            dead_fraction_min: 0.1,
+            ..opts_gc.clone()
+        };
+        let report =
+            gc::collect(&store, &opts, clock::now_secs() + 1).map_err(err("collecting"))?;
+        let took = start.elapsed();
+        if report.bytes_moved == 0 {
+            return Err(format!("the collection moved nothing: {report:?}"));
+        }
+        run.compared(
+            name,
+            rate(report.bytes_moved, took),
+            "MB/s",
+            "disk: sequential write + fsync",
+        );
+        if mode == ReadAhead::default() {
+            run.plain(
+                "engine: GC space reclaimed",
+                rate(report.bytes_reclaimed, took),
+                "MB/s",
+            );
+        }
     }
-    run.compared(
-        "engine: GC compaction (live bytes moved)",
-        rate(report.bytes_moved, took),
-        "MB/s",
-        "disk: sequential write + fsync",
-    );
-    run.plain(
-        "engine: GC space reclaimed",
-        rate(report.bytes_reclaimed, took),
-        "MB/s",
-    );
+    store.close().map_err(err("closing"))?;
+    let store = Store::open(&data_dir, Options::default()).map_err(err("reopening"))?;
 
     // Pushes and pulls while a collection compacts: fresh garbage (sealed), then ingest and
     // read in small steps for as long as one collection runs.
     run.step("ingest and read under GC");
     let step = 4 << 20;
+    // The compactions above dropped the page cache: bring the blobs back first.
+    for d in &digests {
+        read_all(&store, d)?;
+    }
     let baseline_read = {
         let start = Instant::now();
         let mut n = 0u64;
@@ -434,61 +519,131 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         rate(n, start.elapsed())
     };
     run.plain("engine: blob read (warm)", baseline_read, "MB/s");
-    let under_gc =
-        |work: &mut dyn FnMut(usize) -> Result<u64, String>, seed: u64| -> Result<f64, String> {
-            let ops = make_garbage(&store, total / 4, seed)?;
-            store.commit_ops(ops).map_err(err("linking"))?;
-            let done = std::sync::atomic::AtomicBool::new(false);
-            std::thread::scope(|scope| {
-                let collector = scope.spawn(|| {
-                    // A lower threshold than the default: the segment the fresh garbage lands
-                    // in also holds data moved by the collection before.
-                    let opts = gc::GcOptions {
-                        dead_fraction_min: 0.2,
-                        ..opts_gc.clone()
-                    };
-                    let r = gc::collect(&store, &opts, clock::now_secs() + 1);
-                    done.store(true, std::sync::atomic::Ordering::Relaxed);
-                    r
-                });
-                let (mut bytes, mut took, mut i) = (0u64, Duration::ZERO, 0usize);
-                while !done.load(std::sync::atomic::Ordering::Relaxed) || i == 0 {
-                    let start = Instant::now();
-                    bytes += work(i)?;
-                    took += start.elapsed();
-                    i += 1;
-                }
-                let report = collector
-                    .join()
-                    .map_err(|_| "the collection panicked".to_owned())?
-                    .map_err(err("collecting"))?;
-                if report.bytes_moved == 0 {
-                    return Err(format!(
-                        "the collection under load moved nothing: {report:?}"
-                    ));
-                }
-                Ok(rate(bytes, took))
-            })
-        };
+    // Warm reads another way: io_uring (a copy where the map needs none), and verified as
+    // the server verifies, with and without a second thread verifying ahead (each chunk is
+    // read once a pass, so the reuse window spares nothing but the helper's work).
+    store.close().map_err(err("closing"))?;
+    let warm = [
+        (
+            read_options(ReadAhead::Uring, false),
+            "engine: blob read (warm, io_uring)",
+        ),
+        (
+            read_options(ReadAhead::default(), true),
+            "engine: blob read (warm, verified)",
+        ),
+        (
+            Options {
+                verify_reuse: Duration::ZERO,
+                ..read_options(ReadAhead::default(), true)
+            },
+            "engine: blob read (warm, verified, 1 thread)",
+        ),
+    ];
+    for (opts, name) in warm {
+        let other = Store::open(&data_dir, opts).map_err(err("reopening"))?;
+        let start = Instant::now();
+        let mut n = 0u64;
+        for d in &digests {
+            n += read_all(&other, d)?;
+        }
+        run.compared(
+            name,
+            rate(n, start.elapsed()),
+            "MB/s",
+            "engine: blob read (warm)",
+        );
+        other.close().map_err(err("closing"))?;
+    }
+    let store = Store::open(&data_dir, Options::default()).map_err(err("reopening"))?;
+    // The work's rate over the collection, and the collection's (live bytes moved a second).
+    // The work times itself: what it prepares (random data) is not counted.
+    let under_gc = |work: &mut dyn FnMut(usize) -> Result<(u64, Duration), String>,
+                    seed: u64,
+                    pace: u64|
+     -> Result<(f64, f64), String> {
+        let ops = make_garbage(&store, total / 4, seed)?;
+        store.commit_ops(ops).map_err(err("linking"))?;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let collector = scope.spawn(|| {
+                // A lower threshold than the default: the segment the fresh garbage lands
+                // in also holds data moved by the collection before.
+                let opts = gc::GcOptions {
+                    dead_fraction_min: 0.2,
+                    pace_bytes_per_sec: pace,
+                    ..opts_gc.clone()
+                };
+                let start = Instant::now();
+                let r = gc::collect(&store, &opts, clock::now_secs() + 1);
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                r.map(|r| (r, start.elapsed()))
+            });
+            let (mut bytes, mut took, mut i) = (0u64, Duration::ZERO, 0usize);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || i == 0 {
+                let (n, t) = work(i)?;
+                bytes += n;
+                took += t;
+                i += 1;
+            }
+            let (report, gc_took) = collector
+                .join()
+                .map_err(|_| "the collection panicked".to_owned())?
+                .map_err(err("collecting"))?;
+            if report.bytes_moved == 0 {
+                return Err(format!(
+                    "the collection under load moved nothing: {report:?}"
+                ));
+            }
+            Ok((rate(bytes, took), rate(report.bytes_moved, gc_took)))
+        })
+    };
+    // Ingest of 4 MiB blobs: alone (the baseline, as many blobs as the data set), then
+    // while a collection compacts, paced (the default) and unpaced.
     let mut seed = 800_000u64;
-    let ingest_rate = under_gc(
-        &mut |_| {
-            seed += 1;
-            let blob = Bytes::from(random_bytes(step, seed));
-            ingest(&store, &blob).map_err(err("ingesting"))?;
-            Ok(step as u64)
-        },
-        600_000,
-    )?;
+    let mut ingesting = |_| {
+        seed += 1;
+        let blob = Bytes::from(random_bytes(step, seed));
+        let start = Instant::now();
+        ingest(&store, &blob).map_err(err("ingesting"))?;
+        Ok((step as u64, start.elapsed()))
+    };
+    run.step("ingest 4 MiB blobs");
+    let (mut n, mut t) = (0u64, Duration::ZERO);
+    for i in 0..(total as usize / step).max(8) {
+        let (b, d) = ingesting(i)?;
+        n += b;
+        t += d;
+    }
+    run.plain("engine: ingest unique, 4 MiB blobs", rate(n, t), "MB/s");
+    let (unpaced, gc_unpaced) = under_gc(&mut ingesting, 600_000, 0)?;
+    let (paced, gc_paced) = under_gc(&mut ingesting, 650_000, gc::PACE_BYTES_PER_SEC)?;
     run.compared(
         "engine: ingest unique while GC compacts",
-        ingest_rate,
+        paced,
         "MB/s",
-        "engine: ingest unique (durable)",
+        "engine: ingest unique, 4 MiB blobs",
     );
-    let read_rate = under_gc(
-        &mut |i| read_all(&store, &digests[i % digests.len()]),
+    run.plain("engine: GC compaction under ingest", gc_paced, "MB/s");
+    run.compared(
+        "engine: ingest while GC compacts unpaced",
+        unpaced,
+        "MB/s",
+        "engine: ingest unique, 4 MiB blobs",
+    );
+    run.plain(
+        "engine: GC compaction under ingest, unpaced",
+        gc_unpaced,
+        "MB/s",
+    );
+    let (read_rate, _) = under_gc(
+        &mut |i| {
+            let start = Instant::now();
+            let n = read_all(&store, &digests[i % digests.len()])?;
+            Ok((n, start.elapsed()))
+        },
         700_000,
+        gc::PACE_BYTES_PER_SEC,
     )?;
     run.compared(
         "engine: blob read while GC compacts",
@@ -502,7 +657,8 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         dir: opts.dir.clone(),
         data_bytes: total,
         quick: opts.quick,
-        io_backend: "pread/pwrite + mmap of sealed segments (no io_uring backend is built)",
+        io_backend:
+            "mmap of sealed segments, read-ahead by madvise (the default) or io_uring; pwrite",
         results: run.rows,
     })
 }
@@ -526,6 +682,39 @@ fn make_garbage(store: &Store, bytes: u64, seed: u64) -> Result<Vec<Op>, String>
     }
     store.seal_active().map_err(err("sealing"))?;
     Ok(ops)
+}
+
+/// Ingests a blob of about `bytes` made of whole chunks of the `digests` blobs, taken round
+/// robin (chunk 0 of the first, chunk 1 of the second, ...); returns its digest.
+fn scattered_blob(store: &Store, digests: &[Digest], bytes: u64) -> Result<Digest, String> {
+    let mut sources = Vec::new();
+    for d in digests {
+        let r = store.open_blob(d).map_err(err("opening a blob"))?;
+        let starts = r.recipe().starts();
+        sources.push((store.read_blob(d).map_err(err("reading a blob"))?, starts));
+    }
+    let mut out = Vec::with_capacity(bytes as usize);
+    let mut k = 0usize;
+    while (out.len() as u64) < bytes {
+        let (data, starts) = &sources[k % sources.len()];
+        let i = (k / sources.len()) % (starts.len() - 1).max(1);
+        let (a, b) = (starts[i] as usize, starts[i + 1] as usize);
+        out.extend_from_slice(&data[a..b]);
+        k += 1;
+    }
+    ingest(store, &Bytes::from(out)).map_err(err("ingesting"))
+}
+
+/// Store options for a read figure: how to read ahead, and whether to verify every chunk's
+/// BLAKE3 id (the server's default) or only record CRCs (the engine's).
+fn read_options(read_ahead: ReadAhead, verify: bool) -> Options {
+    Options {
+        read_ahead,
+        verify_chunk_ids: verify,
+        // The server's default reuse window (`verify_reuse_ms`).
+        verify_reuse: Duration::from_secs(1),
+        ..Options::default()
+    }
 }
 
 /// Reads a whole blob; returns its size.

@@ -9,6 +9,7 @@ use crate::digest::ChunkId;
 use crate::error::Result;
 use crate::index::{Location, Table};
 use crate::io::{existed, write_atomic};
+use crate::readahead::Prefetcher;
 use crate::recipe::{Recipe, RecipePiece};
 use crate::segment::{segment_path, RecordKind, RECORD_HEADER_LEN};
 use crate::store::{io_err, Active, Store, REMOVED_SEGMENTS};
@@ -34,10 +35,24 @@ impl Store {
     /// are read first, then appended under one hold of the writer lock, so a compaction hands
     /// the lock back and forth with writers once per batch instead of once per record
     /// (callers keep batches to a few MiB, so a hold stays around a millisecond).
-    pub(crate) fn relocate_batch(&self, items: &[(Table, [u8; 32], Location)]) -> Result<u64> {
+    ///
+    /// Records `ahead` read into buffers of its own are taken from there (checked as a read
+    /// from the segment is); the rest are read from the segment.
+    pub(crate) fn relocate_batch(
+        &self,
+        items: &[(Table, [u8; 32], Location)],
+        ahead: &mut Prefetcher,
+    ) -> Result<u64> {
         let mut read = Vec::with_capacity(items.len());
         for (table, key, loc) in items {
-            let (flags, payload) = self.read_record(loc)?;
+            let fetched = ahead
+                .take(key)
+                .filter(|(at, _)| at == loc)
+                .and_then(|(_, record)| self.decode_fetched_crc(loc, &record).ok());
+            let (flags, payload) = match fetched {
+                Some(r) => r,
+                None => self.read_record(loc)?,
+            };
             read.push((*table, key, loc, flags, payload));
         }
         let mut w = self.inner.writer.lock();

@@ -77,6 +77,9 @@ pub struct Options {
     pub free_bytes_min: u64,
     /// The catalog journal is folded into a snapshot past this size.
     pub catalog_journal_bytes_max: u64,
+    /// How blob readers and compaction read ahead of what they need (docs/design.md,
+    /// "Read path").
+    pub read_ahead: crate::readahead::ReadAhead,
 }
 
 impl Default for Options {
@@ -92,6 +95,7 @@ impl Default for Options {
             index_merge_fanin: 4,
             free_bytes_min: 0,
             catalog_journal_bytes_max: crate::catalog::JOURNAL_BYTES_MAX,
+            read_ahead: crate::readahead::ReadAhead::default(),
         }
     }
 }
@@ -316,6 +320,11 @@ impl Store {
             &segment_path(&self.inner.seg_dir, id),
             OpenMode::Read,
         )
+    }
+
+    /// How readers and compaction read ahead.
+    pub(crate) fn read_ahead(&self) -> crate::readahead::ReadAhead {
+        self.inner.opts.read_ahead
     }
 
     /// The path of a segment file.

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use crate::digest::{ChunkId, Digest};
 use crate::error::{Error, Result};
 use crate::index::{Location, Table};
+use crate::readahead::ReadAhead;
 use crate::recipe::{Recipe, RecipePiece};
 use crate::segment::{self, segment_path, Check, CHUNK_PREFIX_LEN, RECORD_HEADER_LEN};
 use crate::sys::Map;
@@ -39,6 +40,11 @@ impl Store {
         cache.insert(key, recipe);
     }
 
+    /// A segment's bytes (its map, or its file while active), if the store has it.
+    pub(crate) fn segment_data_of(&self, id: u64) -> Option<SegmentData> {
+        self.inner.segments.read().get(&id).cloned()
+    }
+
     fn segment_data(&self, id: u64) -> Result<SegmentData> {
         self.inner.segments.read().get(&id).cloned().ok_or_else(|| {
             Error::corrupted(
@@ -51,15 +57,20 @@ impl Store {
 
     /// Reads and checks the record at `loc`; returns its flags and payload.
     pub(crate) fn read_record(&self, loc: &Location) -> Result<(u8, Bytes)> {
-        self.read_record_with(loc, Check::Crc)
+        self.read_record_with(loc, Check::Crc, false)
     }
 
-    /// [`Store::read_record`], checking as `check` says.
-    fn read_record_with(&self, loc: &Location, check: Check) -> Result<(u8, Bytes)> {
+    /// [`Store::read_record`], checking as `check` says. A `lone` record is read for itself,
+    /// not as part of a run (a recipe): the kernel is told to read just its pages, which
+    /// spares a cold read the megabytes around it that a fault on the map would read.
+    fn read_record_with(&self, loc: &Location, check: Check, lone: bool) -> Result<(u8, Bytes)> {
         let path = || segment_path(&self.inner.seg_dir, loc.segment);
         match self.segment_data(loc.segment)? {
             SegmentData::Mapped(map) => {
                 let start = usize::try_from(loc.offset).unwrap_or(usize::MAX);
+                if lone && self.inner.opts.read_ahead != ReadAhead::Off {
+                    map.will_need(start, RECORD_HEADER_LEN + loc.len as usize);
+                }
                 let bytes = map.get(start..).ok_or_else(|| {
                     Error::corrupted(path(), loc.offset, "record offset past end of segment")
                 })?;
@@ -102,6 +113,25 @@ impl Store {
         r
     }
 
+    /// Reads and verifies a chunk for a reader that will ask for it soon (verify-ahead,
+    /// `readahead.rs`): a success is remembered for the reuse window, so that reader does
+    /// not hash it again; damage is left for that reader to find and count.
+    pub(crate) fn verify_ahead(&self, id: &ChunkId) {
+        if !self.inner.opts.verify_chunk_ids {
+            return;
+        }
+        if let Some(loc) = self.chunk_location(id) {
+            if !self.inner.verified.fresh(id, &loc) {
+                let _ = self.read_chunk_checked(id);
+            }
+        }
+    }
+
+    /// True when verify-ahead can help: chunks are verified and a verification is reused.
+    pub(crate) fn verifies_ahead(&self) -> bool {
+        self.inner.opts.verify_chunk_ids && self.inner.verified.reuses()
+    }
+
     fn read_chunk_checked(&self, id: &ChunkId) -> Result<Bytes> {
         // With BLAKE3 verification on, the id check below covers what the record's CRC would.
         let check = if self.inner.opts.verify_chunk_ids {
@@ -121,6 +151,70 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
+        self.chunk_of_record(id, &loc, flags, payload, forced)
+    }
+
+    /// A record read ahead into a buffer (header and payload, see `readahead.rs`), checked
+    /// as a record read from its segment would be: its flags and payload.
+    pub(crate) fn decode_fetched(&self, loc: &Location, record: &Bytes) -> Result<(u8, Bytes)> {
+        let check = if self.inner.opts.verify_chunk_ids {
+            Check::Content
+        } else {
+            Check::Crc
+        };
+        self.decode_fetched_with(loc, record, check)
+    }
+
+    /// [`Store::decode_fetched`] with the record's CRC checked whatever the setting: what
+    /// a compaction copies keeps its CRC, so it must be right.
+    pub(crate) fn decode_fetched_crc(&self, loc: &Location, record: &Bytes) -> Result<(u8, Bytes)> {
+        self.decode_fetched_with(loc, record, Check::Crc)
+    }
+
+    fn decode_fetched_with(
+        &self,
+        loc: &Location,
+        record: &Bytes,
+        check: Check,
+    ) -> Result<(u8, Bytes)> {
+        let path = segment_path(&self.inner.seg_dir, loc.segment);
+        let (h, payload) = segment::decode_record_with(&path, loc.offset, record, check)?;
+        if h.len != loc.len {
+            return Err(Error::corrupted(
+                path,
+                loc.offset,
+                "record length differs from the index",
+            ));
+        }
+        let len = payload.len();
+        Ok((
+            h.flags,
+            record.slice(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len),
+        ))
+    }
+
+    /// The chunk `id` from its record read ahead at `loc`; verified as [`Store::read_chunk`]
+    /// verifies. An error sends the caller back to `read_chunk`, which tells damage apart.
+    pub(crate) fn read_chunk_fetched(
+        &self,
+        id: &ChunkId,
+        loc: &Location,
+        record: &Bytes,
+    ) -> Result<Bytes> {
+        let (flags, payload) = self.decode_fetched(loc, record)?;
+        self.chunk_of_record(id, loc, flags, payload, false)
+    }
+
+    /// A chunk's bytes from its record's payload: decompressed if stored so, and checked
+    /// against its BLAKE3 id when verification is on (or `forced`).
+    fn chunk_of_record(
+        &self,
+        id: &ChunkId,
+        loc: &Location,
+        flags: u8,
+        payload: Bytes,
+        forced: bool,
+    ) -> Result<Bytes> {
         let path = || segment_path(&self.inner.seg_dir, loc.segment);
         let chunk = segment::ChunkPayload::decode(&payload)
             .filter(|c| c.id == *id)
@@ -139,7 +233,7 @@ impl Store {
             std::borrow::Cow::Borrowed(_) => payload.slice(CHUNK_PREFIX_LEN..),
             std::borrow::Cow::Owned(v) => Bytes::from(v),
         };
-        if forced || (self.inner.opts.verify_chunk_ids && !self.inner.verified.fresh(id, &loc)) {
+        if forced || (self.inner.opts.verify_chunk_ids && !self.inner.verified.fresh(id, loc)) {
             self.inner
                 .stats
                 .chunks_verified
@@ -151,7 +245,7 @@ impl Store {
                     "chunk bytes do not match their BLAKE3 id",
                 ));
             }
-            self.inner.verified.record(id, &loc);
+            self.inner.verified.record(id, loc);
         }
         Ok(data)
     }
@@ -175,7 +269,7 @@ impl Store {
             if !self.inner.segments.read().contains_key(&loc.segment) {
                 continue;
             }
-            match self.read_record_with(&loc, check) {
+            match self.read_record_with(&loc, check, table == Table::Blobs) {
                 Ok((flags, payload)) => return Ok((loc, flags, payload)),
                 Err(e) if !self.inner.segments.read().contains_key(&loc.segment) => drop(e),
                 Err(e) => return Err(e),

@@ -263,6 +263,7 @@ async fn admin_gc(
             None => app.config.gc_min_dead_fraction,
         },
         dry_run: flag("dry_run"),
+        pace_bytes_per_sec: app.config.gc_pace_mb_per_sec << 20,
     };
     let report = crate::gc::run(app, opts, crate::gc::Trigger::Request, &access.actor()).await?;
     Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))

@@ -83,6 +83,8 @@ pub struct Metrics {
     pub gc_reclaimed_bytes: Counter,
     /// Live bytes collections copied forward.
     pub gc_moved_bytes: Counter,
+    /// Time collections rested so that running pushes kept the disk (pacing).
+    pub gc_paced_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// When the last collection (not a dry run) finished.
     pub gc_last_run: Gauge,
     /// Pushes and uploads refused by a quota.
@@ -192,6 +194,13 @@ impl Metrics {
             Unit::Bytes,
             gc_moved_bytes.clone(),
         );
+        let gc_paced_seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "gc_paced",
+            "Time garbage collections rested so that running pushes kept the disk",
+            Unit::Seconds,
+            gc_paced_seconds.clone(),
+        );
         let gc_last_run = Gauge::default();
         registry.register_with_unit(
             "gc_last_run_timestamp",
@@ -242,6 +251,7 @@ impl Metrics {
             gc_seconds,
             gc_reclaimed_bytes,
             gc_moved_bytes,
+            gc_paced_seconds,
             gc_last_run,
             quota_refusals,
             retention_deletions,
@@ -320,6 +330,7 @@ impl Metrics {
         };
         self.gc_reclaimed_bytes.inc_by(r.bytes_reclaimed);
         self.gc_moved_bytes.inc_by(r.bytes_moved);
+        self.gc_paced_seconds.inc_by(r.paced_ms as f64 / 1000.0);
         self.gc_last_run.set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 

@@ -1,6 +1,9 @@
 //! The engine's only `unsafe` code (docs/unsafe.md): read-only memory maps of sealed files,
-//! and the writeback hint for segment appends.
+//! the writeback hint for segment appends, and reads at queue depth through io_uring
+//! (`uring.rs`).
 #![allow(unsafe_code)]
+
+pub(crate) mod uring;
 
 use std::fs::File;
 use std::io;
@@ -24,9 +27,13 @@ impl Map {
         Ok(Map(Arc::new(map)))
     }
 
-    /// Hints the kernel that the map will be read in order.
-    pub fn advise_sequential(&self) {
-        let _ = self.0.advise(memmap2::Advice::Sequential);
+    /// Asks the kernel to start reading `len` bytes at `offset` into the page cache now,
+    /// without waiting (`madvise(MADV_WILLNEED)`): read-ahead of what a reader needs next.
+    pub fn will_need(&self, offset: usize, len: usize) {
+        let len = len.min(self.0.len().saturating_sub(offset));
+        if len > 0 {
+            let _ = self.0.advise_range(memmap2::Advice::WillNeed, offset, len);
+        }
     }
 }
 
