@@ -591,7 +591,7 @@ mod tests {
             "public_url" => "https://registry.example.com",
             "gc_delete_untagged" | "insecure_plain_http" => "true",
             "gc_min_dead_fraction" => "0.25",
-            "read_ahead" => "uring",
+            "read_ahead" => "advise",
             _ => "7",
         };
         for name in SETTINGS {
