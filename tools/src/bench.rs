@@ -392,20 +392,8 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     ];
     for (mode, verify, name) in cold {
         run.step("blob read (cold)");
-        drop_cache_under(&data_dir);
-        let store = Store::open(&data_dir, read_options(mode, verify)).map_err(err("reopening"))?;
-        let start = Instant::now();
-        let mut read = 0u64;
-        for d in &digests {
-            read += read_all(&store, d)?;
-        }
-        run.compared(
-            name,
-            rate(read, start.elapsed()),
-            "MB/s",
-            "disk: sequential read (cold)",
-        );
-        store.close().map_err(err("closing"))?;
+        let opts = read_options(mode, verify);
+        read_figure(&mut run, &data_dir, opts, &digests, Cache::Cold, name)?;
     }
     let scattered_reads = [
         (ReadAhead::Off, "engine: scattered blob read (cold, none)"),
@@ -420,17 +408,9 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
     ];
     for (mode, name) in scattered_reads {
         run.step("scattered blob read (cold)");
-        drop_cache_under(&data_dir);
-        let store = Store::open(&data_dir, read_options(mode, false)).map_err(err("reopening"))?;
-        let start = Instant::now();
-        let read = read_all(&store, &scattered)?;
-        run.compared(
-            name,
-            rate(read, start.elapsed()),
-            "MB/s",
-            "disk: sequential read (cold)",
-        );
-        store.close().map_err(err("closing"))?;
+        let blobs = std::slice::from_ref(&scattered);
+        let opts = read_options(mode, false);
+        read_figure(&mut run, &data_dir, opts, blobs, Cache::Cold, name)?;
     }
     let store = Store::open(&data_dir, Options::default()).map_err(err("reopening"))?;
 
@@ -541,19 +521,7 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         ),
     ];
     for (opts, name) in warm {
-        let other = Store::open(&data_dir, opts).map_err(err("reopening"))?;
-        let start = Instant::now();
-        let mut n = 0u64;
-        for d in &digests {
-            n += read_all(&other, d)?;
-        }
-        run.compared(
-            name,
-            rate(n, start.elapsed()),
-            "MB/s",
-            "engine: blob read (warm)",
-        );
-        other.close().map_err(err("closing"))?;
+        read_figure(&mut run, &data_dir, opts, &digests, Cache::Warm, name)?;
     }
     let store = Store::open(&data_dir, Options::default()).map_err(err("reopening"))?;
     // The work's rate over the collection, and the collection's (live bytes moved a second).
@@ -703,6 +671,40 @@ fn scattered_blob(store: &Store, digests: &[Digest], bytes: u64) -> Result<Diges
         k += 1;
     }
     ingest(store, &Bytes::from(out)).map_err(err("ingesting"))
+}
+
+/// Whether a read figure starts from a dropped page cache.
+#[derive(Clone, Copy, PartialEq)]
+enum Cache {
+    Cold,
+    Warm,
+}
+
+/// Opens the store with `opts`, reads `blobs` whole (the page cache dropped first when
+/// cold) and records the rate against the cold disk read or the warm default read.
+fn read_figure(
+    run: &mut Run,
+    data_dir: &Path,
+    opts: Options,
+    blobs: &[Digest],
+    cache: Cache,
+    name: &'static str,
+) -> Result<(), String> {
+    if cache == Cache::Cold {
+        drop_cache_under(data_dir);
+    }
+    let store = Store::open(data_dir, opts).map_err(err("reopening"))?;
+    let start = Instant::now();
+    let mut n = 0u64;
+    for d in blobs {
+        n += read_all(&store, d)?;
+    }
+    let baseline = match cache {
+        Cache::Cold => "disk: sequential read (cold)",
+        Cache::Warm => "engine: blob read (warm)",
+    };
+    run.compared(name, rate(n, start.elapsed()), "MB/s", baseline);
+    store.close().map_err(err("closing"))
 }
 
 /// Store options for a read figure: how to read ahead, and whether to verify every chunk's

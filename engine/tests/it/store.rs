@@ -158,6 +158,15 @@ fn sha512_blobs() {
     assert!(!store.contains(&sha256(&data)));
 }
 
+/// The bytes `[a, b)` of a blob, through its range reader.
+fn read_range(reader: &ballast_engine::BlobReader, a: u64, b: u64) -> Vec<u8> {
+    reader
+        .range(a, b)
+        .expect("range")
+        .flat_map(|p| p.expect("piece").to_vec())
+        .collect()
+}
+
 #[test]
 fn range_reads_at_chunk_edges() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -183,12 +192,11 @@ fn range_reads_at_chunk_edges() {
     }
     for (a, b) in cases {
         let b = b.min(data.len() as u64);
-        let got: Vec<u8> = reader
-            .range(a, b)
-            .expect("range")
-            .flat_map(|p| p.expect("piece").to_vec())
-            .collect();
-        assert_eq!(got, data[a as usize..b as usize], "range {a}-{b}");
+        assert_eq!(
+            read_range(&reader, a, b),
+            data[a as usize..b as usize],
+            "range {a}-{b}"
+        );
     }
     assert!(reader.range(0, data.len() as u64 + 1).is_err());
 }
@@ -976,11 +984,7 @@ fn reads_ahead_return_exact_bytes_and_never_damaged_ones() {
             let reader = store.open_blob(&d).expect("open blob");
             let n = data.len() as u64;
             for (a, b) in [(1, n - 1), (5 << 20, 9 << 20), (n - (2 << 20), n)] {
-                let got: Vec<u8> = reader
-                    .range(a, b)
-                    .expect("range")
-                    .flat_map(|p| p.expect("piece").to_vec())
-                    .collect();
+                let got = read_range(&reader, a, b);
                 assert_eq!(got, data[a as usize..b as usize], "{mode:?} {a}-{b}");
             }
             drop(reader);
