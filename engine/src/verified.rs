@@ -15,7 +15,7 @@ use crate::digest::ChunkId;
 use crate::index::Location;
 
 /// Slots of the table: with 64 KiB chunks, the last ~4 GiB of distinct chunks read (about
-/// 4 MiB of memory). With 4096 slots a pull of a 512 MiB layer overwrote its own entries
+/// 5 MiB of memory). With 4096 slots a pull of a 512 MiB layer overwrote its own entries
 /// before the next pull came, so concurrent pulls of large layers never shared a hash
 /// (a server profile: BLAKE3 44 % of its CPU on repeated pulls; benchmarks.md, issue #21).
 const SLOTS: usize = 65_536;
