@@ -481,17 +481,23 @@ mod pacing {
             )
             .expect("open");
             let live = garbage(&store, 1_000);
-            // 5 MB of live data at 4 MiB/s: the first 2 MiB are the bucket's burst, the rest
-            // waits; well under the copy's own speed, so the wait shows.
-            let r = collect_keeping(&store, &live, 4 << 20);
+            // 5 MB of live data at 1 MiB/s: the first 2 MiB are the bucket's burst, the rest
+            // waits about 2.8 s; far under the copy's own speed even on a loaded machine, so
+            // the wait shows.
+            let r = collect_keeping(&store, &live, 1 << 20);
             assert!(r.bytes_moved >= 5_000_000, "{mode:?}: {r:?}");
             assert!(r.paced_ms > 0, "{mode:?}: {r:?}");
             assert_eq!(r.bytes_moved_paced, r.bytes_moved, "{r:?}");
-            let floor = (r.bytes_moved_paced.saturating_sub(2 << 20)) * 1000 / (4 << 20);
+            let floor = (r.bytes_moved_paced.saturating_sub(2 << 20)) * 1000 / (1 << 20);
             // Tokens also come while a batch copies; milliseconds are rounded down per rest.
             let spent = r.paced_ms + r.copy_ms;
             assert!(spent + 50 >= floor, "{mode:?}: rested too little: {r:?}");
-            assert!(spent <= floor + 1000, "{mode:?}: rested too long: {r:?}");
+            // Rests alone never exceed what the bucket asks (the copy's own time, which a
+            // loaded machine stretches, is not rest).
+            assert!(
+                r.paced_ms <= floor + 1000,
+                "{mode:?}: rested too long: {r:?}"
+            );
             // Unpaced, the same work does not rest.
             let live = garbage(&store, 2_000);
             let r = collect_keeping(&store, &live, 0);
