@@ -605,8 +605,7 @@ impl RangeIter {
             }
             self.planned += 1;
         }
-        let keys: Vec<[u8; 32]> = ids.iter().map(|id| id.0).collect();
-        ahead.ask(&r.store, &keys, &locs);
+        ahead.ask(&r.store, ids.iter().map(|id| id.0), &locs);
         if let Some(v) = &self.verifier {
             v.ask(ids);
         }

@@ -17,6 +17,7 @@ use std::str::FromStr;
 
 use bytes::Bytes;
 
+use crate::digest::ChunkId;
 use crate::index::Location;
 use crate::io::FileHandle;
 use crate::segment::RECORD_HEADER_LEN;
@@ -52,6 +53,15 @@ impl FromStr for ReadAhead {
 }
 
 impl ReadAhead {
+    /// What this setting does on this machine: `Uring` where io_uring cannot be set up
+    /// (an old kernel, a seccomp profile that forbids it) is `Advise`.
+    pub fn effective(self) -> ReadAhead {
+        match self {
+            ReadAhead::Uring if !uring_available() => ReadAhead::Advise,
+            m => m,
+        }
+    }
+
     /// The name used in the configuration.
     pub fn name(self) -> &'static str {
         match self {
@@ -60,6 +70,12 @@ impl ReadAhead {
             ReadAhead::Uring => "uring",
         }
     }
+}
+
+/// Whether this process can set up an io_uring queue (asked once).
+pub fn uring_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| UringReads::new(1).is_ok())
 }
 
 /// How far ahead of its position a blob reader keeps asking.
@@ -153,7 +169,12 @@ impl Prefetcher {
 
     /// Asks for the records at `locs` (with their index keys), which will be taken in this
     /// order.
-    pub(crate) fn ask(&mut self, store: &Store, keys: &[[u8; 32]], locs: &[Location]) {
+    pub(crate) fn ask(
+        &mut self,
+        store: &Store,
+        keys: impl IntoIterator<Item = [u8; 32]>,
+        locs: &[Location],
+    ) {
         if self.mode == ReadAhead::Off || locs.is_empty() {
             return;
         }
@@ -178,13 +199,13 @@ impl Prefetcher {
                 }
             });
         }
-        for ((key, loc), span) in keys.iter().zip(locs).zip(of) {
+        for ((key, loc), span) in keys.into_iter().zip(locs).zip(of) {
             let Some(t) = reads[span] else { continue };
             if let Some(s) = self.spans.get_mut(&t) {
                 s.waiting += 1;
             }
             self.asked.push_back(Asked {
-                key: *key,
+                key,
                 loc: *loc,
                 read: t,
             });
@@ -279,7 +300,7 @@ impl Prefetcher {
 /// in the middle, and a chunk the reader reaches first is not hashed twice. Dropping it
 /// waits for the window in hand.
 pub(crate) struct VerifyAhead {
-    tx: Option<std::sync::mpsc::SyncSender<Vec<crate::digest::ChunkId>>>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<ChunkId>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -291,7 +312,7 @@ impl VerifyAhead {
         if cores < 2 || !store.verifies_ahead() {
             return None;
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::digest::ChunkId>>(2);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<ChunkId>>(2);
         let store = store.clone();
         let thread = std::thread::Builder::new()
             .name("verify-ahead".into())
@@ -310,7 +331,7 @@ impl VerifyAhead {
     }
 
     /// Hands over the next window; skipped when the helper is still two windows behind.
-    pub(crate) fn ask(&self, ids: Vec<crate::digest::ChunkId>) {
+    pub(crate) fn ask(&self, ids: Vec<ChunkId>) {
         if let Some(tx) = &self.tx {
             let _ = tx.try_send(ids);
         }

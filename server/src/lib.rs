@@ -137,6 +137,13 @@ impl Server {
         for w in store.open_warnings() {
             tracing::warn!("{w}");
         }
+        if config.read_ahead.effective() != config.read_ahead {
+            tracing::warn!(
+                "read_ahead is \"uring\" but this process cannot set up an io_uring queue (an \
+                 old kernel, or a seccomp profile or sysctl that forbids it): reading ahead with \
+                 page-cache hints (\"advise\") instead"
+            );
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

@@ -55,7 +55,7 @@ pub struct BenchReport {
     /// Whether `--quick` sizes were used.
     pub quick: bool,
     /// The storage I/O backend measured.
-    pub io_backend: &'static str,
+    pub io_backend: String,
     /// Hardware baselines, then engine figures.
     pub results: Vec<Row>,
 }
@@ -625,8 +625,14 @@ fn run_in(scratch: &Path, opts: &BenchOptions) -> Result<BenchReport, String> {
         dir: opts.dir.clone(),
         data_bytes: total,
         quick: opts.quick,
-        io_backend:
-            "mmap of sealed segments, read-ahead by madvise (the default) or io_uring; pwrite",
+        io_backend: format!(
+            "mmap of sealed segments; read-ahead through io_uring (the default{}) or madvise; pwrite",
+            if ballast_engine::readahead::uring_available() {
+                ""
+            } else {
+                ": NOT AVAILABLE on this machine, io_uring rows measure madvise"
+            }
+        ),
         results: run.rows,
     })
 }

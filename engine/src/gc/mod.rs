@@ -300,7 +300,7 @@ impl Copy {
             locs.push(loc);
             self.asked += 1;
         }
-        self.ahead.ask(store, &keys, &locs);
+        self.ahead.ask(store, keys, &locs);
     }
 }
 
