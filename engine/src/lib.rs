@@ -7,6 +7,7 @@
 
 pub mod blob;
 pub mod catalog;
+pub mod checkpoint;
 pub mod chunker;
 pub mod clock;
 pub mod delta;

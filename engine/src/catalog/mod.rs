@@ -319,6 +319,42 @@ fn snapshot_name(generation: u64) -> String {
     format!("snapshot-{generation:020}.snp")
 }
 
+/// The bytes of a snapshot file (docs/format.md) holding `state`: how a catalog is shipped
+/// to another place ([`crate::checkpoint`]).
+pub fn snapshot_bytes(state: &State) -> Result<Vec<u8>> {
+    snapshot::encode_snapshot(state)
+}
+
+/// Makes `bytes`, a snapshot file, the catalog in `dir` (a data directory's `catalog/`) at
+/// `generation`, with an empty journal: how a data directory is rebuilt from shipped files.
+/// Refuses a directory that holds a catalog already, and bytes that do not read back as a
+/// snapshot (nothing is left behind then).
+pub fn install_snapshot(
+    storage: &dyn Storage,
+    dir: &Path,
+    generation: u64,
+    bytes: &[u8],
+) -> Result<()> {
+    storage.create_dir_all(dir).map_err(io_err(dir))?;
+    let names = storage.list(dir).map_err(io_err(dir))?;
+    if let Some(n) = names
+        .iter()
+        .find(|n| n.ends_with(".snp") || n.ends_with(".jnl"))
+    {
+        return Err(Error::Internal(format!(
+            "{} holds a catalog already ({n}): a snapshot is installed only into an empty one",
+            dir.display()
+        )));
+    }
+    let path = dir.join(snapshot_name(generation));
+    crate::io::write_atomic(storage, &path, bytes)?;
+    if let Err(e) = read_snapshot(storage, &path) {
+        let _ = storage.remove(&path);
+        return Err(e);
+    }
+    Ok(())
+}
+
 fn generation_of(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
     let digits = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
     (digits.len() == 20).then(|| digits.parse().ok()).flatten()

@@ -40,6 +40,11 @@ struct SnapshotSection {
 /// Writes `state` as a snapshot (format 2) atomically: a head record, then one record per
 /// repository, each with its own CRC.
 pub(super) fn write_snapshot(storage: &dyn Storage, path: &Path, state: &State) -> Result<()> {
+    write_atomic(storage, path, &encode_snapshot(state)?)
+}
+
+/// The bytes of a snapshot file holding `state` (see [`write_snapshot`]).
+pub(crate) fn encode_snapshot(state: &State) -> Result<Vec<u8>> {
     fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
         serde_json::to_vec(v).map_err(|e| Error::Internal(format!("catalog snapshot: {e}")))
     }
@@ -58,7 +63,7 @@ pub(super) fn write_snapshot(storage: &dyn Storage, path: &Path, state: &State) 
             repo: repo.clone(),
         })?);
     }
-    write_atomic(storage, path, &out)
+    Ok(out)
 }
 
 /// Rebuilds the state snapshot `generation` was folded from: the previous generation's

@@ -1,5 +1,6 @@
 //! The engine's integration tests (one binary).
 
+mod checkpoint;
 mod crash;
 mod fixture;
 mod gc;

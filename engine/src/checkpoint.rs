@@ -1,0 +1,143 @@
+//! A consistent cut of a store, for shipping it to another place (an object store: see
+//! docs/design.md, "Segments in a bucket"): the catalog as a snapshot file, and the sealed
+//! segments that hold everything it references, each with an open handle (a collection may
+//! unlink a segment file afterwards; the handle still reads it).
+//!
+//! The cut is taken under the collection lock, so no collection removes a segment between
+//! the catalog being read and the segments being listed, and the active segment is sealed
+//! in between: every blob the catalog references was written (and synced) before the catalog
+//! was read, so it lies in a segment listed. Index files are not part of the cut: they are
+//! derived, and a data directory rebuilt from one ([`restore`]) indexes its segments at open.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use crate::error::Result;
+use crate::io::{FileHandle, Storage};
+use crate::segment::segment_path;
+use crate::store::Store;
+
+/// What [`Store::checkpoint`] took.
+pub struct Checkpoint {
+    /// The generation a catalog rebuilt from this cut gets: past every catalog position the
+    /// segments recorded, so recovery never takes the new catalog for a journal cut short.
+    pub generation: u64,
+    /// The catalog, as a snapshot file (docs/format.md).
+    pub snapshot: Vec<u8>,
+    /// Repositories in the catalog.
+    pub repos: usize,
+    /// Every sealed segment, in id order.
+    pub segments: Vec<SealedSegment>,
+}
+
+/// A sealed segment of a [`Checkpoint`]: its bytes never change.
+pub struct SealedSegment {
+    id: u64,
+    len: u64,
+    file: FileHandle,
+}
+
+impl SealedSegment {
+    /// The segment's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for a segment of no bytes (never: a segment has at least its header).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+impl Store {
+    /// A position that moves whenever the store changes in a way a [`Checkpoint`] would
+    /// show: the catalog's journal position and how much of the active segment is written.
+    /// Equal positions mean a new checkpoint would hold nothing new.
+    pub fn change_position(&self) -> (u64, u64, u64, u64) {
+        let (g, o) = self.inner.catalog.durable_position();
+        let (s, w) = *self.inner.written.lock();
+        (g, o, s, w)
+    }
+
+    /// Takes a consistent cut: seals the active segment when it holds anything, and returns
+    /// the catalog as it was before the seal with every sealed segment. Waits for a running
+    /// collection to finish.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let _one_at_a_time = self.inner.gc_lock.lock();
+        let mut state = self.inner.catalog.read().clone();
+        self.seal_active()?;
+        let sealed_below = self.inner.sealed_below.load(Ordering::SeqCst);
+        // Read after the seal: every catalog position a sealed segment recorded is at or
+        // before this one.
+        let generation = self.inner.catalog.durable_position().0 + 1;
+        let mut ids: Vec<u64> = self
+            .inner
+            .segments
+            .read()
+            .keys()
+            .copied()
+            .filter(|&id| id < sealed_below)
+            .collect();
+        ids.sort_unstable();
+        // Everything before the active segment is acknowledged whole.
+        state.segments_durable = ids.last().map(|&id| (id, u64::MAX));
+        let mut segments = Vec::with_capacity(ids.len());
+        for id in ids {
+            let file = self.segment_handle(id)?;
+            let len = file.len()?;
+            segments.push(SealedSegment { id, len, file });
+        }
+        Ok(Checkpoint {
+            generation,
+            snapshot: crate::catalog::snapshot_bytes(&state)?,
+            repos: state.repos.len(),
+            segments,
+        })
+    }
+}
+
+/// Rebuilding a data directory from a shipped checkpoint: the caller writes the segment
+/// files (`segments/<id:020>.seg`), then [`restore::finish`] installs the catalog, opens
+/// the store (which indexes every segment), seals what opening made active and closes it.
+pub mod restore {
+    use super::*;
+
+    /// Where the segment `id` goes in the data directory `dir`.
+    pub fn segment_file(dir: &Path, id: u64) -> std::path::PathBuf {
+        segment_path(&dir.join("segments"), id)
+    }
+
+    /// Installs the catalog (`snapshot` at `generation`) in `dir`, whose segments are in
+    /// place, and opens the store once so its indexes are written; the newest segment is
+    /// sealed again (opening takes the newest segment without an index as the active one).
+    /// Returns the warnings opening gave.
+    pub fn finish(
+        storage: std::sync::Arc<dyn Storage>,
+        dir: &Path,
+        generation: u64,
+        snapshot: &[u8],
+        opts: crate::store::Options,
+    ) -> Result<Vec<String>> {
+        crate::catalog::install_snapshot(
+            storage.as_ref(),
+            &dir.join("catalog"),
+            generation,
+            snapshot,
+        )?;
+        let store = Store::open_on(storage, dir, opts)?;
+        let warnings = store.open_warnings().to_vec();
+        store.seal_active()?;
+        store.close()?;
+        Ok(warnings)
+    }
+}
