@@ -64,7 +64,7 @@ fn a_checkpoint_rebuilds_the_store_as_it_was_even_after_a_collection_removed_its
     assert!(cp
         .segments
         .windows(2)
-        .all(|w| w[0].id() < w[1].id() && w[1].len() > 0));
+        .all(|w| w[0].id() < w[1].id() && !w[1].is_empty()));
     let newest = cp.segments.last().map(|s| s.id()).expect("a segment");
     assert_eq!(
         store.segment_ids().last().copied(),
