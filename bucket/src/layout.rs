@@ -1,0 +1,168 @@
+//! What lies in the bucket (docs/format.md, "Bucket layout"), under the configured prefix:
+//!
+//! ```text
+//! segments/<id:020>.seg          a sealed segment file, byte for byte; never changed once a
+//!                                checkpoint lists it
+//! catalogs/<seq:020>.snp         the catalog of checkpoint seq, as a snapshot file
+//! checkpoints/<seq:020>.json     checkpoint seq: the catalog's object and every segment it
+//!                                needs, with lengths and SHA-256s; written last, so a
+//!                                checkpoint that is listed is whole
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the checkpoint record this build writes and reads.
+pub const CHECKPOINT_FORMAT: u32 = 1;
+
+/// The object name of segment `id`.
+pub fn segment_name(id: u64) -> String {
+    format!("segments/{id:020}.seg")
+}
+
+/// The object name of checkpoint `seq`'s catalog.
+pub fn catalog_name(seq: u64) -> String {
+    format!("catalogs/{seq:020}.snp")
+}
+
+/// The object name of checkpoint `seq`.
+pub fn checkpoint_name(seq: u64) -> String {
+    format!("checkpoints/{seq:020}.json")
+}
+
+/// The sequence number in a checkpoint's object name (relative to the prefix).
+pub fn checkpoint_seq(name: &str) -> Option<u64> {
+    seq_in(name, "checkpoints/", ".json")
+}
+
+/// The id in a segment's object name.
+pub fn segment_id(name: &str) -> Option<u64> {
+    seq_in(name, "segments/", ".seg")
+}
+
+/// The sequence number in a catalog's object name.
+pub fn catalog_seq(name: &str) -> Option<u64> {
+    seq_in(name, "catalogs/", ".snp")
+}
+
+fn seq_in(name: &str, dir: &str, ext: &str) -> Option<u64> {
+    let digits = name.strip_prefix(dir)?.strip_suffix(ext)?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// A checkpoint record (`checkpoints/<seq>.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// [`CHECKPOINT_FORMAT`].
+    pub format: u32,
+    /// Its sequence number (one more than the checkpoint before it).
+    pub seq: u64,
+    /// When the cut was taken (Unix seconds): everything acknowledged before it is in this
+    /// checkpoint.
+    pub taken_at: u64,
+    /// The catalog generation a data directory rebuilt from it starts at.
+    pub generation: u64,
+    /// Repositories in the catalog.
+    pub repos: usize,
+    /// The catalog object.
+    pub catalog: ObjectRef,
+    /// Every segment the catalog needs, in id order.
+    pub segments: Vec<SegmentRef>,
+    /// The version of Ballast that wrote it.
+    pub written_by: String,
+}
+
+/// An object and what it must hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    /// The object's name under the prefix.
+    pub name: String,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The SHA-256 of its bytes, hex.
+    pub sha256: String,
+}
+
+/// A segment a checkpoint needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    /// The segment id (its object is [`segment_name`]).
+    pub id: u64,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The SHA-256 of its bytes, hex.
+    pub sha256: String,
+}
+
+impl CheckpointRecord {
+    /// Reads a record, refusing formats this build does not know.
+    pub fn parse(bytes: &[u8]) -> anyhow::Result<CheckpointRecord> {
+        #[derive(Deserialize)]
+        struct Head {
+            format: u32,
+        }
+        let head: Head = serde_json::from_slice(bytes)
+            .map_err(|e| anyhow::anyhow!("not a checkpoint record: {e}"))?;
+        if head.format != CHECKPOINT_FORMAT {
+            anyhow::bail!(
+                "checkpoint format {} is not one this version reads (it reads {CHECKPOINT_FORMAT}): \
+                 restore with the version that wrote it",
+                head.format
+            );
+        }
+        serde_json::from_slice(bytes)
+            .map_err(|e| anyhow::anyhow!("a damaged checkpoint record: {e}"))
+    }
+
+    /// Bytes of all its objects.
+    pub fn bytes(&self) -> u64 {
+        self.catalog.len + self.segments.iter().map(|s| s.len).sum::<u64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back_and_strangers_do_not() {
+        assert_eq!(segment_id(&segment_name(42)), Some(42));
+        assert_eq!(checkpoint_seq(&checkpoint_name(7)), Some(7));
+        assert_eq!(catalog_seq(&catalog_name(9)), Some(9));
+        for n in [
+            "segments/42.seg",
+            "segments/0000000000000000004x.seg",
+            "checkpoints/00000000000000000007.json.tmp",
+            "other/00000000000000000007.json",
+        ] {
+            assert_eq!(segment_id(n).or(checkpoint_seq(n)), None, "{n}");
+        }
+        let r = CheckpointRecord {
+            format: CHECKPOINT_FORMAT,
+            seq: 3,
+            taken_at: 1,
+            generation: 2,
+            repos: 1,
+            catalog: ObjectRef {
+                name: catalog_name(3),
+                len: 10,
+                sha256: "00".into(),
+            },
+            segments: vec![SegmentRef {
+                id: 1,
+                len: 5,
+                sha256: "11".into(),
+            }],
+            written_by: "test".into(),
+        };
+        let bytes = serde_json::to_vec(&r).expect("json");
+        assert_eq!(CheckpointRecord::parse(&bytes).expect("parse"), r);
+        assert_eq!(r.bytes(), 15);
+        let future = String::from_utf8(bytes)
+            .expect("utf8")
+            .replace("\"format\":1", "\"format\":2");
+        let e = CheckpointRecord::parse(future.as_bytes()).expect_err("newer format");
+        assert!(e.to_string().contains("checkpoint format 2"), "{e}");
+    }
+}

@@ -1,0 +1,21 @@
+//! Past one host: a registry's sealed segments and catalog shipped to an S3-compatible
+//! object store (Garage, Ceph RGW, MinIO, AWS S3, R2), and a data directory rebuilt from the
+//! bucket alone (docs/design.md, "Segments in a bucket"). Async (tokio), beside the server;
+//! the engine stays synchronous and knows nothing of buckets: it only cuts a consistent
+//! checkpoint (`ballast_engine::checkpoint`).
+//!
+//! - `config`: the `[bucket]` table.
+//! - `client`: the store's requests (object_store), counted.
+//! - `layout`: object names and the checkpoint record.
+//! - `ship`: shipping checkpoints, pruning old ones, the lag.
+//! - `restore`: rebuilding a data directory from a checkpoint.
+
+pub mod client;
+pub mod config;
+pub mod layout;
+pub mod restore;
+pub mod ship;
+
+pub use client::Bucket;
+pub use config::BucketConfig;
+pub use ship::{ShipReport, Shipper, Status};

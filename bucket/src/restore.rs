@@ -1,0 +1,224 @@
+//! Rebuilding a data directory from the bucket alone (`ballast restore`): a checkpoint's
+//! segments are fetched in ranges, each checked against the length and SHA-256 its record
+//! gives, into a staging directory beside the target; the catalog is installed and the
+//! store opened once (which indexes every segment); only then is the staging directory
+//! renamed into place. An interrupted restore leaves no half-restored data directory.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use ballast_engine::checkpoint::restore as engine_restore;
+use ballast_engine::storage::RealStorage;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::client::{sha256_hex, Bucket, PART_BYTES};
+use crate::layout::{self, CheckpointRecord};
+
+/// Segments fetched at once.
+const PARALLEL: usize = 4;
+/// The file that marks a staging directory as ours (so a leftover one may be removed).
+const MARKER: &str = "RESTORING";
+
+/// What a restore did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoreReport {
+    /// The checkpoint restored.
+    pub seq: u64,
+    /// When its cut was taken (Unix seconds).
+    pub taken_at: u64,
+    /// Repositories in its catalog.
+    pub repos: usize,
+    /// Segments fetched.
+    pub segments: usize,
+    /// Bytes fetched.
+    pub bytes: u64,
+    /// What opening the restored store said.
+    pub warnings: Vec<String>,
+    /// Milliseconds it took.
+    pub ms: u64,
+}
+
+/// The checkpoints in the bucket, oldest first.
+pub async fn checkpoints(bucket: &Bucket) -> anyhow::Result<Vec<u64>> {
+    let mut seqs: Vec<u64> = bucket
+        .list("checkpoints/")
+        .await?
+        .iter()
+        .filter_map(|(n, _)| layout::checkpoint_seq(n))
+        .collect();
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+/// Restores checkpoint `seq` (the newest when `None`) into `dir`, which must not exist or
+/// be empty.
+pub async fn restore(
+    bucket: &Bucket,
+    dir: &Path,
+    seq: Option<u64>,
+    opts: ballast_engine::Options,
+) -> anyhow::Result<RestoreReport> {
+    let started = Instant::now();
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty: restore into a new directory (nothing there was changed)",
+            dir.display()
+        );
+    }
+    let seqs = checkpoints(bucket).await?;
+    let seq = match seq {
+        Some(s) if seqs.contains(&s) => s,
+        Some(s) => bail!(
+            "{} holds no checkpoint {s}; it holds {}",
+            bucket.describe(),
+            describe_seqs(&seqs)
+        ),
+        None => *seqs.last().with_context(|| {
+            format!(
+                "{} holds no checkpoint: nothing was shipped there (check endpoint, bucket and \
+                 prefix)",
+                bucket.describe()
+            )
+        })?,
+    };
+    let name = layout::checkpoint_name(seq);
+    let record = bucket
+        .get(&name)
+        .await?
+        .with_context(|| format!("checkpoint {seq} vanished from {}", bucket.describe()))?;
+    let record = CheckpointRecord::parse(&record).with_context(|| format!("reading {name}"))?;
+    let catalog = bucket.get(&record.catalog.name).await?.with_context(|| {
+        format!(
+            "{} is missing from {}",
+            record.catalog.name,
+            bucket.describe()
+        )
+    })?;
+    if catalog.len() as u64 != record.catalog.len || sha256_hex(&catalog) != record.catalog.sha256 {
+        bail!(
+            "{} does not match checkpoint {seq} (length or SHA-256): the bucket's copy is damaged",
+            record.catalog.name
+        );
+    }
+
+    let staging = staging_dir(dir)?;
+    for d in [staging.clone(), staging.join("segments")] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(ballast_engine::storage::DIR_MODE)
+            .create(&d)
+            .with_context(|| format!("creating {}", d.display()))?;
+    }
+    std::fs::write(staging.join(MARKER), format!("checkpoint {seq}\n"))?;
+    let fetched: u64 = futures::stream::iter(record.segments.iter().cloned())
+        .map(|s| {
+            let bucket = bucket.clone();
+            let staging = staging.clone();
+            async move { fetch_segment(&bucket, &staging, &s).await.map(|()| s.len) }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
+        .await?;
+
+    std::fs::remove_file(staging.join(MARKER))?;
+    let (generation, target) = (record.generation, staging.clone());
+    let warnings = tokio::task::spawn_blocking(move || {
+        engine_restore::finish(Arc::new(RealStorage), &target, generation, &catalog, opts)
+    })
+    .await?
+    .context("opening the restored data directory")?;
+    if dir.exists() {
+        std::fs::remove_dir(dir).with_context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(&staging, dir)
+        .with_context(|| format!("moving {} to {}", staging.display(), dir.display()))?;
+    Ok(RestoreReport {
+        seq,
+        taken_at: record.taken_at,
+        repos: record.repos,
+        segments: record.segments.len(),
+        bytes: fetched + record.catalog.len,
+        warnings,
+        ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+fn describe_seqs(seqs: &[u64]) -> String {
+    match (seqs.first(), seqs.last()) {
+        (Some(a), Some(b)) => format!("checkpoints {a} to {b}"),
+        _ => "none".into(),
+    }
+}
+
+/// `<dir>.restoring`, emptied of a restore that was interrupted (only when it is one).
+fn staging_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut name = dir
+        .file_name()
+        .with_context(|| format!("{} names no directory", dir.display()))?
+        .to_os_string();
+    name.push(".restoring");
+    let staging = dir.with_file_name(name);
+    if staging.exists() {
+        if !staging.join(MARKER).exists() {
+            bail!(
+                "{} exists and is not an interrupted restore: move it away first",
+                staging.display()
+            );
+        }
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing the interrupted restore {}", staging.display()))?;
+    }
+    Ok(staging)
+}
+
+/// Fetches one segment in ranges into `staging/segments/`, checking its length and SHA-256.
+async fn fetch_segment(
+    bucket: &Bucket,
+    staging: &Path,
+    s: &layout::SegmentRef,
+) -> anyhow::Result<()> {
+    let name = layout::segment_name(s.id);
+    let path = engine_restore::segment_file(staging, s.id);
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(ballast_engine::storage::FILE_MODE)
+        .open(&path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))?;
+    let mut hash = Sha256::new();
+    let mut offset = 0u64;
+    while offset < s.len {
+        let end = (offset + PART_BYTES as u64).min(s.len);
+        let bytes = bucket.get_range(&name, offset..end).await?;
+        if bytes.len() as u64 != end - offset {
+            bail!(
+                "{name} in {} is shorter than its checkpoint says",
+                bucket.describe()
+            );
+        }
+        hash.update(&bytes);
+        file.write_all(&bytes).await?;
+        offset = end;
+    }
+    if hex::encode(hash.finalize()) != s.sha256 {
+        bail!(
+            "{name} in {} does not match its checkpoint's SHA-256: the bucket's copy is damaged",
+            bucket.describe()
+        );
+    }
+    file.sync_all().await?;
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! Shipping the store to the bucket: every `ship_interval_secs` while the catalog changed, a
+//! checkpoint (a consistent cut: `ballast_engine::checkpoint`) goes up: the sealed segments
+//! the bucket does not hold yet, the catalog, then the checkpoint record that names them
+//! (the commit point: a restore only ever sees whole checkpoints). Old checkpoints past
+//! `checkpoints_kept` are deleted, and with them the segments no kept checkpoint lists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ballast_engine::checkpoint::SealedSegment;
+use ballast_engine::clock::now_secs;
+use ballast_engine::Store;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::client::{sha256_hex, Bucket};
+use crate::config::BucketConfig;
+use crate::layout::{self, CheckpointRecord, ObjectRef, SegmentRef, CHECKPOINT_FORMAT};
+
+/// What the shipper has done and how far behind the bucket is (metrics, /healthz, the
+/// admin endpoint).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    /// `endpoint/bucket/prefix`.
+    pub bucket: String,
+    /// The newest checkpoint in the bucket.
+    pub last_seq: Option<u64>,
+    /// When its cut was taken (Unix seconds).
+    pub last_taken_at: Option<u64>,
+    /// Since when (Unix seconds) the store holds a change no checkpoint holds: the lag is
+    /// the time since then. `None` when the bucket is current.
+    pub pending_since: Option<u64>,
+    /// The last shipment's error, while shipments fail.
+    pub last_error: Option<String>,
+    /// Shipments failed in a row.
+    pub consecutive_failures: u64,
+    /// Checkpoints written since start.
+    pub checkpoints: u64,
+    /// Shipments that failed since start.
+    pub failures: u64,
+    /// Segment files uploaded since start.
+    pub segments_uploaded: u64,
+    /// Bytes uploaded since start (segments and catalogs).
+    pub bytes_uploaded: u64,
+    /// Objects deleted since start (old checkpoints, their catalogs, segments no kept
+    /// checkpoint lists).
+    pub objects_deleted: u64,
+    /// How long the last successful shipment took, in milliseconds.
+    pub last_duration_ms: u64,
+}
+
+impl Status {
+    /// Seconds the bucket lags behind the store at `now` (0 when it is current).
+    pub fn lag_secs(&self, now: u64) -> u64 {
+        self.pending_since.map_or(0, |p| now.saturating_sub(p))
+    }
+}
+
+/// What one shipment did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShipReport {
+    /// The checkpoint written.
+    pub seq: u64,
+    /// Segments the checkpoint lists.
+    pub segments: usize,
+    /// Bytes of those and the catalog.
+    pub bytes: u64,
+    /// Segments uploaded by this shipment (the rest were in the bucket).
+    pub segments_uploaded: usize,
+    /// Bytes uploaded by this shipment.
+    pub bytes_uploaded: u64,
+    /// Objects deleted.
+    pub objects_deleted: usize,
+    /// Milliseconds it took.
+    pub ms: u64,
+}
+
+/// What the bucket holds, as far as this shipper knows.
+#[derive(Default)]
+struct Shipped {
+    /// Read the bucket's checkpoints yet.
+    opened: bool,
+    /// The kept checkpoints, by sequence number.
+    kept: BTreeMap<u64, CheckpointRecord>,
+    /// The catalog position the newest checkpoint holds.
+    position: Option<(u64, u64)>,
+}
+
+/// Ships one store to one bucket.
+pub struct Shipper {
+    store: Store,
+    bucket: Bucket,
+    cfg: BucketConfig,
+    shipped: tokio::sync::Mutex<Shipped>,
+    status: parking_lot::Mutex<Status>,
+}
+
+impl Shipper {
+    /// A shipper of `store` to the bucket `cfg` names (no request is made yet).
+    pub fn new(store: Store, cfg: &BucketConfig) -> anyhow::Result<Arc<Shipper>> {
+        let bucket = Bucket::connect(cfg)?;
+        let status = Status {
+            bucket: bucket.describe().to_owned(),
+            ..Status::default()
+        };
+        Ok(Arc::new(Shipper {
+            store,
+            bucket,
+            cfg: cfg.clone(),
+            shipped: tokio::sync::Mutex::new(Shipped::default()),
+            status: parking_lot::Mutex::new(status),
+        }))
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &Bucket {
+        &self.bucket
+    }
+
+    /// What it has done and how far behind the bucket is.
+    pub fn status(&self) -> Status {
+        self.status.lock().clone()
+    }
+
+    /// Notes a change of the catalog that no checkpoint holds yet (the lag starts).
+    fn note_changes(&self, shipped_position: Option<(u64, u64)>) -> bool {
+        let now = self.store.catalog().durable_position();
+        let pending = shipped_position != Some(now);
+        let mut s = self.status.lock();
+        if pending && s.pending_since.is_none() {
+            s.pending_since = Some(now_secs());
+        }
+        pending
+    }
+
+    /// Ships a checkpoint when the catalog changed since the last one (or always, with
+    /// `force`); `Ok(None)` when there was nothing to ship.
+    pub async fn ship(&self, force: bool) -> anyhow::Result<Option<ShipReport>> {
+        let mut shipped = self.shipped.lock().await;
+        let started = Instant::now();
+        let result = async {
+            if !shipped.opened {
+                self.open(&mut shipped).await?;
+            }
+            if !self.note_changes(shipped.position) && !force {
+                return Ok(None);
+            }
+            self.ship_locked(&mut shipped).await.map(Some)
+        }
+        .await;
+        let mut s = self.status.lock();
+        match &result {
+            Ok(Some(r)) => {
+                s.last_seq = Some(r.seq);
+                s.last_taken_at = shipped.kept.get(&r.seq).map(|c| c.taken_at);
+                s.checkpoints += 1;
+                s.segments_uploaded += r.segments_uploaded as u64;
+                s.bytes_uploaded += r.bytes_uploaded;
+                s.objects_deleted += r.objects_deleted as u64;
+                s.last_duration_ms = started.elapsed().as_millis() as u64;
+                s.last_error = None;
+                s.consecutive_failures = 0;
+                // Changes after the cut are pending since the cut at the latest.
+                s.pending_since = (Some(self.store.catalog().durable_position())
+                    != shipped.position)
+                    .then_some(s.last_taken_at.unwrap_or_else(now_secs));
+            }
+            Ok(None) => {
+                s.last_error = None;
+                s.consecutive_failures = 0;
+            }
+            Err(e) => {
+                s.last_error = Some(format!("{e:#}"));
+                s.consecutive_failures += 1;
+                s.failures += 1;
+            }
+        }
+        result
+    }
+
+    /// Reads the bucket's checkpoints; removes what an interrupted shipment left (catalogs
+    /// and segments no checkpoint lists).
+    async fn open(&self, shipped: &mut Shipped) -> anyhow::Result<()> {
+        let mut seqs: Vec<u64> = self
+            .bucket
+            .list("checkpoints/")
+            .await?
+            .iter()
+            .filter_map(|(n, _)| layout::checkpoint_seq(n))
+            .collect();
+        seqs.sort_unstable();
+        let mut kept = BTreeMap::new();
+        for seq in seqs.iter().rev().take(self.cfg.checkpoints_kept) {
+            let name = layout::checkpoint_name(*seq);
+            let Some(bytes) = self.bucket.get(&name).await? else {
+                continue;
+            };
+            let record = CheckpointRecord::parse(&bytes)
+                .with_context(|| format!("reading {name} in {}", self.bucket.describe()))?;
+            kept.insert(*seq, record);
+        }
+        let listed: BTreeSet<u64> = kept
+            .values()
+            .flat_map(|c| c.segments.iter().map(|s| s.id))
+            .collect();
+        let mut deleted = 0u64;
+        // Checkpoints past the kept number (`checkpoints_kept` was lowered, or a prune was
+        // interrupted): their records go first, so none is listed without its objects.
+        for seq in seqs.iter().rev().skip(self.cfg.checkpoints_kept) {
+            self.bucket.delete(&layout::checkpoint_name(*seq)).await?;
+            deleted += 1;
+        }
+        for (name, _) in self.bucket.list("segments/").await? {
+            if layout::segment_id(&name).is_some_and(|id| !listed.contains(&id)) {
+                self.bucket.delete(&name).await?;
+                deleted += 1;
+            }
+        }
+        for (name, _) in self.bucket.list("catalogs/").await? {
+            if layout::catalog_seq(&name).is_some_and(|s| !kept.contains_key(&s)) {
+                self.bucket.delete(&name).await?;
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(
+                objects = deleted,
+                bucket = self.bucket.describe(),
+                "removed objects an interrupted shipment left in the bucket"
+            );
+        }
+        self.status.lock().objects_deleted += deleted;
+        if let Some((seq, newest)) = kept.iter().next_back() {
+            let mut s = self.status.lock();
+            s.last_seq = Some(*seq);
+            s.last_taken_at = Some(newest.taken_at);
+        }
+        shipped.kept = kept;
+        shipped.opened = true;
+        Ok(())
+    }
+
+    async fn ship_locked(&self, shipped: &mut Shipped) -> anyhow::Result<ShipReport> {
+        let started = Instant::now();
+        let position = self.store.catalog().durable_position();
+        let taken_at = now_secs();
+        let store = self.store.clone();
+        let cp = tokio::task::spawn_blocking(move || store.checkpoint())
+            .await?
+            .context("taking a checkpoint of the store")?;
+        let seq = shipped.kept.keys().next_back().map_or(1, |s| s + 1);
+        let newest = shipped.kept.values().next_back();
+        let known: BTreeMap<u64, &SegmentRef> = newest
+            .map(|c| c.segments.iter().map(|s| (s.id, s)).collect())
+            .unwrap_or_default();
+        let mut segments = Vec::with_capacity(cp.segments.len());
+        let (mut uploaded, mut uploaded_bytes) = (0usize, 0u64);
+        for seg in cp.segments {
+            if let Some(r) = known.get(&seg.id()) {
+                if r.len != seg.len() {
+                    bail!(
+                        "checkpoint {} in {} lists segment {} with {} bytes, but this data \
+                         directory has it with {}: the prefix holds another registry's \
+                         checkpoints (give this one its own prefix), or this directory was \
+                         restored from an older checkpoint (ship it to a new prefix)",
+                        newest.map_or(0, |c| c.seq),
+                        self.bucket.describe(),
+                        seg.id(),
+                        r.len,
+                        seg.len()
+                    );
+                }
+                segments.push((*r).clone());
+                continue;
+            }
+            let (id, len) = (seg.id(), seg.len());
+            let seg: Arc<SealedSegment> = Arc::new(seg);
+            let sha = self
+                .bucket
+                .upload(&layout::segment_name(id), len, move |offset, buf| {
+                    seg.read_at(buf, offset).map_err(anyhow::Error::from)
+                })
+                .await?;
+            uploaded += 1;
+            uploaded_bytes += len;
+            segments.push(SegmentRef {
+                id,
+                len,
+                sha256: hex::encode(sha),
+            });
+        }
+        let catalog = ObjectRef {
+            name: layout::catalog_name(seq),
+            len: cp.snapshot.len() as u64,
+            sha256: sha256_hex(&cp.snapshot),
+        };
+        self.bucket
+            .put(&catalog.name, Bytes::from(cp.snapshot))
+            .await?;
+        uploaded_bytes += catalog.len;
+        let record = CheckpointRecord {
+            format: CHECKPOINT_FORMAT,
+            seq,
+            taken_at,
+            generation: cp.generation,
+            repos: cp.repos,
+            catalog,
+            segments,
+            written_by: format!("ballast {}", env!("CARGO_PKG_VERSION")),
+        };
+        let json = serde_json::to_vec_pretty(&record)?;
+        self.bucket
+            .put(&layout::checkpoint_name(seq), Bytes::from(json))
+            .await?;
+        let (count, bytes) = (record.segments.len(), record.bytes());
+        shipped.kept.insert(seq, record);
+        shipped.position = Some(position);
+        let deleted = self.prune(shipped).await?;
+        Ok(ShipReport {
+            seq,
+            segments: count,
+            bytes,
+            segments_uploaded: uploaded,
+            bytes_uploaded: uploaded_bytes,
+            objects_deleted: deleted,
+            ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Deletes the checkpoints past the newest `checkpoints_kept`, their catalogs, and the
+    /// segments only they listed.
+    async fn prune(&self, shipped: &mut Shipped) -> anyhow::Result<usize> {
+        let mut deleted = 0;
+        while shipped.kept.len() > self.cfg.checkpoints_kept {
+            let Some((seq, old)) = shipped.kept.pop_first() else {
+                break;
+            };
+            // The record first: a checkpoint is never listed without its objects.
+            self.bucket.delete(&layout::checkpoint_name(seq)).await?;
+            self.bucket.delete(&old.catalog.name).await?;
+            deleted += 2;
+            let still: BTreeSet<u64> = shipped
+                .kept
+                .values()
+                .flat_map(|c| c.segments.iter().map(|s| s.id))
+                .collect();
+            for s in old.segments.iter().filter(|s| !still.contains(&s.id)) {
+                self.bucket.delete(&layout::segment_name(s.id)).await?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Ships whenever the catalog changed, at most every `ship_interval_secs` (backing off
+    /// up to five minutes while shipments fail), until `stop` turns true; then ships once
+    /// more, within `final_grace`, so a clean stop leaves the bucket current.
+    pub async fn run(
+        self: Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        final_grace: Duration,
+    ) {
+        let interval = Duration::from_secs(self.cfg.ship_interval_secs);
+        let mut last_attempt: Option<Instant> = None;
+        loop {
+            let failures = self.status.lock().consecutive_failures.min(8) as u32;
+            let wait = (interval * 2u32.pow(failures)).min(Duration::from_secs(300));
+            let due = last_attempt.is_none_or(|t| t.elapsed() >= wait);
+            if due {
+                let pending = {
+                    let shipped = self.shipped.lock().await;
+                    !shipped.opened || self.note_changes(shipped.position)
+                };
+                if pending {
+                    last_attempt = Some(Instant::now());
+                    match self.ship(false).await {
+                        Ok(Some(r)) => tracing::info!(
+                            seq = r.seq,
+                            segments = r.segments_uploaded,
+                            bytes = r.bytes_uploaded,
+                            ms = r.ms,
+                            "checkpoint shipped to the bucket"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(
+                            error = %format!("{e:#}"),
+                            bucket = self.bucket.describe(),
+                            "shipping to the bucket failed; pushes go on locally and the \
+                             shipment is tried again"
+                        ),
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        match tokio::time::timeout(final_grace, self.ship(false)).await {
+            Ok(Ok(Some(r))) => tracing::info!(seq = r.seq, "last checkpoint shipped at shutdown"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "the last shipment failed"),
+            Err(_) => tracing::warn!(
+                "the last shipment did not finish within {} s: the bucket lags behind",
+                final_grace.as_secs()
+            ),
+        }
+    }
+}
