@@ -56,6 +56,42 @@ pub async fn checkpoints(bucket: &Bucket) -> anyhow::Result<Vec<u64>> {
     Ok(seqs)
 }
 
+/// A checkpoint as `ballast restore --list` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointSummary {
+    /// Its sequence number (`--checkpoint`).
+    pub seq: u64,
+    /// When its cut was taken (Unix seconds).
+    pub taken_at: u64,
+    /// Repositories in its catalog.
+    pub repos: usize,
+    /// Segments it lists.
+    pub segments: usize,
+    /// Bytes a restore of it fetches.
+    pub bytes: u64,
+}
+
+/// The bucket's checkpoints, oldest first, each read and summarised.
+pub async fn list(bucket: &Bucket) -> anyhow::Result<Vec<CheckpointSummary>> {
+    let mut out = Vec::new();
+    for seq in checkpoints(bucket).await? {
+        let name = layout::checkpoint_name(seq);
+        // (One pruned since the listing is skipped.)
+        let Some(bytes) = bucket.get(&name).await? else {
+            continue;
+        };
+        let c = CheckpointRecord::parse(&bytes).with_context(|| format!("reading {name}"))?;
+        out.push(CheckpointSummary {
+            seq,
+            taken_at: c.taken_at,
+            repos: c.repos,
+            segments: c.segments.len(),
+            bytes: c.bytes(),
+        });
+    }
+    Ok(out)
+}
+
 /// Restores checkpoint `seq` (the newest when `None`) into `dir`, which must not exist or
 /// be empty.
 pub async fn restore(

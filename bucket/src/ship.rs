@@ -49,6 +49,9 @@ pub struct Status {
     pub objects_deleted: u64,
     /// How long the last successful shipment took, in milliseconds.
     pub last_duration_ms: u64,
+    /// The catalog position the newest checkpoint holds.
+    #[serde(skip)]
+    shipped_position: Option<(u64, u64)>,
 }
 
 impl Status {
@@ -75,6 +78,9 @@ pub struct ShipReport {
     pub objects_deleted: usize,
     /// Milliseconds it took.
     pub ms: u64,
+    /// The catalog position the checkpoint holds.
+    #[serde(skip)]
+    position: (u64, u64),
 }
 
 /// What the bucket holds, as far as this shipper knows.
@@ -84,8 +90,6 @@ struct Shipped {
     opened: bool,
     /// The kept checkpoints, by sequence number.
     kept: BTreeMap<u64, CheckpointRecord>,
-    /// The catalog position the newest checkpoint holds.
-    position: Option<(u64, u64)>,
 }
 
 /// Ships one store to one bucket.
@@ -119,16 +123,19 @@ impl Shipper {
         &self.bucket
     }
 
-    /// What it has done and how far behind the bucket is.
+    /// What it has done and how far behind the bucket is, as of now (a change committed
+    /// before this call and not shipped yet shows as pending).
     pub fn status(&self) -> Status {
+        self.note_changes();
         self.status.lock().clone()
     }
 
-    /// Notes a change of the catalog that no checkpoint holds yet (the lag starts).
-    fn note_changes(&self, shipped_position: Option<(u64, u64)>) -> bool {
+    /// Notes a change of the catalog that no checkpoint holds yet (the lag starts); true
+    /// when there is one.
+    fn note_changes(&self) -> bool {
         let now = self.store.catalog().durable_position();
-        let pending = shipped_position != Some(now);
         let mut s = self.status.lock();
+        let pending = s.shipped_position != Some(now);
         if pending && s.pending_since.is_none() {
             s.pending_since = Some(now_secs());
         }
@@ -144,7 +151,7 @@ impl Shipper {
             if !shipped.opened {
                 self.open(&mut shipped).await?;
             }
-            if !self.note_changes(shipped.position) && !force {
+            if !self.note_changes() && !force {
                 return Ok(None);
             }
             self.ship_locked(&mut shipped).await.map(Some)
@@ -163,8 +170,9 @@ impl Shipper {
                 s.last_error = None;
                 s.consecutive_failures = 0;
                 // Changes after the cut are pending since the cut at the latest.
+                s.shipped_position = Some(r.position);
                 s.pending_since = (Some(self.store.catalog().durable_position())
-                    != shipped.position)
+                    != s.shipped_position)
                     .then_some(s.last_taken_at.unwrap_or_else(now_secs));
             }
             Ok(None) => {
@@ -316,7 +324,6 @@ impl Shipper {
             .await?;
         let (count, bytes) = (record.segments.len(), record.bytes());
         shipped.kept.insert(seq, record);
-        shipped.position = Some(position);
         let deleted = self.prune(shipped).await?;
         Ok(ShipReport {
             seq,
@@ -326,6 +333,7 @@ impl Shipper {
             bytes_uploaded: uploaded_bytes,
             objects_deleted: deleted,
             ms: started.elapsed().as_millis() as u64,
+            position,
         })
     }
 
@@ -371,7 +379,7 @@ impl Shipper {
             if due {
                 let pending = {
                     let shipped = self.shipped.lock().await;
-                    !shipped.opened || self.note_changes(shipped.position)
+                    !shipped.opened || self.note_changes()
                 };
                 if pending {
                     last_attempt = Some(Instant::now());

@@ -119,6 +119,8 @@ pub struct Config {
     pub replication: Vec<crate::replication::ReplicationConfig>,
     /// Bytes the webhook outbox may take; past it the oldest events go, delivered or not.
     pub webhook_outbox_bytes_max: u64,
+    /// Segments and catalog shipped to an S3-compatible store (`[bucket]`; none when absent).
+    pub bucket: Option<ballast_bucket::BucketConfig>,
     /// Authentication and authorization (`[auth]` in the config file).
     pub auth: AuthConfig,
 }
@@ -216,6 +218,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             pull_through: Vec::new(),
             replication: Vec::new(),
+            bucket: None,
             immutable_tags: Vec::new(),
             retention: crate::governance::RetentionConfig::default(),
             quotas: Vec::new(),
@@ -319,6 +322,18 @@ impl Config {
         self.tls_cert.is_some()
     }
 
+    /// The storage engine's options these settings ask for.
+    pub fn engine_options(&self) -> ballast_engine::Options {
+        ballast_engine::Options {
+            segment_bytes_max: self.segment_bytes_max,
+            verify_chunk_ids: self.verify_chunks,
+            verify_reuse: Duration::from_millis(self.verify_reuse_ms),
+            read_ahead: self.read_ahead,
+            free_bytes_min: self.disk_free_min_bytes,
+            ..ballast_engine::Options::default()
+        }
+    }
+
     /// The audit log's path.
     pub fn audit_path(&self) -> PathBuf {
         self.audit_log
@@ -397,6 +412,9 @@ impl Config {
         warnings.extend(hook_warnings);
         crate::upstream::compile(&self.pull_through)?;
         crate::replication::compile(&self.replication)?;
+        if let Some(b) = &self.bucket {
+            warnings.extend(b.check()?);
+        }
         if self.pull_flush_secs == 0 {
             bail!("pull_flush_secs must be at least 1");
         }

@@ -438,6 +438,10 @@ impl Plan {
                 base.reason = req.uri().query().map(|q| format!("on request: {q}"));
                 Kind::AdminAction
             }
+            (AuditKind::BucketShip, _) => {
+                base.action = "bucket.ship".into();
+                Kind::AdminAction
+            }
             (AuditKind::PullThroughEvict, _) => {
                 base.action = "pull_through.evict.run".into();
                 base.reason = req.uri().query().map(|q| format!("on request: {q}"));

@@ -18,6 +18,7 @@ pub mod pulls;
 pub mod remote;
 pub mod replication;
 pub mod reqlog;
+pub mod restore;
 pub mod routes;
 pub mod tag;
 mod tls;
@@ -30,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ballast_engine::{Options, Store};
+use ballast_engine::Store;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::server::conn::{http1, http2};
@@ -79,6 +80,8 @@ pub struct App {
     pub console: console::Console,
     /// The last collection that changed something: when, what started it, its report.
     pub last_gc: parking_lot::Mutex<Option<(u64, String, serde_json::Value)>>,
+    /// Ships checkpoints to the bucket, when `[bucket]` is configured.
+    pub bucket: Option<Arc<ballast_bucket::Shipper>>,
 }
 
 impl App {
@@ -123,14 +126,7 @@ impl Server {
             _ => None,
         };
         let data = config.data.clone();
-        let opts = Options {
-            segment_bytes_max: config.segment_bytes_max,
-            verify_chunk_ids: config.verify_chunks,
-            verify_reuse: std::time::Duration::from_millis(config.verify_reuse_ms),
-            read_ahead: config.read_ahead,
-            free_bytes_min: config.disk_free_min_bytes,
-            ..Options::default()
-        };
+        let opts = config.engine_options();
         let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
             .await?
             .with_context(|| format!("opening the data directory {}", config.data.display()))?;
@@ -171,12 +167,17 @@ impl Server {
             .await??
         };
         let hooks = Arc::new(hooks);
+        let bucket = match &config.bucket {
+            Some(b) => Some(ballast_bucket::Shipper::new(store.clone(), b)?),
+            None => None,
+        };
         let metrics = Arc::new(metrics::Metrics::new(
             store.clone(),
             uploads.clone(),
             hooks.clone(),
             pull_through.upstreams().to_vec(),
             replication.clone(),
+            bucket.clone(),
         ));
         let metrics_listener = match config.metrics_listen {
             Some(a) => Some(
@@ -191,6 +192,7 @@ impl Server {
             .map(TcpListener::local_addr)
             .transpose()?;
         let app = Arc::new(App {
+            bucket,
             uploads,
             metrics,
             webhooks: hooks,
@@ -311,6 +313,12 @@ async fn accept_loop(
     let evict = tokio::spawn(upstream::evict::scheduled(app.clone()));
     let replicators = replication::start(&app);
     let disk = tokio::spawn(watch_disk(app.clone()));
+    // The shipper stops last (after the requests in flight), shipping once more.
+    let (bucket_stop, bucket_stopped) = watch::channel(false);
+    let shipper = app.bucket.clone().map(|s| {
+        let grace = Duration::from_secs(app.config.shutdown_grace_secs);
+        tokio::spawn(s.run(bucket_stopped, grace))
+    });
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -384,6 +392,10 @@ async fn accept_loop(
     {
         let app = app.clone();
         let _ = tokio::task::spawn_blocking(move || app.pulls.flush(&app.store)).await;
+    }
+    if let Some(task) = shipper {
+        let _ = bucket_stop.send(true);
+        let _ = task.await;
     }
     let store = app.store.clone();
     drop(app);

@@ -168,6 +168,29 @@ enum Command {
         #[command(subcommand)]
         command: WebhooksCommand,
     },
+    /// Rebuilds a data directory from the checkpoints the config's [bucket] holds (after the
+    /// host's disk is lost), then runs fsck on it. Exit 0 restored and clean, 1 restored but
+    /// fsck found problems, 2 could not run (DIR was not created).
+    Restore {
+        /// The data directory to create (must not exist, or be empty).
+        dir: PathBuf,
+        /// The config file the server shipped with (its [bucket] table; BALLAST_* and the
+        /// AWS_* environment variables apply as they do to serve).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The checkpoint to restore (see --list); the newest by default.
+        #[arg(long)]
+        checkpoint: Option<u64>,
+        /// List the bucket's checkpoints; restore nothing.
+        #[arg(long)]
+        list: bool,
+        /// Do not verify the restored directory with fsck.
+        #[arg(long)]
+        skip_fsck: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Names a stored manifest again under REPOSITORY:TAG, linking the blobs it references
     /// (after catalog damage: fsck lists such manifests as `manifest_unnamed`). Exit 0
     /// tagged, 1 refused (not a stored manifest, blobs missing), 2 could not run.
@@ -305,6 +328,29 @@ fn main() -> anyhow::Result<()> {
                 &target,
                 &digest,
                 &cfg.audit_path(),
+                &mut std::io::stdout(),
+            ))
+        }
+        Command::Restore {
+            dir,
+            config,
+            checkpoint,
+            list,
+            skip_fsck,
+            json,
+        } => {
+            let mut cfg = Config::load(config.as_deref(), std::env::vars())?;
+            cfg.data = dir.clone();
+            let args = ballast_server::restore::RestoreArgs {
+                dir: &dir,
+                checkpoint,
+                list,
+                skip_fsck,
+                json,
+            };
+            std::process::exit(ballast_server::restore::run(
+                &cfg,
+                &args,
                 &mut std::io::stdout(),
             ))
         }

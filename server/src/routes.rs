@@ -61,6 +61,10 @@ pub enum Route<'a> {
     AdminReplication,
     /// `/admin/replication/reconcile`: reconcile now.
     AdminReplicationReconcile,
+    /// `/admin/bucket`: shipping to the bucket.
+    AdminBucket,
+    /// `/admin/bucket/ship`: ship a checkpoint now.
+    AdminBucketShip,
     /// `/admin/robots`: the robot accounts.
     AdminRobots,
     /// `/admin/robots/<name>`: one robot account.
@@ -124,6 +128,10 @@ pub enum PathKind {
     AdminReplication,
     /// `/admin/replication/reconcile`
     AdminReplicationReconcile,
+    /// `/admin/bucket`
+    AdminBucket,
+    /// `/admin/bucket/ship`
+    AdminBucketShip,
     /// `/admin/robots`
     AdminRobots,
     /// `/admin/robots/<name>`
@@ -162,6 +170,8 @@ impl Route<'_> {
             Route::AdminPullThroughEvict => PathKind::AdminPullThroughEvict,
             Route::AdminReplication => PathKind::AdminReplication,
             Route::AdminReplicationReconcile => PathKind::AdminReplicationReconcile,
+            Route::AdminBucket => PathKind::AdminBucket,
+            Route::AdminBucketShip => PathKind::AdminBucketShip,
             Route::AdminRobots => PathKind::AdminRobots,
             Route::AdminRobot { .. } => PathKind::AdminRobot,
             Route::AdminAudit => PathKind::AdminAudit,
@@ -218,6 +228,10 @@ pub enum Endpoint {
     AdminReplication,
     /// `POST /admin/replication/reconcile`.
     AdminReplicationReconcile,
+    /// `GET /admin/bucket`.
+    AdminBucket,
+    /// `POST /admin/bucket/ship`.
+    AdminBucketShip,
     /// `GET /admin/robots`: the robots (never their tokens).
     AdminRobots,
     /// `POST /admin/robots?name=…`: a new robot; its token is in the answer, once.
@@ -316,6 +330,8 @@ pub enum AuditKind {
     PullThroughEvict,
     /// `replication.reconcile` (each copy and delete is audited as it is done).
     ReplicationReconcile,
+    /// `bucket.ship`.
+    BucketShip,
     /// `blob.upload` of a blob committed from its recipe (delta replication).
     DeltaBlob,
     /// `chunks.upload`: chunks sent for blobs to come (delta replication).
@@ -412,6 +428,14 @@ pub static ENDPOINTS: &[Descriptor] = &[
         AdminReplicationReconcile,
         Requires::Admin,
         Audit::Change(AuditKind::ReplicationReconcile)
+    ),
+    endpoint!(AdminBucket, GET, AdminBucket, Requires::Admin, Audit::Read),
+    endpoint!(
+        AdminBucketShip,
+        &[Method::POST],
+        AdminBucketShip,
+        Requires::Admin,
+        Audit::Change(AuditKind::BucketShip)
     ),
     endpoint!(
         AdminWebhooks,
@@ -623,6 +647,8 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "/admin/pull-through/evict" => return Some(Route::AdminPullThroughEvict),
         "/admin/replication" => return Some(Route::AdminReplication),
         "/admin/replication/reconcile" => return Some(Route::AdminReplicationReconcile),
+        "/admin/bucket" => return Some(Route::AdminBucket),
+        "/admin/bucket/ship" => return Some(Route::AdminBucketShip),
         "/admin/robots" => return Some(Route::AdminRobots),
         "/admin/audit" => return Some(Route::AdminAudit),
         _ => {}

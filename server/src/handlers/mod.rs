@@ -2,6 +2,7 @@
 
 mod admin;
 mod blobs;
+mod bucket;
 mod delta;
 mod listing;
 pub(crate) mod manifests;
@@ -52,7 +53,18 @@ pub async fn dispatch(
         (Endpoint::Health, _) => {
             let mut problems = app.auth.problems();
             problems.extend(disk_problem(&app.store, app.config.disk_free_min_bytes));
-            Ok(health(&app.store, problems))
+            let bucket = app.bucket.as_ref().map(|b| {
+                let interval = app
+                    .config
+                    .bucket
+                    .as_ref()
+                    .map_or(10, |c| c.ship_interval_secs);
+                bucket_health(&b.status(), interval)
+            });
+            if let Some((_, Some(p))) = &bucket {
+                problems.push(p.clone());
+            }
+            Ok(health(&app.store, problems, bucket.map(|(lag, _)| lag)))
         }
         (Endpoint::AdminGc, _) => admin_gc(app, access, &req).await,
         (Endpoint::AdminWebhooks, _) => {
@@ -126,6 +138,8 @@ pub async fn dispatch(
             let reports = crate::replication::reconcile_now(app, name).await;
             Ok(reply(StatusCode::OK).json(&serde_json::json!({ "reconciled": reports })))
         }
+        (Endpoint::AdminBucket, _) => bucket::status(app).await,
+        (Endpoint::AdminBucketShip, _) => bucket::ship(app).await,
         (Endpoint::AdminRobots, _) => admin::robots(app).await,
         (Endpoint::AdminRobotCreate, _) => admin::robot_create(app, &req).await,
         (Endpoint::AdminRobotRevoke, Route::AdminRobot { name }) => {
@@ -401,16 +415,32 @@ pub(crate) async fn check_room(app: &App) -> Result<(), ApiError> {
 /// `GET /healthz`: 503 once the store refuses writes (a supervisor should restart it); 200
 /// with `"status": "degraded"` and the problems when an account file cannot be used (a
 /// restart would not help: its accounts are refused until it is fixed); 200 `ok` otherwise.
-fn health(store: &ballast_engine::Store, problems: Vec<String>) -> Response<ResBody> {
+/// With a bucket configured, `bucket_lag_secs` says how far the bucket lags behind
+/// acknowledged pushes.
+fn health(
+    store: &ballast_engine::Store,
+    problems: Vec<String>,
+    bucket_lag: Option<u64>,
+) -> Response<ResBody> {
     match store.health() {
         Ok(()) if problems.is_empty() => {
-            reply(StatusCode::OK).json(&serde_json::json!({"status": "ok"}))
+            let mut v = serde_json::json!({"status": "ok"});
+            if let Some(lag) = bucket_lag {
+                v["bucket_lag_secs"] = lag.into();
+            }
+            reply(StatusCode::OK).json(&v)
         }
-        Ok(()) => reply(StatusCode::OK).json(&serde_json::json!({
-            "status": "degraded",
-            "detail": problems.join("; "),
-            "problems": problems,
-        })),
+        Ok(()) => {
+            let mut v = serde_json::json!({
+                "status": "degraded",
+                "detail": problems.join("; "),
+                "problems": problems,
+            });
+            if let Some(lag) = bucket_lag {
+                v["bucket_lag_secs"] = lag.into();
+            }
+            reply(StatusCode::OK).json(&v)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "health check: the store refuses writes");
             reply(StatusCode::SERVICE_UNAVAILABLE).json(&serde_json::json!({
@@ -421,6 +451,26 @@ fn health(store: &ballast_engine::Store, problems: Vec<String>) -> Response<ResB
             }))
         }
     }
+}
+
+/// The bucket's lag, and a problem when shipments fail or it lags well past its interval
+/// (a restart would not help: the shipper keeps trying; the details are in
+/// `GET /admin/bucket` and the server log, not here where anyone may read).
+fn bucket_health(s: &ballast_bucket::Status, interval: u64) -> (u64, Option<String>) {
+    let lag = s.lag_secs(crate::now_secs());
+    let problem = if s.consecutive_failures > 0 {
+        Some(format!(
+            "shipping to the bucket has failed {} times in a row; the bucket lags {lag} s behind              acknowledged pushes (GET /admin/bucket says why)",
+            s.consecutive_failures
+        ))
+    } else if lag > (6 * interval).max(60) {
+        Some(format!(
+            "the bucket lags {lag} s behind acknowledged pushes (shipments are slower than              ship_interval_secs = {interval})"
+        ))
+    } else {
+        None
+    };
+    (lag, problem)
 }
 
 #[cfg(test)]
@@ -450,10 +500,10 @@ mod tests {
             ballast_engine::Options::default(),
         )
         .expect("open");
-        assert_eq!(health(&store, Vec::new()).status(), StatusCode::OK);
+        assert_eq!(health(&store, Vec::new(), None).status(), StatusCode::OK);
         sim.fail_syncs();
         assert!(store.put_blob(b"lost", None).is_err());
-        let res = health(&store, Vec::new());
+        let res = health(&store, Vec::new(), None);
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -22,6 +22,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::routes::PathKind;
 
+mod bucket;
 mod peers;
 
 /// The `Content-Type` of what [`Metrics::encode`] writes.
@@ -113,6 +114,7 @@ impl Metrics {
         webhooks: Arc<crate::webhooks::Webhooks>,
         upstreams: Vec<Arc<crate::upstream::Upstream>>,
         rules: Vec<Arc<crate::replication::Rule>>,
+        bucket: Option<Arc<ballast_bucket::Shipper>>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("ballast");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -234,6 +236,9 @@ impl Metrics {
             )));
         }
         registry.register_collector(Box::new(WebhookCollector(webhooks)));
+        if let Some(b) = bucket {
+            registry.register_collector(Box::new(bucket::BucketCollector(b)));
+        }
         if !upstreams.is_empty() {
             registry.register_collector(Box::new(peers::PullThroughCollector(upstreams)));
         }
@@ -407,6 +412,8 @@ fn route_index(kind: Option<PathKind>) -> usize {
             | PathKind::AdminPullThroughEvict
             | PathKind::AdminReplication
             | PathKind::AdminReplicationReconcile
+            | PathKind::AdminBucket
+            | PathKind::AdminBucketShip
             | PathKind::AdminRobots
             | PathKind::AdminRobot
             | PathKind::AdminAudit,

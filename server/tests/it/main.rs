@@ -2,9 +2,11 @@
 
 pub mod auth;
 mod browser;
+mod bucket;
 mod clients;
 mod console;
 mod disk;
+mod garage;
 mod governance;
 mod hardening;
 mod hostile;

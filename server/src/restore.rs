@@ -1,0 +1,157 @@
+//! `ballast restore --config FILE DIR`: rebuilds a data directory from the checkpoints the
+//! config's `[bucket]` holds (after the host's disk is lost), then verifies it with fsck.
+//! The work is the bucket crate's (`ballast_bucket::restore`); this is the command around
+//! it: output, the audit line, exit codes.
+
+use std::io::Write;
+use std::path::Path;
+
+use ballast_tools::{printable, EXIT_FAILED, EXIT_FINDINGS, EXIT_OK};
+
+use crate::audit::{self, Event};
+use crate::Config;
+
+/// What `ballast restore` was asked.
+pub struct RestoreArgs<'a> {
+    /// The data directory to create (absent or empty).
+    pub dir: &'a Path,
+    /// The checkpoint; the newest when `None`.
+    pub checkpoint: Option<u64>,
+    /// Only list the bucket's checkpoints.
+    pub list: bool,
+    /// Do not run fsck on the result.
+    pub skip_fsck: bool,
+    /// Machine-readable output.
+    pub json: bool,
+}
+
+/// Runs the command; returns the exit code: 0 restored (and fsck clean), 1 restored but fsck
+/// found problems, 2 could not run (nothing was created).
+pub fn run(cfg: &Config, args: &RestoreArgs<'_>, out: &mut dyn Write) -> i32 {
+    let fail = |out: &mut dyn Write, msg: String| {
+        let _ = writeln!(out, "restore: {}", printable(&msg));
+        EXIT_FAILED
+    };
+    let Some(bcfg) = &cfg.bucket else {
+        return fail(
+            out,
+            "the config has no [bucket] table: name the config the server shipped with \
+             (--config FILE)"
+                .into(),
+        );
+    };
+    if let Err(e) = bcfg.check() {
+        return fail(out, format!("{e:#}"));
+    }
+    let bucket = match ballast_bucket::Bucket::connect(bcfg) {
+        Ok(b) => b,
+        Err(e) => return fail(out, format!("{e:#}")),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(out, format!("starting the runtime: {e}")),
+    };
+    if args.list {
+        return match runtime.block_on(ballast_bucket::restore::list(&bucket)) {
+            Ok(list) if args.json => {
+                let _ = writeln!(out, "{}", serde_json::json!({ "checkpoints": list }));
+                EXIT_OK
+            }
+            Ok(list) => {
+                if list.is_empty() {
+                    let _ = writeln!(out, "{} holds no checkpoint", bucket.describe());
+                }
+                for c in list {
+                    let _ = writeln!(
+                        out,
+                        "checkpoint {:>6}  taken {}  {} repositories, {} segments, {} bytes",
+                        c.seq,
+                        when(c.taken_at),
+                        c.repos,
+                        c.segments,
+                        c.bytes
+                    );
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(out, format!("{e:#}")),
+        };
+    }
+    let opts = cfg.engine_options();
+    let restored = runtime.block_on(ballast_bucket::restore::restore(
+        &bucket,
+        args.dir,
+        args.checkpoint,
+        opts,
+    ));
+    drop(runtime);
+    let report = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                out,
+                format!("{e:#}; {} was not created", args.dir.display()),
+            )
+        }
+    };
+    let mut e = Event::new(crate::cli::cli_actor(), "bucket.restore");
+    e.reason = Some(format!(
+        "checkpoint {} of {} (taken {}): {} repositories, {} segments, {} bytes",
+        report.seq,
+        bucket.describe(),
+        when(report.taken_at),
+        report.repos,
+        report.segments,
+        report.bytes
+    ));
+    // (`cfg.data` is the restored directory: the audit log is its own unless the config
+    // puts it elsewhere.)
+    let audit_path = cfg.audit_path();
+    let audit_warning = audit::append(&audit_path, &e).err().map(|err| {
+        format!(
+            "could not write the audit log {}: {err}",
+            audit_path.display()
+        )
+    });
+    if args.json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "restored": report, "audit_warning": audit_warning })
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "restored checkpoint {} (taken {}) into {}: {} repositories, {} segments, {} bytes \
+             in {} ms",
+            report.seq,
+            when(report.taken_at),
+            args.dir.display(),
+            report.repos,
+            report.segments,
+            report.bytes,
+            report.ms
+        );
+        for w in report.warnings.iter().chain(audit_warning.iter()) {
+            let _ = writeln!(out, "warning: {}", printable(w));
+        }
+    }
+    if args.skip_fsck {
+        return EXIT_OK;
+    }
+    match ballast_tools::fsck(args.dir, false, args.json, out) {
+        EXIT_OK => EXIT_OK,
+        EXIT_FINDINGS => EXIT_FINDINGS,
+        _ => EXIT_FAILED,
+    }
+}
+
+/// Unix seconds as RFC 3339 (UTC).
+fn when(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
+}

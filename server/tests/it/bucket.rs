@@ -1,0 +1,359 @@
+//! Segments in a bucket (issue #22) against a real 3-node Garage cluster: shipping
+//! checkpoints while pushes go on, a restore after the data directory is lost, a Garage node
+//! down, the bucket unreachable, and a kill -9 in the middle of an upload.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::garage::Garage;
+use crate::http::call;
+use crate::{assert_fsck_clean, push_image_as, seeded, sha256, Registry};
+
+fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("ballast.toml");
+    std::fs::write(&path, body).expect("config");
+    path
+}
+
+fn status(r: &Registry) -> Value {
+    let res = call("GET", &r.url("/admin/bucket"), &[], None);
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    res.json()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the bucket holds every change committed before this call (the status sees
+/// those at once); returns how long that took.
+fn wait_shipped(r: &Registry) -> Duration {
+    let started = Instant::now();
+    wait_for("the bucket to catch up", Duration::from_secs(60), || {
+        let s = status(r);
+        s["pending_since"].is_null() && !s["last_seq"].is_null()
+    });
+    started.elapsed()
+}
+
+fn restore(config: &Path, dir: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .arg("restore")
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .arg(dir)
+        .output()
+        .expect("ballast restore");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The image `push_image_as(.., seed, len, ..)` pushed, pulled back byte for byte.
+fn assert_pulls(r: &Registry, repo: &str, tag: &str, digest: &str, seed: u64, len: usize) {
+    let m = call(
+        "GET",
+        &r.url(&format!("/v2/{repo}/manifests/{tag}")),
+        &[],
+        None,
+    );
+    assert_eq!(m.status, 200, "{repo}:{tag}");
+    assert_eq!(sha256(&m.body), digest, "{repo}:{tag}");
+    let layer = m.json()["layers"][0]["digest"]
+        .as_str()
+        .expect("layer")
+        .to_owned();
+    let b = call(
+        "GET",
+        &r.url(&format!("/v2/{repo}/blobs/{layer}")),
+        &[],
+        None,
+    );
+    assert_eq!(b.status, 200);
+    assert!(
+        b.body == seeded(len, seed),
+        "{repo}:{tag}: layer bytes differ"
+    );
+}
+
+/// Every checkpoint record in the bucket names objects that are there whole (the length it
+/// gives); returns how many records there are, the segment ids they list and the segment
+/// ids the bucket holds.
+fn assert_records_whole(g: &Garage, prefix: &str) -> (usize, BTreeSet<u64>, BTreeSet<u64>) {
+    let bucket = g.client(prefix);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let objects: std::collections::BTreeMap<String, u64> =
+            bucket.list("").await.expect("list").into_iter().collect();
+        let mut listed = BTreeSet::new();
+        let mut records = 0;
+        for (name, _) in objects
+            .iter()
+            .filter(|(n, _)| n.starts_with("checkpoints/"))
+        {
+            let bytes = bucket.get(name).await.expect("get").expect("record");
+            let rec: Value = serde_json::from_slice(&bytes).expect("record json");
+            records += 1;
+            let cat = rec["catalog"]["name"].as_str().expect("catalog");
+            assert_eq!(
+                objects.get(cat).copied(),
+                rec["catalog"]["len"].as_u64(),
+                "{cat}"
+            );
+            for s in rec["segments"].as_array().expect("segments") {
+                let id = s["id"].as_u64().expect("id");
+                let obj = format!("segments/{id:020}.seg");
+                assert_eq!(
+                    objects.get(&obj).copied(),
+                    s["len"].as_u64(),
+                    "{obj} in {name}"
+                );
+                listed.insert(id);
+            }
+        }
+        let stored: BTreeSet<u64> = objects
+            .keys()
+            .filter_map(|n| {
+                n.strip_prefix("segments/")?
+                    .strip_suffix(".seg")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        assert!(
+            listed.is_subset(&stored),
+            "records list segments the bucket lacks"
+        );
+        (records, listed, stored)
+    })
+}
+
+#[test]
+fn a_registry_comes_back_from_the_bucket_after_its_disk_is_lost() {
+    let mut g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        &g.bucket_table("registry-a", "ship_interval_secs = 1\ncheckpoints_kept = 3"),
+    );
+    let cfg = config.to_str().expect("utf-8");
+    let data = tmp.path().join("data");
+    let mut r = Registry::start_args(&data, &[], &["--config", cfg]);
+    let mut images = vec![
+        ("team-a/api", "v1", 1u64, 3 << 20),
+        // Above 16 MiB: a segment sent as a multipart upload.
+        ("team-a/api", "v2", 2, 20 << 20),
+        ("team-b/web", "latest", 3, 1 << 20),
+    ];
+    let mut digests = Vec::new();
+    for (repo, tag, seed, len) in &images {
+        digests.push(push_image_as(&r.url(""), repo, tag, *seed, *len, &[]));
+    }
+    let first = wait_shipped(&r);
+    // One Garage node down: with three copies, two still make a quorum for every write.
+    g.kill_node(2);
+    images.push(("team-b/web", "v2", 4, 2 << 20));
+    digests.push(push_image_as(
+        &r.url(""),
+        "team-b/web",
+        "v2",
+        4,
+        2 << 20,
+        &[],
+    ));
+    let lag = wait_shipped(&r);
+    eprintln!(
+        "acknowledged pushes in the bucket after {} ms, then {} ms with a node down \
+         (ship_interval_secs = 1)",
+        first.as_millis(),
+        lag.as_millis()
+    );
+    let forced = call("POST", &r.url("/admin/bucket/ship"), &[], None);
+    assert_eq!(
+        forced.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&forced.body)
+    );
+    assert!(forced.json()["seq"].as_u64().is_some());
+    let s = status(&r);
+    assert_eq!(s["consecutive_failures"], 0);
+    assert!(s["segments_uploaded"].as_u64().unwrap_or(0) >= 2, "{s}");
+
+    // The host's disk is gone.
+    r.kill();
+    std::fs::remove_dir_all(&data).expect("remove data");
+
+    let (code, out) = restore(&config, &data, &["--checkpoint", "999999"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("holds no checkpoint 999999"), "{out}");
+    assert!(!data.exists(), "a refused restore creates nothing");
+    let (code, list) = restore(&config, &data, &["--list"]);
+    assert_eq!(code, 0, "{list}");
+    assert!(
+        list.lines().filter(|l| l.starts_with("checkpoint")).count() <= 3,
+        "checkpoints_kept = 3: {list}"
+    );
+    let (code, out) = restore(&config, &data, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("restored checkpoint") && out.contains("clean"),
+        "{out}"
+    );
+    let (code, out) = restore(&config, &data, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not empty"), "{out}");
+
+    let mut back = Registry::start(&data);
+    for ((repo, tag, seed, len), digest) in images.iter().zip(&digests) {
+        assert_pulls(&back, repo, tag, digest, *seed, *len);
+    }
+    back.stop();
+    assert_fsck_clean(&data);
+    let audit = std::fs::read_to_string(data.join("audit/audit.log")).unwrap_or_default();
+    assert!(audit.contains("bucket.restore"), "the restore is audited");
+    g.start_node(2);
+}
+
+#[test]
+fn pushes_go_on_while_the_bucket_is_unreachable_and_it_catches_up() {
+    let mut g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        &g.bucket_table(
+            "registry-b",
+            "ship_interval_secs = 1\nrequest_timeout_secs = 3",
+        ),
+    );
+    let data = tmp.path().join("data");
+    let r = Registry::start_args(&data, &[], &["--config", config.to_str().expect("utf-8")]);
+    let d1 = push_image_as(&r.url(""), "ops/tool", "v1", 11, 1 << 20, &[]);
+    wait_shipped(&r);
+
+    for i in 0..3 {
+        g.kill_node(i);
+    }
+    let d2 = push_image_as(&r.url(""), "ops/tool", "v2", 12, 1 << 20, &[]);
+    assert_pulls(&r, "ops/tool", "v1", &d1, 11, 1 << 20);
+    wait_for(
+        "/healthz to report the bucket",
+        Duration::from_secs(60),
+        || {
+            let h = call("GET", &r.url("/healthz"), &[], None).json();
+            h["status"] == "degraded"
+                && h["bucket_lag_secs"].as_u64().is_some_and(|l| l > 0)
+                && h["detail"].as_str().is_some_and(|d| d.contains("bucket"))
+        },
+    );
+    let metrics =
+        String::from_utf8(call("GET", &r.url("/metrics"), &[], None).body).expect("utf-8");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(value("ballast_bucket_lag_seconds") > 0.0);
+    assert!(value("ballast_bucket_ship_failures_total") > 0.0);
+    let forced = call("POST", &r.url("/admin/bucket/ship"), &[], None);
+    assert_eq!(forced.status, 503);
+    let msg = String::from_utf8_lossy(&forced.body);
+    assert!(msg.contains("shipping to the bucket failed"), "{msg}");
+
+    for i in 0..3 {
+        g.start_node(i);
+    }
+    // The shipper backs off while shipments fail; an operator's ship does not wait for it.
+    wait_for("a shipment to succeed", Duration::from_secs(60), || {
+        call("POST", &r.url("/admin/bucket/ship"), &[], None).status == 200
+    });
+    let h = call("GET", &r.url("/healthz"), &[], None).json();
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["bucket_lag_secs"], 0, "{h}");
+    drop(r);
+    let restored = tmp.path().join("restored");
+    let (code, out) = restore(&config, &restored, &[]);
+    assert_eq!(code, 0, "{out}");
+    let back = Registry::start(&restored);
+    assert_pulls(&back, "ops/tool", "v1", &d1, 11, 1 << 20);
+    assert_pulls(&back, "ops/tool", "v2", &d2, 12, 1 << 20);
+}
+
+#[test]
+fn a_kill_during_uploads_never_leaves_a_partial_checkpoint() {
+    let g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        &g.bucket_table("registry-c", "ship_interval_secs = 1"),
+    );
+    let cfg = config.to_str().expect("utf-8");
+    let data = tmp.path().join("data");
+    let mut r = Registry::start_args(&data, &[], &["--config", cfg]);
+    let small = push_image_as(&r.url(""), "ci/base", "v1", 21, 1 << 20, &[]);
+    wait_shipped(&r);
+    // A 48 MiB layer: its segment goes up in three parts; the kill lands while it does
+    // (or, on a fast machine, just after), and neither may leave a checkpoint that names
+    // what the bucket does not hold whole.
+    let big = push_image_as(&r.url(""), "ci/big", "v1", 22, 48 << 20, &[]);
+    std::thread::sleep(Duration::from_millis(1300));
+    r.kill();
+    assert_records_whole(&g, "registry-c");
+
+    // Started again, it clears what the killed shipment left and ships what is missing.
+    let r = Registry::start_args(&data, &[], &["--config", cfg]);
+    wait_shipped(&r);
+    let (records, listed, stored) = assert_records_whole(&g, "registry-c");
+    assert!(records >= 2);
+    assert_eq!(
+        listed, stored,
+        "no segment object is left that no checkpoint lists"
+    );
+    let s = status(&r);
+    let newest: Value = {
+        let bucket = g.client("registry-c");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let name = format!(
+            "checkpoints/{:020}.json",
+            s["last_seq"].as_u64().expect("seq")
+        );
+        let bytes = rt
+            .block_on(bucket.get(&name))
+            .expect("get")
+            .expect("newest record");
+        serde_json::from_slice(&bytes).expect("json")
+    };
+    let newest_ids: BTreeSet<u64> = newest["segments"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .filter_map(|s| s["id"].as_u64())
+        .collect();
+    assert!(newest_ids.is_subset(&stored));
+    drop(r);
+    let restored = tmp.path().join("restored");
+    let (code, out) = restore(&config, &restored, &[]);
+    assert_eq!(code, 0, "{out}");
+    let back = Registry::start(&restored);
+    assert_pulls(&back, "ci/base", "v1", &small, 21, 1 << 20);
+    assert_pulls(&back, "ci/big", "v1", &big, 22, 48 << 20);
+}
