@@ -32,6 +32,24 @@ pub struct BucketConfig {
     pub checkpoints_kept: usize,
     /// Seconds one request to the store may take, retries included, before it fails.
     pub request_timeout_secs: u64,
+    /// When a manifest push is answered: once stored here (`local`, the default; the
+    /// bucket lags by up to a shipment), or once a checkpoint holding it is in the bucket
+    /// (`bucket`: nothing acknowledged is lost with the host, at the latency of a shipment).
+    pub acknowledge: Acknowledge,
+    /// With `acknowledge = "bucket"`: seconds a push waits for the bucket before it is
+    /// answered 503 (it stays stored here and reaches the bucket later).
+    pub acknowledge_timeout_secs: u64,
+}
+
+/// When a manifest push is answered (`acknowledge`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Acknowledge {
+    /// Once durable on the local disk.
+    #[default]
+    Local,
+    /// Once a checkpoint holding it is in the bucket.
+    Bucket,
 }
 
 impl Default for BucketConfig {
@@ -47,6 +65,8 @@ impl Default for BucketConfig {
             ship_interval_secs: 10,
             checkpoints_kept: 10,
             request_timeout_secs: 120,
+            acknowledge: Acknowledge::Local,
+            acknowledge_timeout_secs: 60,
         }
     }
 }
@@ -72,6 +92,8 @@ impl std::fmt::Debug for BucketConfig {
             .field("ship_interval_secs", &self.ship_interval_secs)
             .field("checkpoints_kept", &self.checkpoints_kept)
             .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("acknowledge", &self.acknowledge)
+            .field("acknowledge_timeout_secs", &self.acknowledge_timeout_secs)
             .finish()
     }
 }
@@ -112,6 +134,9 @@ impl BucketConfig {
         }
         if self.request_timeout_secs == 0 {
             bail!("[bucket] request_timeout_secs must be at least 1");
+        }
+        if self.acknowledge_timeout_secs == 0 {
+            bail!("[bucket] acknowledge_timeout_secs must be at least 1");
         }
         if self.prefix.starts_with('/') || self.prefix.contains("//") || self.prefix.contains("..")
         {

@@ -17,5 +17,5 @@ pub mod restore;
 pub mod ship;
 
 pub use client::Bucket;
-pub use config::BucketConfig;
+pub use config::{Acknowledge, BucketConfig};
 pub use ship::{ShipReport, Shipper, Status};

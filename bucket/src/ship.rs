@@ -99,6 +99,11 @@ pub struct Shipper {
     cfg: BucketConfig,
     shipped: tokio::sync::Mutex<Shipped>,
     status: parking_lot::Mutex<Status>,
+    /// The catalog position the bucket's newest checkpoint holds (pushes waiting for the
+    /// bucket watch it).
+    shipped_position: tokio::sync::watch::Sender<Option<(u64, u64)>>,
+    /// Wakes the shipping loop before its interval (a push waits for the bucket).
+    wake: tokio::sync::Notify,
 }
 
 impl Shipper {
@@ -115,6 +120,8 @@ impl Shipper {
             cfg: cfg.clone(),
             shipped: tokio::sync::Mutex::new(Shipped::default()),
             status: parking_lot::Mutex::new(status),
+            shipped_position: tokio::sync::watch::Sender::new(None),
+            wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -171,6 +178,7 @@ impl Shipper {
                 s.consecutive_failures = 0;
                 // Changes after the cut are pending since the cut at the latest.
                 s.shipped_position = Some(r.position);
+                self.shipped_position.send_replace(Some(r.position));
                 s.pending_since = (Some(self.store.catalog().durable_position())
                     != s.shipped_position)
                     .then_some(s.last_taken_at.unwrap_or_else(now_secs));
@@ -362,6 +370,36 @@ impl Shipper {
         Ok(deleted)
     }
 
+    /// Waits until a checkpoint holding catalog position `position` is in the bucket
+    /// (`acknowledge = "bucket"`), asking the shipping loop to ship now; pushes waiting
+    /// together share one shipment. Fails after `timeout`.
+    pub async fn wait_shipped(
+        &self,
+        position: (u64, u64),
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let mut shipped = self.shipped_position.subscribe();
+        self.wake.notify_one();
+        let reached = async {
+            loop {
+                if shipped.borrow_and_update().is_some_and(|p| p >= position) {
+                    return;
+                }
+                if shipped.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, reached).await.map_err(|_| {
+            let why = self.status.lock().last_error.clone();
+            anyhow::anyhow!(
+                "not in the bucket after {} s{}",
+                timeout.as_secs(),
+                why.map_or(String::new(), |_| " (shipments are failing)".into())
+            )
+        })
+    }
+
     /// Ships whenever the catalog changed, at most every `ship_interval_secs` (backing off
     /// up to five minutes while shipments fail), until `stop` turns true; then ships once
     /// more, within `final_grace`, so a clean stop leaves the bucket current.
@@ -372,10 +410,12 @@ impl Shipper {
     ) {
         let interval = Duration::from_secs(self.cfg.ship_interval_secs);
         let mut last_attempt: Option<Instant> = None;
+        let mut woken = false;
         loop {
             let failures = self.status.lock().consecutive_failures.min(8) as u32;
             let wait = (interval * 2u32.pow(failures)).min(Duration::from_secs(300));
-            let due = last_attempt.is_none_or(|t| t.elapsed() >= wait);
+            let due =
+                std::mem::take(&mut woken) || last_attempt.is_none_or(|t| t.elapsed() >= wait);
             if due {
                 let pending = {
                     let shipped = self.shipped.lock().await;
@@ -403,6 +443,7 @@ impl Shipper {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.wake.notified() => woken = true,
                 _ = stop.changed() => break,
             }
         }

@@ -439,6 +439,7 @@ pub async fn put(
         })
     })
     .await?;
+    wait_for_bucket(app).await?;
 
     let mut r = reply(StatusCode::CREATED)
         .header(LOCATION, format!("/v2/{name}/manifests/{digest}"))
@@ -450,6 +451,24 @@ pub async fn put(
         r = r.header("OCI-Tag", tags.join(","));
     }
     Ok(r.empty())
+}
+
+/// With `acknowledge = "bucket"`, waits until the bucket holds what was just committed.
+async fn wait_for_bucket(app: &App) -> Result<(), ApiError> {
+    let (Some(shipper), Some(cfg)) = (&app.bucket, &app.config.bucket) else {
+        return Ok(());
+    };
+    if cfg.acknowledge != ballast_bucket::Acknowledge::Bucket {
+        return Ok(());
+    }
+    let position = app.store.catalog().durable_position();
+    let timeout = std::time::Duration::from_secs(cfg.acknowledge_timeout_secs);
+    shipper.wait_shipped(position, timeout).await.map_err(|e| {
+        ApiError::Unavailable(format!(
+            "the manifest is stored here but {e} (acknowledge = \"bucket\"): push it again \
+                 to wait again; GET /admin/bucket says why"
+        ))
+    })
 }
 
 pub async fn delete(app: &App, name: &str, reference: &str) -> Result<Response<ResBody>, ApiError> {

@@ -14,6 +14,7 @@ use crate::http::call;
 use crate::{assert_fsck_clean, push_image_as, seeded, sha256, Registry};
 
 fn write_config(dir: &Path, body: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("config dir");
     let path = dir.join("ballast.toml");
     std::fs::write(&path, body).expect("config");
     path
@@ -356,4 +357,78 @@ fn a_kill_during_uploads_never_leaves_a_partial_checkpoint() {
     let back = Registry::start(&restored);
     assert_pulls(&back, "ci/base", "v1", &small, 21, 1 << 20);
     assert_pulls(&back, "ci/big", "v1", &big, 22, 48 << 20);
+}
+
+#[test]
+fn with_acknowledge_bucket_a_push_is_answered_once_the_bucket_holds_it() {
+    let mut g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A long interval: only the pushes' own requests make the shipments here.
+    let config = write_config(
+        tmp.path(),
+        &g.bucket_table(
+            "registry-d",
+            "ship_interval_secs = 600\nacknowledge = \"bucket\"\nacknowledge_timeout_secs = 4\n\
+             request_timeout_secs = 2",
+        ),
+    );
+    let data = tmp.path().join("data");
+    let r = Registry::start_args(&data, &[], &["--config", config.to_str().expect("utf-8")]);
+    let mut took = Vec::new();
+    for seed in 31..34u64 {
+        let started = Instant::now();
+        push_image_as(
+            &r.url(""),
+            "rel/app",
+            &format!("v{seed}"),
+            seed,
+            1 << 20,
+            &[],
+        );
+        took.push(started.elapsed().as_millis());
+        let s = status(&r);
+        assert!(
+            s["pending_since"].is_null(),
+            "answered before the bucket held it: {s}"
+        );
+    }
+    // The same pushes, answered once stored here (the default), in the same run.
+    let local_config = write_config(
+        &tmp.path().join("local"),
+        &g.bucket_table("registry-e", "ship_interval_secs = 1"),
+    );
+    let local = Registry::start_args(
+        &tmp.path().join("local/data"),
+        &[],
+        &["--config", local_config.to_str().expect("utf-8")],
+    );
+    let mut local_took = Vec::new();
+    for seed in 31..34u64 {
+        let started = Instant::now();
+        push_image_as(
+            &local.url(""),
+            "rel/app",
+            &format!("v{seed}"),
+            seed,
+            1 << 20,
+            &[],
+        );
+        local_took.push(started.elapsed().as_millis());
+    }
+    drop(local);
+    eprintln!(
+        "pushes of a 1 MiB image: answered once in the bucket {took:?} ms, once stored here \
+         {local_took:?} ms"
+    );
+
+    // The bucket unreachable: the push is stored but answered 503, saying so.
+    for i in 0..3 {
+        g.kill_node(i);
+    }
+    let (res, _) = crate::try_push_image_as(&r.url(""), "rel/app", "late", 40, 1 << 20, &[]);
+    assert_eq!(res.status, 503, "{}", String::from_utf8_lossy(&res.body));
+    let msg = String::from_utf8_lossy(&res.body);
+    assert!(msg.contains("stored here but not in the bucket"), "{msg}");
+    let m = call("GET", &r.url("/v2/rel/app/manifests/late"), &[], None);
+    assert_eq!(m.status, 200, "the push was kept locally");
 }
