@@ -247,6 +247,40 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// Reads object `name`, which should hold `len` bytes, in [`PART_BYTES`] ranges, into
+    /// `sink` when there is one; returns its SHA-256. Fails when it is shorter.
+    pub async fn read_ranges<W>(
+        &self,
+        name: &str,
+        len: u64,
+        mut sink: Option<&mut W>,
+    ) -> anyhow::Result<[u8; 32]>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut hash = Sha256::new();
+        let mut offset = 0u64;
+        while offset < len {
+            let end = (offset + PART_BYTES as u64).min(len);
+            let bytes = self.get_range(name, offset..end).await?;
+            if bytes.len() as u64 != end - offset {
+                anyhow::bail!(
+                    "{name} in {} is shorter than its checkpoint says",
+                    self.describe
+                );
+            }
+            hash.update(&bytes);
+            if let Some(w) = sink.as_mut() {
+                w.write_all(&bytes).await?;
+            }
+            offset = end;
+        }
+        Ok(hash.finalize().into())
+    }
+}
+
 /// The SHA-256 of `bytes`, in hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

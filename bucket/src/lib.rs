@@ -9,12 +9,14 @@
 //! - `layout`: object names and the checkpoint record.
 //! - `ship`: shipping checkpoints, pruning old ones, the lag.
 //! - `restore`: rebuilding a data directory from a checkpoint.
+//! - `verify`: checking the bucket against its checkpoints (fsck).
 
 pub mod client;
 pub mod config;
 pub mod layout;
 pub mod restore;
 pub mod ship;
+pub mod verify;
 
 pub use client::Bucket;
 pub use config::{Acknowledge, BucketConfig};

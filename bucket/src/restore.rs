@@ -14,10 +14,8 @@ use ballast_engine::checkpoint::restore as engine_restore;
 use ballast_engine::storage::RealStorage;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWriteExt;
 
-use crate::client::{sha256_hex, Bucket, PART_BYTES};
+use crate::client::{sha256_hex, Bucket};
 use crate::layout::{self, CheckpointRecord};
 
 /// Segments fetched at once.
@@ -234,22 +232,8 @@ async fn fetch_segment(
         .open(&path)
         .await
         .with_context(|| format!("creating {}", path.display()))?;
-    let mut hash = Sha256::new();
-    let mut offset = 0u64;
-    while offset < s.len {
-        let end = (offset + PART_BYTES as u64).min(s.len);
-        let bytes = bucket.get_range(&name, offset..end).await?;
-        if bytes.len() as u64 != end - offset {
-            bail!(
-                "{name} in {} is shorter than its checkpoint says",
-                bucket.describe()
-            );
-        }
-        hash.update(&bytes);
-        file.write_all(&bytes).await?;
-        offset = end;
-    }
-    if hex::encode(hash.finalize()) != s.sha256 {
+    let sha = bucket.read_ranges(&name, s.len, Some(&mut file)).await?;
+    if hex::encode(sha) != s.sha256 {
         bail!(
             "{name} in {} does not match its checkpoint's SHA-256: the bucket's copy is damaged",
             bucket.describe()

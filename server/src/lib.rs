@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod auth;
 pub mod body;
+pub mod bucket_cmd;
 pub mod cache;
 pub mod cli;
 pub mod config;
@@ -18,7 +19,6 @@ pub mod pulls;
 pub mod remote;
 pub mod replication;
 pub mod reqlog;
-pub mod restore;
 pub mod routes;
 pub mod tag;
 mod tls;

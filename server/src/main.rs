@@ -39,9 +39,15 @@ enum Command {
         /// Rebuild the indexes (derived data) from the segments first.
         #[arg(long)]
         repair: bool,
-        /// Machine-readable output.
+        /// Machine-readable output (with --config and a [bucket], the bucket's report follows
+        /// as a second JSON document).
         #[arg(long)]
         json: bool,
+        /// The server's config: with a [bucket] table, the bucket is checked too (every kept
+        /// checkpoint's objects by length and SHA-256, and objects none names, which
+        /// --repair deletes).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Collects garbage offline: drops blob links no manifest references (and, with
     /// --delete-untagged, manifests no tag reaches) once older than the grace period, then
@@ -284,12 +290,25 @@ enum RobotCommand {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Fsck { dir, repair, json } => std::process::exit(ballast_tools::fsck(
-            &dir,
+        Command::Fsck {
+            dir,
             repair,
             json,
-            &mut std::io::stdout(),
-        )),
+            config,
+        } => {
+            let code = ballast_tools::fsck(&dir, repair, json, &mut std::io::stdout());
+            let Some(config) = config else {
+                std::process::exit(code)
+            };
+            let mut cfg = Config::load(Some(&config), std::env::vars())?;
+            cfg.data = dir;
+            if code == 2 || cfg.bucket.is_none() {
+                std::process::exit(code)
+            }
+            let bucket =
+                ballast_server::bucket_cmd::fsck(&cfg, repair, json, &mut std::io::stdout());
+            std::process::exit(code.max(bucket))
+        }
         Command::Gc {
             dir,
             dry_run,
@@ -341,14 +360,14 @@ fn main() -> anyhow::Result<()> {
         } => {
             let mut cfg = Config::load(config.as_deref(), std::env::vars())?;
             cfg.data = dir.clone();
-            let args = ballast_server::restore::RestoreArgs {
+            let args = ballast_server::bucket_cmd::RestoreArgs {
                 dir: &dir,
                 checkpoint,
                 list,
                 skip_fsck,
                 json,
             };
-            std::process::exit(ballast_server::restore::run(
+            std::process::exit(ballast_server::bucket_cmd::run(
                 &cfg,
                 &args,
                 &mut std::io::stdout(),

@@ -229,6 +229,67 @@ fn a_registry_comes_back_from_the_bucket_after_its_disk_is_lost() {
     let audit = std::fs::read_to_string(data.join("audit/audit.log")).unwrap_or_default();
     assert!(audit.contains("bucket.restore"), "the restore is audited");
     g.start_node(2);
+
+    // fsck with the config checks the bucket too: clean, then what is wrong in it.
+    let fsck = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .arg("fsck")
+            .arg(&data)
+            .args(["--config", cfg])
+            .args(extra)
+            .output()
+            .expect("fsck");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = fsck(&[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("bucket clean"), "{out}");
+    let client = g.client("registry-a");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let newest: Value = {
+        let names = rt.block_on(client.list("checkpoints/")).expect("list");
+        let (name, _) = names.last().expect("a checkpoint");
+        serde_json::from_slice(&rt.block_on(client.get(name)).expect("get").expect("record"))
+            .expect("json")
+    };
+    let catalog = newest["catalog"]["name"]
+        .as_str()
+        .expect("catalog")
+        .to_owned();
+    let len = newest["catalog"]["len"].as_u64().expect("len") as usize;
+    rt.block_on(async {
+        client
+            .put("segments/00000000000000099999.seg", seeded(1000, 5).into())
+            .await
+            .expect("put");
+        client
+            .put("notes.txt", bytes::Bytes::from_static(b"not ballast's"))
+            .await
+            .expect("put");
+        client
+            .put(&catalog, seeded(len, 6).into())
+            .await
+            .expect("put");
+    });
+    let (code, out) = fsck(&[]);
+    assert_eq!(code, 1, "{out}");
+    for kind in ["object_unreferenced", "object_unknown", "object_digest"] {
+        assert!(out.contains(kind), "{kind}: {out}");
+    }
+    let (code, out) = fsck(&["--repair"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("1 unreferenced objects deleted"), "{out}");
+    assert!(!out.contains("object_unreferenced"), "{out}");
+    assert!(
+        out.contains("object_unknown") && out.contains("object_digest"),
+        "{out}"
+    );
 }
 
 #[test]

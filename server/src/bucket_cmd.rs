@@ -1,7 +1,8 @@
-//! `ballast restore --config FILE DIR`: rebuilds a data directory from the checkpoints the
-//! config's `[bucket]` holds (after the host's disk is lost), then verifies it with fsck.
-//! The work is the bucket crate's (`ballast_bucket::restore`); this is the command around
-//! it: output, the audit line, exit codes.
+//! The bucket's offline commands. `ballast restore --config FILE DIR` rebuilds a data
+//! directory from the checkpoints the config's `[bucket]` holds (after the host's disk is
+//! lost), then verifies it with fsck; `ballast fsck DIR --config FILE` also checks the bucket.
+//! The work is the bucket crate's (`ballast_bucket::{restore, verify}`); these are the
+//! commands around it: output, the audit line, exit codes.
 
 use std::io::Write;
 use std::path::Path;
@@ -25,6 +26,90 @@ pub struct RestoreArgs<'a> {
     pub json: bool,
 }
 
+/// The bucket's client and a runtime to drive it, or why not.
+fn connect(cfg: &Config) -> Result<(ballast_bucket::Bucket, tokio::runtime::Runtime), String> {
+    let Some(bcfg) = &cfg.bucket else {
+        return Err(
+            "the config has no [bucket] table: name the config the server shipped \
+                    with (--config FILE)"
+                .into(),
+        );
+    };
+    bcfg.check().map_err(|e| format!("{e:#}"))?;
+    let bucket = ballast_bucket::Bucket::connect(bcfg).map_err(|e| format!("{e:#}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    Ok((bucket, runtime))
+}
+
+/// `ballast fsck DIR --config FILE`, after the data directory's own check: checks the
+/// bucket (every kept checkpoint's objects, by length and SHA-256; objects none names), and
+/// with `repair` deletes the unreferenced objects of Ballast's layout. Exit code as fsck's.
+pub fn fsck(cfg: &Config, repair: bool, json: bool, out: &mut dyn Write) -> i32 {
+    let (bucket, runtime) = match connect(cfg) {
+        Ok(c) => c,
+        Err(msg) => {
+            let _ = writeln!(out, "fsck: {}", printable(&msg));
+            return EXIT_FAILED;
+        }
+    };
+    let report = match runtime.block_on(ballast_bucket::verify::verify(&bucket, repair)) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("checking the bucket: {e:#}");
+            let _ = if json {
+                writeln!(out, "{}", serde_json::json!({ "bucket_error": msg }))
+            } else {
+                writeln!(out, "fsck: {}", printable(&msg))
+            };
+            return EXIT_FAILED;
+        }
+    };
+    if json {
+        let _ = writeln!(out, "{}", serde_json::json!({ "bucket": report }));
+    } else {
+        let _ = writeln!(
+            out,
+            "bucket {}: {} checkpoints, {} objects ({} bytes) checked{}",
+            report.bucket,
+            report.checkpoints,
+            report.objects_checked,
+            report.bytes_checked,
+            if report.removed > 0 {
+                format!(", {} unreferenced objects deleted", report.removed)
+            } else {
+                String::new()
+            }
+        );
+        for f in &report.findings {
+            let _ = writeln!(
+                out,
+                "{}: {}: {}",
+                f.kind,
+                printable(&f.object),
+                printable(&f.detail)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{}",
+            if report.is_clean() {
+                "bucket clean"
+            } else {
+                "bucket has problems"
+            }
+        );
+    }
+    if report.is_clean() {
+        EXIT_OK
+    } else {
+        EXIT_FINDINGS
+    }
+}
+
 /// Runs the command; returns the exit code: 0 restored (and fsck clean), 1 restored but fsck
 /// found problems, 2 could not run (nothing was created).
 pub fn run(cfg: &Config, args: &RestoreArgs<'_>, out: &mut dyn Write) -> i32 {
@@ -32,28 +117,9 @@ pub fn run(cfg: &Config, args: &RestoreArgs<'_>, out: &mut dyn Write) -> i32 {
         let _ = writeln!(out, "restore: {}", printable(&msg));
         EXIT_FAILED
     };
-    let Some(bcfg) = &cfg.bucket else {
-        return fail(
-            out,
-            "the config has no [bucket] table: name the config the server shipped with \
-             (--config FILE)"
-                .into(),
-        );
-    };
-    if let Err(e) = bcfg.check() {
-        return fail(out, format!("{e:#}"));
-    }
-    let bucket = match ballast_bucket::Bucket::connect(bcfg) {
-        Ok(b) => b,
-        Err(e) => return fail(out, format!("{e:#}")),
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(out, format!("starting the runtime: {e}")),
+    let (bucket, runtime) = match connect(cfg) {
+        Ok(c) => c,
+        Err(msg) => return fail(out, msg),
     };
     if args.list {
         return match runtime.block_on(ballast_bucket::restore::list(&bucket)) {
