@@ -199,14 +199,7 @@ impl Shipper {
     /// Reads the bucket's checkpoints; removes what an interrupted shipment left (catalogs
     /// and segments no checkpoint lists).
     async fn open(&self, shipped: &mut Shipped) -> anyhow::Result<()> {
-        let mut seqs: Vec<u64> = self
-            .bucket
-            .list("checkpoints/")
-            .await?
-            .iter()
-            .filter_map(|(n, _)| layout::checkpoint_seq(n))
-            .collect();
-        seqs.sort_unstable();
+        let seqs = crate::restore::checkpoints(&self.bucket).await?;
         let mut kept = BTreeMap::new();
         for seq in seqs.iter().rev().take(self.cfg.checkpoints_kept) {
             let name = layout::checkpoint_name(*seq);

@@ -62,6 +62,13 @@ fn restore(config: &Path, dir: &Path, extra: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Restores the newest checkpoint into `dir` (it must succeed, fsck clean) and serves it.
+fn restored(config: &Path, dir: &Path) -> Registry {
+    let (code, out) = restore(config, dir, &[]);
+    assert_eq!(code, 0, "{out}");
+    Registry::start(dir)
+}
+
 /// The image `push_image_as(.., seed, len, ..)` pushed, pulled back byte for byte.
 fn assert_pulls(r: &Registry, repo: &str, tag: &str, digest: &str, seed: u64, len: usize) {
     let m = call(
@@ -349,10 +356,7 @@ fn pushes_go_on_while_the_bucket_is_unreachable_and_it_catches_up() {
     assert_eq!(h["status"], "ok", "{h}");
     assert_eq!(h["bucket_lag_secs"], 0, "{h}");
     drop(r);
-    let restored = tmp.path().join("restored");
-    let (code, out) = restore(&config, &restored, &[]);
-    assert_eq!(code, 0, "{out}");
-    let back = Registry::start(&restored);
+    let back = restored(&config, &tmp.path().join("restored"));
     assert_pulls(&back, "ops/tool", "v1", &d1, 11, 1 << 20);
     assert_pulls(&back, "ops/tool", "v2", &d2, 12, 1 << 20);
 }
@@ -412,10 +416,7 @@ fn a_kill_during_uploads_never_leaves_a_partial_checkpoint() {
         .collect();
     assert!(newest_ids.is_subset(&stored));
     drop(r);
-    let restored = tmp.path().join("restored");
-    let (code, out) = restore(&config, &restored, &[]);
-    assert_eq!(code, 0, "{out}");
-    let back = Registry::start(&restored);
+    let back = restored(&config, &tmp.path().join("restored"));
     assert_pulls(&back, "ci/base", "v1", &small, 21, 1 << 20);
     assert_pulls(&back, "ci/big", "v1", &big, 22, 48 << 20);
 }

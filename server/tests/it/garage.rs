@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::peers::free_port;
+
 /// The key the tests sign with (Garage accepts imported keys of this shape).
 pub const KEY_ID: &str = "GK5ba11a57b0cce7000000000a";
 /// Its secret.
@@ -30,13 +32,6 @@ pub struct Garage {
     /// `<node id>@<rpc address>` of each node.
     ids: Vec<String>,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// The garage binary (`scripts/install-garage` prints its path, building it only once per
