@@ -7,6 +7,7 @@
 //! - `config`: the `[bucket]` table.
 //! - `client`: the store's requests (object_store), counted.
 //! - `layout`: object names and the checkpoint record.
+//! - `lease`: one writer per prefix.
 //! - `ship`: shipping checkpoints, pruning old ones, the lag.
 //! - `restore`: rebuilding a data directory from a checkpoint.
 //! - `verify`: checking the bucket against its checkpoints (fsck).
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod layout;
+pub mod lease;
 pub mod restore;
 pub mod ship;
 pub mod verify;

@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::client::{sha256_hex, Bucket};
 use crate::config::BucketConfig;
 use crate::layout::{self, CheckpointRecord, ObjectRef, SegmentRef, CHECKPOINT_FORMAT};
+use crate::lease;
 
 /// What the shipper has done and how far behind the bucket is (metrics, /healthz, the
 /// admin endpoint).
@@ -104,11 +105,19 @@ pub struct Shipper {
     shipped_position: tokio::sync::watch::Sender<Option<(u64, u64)>>,
     /// Wakes the shipping loop before its interval (a push waits for the bucket).
     wake: tokio::sync::Notify,
+    /// This registry's lease identity, and when it last renewed the lease.
+    owner: String,
+    renewed: parking_lot::Mutex<Option<Instant>>,
 }
 
 impl Shipper {
-    /// A shipper of `store` to the bucket `cfg` names (no request is made yet).
-    pub fn new(store: Store, cfg: &BucketConfig) -> anyhow::Result<Arc<Shipper>> {
+    /// A shipper of `store` (whose data directory is `data`) to the bucket `cfg` names (no
+    /// request is made yet).
+    pub fn new(
+        store: Store,
+        data: &std::path::Path,
+        cfg: &BucketConfig,
+    ) -> anyhow::Result<Arc<Shipper>> {
         let bucket = Bucket::connect(cfg)?;
         let status = Status {
             bucket: bucket.describe().to_owned(),
@@ -122,6 +131,8 @@ impl Shipper {
             status: parking_lot::Mutex::new(status),
             shipped_position: tokio::sync::watch::Sender::new(None),
             wake: tokio::sync::Notify::new(),
+            owner: lease::owner(data)?,
+            renewed: parking_lot::Mutex::new(None),
         }))
     }
 
@@ -135,6 +146,46 @@ impl Shipper {
     pub fn status(&self) -> Status {
         self.note_changes();
         self.status.lock().clone()
+    }
+
+    /// Seconds the lease lasts after a renewal: six intervals, at least a minute.
+    fn lease_ttl(&self) -> u64 {
+        (6 * self.cfg.ship_interval_secs).max(60)
+    }
+
+    /// True when the lease is due for renewal (a third of its time to live has passed).
+    fn lease_due(&self) -> bool {
+        self.renewed
+            .lock()
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(self.lease_ttl() / 3))
+    }
+
+    async fn renew_lease(&self) -> anyhow::Result<()> {
+        lease::renew(&self.bucket, &self.owner, self.lease_ttl()).await?;
+        *self.renewed.lock() = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Takes the lease before serving (within `timeout`): an error when another registry
+    /// holds a live one; a warning only when the store cannot be reached (shipping then
+    /// takes it first, or stops with that error).
+    pub async fn acquire(&self, timeout: Duration) -> anyhow::Result<()> {
+        match tokio::time::timeout(timeout, self.renew_lease()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.downcast_ref::<lease::LeaseHeld>().is_some() => Err(e),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not take the bucket's lease at start; shipping takes it once the store answers");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the bucket did not answer within {} s at start; shipping takes the lease \
+                     once it does",
+                    timeout.as_secs()
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Notes a change of the catalog that no checkpoint holds yet (the lag starts); true
@@ -155,10 +206,15 @@ impl Shipper {
         let mut shipped = self.shipped.lock().await;
         let started = Instant::now();
         let result = async {
+            let pending = self.note_changes();
+            // The lease before anything is written, and renewed while idle.
+            if pending || force || !shipped.opened || self.lease_due() {
+                self.renew_lease().await?;
+            }
             if !shipped.opened {
                 self.open(&mut shipped).await?;
             }
-            if !self.note_changes() && !force {
+            if !pending && !force {
                 return Ok(None);
             }
             self.ship_locked(&mut shipped).await.map(Some)
@@ -412,7 +468,7 @@ impl Shipper {
             if due {
                 let pending = {
                     let shipped = self.shipped.lock().await;
-                    !shipped.opened || self.note_changes()
+                    !shipped.opened || self.note_changes() || self.lease_due()
                 };
                 if pending {
                     last_attempt = Some(Instant::now());
@@ -448,6 +504,9 @@ impl Shipper {
                 "the last shipment did not finish within {} s: the bucket lags behind",
                 final_grace.as_secs()
             ),
+        }
+        if let Err(e) = lease::release(&self.bucket, &self.owner).await {
+            tracing::warn!(error = %format!("{e:#}"), "could not release the bucket's lease; it lapses by itself");
         }
     }
 }

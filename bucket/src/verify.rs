@@ -132,7 +132,11 @@ pub async fn verify(bucket: &Bucket, repair: bool) -> anyhow::Result<BucketRepor
     let ours = |n: &str| layout::segment_id(n).is_some() || layout::catalog_seq(n).is_some();
     let unnamed: BTreeSet<&String> = objects
         .keys()
-        .filter(|n| layout::checkpoint_seq(n).is_none() && !named.contains_key(*n))
+        .filter(|n| {
+            layout::checkpoint_seq(n).is_none()
+                && !named.contains_key(*n)
+                && n.as_str() != crate::lease::LEASE
+        })
         .collect();
     for name in unnamed {
         if !ours(name) {

@@ -168,7 +168,12 @@ impl Server {
         };
         let hooks = Arc::new(hooks);
         let bucket = match &config.bucket {
-            Some(b) => Some(ballast_bucket::Shipper::new(store.clone(), b)?),
+            Some(b) => {
+                let shipper = ballast_bucket::Shipper::new(store.clone(), &config.data, b)?;
+                // Refuses to start while another registry ships to the prefix.
+                shipper.acquire(Duration::from_secs(5)).await?;
+                Some(shipper)
+            }
             None => None,
         };
         let metrics = Arc::new(metrics::Metrics::new(

@@ -494,3 +494,47 @@ fn with_acknowledge_bucket_a_push_is_answered_once_the_bucket_holds_it() {
     let m = call("GET", &r.url("/v2/rel/app/manifests/late"), &[], None);
     assert_eq!(m.status, 200, "the push was kept locally");
 }
+
+#[test]
+fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lease() {
+    let g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        &g.bucket_table("registry-f", "ship_interval_secs = 1"),
+    );
+    let cfg = config.to_str().expect("utf-8");
+    let mut first = Registry::start_args(&tmp.path().join("a"), &[], &["--config", cfg]);
+    let second = || {
+        Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                cfg,
+                "--data",
+            ])
+            .arg(tmp.path().join("b"))
+            .env("BALLAST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("second serve")
+    };
+    let out = second().wait_with_output().expect("wait");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds the lease"), "{err}");
+
+    // The same registry killed and started again takes its own lease back at once.
+    first.kill();
+    let mut first = Registry::start_args(&tmp.path().join("a"), &[], &["--config", cfg]);
+    // A clean stop gives the lease up: the second one starts and ships.
+    first.stop();
+    let mut b = Registry::start_args(&tmp.path().join("b"), &[], &["--config", cfg]);
+    push_image_as(&b.url(""), "lease/app", "v1", 31, 1 << 16, &[]);
+    wait_shipped(&b);
+    assert_eq!(status(&b)["consecutive_failures"], 0);
+    b.stop();
+}
