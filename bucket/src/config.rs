@@ -39,6 +39,10 @@ pub struct BucketConfig {
     /// With `acknowledge = "bucket"`: seconds a push waits for the bucket before it is
     /// answered 503 (it stays stored here and reaches the bucket later).
     pub acknowledge_timeout_secs: u64,
+    /// `serve` on an empty (or absent) data directory restores the bucket's newest
+    /// checkpoint first (a new host with the old one's config brings the registry back);
+    /// `false` starts an empty registry instead.
+    pub restore_empty: bool,
 }
 
 /// When a manifest push is answered (`acknowledge`).
@@ -67,6 +71,7 @@ impl Default for BucketConfig {
             request_timeout_secs: 120,
             acknowledge: Acknowledge::Local,
             acknowledge_timeout_secs: 60,
+            restore_empty: true,
         }
     }
 }
@@ -94,6 +99,7 @@ impl std::fmt::Debug for BucketConfig {
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("acknowledge", &self.acknowledge)
             .field("acknowledge_timeout_secs", &self.acknowledge_timeout_secs)
+            .field("restore_empty", &self.restore_empty)
             .finish()
     }
 }

@@ -109,12 +109,12 @@ impl std::fmt::Display for LeaseHeld {
 
 impl std::error::Error for LeaseHeld {}
 
-/// Takes or renews the lease for `owner`; fails, naming the holder, when another holds a
-/// live one.
-pub async fn renew(bucket: &Bucket, owner: &str, ttl_secs: u64) -> anyhow::Result<()> {
+/// Fails, naming the holder, when a registry other than `owner` (any registry, for `None`)
+/// holds a live lease.
+pub async fn check_free(bucket: &Bucket, owner: Option<&str>) -> anyhow::Result<()> {
     let now = now_secs();
     if let Some(l) = read(bucket).await? {
-        if l.owner != owner && l.live(now) {
+        if Some(l.owner.as_str()) != owner && l.live(now) {
             return Err(LeaseHeld(format!(
                 "another registry ({}) holds the lease on {} (renewed {} s ago; it lapses in \
                  {} s unless renewed): only one registry may ship to a prefix. Stop the other \
@@ -128,9 +128,16 @@ pub async fn renew(bucket: &Bucket, owner: &str, ttl_secs: u64) -> anyhow::Resul
             .into());
         }
     }
+    Ok(())
+}
+
+/// Takes or renews the lease for `owner`; fails, naming the holder, when another holds a
+/// live one.
+pub async fn renew(bucket: &Bucket, owner: &str, ttl_secs: u64) -> anyhow::Result<()> {
+    check_free(bucket, Some(owner)).await?;
     let lease = Lease {
         owner: owner.to_owned(),
-        renewed_at: now,
+        renewed_at: now_secs(),
         ttl_secs,
     };
     bucket

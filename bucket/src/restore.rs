@@ -99,12 +99,7 @@ pub async fn restore(
     opts: ballast_engine::Options,
 ) -> anyhow::Result<RestoreReport> {
     let started = Instant::now();
-    if dir.exists()
-        && std::fs::read_dir(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .next()
-            .is_some()
-    {
+    if !is_empty(dir)? {
         bail!(
             "{} is not empty: restore into a new directory (nothing there was changed)",
             dir.display()
@@ -186,6 +181,53 @@ pub async fn restore(
         warnings,
         ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// What `serve` does first with a bucket configured: when `dir` is absent or empty, restores
+/// the bucket's newest checkpoint into it (`None` when the bucket holds none: a new
+/// registry). Refuses while another registry holds the prefix's lease (it is alive, or has
+/// just been lost: the error says when its lease lapses), and when the bucket cannot be
+/// asked (starting empty could fork the prefix's history).
+pub async fn restore_if_empty(
+    bucket: &Bucket,
+    dir: &Path,
+    opts: ballast_engine::Options,
+) -> anyhow::Result<Option<RestoreReport>> {
+    if !is_empty(dir)? {
+        return Ok(None);
+    }
+    let asked = async {
+        crate::lease::check_free(bucket, None).await?;
+        checkpoints(bucket).await
+    }
+    .await;
+    let seqs = match asked {
+        Ok(seqs) => seqs,
+        Err(e) if e.downcast_ref::<crate::lease::LeaseHeld>().is_some() => {
+            return Err(e.context(format!("{} is empty and was not restored", dir.display())))
+        }
+        Err(e) => {
+            return Err(e.context(format!(
+                "{} is empty, and the bucket could not be asked for a checkpoint to restore: \
+                 start again once it answers (or set restore_empty = false in [bucket] to start \
+                 an empty registry)",
+                dir.display()
+            )))
+        }
+    };
+    if seqs.is_empty() {
+        return Ok(None);
+    }
+    restore(bucket, dir, None, opts).await.map(Some)
+}
+
+/// True when `dir` is absent or holds nothing.
+fn is_empty(dir: &Path) -> anyhow::Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
 }
 
 fn describe_seqs(seqs: &[u64]) -> String {

@@ -164,25 +164,7 @@ pub fn run(cfg: &Config, args: &RestoreArgs<'_>, out: &mut dyn Write) -> i32 {
             )
         }
     };
-    let mut e = Event::new(crate::cli::cli_actor(), "bucket.restore");
-    e.reason = Some(format!(
-        "checkpoint {} of {} (taken {}): {} repositories, {} segments, {} bytes",
-        report.seq,
-        bucket.describe(),
-        when(report.taken_at),
-        report.repos,
-        report.segments,
-        report.bytes
-    ));
-    // (`cfg.data` is the restored directory: the audit log is its own unless the config
-    // puts it elsewhere.)
-    let audit_path = cfg.audit_path();
-    let audit_warning = audit::append(&audit_path, &e).err().map(|err| {
-        format!(
-            "could not write the audit log {}: {err}",
-            audit_path.display()
-        )
-    });
+    let audit_warning = audit_restore(cfg, &crate::cli::cli_actor(), &bucket, &report);
     if args.json {
         let _ = writeln!(
             out,
@@ -214,6 +196,66 @@ pub fn run(cfg: &Config, args: &RestoreArgs<'_>, out: &mut dyn Write) -> i32 {
         EXIT_FINDINGS => EXIT_FINDINGS,
         _ => EXIT_FAILED,
     }
+}
+
+/// Audits a restore as `bucket.restore` by `actor`; says why it could not.
+fn audit_restore(
+    cfg: &Config,
+    actor: &str,
+    bucket: &ballast_bucket::Bucket,
+    report: &ballast_bucket::restore::RestoreReport,
+) -> Option<String> {
+    let mut e = Event::new(actor, "bucket.restore");
+    e.reason = Some(format!(
+        "checkpoint {} of {} (taken {}): {} repositories, {} segments, {} bytes",
+        report.seq,
+        bucket.describe(),
+        when(report.taken_at),
+        report.repos,
+        report.segments,
+        report.bytes
+    ));
+    // (`cfg.data` is the restored directory: the audit log is its own unless the config
+    // puts it elsewhere.)
+    let audit_path = cfg.audit_path();
+    audit::append(&audit_path, &e).err().map(|err| {
+        format!(
+            "could not write the audit log {}: {err}",
+            audit_path.display()
+        )
+    })
+}
+
+/// `serve` with a bucket, before the store opens: an empty (or absent) data directory is
+/// restored from the bucket's newest checkpoint (unless `restore_empty = false`), audited
+/// as `bucket.restore` by `system`. Nothing happens when the bucket holds no checkpoint.
+pub(crate) async fn restore_if_empty(cfg: &Config) -> anyhow::Result<()> {
+    let Some(bcfg) = cfg.bucket.as_ref().filter(|b| b.restore_empty) else {
+        return Ok(());
+    };
+    let bucket = ballast_bucket::Bucket::connect(bcfg)?;
+    let Some(report) =
+        ballast_bucket::restore::restore_if_empty(&bucket, &cfg.data, cfg.engine_options()).await?
+    else {
+        return Ok(());
+    };
+    tracing::info!(
+        checkpoint = report.seq,
+        taken_at = %when(report.taken_at),
+        repositories = report.repos,
+        segments = report.segments,
+        bytes = report.bytes,
+        ms = report.ms,
+        "the data directory was empty: restored the bucket's newest checkpoint (pushes after \
+         its cut are not in it)"
+    );
+    for w in &report.warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(w) = audit_restore(cfg, "system", &bucket, &report) {
+        tracing::warn!("{w}");
+    }
+    Ok(())
 }
 
 /// Unix seconds as RFC 3339 (UTC).

@@ -125,6 +125,7 @@ impl Server {
             (Some(c), Some(k)) => Some(tls::acceptor(c, k)?),
             _ => None,
         };
+        bucket_cmd::restore_if_empty(&config).await?;
         let data = config.data.clone();
         let opts = config.engine_options();
         let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))

@@ -538,3 +538,70 @@ fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lea
     assert_eq!(status(&b)["consecutive_failures"], 0);
     b.stop();
 }
+
+#[test]
+fn serve_on_an_empty_data_directory_restores_the_bucket_unless_a_live_lease_says_otherwise() {
+    let g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        &g.bucket_table("registry-g", "ship_interval_secs = 1"),
+    );
+    let cfg = config.to_str().expect("utf-8");
+    let old = tmp.path().join("old");
+    let mut r = Registry::start_args(&old, &[], &["--config", cfg]);
+    let digest = push_image_as(&r.url(""), "team-a/api", "v1", 41, 2 << 20, &[]);
+    wait_shipped(&r);
+
+    // The old host dies: its lease is still live, so a new host must not take over yet.
+    r.kill();
+    let new = tmp.path().join("new");
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            cfg,
+            "--data",
+        ])
+        .arg(&new)
+        .env("BALLAST_LOG", "warn")
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("holds the lease") && err.contains("was not restored"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(&new).map_or(true, |mut d| d.next().is_none()),
+        "a refused start leaves the directory empty"
+    );
+
+    // Once the old one is gone for good (here: it came back and stopped cleanly, giving the
+    // lease up), serve on the empty directory restores the newest checkpoint and goes on
+    // shipping to the same prefix.
+    let mut r = Registry::start_args(&old, &[], &["--config", cfg]);
+    r.stop();
+    let mut back = Registry::start_args(&new, &[], &["--config", cfg]);
+    assert_pulls(&back, "team-a/api", "v1", &digest, 41, 2 << 20);
+    let audit = std::fs::read_to_string(new.join("audit/audit.log")).unwrap_or_default();
+    assert!(
+        audit.contains("bucket.restore") && audit.contains("\"system\""),
+        "the restore at start is audited: {audit}"
+    );
+    let more = push_image_as(&back.url(""), "team-a/api", "v2", 42, 1 << 20, &[]);
+    wait_shipped(&back);
+    assert_eq!(status(&back)["consecutive_failures"], 0);
+    back.stop();
+    assert_fsck_clean(&new);
+
+    // And a registry restored from that prefix now has both.
+    let third = tmp.path().join("third");
+    let mut last = Registry::start_args(&third, &[], &["--config", cfg]);
+    assert_pulls(&last, "team-a/api", "v1", &digest, 41, 2 << 20);
+    assert_pulls(&last, "team-a/api", "v2", &more, 42, 1 << 20);
+    last.stop();
+}
