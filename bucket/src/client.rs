@@ -108,7 +108,7 @@ impl Bucket {
         if r.is_err() {
             self.requests.failures.fetch_add(1, Ordering::Relaxed);
         }
-        r.with_context(|| format!("{what} {name} in {}", self.describe))
+        r.map_err(|e| anyhow::anyhow!("{what} {name} in {}: {}", self.describe, concise(&e)))
     }
 
     /// Writes a whole object (replacing one of that name).
@@ -284,4 +284,66 @@ impl Bucket {
 /// The SHA-256 of `bytes`, in hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+/// A store error in one line a person can act on. object_store's messages repeat their
+/// sources (a retried request names its URL and each layer's error again), so this keeps the
+/// first layer (the request, its retries and time) and the root cause (`Connection refused`,
+/// `403 Forbidden` with the store's own message...).
+fn concise(e: &object_store::Error) -> String {
+    let top = e.to_string();
+    let head = top.split(" - ").next().unwrap_or(&top).trim().to_owned();
+    let mut root: &dyn std::error::Error = e;
+    while let Some(s) = root.source() {
+        root = s;
+    }
+    let cause = root.to_string();
+    if head.contains(cause.trim()) {
+        head
+    } else {
+        format!("{head}: {}", cause.trim())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concise;
+
+    /// An error that, like a retried request's, repeats its source in its own message.
+    #[derive(Debug)]
+    struct Retried(std::io::Error);
+
+    impl std::fmt::Display for Retried {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "Error performing GET http://s3/b/k after 7 retries - {}",
+                self.0
+            )
+        }
+    }
+
+    impl std::error::Error for Retried {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_store_error_is_one_line_with_its_request_and_root_cause() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(Retried(refused())),
+        };
+        assert_eq!(
+            concise(&e),
+            "Generic S3 error: Error performing GET http://s3/b/k after 7 retries: refused"
+        );
+        let plain = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(refused()),
+        };
+        assert_eq!(concise(&plain), "Generic S3 error: refused");
+    }
 }

@@ -553,7 +553,17 @@ fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let server = Server::start(cfg.clone()).await?;
+        // Signals are taken before the server starts, so one that arrives while it starts (or
+        // just after it said it listens) still stops it cleanly.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let server = tokio::select! {
+            s = Server::start(cfg.clone()) => s?,
+            _ = int.recv() => anyhow::bail!("interrupted while starting: stopped before serving"),
+            _ = term.recv() => anyhow::bail!("SIGTERM while starting: stopped before serving"),
+        };
         println!(
             "ballast {} listening on {}://{} with data in {}",
             env!("CARGO_PKG_VERSION"),
@@ -565,11 +575,9 @@ fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
             println!("metrics on http://{m}/metrics");
         }
         tracing::info!(listen = %server.addr(), data = %cfg.data.display(), "serving");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {
+                _ = int.recv() => {
                     tracing::info!("interrupt: shutting down");
                     break;
                 }
