@@ -30,6 +30,9 @@ pub struct BucketConfig {
     /// Checkpoints kept in the bucket (the newest; a restore may pick any of them). Segment
     /// objects no kept checkpoint lists are deleted.
     pub checkpoints_kept: usize,
+    /// A checkpoint also stays while it is younger than this (seconds), however many came
+    /// after it: a restore started on it has at least this long before its segments may go.
+    pub checkpoint_grace_secs: u64,
     /// Seconds one request to the store may take, retries included, before it fails.
     pub request_timeout_secs: u64,
     /// When a manifest push is answered: once stored here (`local`, the default; the
@@ -68,6 +71,7 @@ impl Default for BucketConfig {
             path_style: true,
             ship_interval_secs: 10,
             checkpoints_kept: 10,
+            checkpoint_grace_secs: 3600,
             request_timeout_secs: 120,
             acknowledge: Acknowledge::Local,
             acknowledge_timeout_secs: 60,
@@ -96,6 +100,7 @@ impl std::fmt::Debug for BucketConfig {
             .field("path_style", &self.path_style)
             .field("ship_interval_secs", &self.ship_interval_secs)
             .field("checkpoints_kept", &self.checkpoints_kept)
+            .field("checkpoint_grace_secs", &self.checkpoint_grace_secs)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("acknowledge", &self.acknowledge)
             .field("acknowledge_timeout_secs", &self.acknowledge_timeout_secs)

@@ -2,7 +2,8 @@
 //! checkpoint (a consistent cut: `ballast_engine::checkpoint`) goes up: the sealed segments
 //! the bucket does not hold yet, the catalog, then the checkpoint record that names them
 //! (the commit point: a restore only ever sees whole checkpoints). Old checkpoints past
-//! `checkpoints_kept` are deleted, and with them the segments no kept checkpoint lists.
+//! `checkpoints_kept` and older than `checkpoint_grace_secs` are deleted, and with them the
+//! segments no kept checkpoint lists.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -256,14 +257,26 @@ impl Shipper {
     /// and segments no checkpoint lists).
     async fn open(&self, shipped: &mut Shipped) -> anyhow::Result<()> {
         let seqs = crate::restore::checkpoints(&self.bucket).await?;
+        // Newest first: the kept ones, until one is past both the kept number and the grace
+        // (every older one is too).
         let mut kept = BTreeMap::new();
-        for seq in seqs.iter().rev().take(self.cfg.checkpoints_kept) {
+        let mut expired = Vec::new();
+        let now = now_secs();
+        for seq in seqs.iter().rev() {
+            if !expired.is_empty() {
+                expired.push(*seq);
+                continue;
+            }
             let name = layout::checkpoint_name(*seq);
             let Some(bytes) = self.bucket.get(&name).await? else {
                 continue;
             };
             let record = CheckpointRecord::parse(&bytes)
                 .with_context(|| format!("reading {name} in {}", self.bucket.describe()))?;
+            if kept.len() >= self.cfg.checkpoints_kept && !self.in_grace(&record, now) {
+                expired.push(*seq);
+                continue;
+            }
             kept.insert(*seq, record);
         }
         let listed: BTreeSet<u64> = kept
@@ -271,9 +284,10 @@ impl Shipper {
             .flat_map(|c| c.segments.iter().map(|s| s.id))
             .collect();
         let mut deleted = 0u64;
-        // Checkpoints past the kept number (`checkpoints_kept` was lowered, or a prune was
-        // interrupted): their records go first, so none is listed without its objects.
-        for seq in seqs.iter().rev().skip(self.cfg.checkpoints_kept) {
+        // Checkpoints past the kept number and the grace (`checkpoints_kept` was lowered, the
+        // registry was stopped a while, or a prune was interrupted): their records go first,
+        // so none is listed without its objects.
+        for seq in &expired {
             self.bucket.delete(&layout::checkpoint_name(*seq)).await?;
             deleted += 1;
         }
@@ -394,14 +408,27 @@ impl Shipper {
         })
     }
 
-    /// Deletes the checkpoints past the newest `checkpoints_kept`, their catalogs, and the
-    /// segments only they listed.
+    /// True while `record` is within `checkpoint_grace_secs` of its cut at `now`.
+    fn in_grace(&self, record: &CheckpointRecord, now: u64) -> bool {
+        now < record
+            .taken_at
+            .saturating_add(self.cfg.checkpoint_grace_secs)
+    }
+
+    /// Deletes the oldest checkpoints while there are more than `checkpoints_kept` and the
+    /// oldest is past `checkpoint_grace_secs`, with their catalogs and the segments only they
+    /// listed.
     async fn prune(&self, shipped: &mut Shipped) -> anyhow::Result<usize> {
         let mut deleted = 0;
+        let now = now_secs();
         while shipped.kept.len() > self.cfg.checkpoints_kept {
-            let Some((seq, old)) = shipped.kept.pop_first() else {
+            let Some(entry) = shipped.kept.first_entry() else {
                 break;
             };
+            if self.in_grace(entry.get(), now) {
+                break;
+            }
+            let (seq, old) = entry.remove_entry();
             // The record first: a checkpoint is never listed without its objects.
             self.bucket.delete(&layout::checkpoint_name(seq)).await?;
             self.bucket.delete(&old.catalog.name).await?;

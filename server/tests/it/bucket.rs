@@ -157,7 +157,10 @@ fn a_registry_comes_back_from_the_bucket_after_its_disk_is_lost() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = write_config(
         tmp.path(),
-        &g.bucket_table("registry-a", "ship_interval_secs = 1\ncheckpoints_kept = 3"),
+        &g.bucket_table(
+            "registry-a",
+            "ship_interval_secs = 1\ncheckpoints_kept = 3\ncheckpoint_grace_secs = 0",
+        ),
     );
     let cfg = config.to_str().expect("utf-8");
     let data = tmp.path().join("data");
@@ -545,7 +548,7 @@ fn serve_on_an_empty_data_directory_restores_the_bucket_unless_a_live_lease_says
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = write_config(
         tmp.path(),
-        &g.bucket_table("registry-g", "ship_interval_secs = 1"),
+        &g.bucket_table("registry-g", "ship_interval_secs = 1\ncheckpoints_kept = 1"),
     );
     let cfg = config.to_str().expect("utf-8");
     let old = tmp.path().join("old");
@@ -604,4 +607,11 @@ fn serve_on_an_empty_data_directory_restores_the_bucket_unless_a_live_lease_says
     assert_pulls(&last, "team-a/api", "v1", &digest, 41, 2 << 20);
     assert_pulls(&last, "team-a/api", "v2", &more, 42, 1 << 20);
     last.stop();
+    // One checkpoint kept by number, but none is an hour old: every one is still there.
+    let (code, list) = restore(&config, &tmp.path().join("unused"), &["--list"]);
+    assert_eq!(code, 0, "{list}");
+    assert!(
+        list.lines().filter(|l| l.starts_with("checkpoint")).count() >= 3,
+        "checkpoints within checkpoint_grace_secs stay: {list}"
+    );
 }
