@@ -69,6 +69,10 @@ pub struct Config {
     /// While pushes run, a collection copies live data at most this many MiB a second (0:
     /// never paced); without pushes it copies at full speed.
     pub gc_pace_mb_per_sec: u64,
+    /// Collections fold sealed segments smaller than this many MiB together once there are
+    /// a few (0: never); unset: an eighth of `segment_bytes_max` with `[bucket]` (which seals
+    /// a segment per checkpoint), never without.
+    pub gc_fold_below_mb: Option<u64>,
     /// Log filter (tracing `EnvFilter` syntax).
     pub log: String,
     /// TLS certificate chain (PEM). With `tls_key`, the server speaks HTTPS (HTTP/1.1 and
@@ -205,6 +209,7 @@ impl Default for Config {
             gc_delete_untagged: false,
             gc_min_dead_fraction: 0.5,
             gc_pace_mb_per_sec: ballast_engine::gc::PACE_BYTES_PER_SEC >> 20,
+            gc_fold_below_mb: None,
             log: "info".into(),
             tls_cert: None,
             tls_key: None,
@@ -258,6 +263,7 @@ pub const SETTINGS: &[&str] = &[
     "gc_delete_untagged",
     "gc_min_dead_fraction",
     "gc_pace_mb_per_sec",
+    "gc_fold_below_mb",
     "log",
     "tls_cert",
     "tls_key",
@@ -320,6 +326,15 @@ impl Config {
     /// True when the server speaks TLS.
     pub fn tls(&self) -> bool {
         self.tls_cert.is_some()
+    }
+
+    /// Bytes below which collections fold sealed segments together (`gc_fold_below_mb`).
+    pub fn gc_fold_below_bytes(&self) -> u64 {
+        match self.gc_fold_below_mb {
+            Some(mb) => mb << 20,
+            None if self.bucket.is_some() => self.segment_bytes_max / 8,
+            None => 0,
+        }
     }
 
     /// The storage engine's options these settings ask for.
@@ -521,6 +536,7 @@ impl Config {
             "gc_delete_untagged" => self.gc_delete_untagged = boolean(value)?,
             "gc_min_dead_fraction" => self.gc_min_dead_fraction = num(value)?,
             "gc_pace_mb_per_sec" => self.gc_pace_mb_per_sec = num(value)?,
+            "gc_fold_below_mb" => self.gc_fold_below_mb = Some(num(value)?),
             "log" => self.log = value.to_owned(),
             "tls_cert" => self.tls_cert = Some(PathBuf::from(value)),
             "tls_key" => self.tls_key = Some(PathBuf::from(value)),

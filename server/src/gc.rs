@@ -99,6 +99,7 @@ pub fn scheduled_options(app: &App) -> GcOptions {
         delete_untagged: app.config.gc_delete_untagged,
         dead_fraction_min: app.config.gc_min_dead_fraction,
         pace_bytes_per_sec: app.config.gc_pace_mb_per_sec << 20,
+        fold_below_bytes: app.config.gc_fold_below_bytes(),
         ..Default::default()
     }
 }

@@ -69,6 +69,10 @@ enum Command {
         /// server's schedule uses `gc_min_dead_fraction`, 0.5 by default).
         #[arg(long, default_value_t = 0.01, value_parser = fraction)]
         min_dead_fraction: f64,
+        /// Fold sealed segments smaller than this many MiB together when there are at least
+        /// four (0: never; a registry that shipped to a bucket has one per checkpoint).
+        #[arg(long, default_value_t = 0)]
+        fold_below_mb: u64,
         /// Remove unfinished upload sessions started more than this many seconds ago (the
         /// server's `upload_max_age_secs` does the same while it runs).
         #[arg(long, default_value_t = ballast_server::config::UPLOAD_MAX_AGE_SECS_DEFAULT)]
@@ -315,6 +319,7 @@ fn main() -> anyhow::Result<()> {
             grace,
             delete_untagged,
             min_dead_fraction,
+            fold_below_mb,
             upload_max_age,
             json,
         } => {
@@ -325,6 +330,7 @@ fn main() -> anyhow::Result<()> {
                 dry_run,
                 // Offline: no pushes to make room for.
                 pace_bytes_per_sec: 0,
+                fold_below_bytes: fold_below_mb << 20,
             };
             std::process::exit(ballast_tools::gc(
                 &dir,

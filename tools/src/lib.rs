@@ -538,6 +538,19 @@ pub fn gc(
             human_bytes(report.upload_bytes_freed),
             if r.dry_run { "would expire" } else { "expired" },
         )?;
+        if r.segments_folded > 0 {
+            writeln!(
+                out,
+                "folded: {} small segments (below {}) {} into one",
+                r.segments_folded,
+                human_bytes(opts.fold_below_bytes),
+                if r.dry_run {
+                    "would be copied"
+                } else {
+                    "copied"
+                },
+            )?;
+        }
         if r.dead_bytes_left_young + r.dead_bytes_left_below_fraction > 0 {
             writeln!(
                 out,

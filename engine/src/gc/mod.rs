@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 pub(crate) use self::barrier::GcState;
-pub use self::plan::{mark, plan, SegmentStats};
+pub use self::plan::{fold, mark, plan, SegmentStats, FOLD_MIN_SEGMENTS};
 use crate::catalog::Op;
 use crate::digest::ChunkId;
 use crate::error::{Error, Result};
@@ -43,6 +43,12 @@ pub struct GcOptions {
     /// While blob writers run, live bytes are copied at most this fast (a token bucket);
     /// without writers the copy runs at full speed. Zero: never paced.
     pub pace_bytes_per_sec: u64,
+    /// Sealed segments smaller than this are folded together (their live records copied
+    /// into the active segment) when there are at least [`plan::FOLD_MIN_SEGMENTS`] of them
+    /// past the grace period, however little of them is dead: shipping to a bucket seals a
+    /// segment per checkpoint, and without folding a registry with a trickle of pushes
+    /// keeps a file per interval. Zero: never.
+    pub fold_below_bytes: u64,
 }
 
 /// The default pace while pushes run: a sixteenth of what a good disk writes, enough to
@@ -57,6 +63,7 @@ impl Default for GcOptions {
             dead_fraction_min: 0.5,
             dry_run: false,
             pace_bytes_per_sec: PACE_BYTES_PER_SEC,
+            fold_below_bytes: 0,
         }
     }
 }
@@ -72,8 +79,10 @@ pub struct GcReport {
     pub manifests_removed: u64,
     /// Segments examined (sealed ones).
     pub segments_examined: u64,
-    /// Segments compacted away.
+    /// Segments compacted away (the folded ones included).
     pub segments_compacted: u64,
+    /// Of those, small segments folded together for their size (`fold_below_bytes`).
+    pub segments_folded: u64,
     /// Bytes of segment files before.
     pub bytes_before: u64,
     /// Live bytes copied forward.
@@ -198,7 +207,10 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
     }
     report.segments_examined = stats.len() as u64;
     // 4. Plan and compact.
-    let victims: HashSet<u64> = plan(&stats, now, opts).into_iter().collect();
+    let mut victims: HashSet<u64> = plan(&stats, now, opts).into_iter().collect();
+    let folded = fold(&stats, &victims, now, opts);
+    report.segments_folded = folded.len() as u64;
+    victims.extend(folded);
     let victim_bytes: u64 = stats
         .iter()
         .filter(|s| victims.contains(&s.id))

@@ -106,6 +106,35 @@ pub fn plan(segments: &[SegmentStats], now: u64, opts: &GcOptions) -> Vec<u64> {
         .collect()
 }
 
+/// Small segments are folded only when at least this many are: fewer are not worth a copy.
+pub const FOLD_MIN_SEGMENTS: usize = 4;
+
+/// The small segments to fold together besides the `chosen` ones: smaller than
+/// `fold_below_bytes`, older than the grace period, and at least [`FOLD_MIN_SEGMENTS`] of
+/// them (none otherwise).
+pub fn fold(
+    segments: &[SegmentStats],
+    chosen: &HashSet<u64>,
+    now: u64,
+    opts: &GcOptions,
+) -> Vec<u64> {
+    if opts.fold_below_bytes == 0 {
+        return Vec::new();
+    }
+    let small: Vec<u64> = segments
+        .iter()
+        .filter(|s| s.size > FILE_HEADER_LEN as u64 && s.size < opts.fold_below_bytes)
+        .filter(|s| s.mtime.saturating_add(opts.grace_secs) <= now)
+        .filter(|s| !chosen.contains(&s.id))
+        .map(|s| s.id)
+        .collect();
+    if small.len() >= FOLD_MIN_SEGMENTS {
+        small
+    } else {
+        Vec::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +245,42 @@ mod tests {
             s(5, 16, 16, now - 200),              // empty: nothing to gain
         ];
         assert_eq!(plan(&segs, now, &opts), vec![1, 4]);
+        assert!(
+            fold(&segs, &HashSet::new(), now, &opts).is_empty(),
+            "off by default"
+        );
+    }
+
+    #[test]
+    fn small_segments_are_folded_once_there_are_enough_of_them() {
+        let opts = GcOptions {
+            grace_secs: 100,
+            fold_below_bytes: 1000,
+            ..GcOptions::default()
+        };
+        let s = |id, size, mtime| SegmentStats {
+            id,
+            size,
+            live: size,
+            mtime,
+        };
+        let now = 1_000_000_000;
+        let old = now - 200;
+        let mut segs = vec![
+            s(1, 500, old),
+            s(2, 900, old),
+            s(3, 5000, old),     // large: stays
+            s(4, 300, now - 50), // within grace: stays
+            s(5, 16, old),       // empty: nothing to gain
+            s(6, 700, old),
+        ];
+        let chosen: HashSet<u64> = [2].into();
+        assert!(
+            fold(&segs, &chosen, now, &opts).is_empty(),
+            "two small ones besides the chosen: not worth it"
+        );
+        segs.push(s(7, 100, old));
+        segs.push(s(8, 999, old));
+        assert_eq!(fold(&segs, &chosen, now, &opts), vec![1, 6, 7, 8]);
     }
 }

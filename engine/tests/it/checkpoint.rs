@@ -193,3 +193,71 @@ fn a_checkpoint_without_changes_seals_nothing_and_install_refuses_bad_input() {
         .expect_err("a catalog is there");
     assert!(err.to_string().contains("holds a catalog already"), "{err}");
 }
+
+#[test]
+fn small_segments_that_checkpoints_sealed_are_folded_together_by_a_collection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options {
+        compress: false,
+        ..Options::default()
+    };
+    let store = Store::open(dir.path(), opts.clone()).expect("open");
+    let mut images = Vec::new();
+    for i in 0..6u64 {
+        let data = seeded(40_000 + i as usize * 1_000, 900 + i);
+        let d = sha256(&data);
+        store.put_blob(&data, None).expect("put");
+        store
+            .commit_ops(vec![ballast_engine::catalog::Op::LinkBlob {
+                repo: "team/app".into(),
+                digest: d.clone(),
+                at: 1,
+            }])
+            .expect("link");
+        let (md, manifest) = try_publish(&store, "team/app", &format!("v{i}"), &d).expect("pub");
+        images.push((d, data, md, manifest));
+        // Each shipment's cut seals the active segment: one small segment per checkpoint.
+        drop(store.checkpoint().expect("checkpoint"));
+    }
+    let sealed_before = store.segment_ids().len() - 1;
+    assert!(sealed_before >= 6, "{sealed_before} sealed segments");
+    let gc = |fold_below_bytes| {
+        collect(
+            &store,
+            &GcOptions {
+                grace_secs: 0,
+                fold_below_bytes,
+                ..GcOptions::default()
+            },
+            now_secs(),
+        )
+        .expect("collect")
+    };
+    // Off by default: nothing is dead, nothing is compacted.
+    let off = gc(0);
+    assert_eq!((off.segments_compacted, off.segments_folded), (0, 0));
+    let on = gc(1 << 20);
+    assert!(on.segments_folded >= 6, "{on:?}");
+    assert_eq!(on.segments_compacted, on.segments_folded);
+    assert!(
+        on.bytes_moved > 0 && on.bytes_reclaimed < on.bytes_moved,
+        "{on:?}"
+    );
+    let sealed_after = store.segment_ids().len() - 1;
+    assert!(
+        sealed_after < sealed_before,
+        "{sealed_before} sealed segments before, {sealed_after} after"
+    );
+    for (d, data, md, manifest) in &images {
+        assert_eq!(&store.read_blob(d).expect("layer"), data);
+        assert_eq!(&store.read_blob(md).expect("manifest"), manifest);
+    }
+    let report = verify::fsck(&store, &|_, _, _| {});
+    assert!(report.is_clean(), "{:?}", report.findings);
+    drop(store);
+    let again = Store::open(dir.path(), opts).expect("reopen");
+    for (d, data, _, _) in &images {
+        assert_eq!(&again.read_blob(d).expect("layer after reopen"), data);
+    }
+    assert!(verify::fsck(&again, &|_, _, _| {}).is_clean());
+}

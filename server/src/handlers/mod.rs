@@ -278,6 +278,7 @@ async fn admin_gc(
         },
         dry_run: flag("dry_run"),
         pace_bytes_per_sec: app.config.gc_pace_mb_per_sec << 20,
+        fold_below_bytes: app.config.gc_fold_below_bytes(),
     };
     let report = crate::gc::run(app, opts, crate::gc::Trigger::Request, &access.actor()).await?;
     Ok(reply(StatusCode::OK).json(&serde_json::to_value(&report).unwrap_or_default()))
