@@ -78,9 +78,15 @@ fuzz_target!(|ops: Vec<(u8, u8)>| {
                 }
             }
             4 => {
+                // A checkpoint seals the active segment (as a shipment to a bucket does), and
+                // a collection may fold the small segments that leaves.
+                if arg & 0x40 != 0 {
+                    drop(store.checkpoint().expect("checkpoint"));
+                }
                 let gc = GcOptions {
                     grace_secs: 0,
                     dead_fraction_min: 0.1,
+                    fold_below_bytes: if arg & 0x80 != 0 { 64 * 1024 } else { 0 },
                     ..GcOptions::default()
                 };
                 collect(&store, &gc, now + 10).expect("gc");
