@@ -20,6 +20,32 @@ fn small() -> Options {
     }
 }
 
+/// Stores `data` as a layer of `repo`, linked, and a manifest of it tagged `tag`: (layer
+/// digest, layer, manifest digest, manifest).
+fn push(
+    store: &Store,
+    repo: &str,
+    tag: &str,
+    data: Vec<u8>,
+) -> (
+    ballast_engine::Digest,
+    Vec<u8>,
+    ballast_engine::Digest,
+    Vec<u8>,
+) {
+    let d = sha256(&data);
+    store.put_blob(&data, None).expect("put");
+    store
+        .commit_ops(vec![ballast_engine::catalog::Op::LinkBlob {
+            repo: repo.into(),
+            digest: d.clone(),
+            at: 1,
+        }])
+        .expect("link");
+    let (md, manifest) = try_publish(store, repo, tag, &d).expect("publish");
+    (d, data, md, manifest)
+}
+
 /// Copies the cut's segments into `dir` as a restore does, byte for byte.
 fn copy_segments(cp: &Checkpoint, dir: &std::path::Path) {
     std::fs::create_dir_all(dir.join("segments")).expect("mkdir");
@@ -37,19 +63,12 @@ fn a_checkpoint_rebuilds_the_store_as_it_was_even_after_a_collection_removed_its
     let mut images = Vec::new();
     for i in 0..12u64 {
         let data = seeded(200_000 + i as usize * 7_000, 500 + i);
-        let d = sha256(&data);
-        store.put_blob(&data, None).expect("put");
-        store
-            .commit_ops(vec![ballast_engine::catalog::Op::LinkBlob {
-                repo: format!("team/app{}", i % 3),
-                digest: d.clone(),
-                at: 1,
-            }])
-            .expect("link");
-        let (md, manifest) =
-            try_publish(&store, &format!("team/app{}", i % 3), &format!("v{i}"), &d)
-                .expect("publish");
-        images.push((d, data, md, manifest));
+        images.push(push(
+            &store,
+            &format!("team/app{}", i % 3),
+            &format!("v{i}"),
+            data,
+        ));
     }
     let before = store.change_position();
     let cp = store.checkpoint().expect("checkpoint");
@@ -205,17 +224,7 @@ fn small_segments_that_checkpoints_sealed_are_folded_together_by_a_collection() 
     let mut images = Vec::new();
     for i in 0..6u64 {
         let data = seeded(40_000 + i as usize * 1_000, 900 + i);
-        let d = sha256(&data);
-        store.put_blob(&data, None).expect("put");
-        store
-            .commit_ops(vec![ballast_engine::catalog::Op::LinkBlob {
-                repo: "team/app".into(),
-                digest: d.clone(),
-                at: 1,
-            }])
-            .expect("link");
-        let (md, manifest) = try_publish(&store, "team/app", &format!("v{i}"), &d).expect("pub");
-        images.push((d, data, md, manifest));
+        images.push(push(&store, "team/app", &format!("v{i}"), data));
         // Each shipment's cut seals the active segment: one small segment per checkpoint.
         drop(store.checkpoint().expect("checkpoint"));
     }

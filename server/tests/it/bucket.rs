@@ -20,6 +20,15 @@ fn write_config(dir: &Path, body: &str) -> PathBuf {
     path
 }
 
+/// A 3-node Garage, a scratch directory, and a config whose `[bucket]` is `prefix` on it
+/// with `extra` settings.
+fn bed(prefix: &str, extra: &str) -> (Garage, tempfile::TempDir, PathBuf) {
+    let g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(tmp.path(), &g.bucket_table(prefix, extra));
+    (g, tmp, config)
+}
+
 fn status(r: &Registry) -> Value {
     let res = call("GET", &r.url("/admin/bucket"), &[], None);
     assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
@@ -153,14 +162,9 @@ fn assert_records_whole(g: &Garage, prefix: &str) -> (usize, BTreeSet<u64>, BTre
 
 #[test]
 fn a_registry_comes_back_from_the_bucket_after_its_disk_is_lost() {
-    let mut g = Garage::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        &g.bucket_table(
-            "registry-a",
-            "ship_interval_secs = 1\ncheckpoints_kept = 3\ncheckpoint_grace_secs = 0",
-        ),
+    let (mut g, tmp, config) = bed(
+        "registry-a",
+        "ship_interval_secs = 1\ncheckpoints_kept = 3\ncheckpoint_grace_secs = 0",
     );
     let cfg = config.to_str().expect("utf-8");
     let data = tmp.path().join("data");
@@ -304,14 +308,9 @@ fn a_registry_comes_back_from_the_bucket_after_its_disk_is_lost() {
 
 #[test]
 fn pushes_go_on_while_the_bucket_is_unreachable_and_it_catches_up() {
-    let mut g = Garage::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        &g.bucket_table(
-            "registry-b",
-            "ship_interval_secs = 1\nrequest_timeout_secs = 3",
-        ),
+    let (mut g, tmp, config) = bed(
+        "registry-b",
+        "ship_interval_secs = 1\nrequest_timeout_secs = 3",
     );
     let data = tmp.path().join("data");
     let r = Registry::start_args(&data, &[], &["--config", config.to_str().expect("utf-8")]);
@@ -366,12 +365,7 @@ fn pushes_go_on_while_the_bucket_is_unreachable_and_it_catches_up() {
 
 #[test]
 fn a_kill_during_uploads_never_leaves_a_partial_checkpoint() {
-    let g = Garage::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        &g.bucket_table("registry-c", "ship_interval_secs = 1"),
-    );
+    let (g, tmp, config) = bed("registry-c", "ship_interval_secs = 1");
     let cfg = config.to_str().expect("utf-8");
     let data = tmp.path().join("data");
     let mut r = Registry::start_args(&data, &[], &["--config", cfg]);
@@ -500,12 +494,7 @@ fn with_acknowledge_bucket_a_push_is_answered_once_the_bucket_holds_it() {
 
 #[test]
 fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lease() {
-    let g = Garage::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        &g.bucket_table("registry-f", "ship_interval_secs = 1"),
-    );
+    let (_garage, tmp, config) = bed("registry-f", "ship_interval_secs = 1");
     let cfg = config.to_str().expect("utf-8");
     let mut first = Registry::start_args(&tmp.path().join("a"), &[], &["--config", cfg]);
     let second = || {
@@ -544,12 +533,7 @@ fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lea
 
 #[test]
 fn serve_on_an_empty_data_directory_restores_the_bucket_unless_a_live_lease_says_otherwise() {
-    let g = Garage::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        &g.bucket_table("registry-g", "ship_interval_secs = 1\ncheckpoints_kept = 1"),
-    );
+    let (_garage, tmp, config) = bed("registry-g", "ship_interval_secs = 1\ncheckpoints_kept = 1");
     let cfg = config.to_str().expect("utf-8");
     let old = tmp.path().join("old");
     let mut r = Registry::start_args(&old, &[], &["--config", cfg]);
