@@ -27,6 +27,11 @@ use crate::lease;
 pub struct Status {
     /// `endpoint/bucket/prefix`.
     pub bucket: String,
+    /// This registry's identity in the prefix's lease (`lease.json`).
+    pub lease_owner: String,
+    /// When this registry last took or renewed the lease (Unix seconds); `None` before it
+    /// first has.
+    pub lease_renewed_at: Option<u64>,
     /// The newest checkpoint in the bucket.
     pub last_seq: Option<u64>,
     /// When its cut was taken (Unix seconds).
@@ -120,8 +125,10 @@ impl Shipper {
         cfg: &BucketConfig,
     ) -> anyhow::Result<Arc<Shipper>> {
         let bucket = Bucket::connect(cfg)?;
+        let owner = lease::owner(data)?;
         let status = Status {
             bucket: bucket.describe().to_owned(),
+            lease_owner: owner.clone(),
             ..Status::default()
         };
         Ok(Arc::new(Shipper {
@@ -132,7 +139,7 @@ impl Shipper {
             status: parking_lot::Mutex::new(status),
             shipped_position: tokio::sync::watch::Sender::new(None),
             wake: tokio::sync::Notify::new(),
-            owner: lease::owner(data)?,
+            owner,
             renewed: parking_lot::Mutex::new(None),
         }))
     }
@@ -164,6 +171,7 @@ impl Shipper {
     async fn renew_lease(&self) -> anyhow::Result<()> {
         lease::renew(&self.bucket, &self.owner, self.lease_ttl()).await?;
         *self.renewed.lock() = Some(Instant::now());
+        self.status.lock().lease_renewed_at = Some(now_secs());
         Ok(())
     }
 

@@ -527,7 +527,11 @@ fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lea
     let mut b = Registry::start_args(&tmp.path().join("b"), &[], &["--config", cfg]);
     push_image_as(&b.url(""), "lease/app", "v1", 31, 1 << 16, &[]);
     wait_shipped(&b);
-    assert_eq!(status(&b)["consecutive_failures"], 0);
+    let s = status(&b);
+    assert_eq!(s["consecutive_failures"], 0);
+    let owner = std::fs::read_to_string(tmp.path().join("b/bucket/owner")).expect("owner");
+    assert_eq!(s["lease_owner"], owner.trim(), "{s}");
+    assert!(s["lease_renewed_at"].as_u64().is_some(), "{s}");
     b.stop();
 }
 
