@@ -494,7 +494,7 @@ fn with_acknowledge_bucket_a_push_is_answered_once_the_bucket_holds_it() {
 
 #[test]
 fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lease() {
-    let (_garage, tmp, config) = bed("registry-f", "ship_interval_secs = 1");
+    let (garage, tmp, config) = bed("registry-f", "ship_interval_secs = 1");
     let cfg = config.to_str().expect("utf-8");
     let mut first = Registry::start_args(&tmp.path().join("a"), &[], &["--config", cfg]);
     let second = || {
@@ -532,6 +532,47 @@ fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lea
     let owner = std::fs::read_to_string(tmp.path().join("b/bucket/owner")).expect("owner");
     assert_eq!(s["lease_owner"], owner.trim(), "{s}");
     assert!(s["lease_renewed_at"].as_u64().is_some(), "{s}");
+
+    // Another registry's live lease appears while this one runs (one started in the same
+    // second, which read-then-write cannot stop): this one ships nothing over it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let bucket = garage.client("registry-f");
+    let other = ballast_bucket::lease::Lease {
+        owner: "elsewhere:0000beef".into(),
+        renewed_at: ballast_engine::clock::now_secs(),
+        ttl_secs: 600,
+    };
+    rt.block_on(bucket.put(
+        ballast_bucket::lease::LEASE,
+        serde_json::to_vec(&other).expect("json").into(),
+    ))
+    .expect("put lease");
+    let before = status(&b)["last_seq"].clone();
+    let refused = call("POST", &b.url("/admin/bucket/ship"), &[], None);
+    assert_eq!(refused.status, 503);
+    let msg = String::from_utf8_lossy(&refused.body);
+    assert!(
+        msg.contains("elsewhere:0000beef") && msg.contains("holds the lease"),
+        "{msg}"
+    );
+    assert_eq!(status(&b)["last_seq"], before, "nothing shipped");
+    let held = rt
+        .block_on(ballast_bucket::lease::read(&bucket))
+        .expect("read lease");
+    assert_eq!(held, Some(other), "the other's lease is left alone");
+    // Once it is gone, shipping goes on.
+    rt.block_on(bucket.delete(ballast_bucket::lease::LEASE))
+        .expect("delete lease");
+    let shipped = call("POST", &b.url("/admin/bucket/ship"), &[], None);
+    assert_eq!(
+        shipped.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&shipped.body)
+    );
     b.stop();
 }
 
