@@ -29,6 +29,14 @@ fn bed(prefix: &str, extra: &str) -> (Garage, tempfile::TempDir, PathBuf) {
     (g, tmp, config)
 }
 
+/// A runtime to drive the bucket client from a test.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn status(r: &Registry) -> Value {
     let res = call("GET", &r.url("/admin/bucket"), &[], None);
     assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
@@ -110,10 +118,7 @@ fn assert_pulls(r: &Registry, repo: &str, tag: &str, digest: &str, seed: u64, le
 /// ids the bucket holds.
 fn assert_records_whole(g: &Garage, prefix: &str) -> (usize, BTreeSet<u64>, BTreeSet<u64>) {
     let bucket = g.client(prefix);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     rt.block_on(async {
         let objects: std::collections::BTreeMap<String, u64> =
             bucket.list("").await.expect("list").into_iter().collect();
@@ -262,10 +267,7 @@ fn a_registry_comes_back_from_the_bucket_after_its_disk_is_lost() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("bucket clean"), "{out}");
     let client = g.client("registry-a");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let newest: Value = {
         let names = rt.block_on(client.list("checkpoints/")).expect("list");
         let (name, _) = names.last().expect("a checkpoint");
@@ -391,10 +393,7 @@ fn a_kill_during_uploads_never_leaves_a_partial_checkpoint() {
     let s = status(&r);
     let newest: Value = {
         let bucket = g.client("registry-c");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         let name = format!(
             "checkpoints/{:020}.json",
             s["last_seq"].as_u64().expect("seq")
@@ -535,10 +534,7 @@ fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lea
 
     // Another registry's live lease appears while this one runs (one started in the same
     // second, which read-then-write cannot stop): this one ships nothing over it.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let bucket = garage.client("registry-f");
     let other = ballast_bucket::lease::Lease {
         owner: "elsewhere:0000beef".into(),
