@@ -235,6 +235,7 @@ fn a_registry_comes_back_from_the_bucket_after_its_disk_is_lost() {
         out.contains("restored checkpoint") && out.contains("clean"),
         "{out}"
     );
+    eprintln!("{}", out.lines().next().unwrap_or_default());
     let (code, out) = restore(&config, &data, &[]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("not empty"), "{out}");
