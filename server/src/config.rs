@@ -445,6 +445,16 @@ impl Config {
                 self.gc_min_dead_fraction
             );
         }
+        if let Some(mb) = self.gc_fold_below_mb {
+            if mb.saturating_mul(1 << 20) > self.segment_bytes_max / 2 {
+                bail!(
+                    "gc_fold_below_mb is {mb}: folding copies every segment below it at every \
+                     collection, so it must be at most half of segment_bytes_max ({} MiB); an \
+                     eighth of it is the default with [bucket]",
+                    self.segment_bytes_max >> 20
+                );
+            }
+        }
         if self.auth.enabled {
             crate::auth::Policy::compile(&self.auth.policy, &self.auth.groups)
                 .context("[auth] policy")?;
@@ -707,5 +717,13 @@ actions = ["pull", "push"]
         });
         assert!(c.check().is_err());
         assert!(toml::from_str::<Config>("[auth]\nenabeld = true\n").is_err());
+        let mut c = Config {
+            gc_fold_below_mb: Some(32),
+            ..Config::default()
+        };
+        assert!(c.check().is_ok(), "half of the 64 MiB segments");
+        c.gc_fold_below_mb = Some(33);
+        let e = c.check().expect_err("past half a segment");
+        assert!(format!("{e:#}").contains("gc_fold_below_mb"), "{e:#}");
     }
 }
