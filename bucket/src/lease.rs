@@ -53,40 +53,16 @@ pub fn owner(data: &std::path::Path) -> anyhow::Result<String> {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown-host".into());
-    let owner = format!("{host}:{:08x}", rand_tag());
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(ballast_engine::storage::DIR_MODE)
-        .create(data.join("bucket"))
-        .with_context(|| format!("creating {}", data.join("bucket").display()))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(ballast_engine::storage::FILE_MODE)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(format!("{owner}\n").as_bytes())?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    let owner = format!("{host}:{:08x}", rand::random::<u32>());
+    // The engine's own modes and atomic replace (temp file, fsync, rename, directory fsync).
+    use ballast_engine::storage::{write_atomic, RealStorage, Storage};
+    let dir = data.join("bucket");
+    RealStorage
+        .create_dir_all(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(&RealStorage, &path, format!("{owner}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(owner)
-}
-
-fn rand_tag() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish() as u32
 }
 
 /// The lease in the bucket, if any (an unreadable one counts as none: it is replaced).

@@ -40,11 +40,12 @@ pub mod verify;
 /// Where a store keeps its files: the real file system, a read-only view of it for checks
 /// that must not change a byte, or a simulated one for tests that inject faults and power
 /// cuts ([`Store::open_on`]); the modes the engine creates files and
-/// directories with; dropping a file from the page cache (cold-read benchmarks).
+/// directories with; dropping a file from the page cache (cold-read benchmarks); replacing a
+/// small file atomically.
 pub mod storage {
     pub use crate::io::{
-        drop_page_cache, OverlayStorage, RealStorage, SimStorage, Storage, StorageFile, DIR_MODE,
-        FILE_MODE,
+        drop_page_cache, write_atomic, OverlayStorage, RealStorage, SimStorage, Storage,
+        StorageFile, DIR_MODE, FILE_MODE,
     };
 }
 
