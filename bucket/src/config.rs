@@ -46,7 +46,19 @@ pub struct BucketConfig {
     /// checkpoint first (a new host with the old one's config brings the registry back);
     /// `false` starts an empty registry instead.
     pub restore_empty: bool,
+    /// Tiering (docs/design.md, "Reads from the bucket"): the local disk kept for sealed
+    /// segments the bucket holds, their local copies and the blocks fetched back together,
+    /// in bytes. Past it the oldest copies are dropped and their records read from the
+    /// bucket. Unset: every segment stays local (the bucket is a copy), and blocks of
+    /// segments already dropped are cached up to [`DEFAULT_BLOCK_CACHE`].
+    pub cache_bytes_max: Option<u64>,
 }
+
+/// The block cache's size when `cache_bytes_max` is unset.
+pub const DEFAULT_BLOCK_CACHE: u64 = 1 << 30;
+
+/// The smallest `cache_bytes_max`: two blocks.
+pub const CACHE_BYTES_MIN: u64 = 2 * crate::tier::BLOCK_BYTES;
 
 /// When a manifest push is answered (`acknowledge`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -76,6 +88,7 @@ impl Default for BucketConfig {
             acknowledge: Acknowledge::Local,
             acknowledge_timeout_secs: 60,
             restore_empty: true,
+            cache_bytes_max: None,
         }
     }
 }
@@ -105,6 +118,7 @@ impl std::fmt::Debug for BucketConfig {
             .field("acknowledge", &self.acknowledge)
             .field("acknowledge_timeout_secs", &self.acknowledge_timeout_secs)
             .field("restore_empty", &self.restore_empty)
+            .field("cache_bytes_max", &self.cache_bytes_max)
             .finish()
     }
 }
@@ -148,6 +162,12 @@ impl BucketConfig {
         }
         if self.acknowledge_timeout_secs == 0 {
             bail!("[bucket] acknowledge_timeout_secs must be at least 1");
+        }
+        if self.cache_bytes_max.is_some_and(|b| b < CACHE_BYTES_MIN) {
+            bail!(
+                "[bucket] cache_bytes_max must be at least {CACHE_BYTES_MIN} (two blocks of \
+                 what is fetched back from the bucket)"
+            );
         }
         if self.prefix.starts_with('/') || self.prefix.contains("//") || self.prefix.contains("..")
         {

@@ -10,6 +10,7 @@
 //! - `lease`: one writer per prefix.
 //! - `ship`: shipping checkpoints, pruning old ones, the lag.
 //! - `restore`: rebuilding a data directory from a checkpoint.
+//! - `tier`: reading segments whose local file is gone, through a block cache.
 //! - `verify`: checking the bucket against its checkpoints (fsck).
 
 pub mod client;
@@ -18,6 +19,7 @@ pub mod layout;
 pub mod lease;
 pub mod restore;
 pub mod ship;
+pub mod tier;
 pub mod verify;
 
 pub use client::Bucket;

@@ -6,6 +6,7 @@
 //! segments no kept checkpoint lists.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +18,13 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::client::{sha256_hex, Bucket};
-use crate::config::BucketConfig;
+use crate::config::{BucketConfig, DEFAULT_BLOCK_CACHE};
 use crate::layout::{self, CheckpointRecord, ObjectRef, SegmentRef, CHECKPOINT_FORMAT};
 use crate::lease;
+use crate::tier::{Remote, Tier};
+
+/// The block cache's directory in the data directory.
+pub const CACHE_DIR: &str = "cache";
 
 /// What the shipper has done and how far behind the bucket is (metrics, /healthz, the
 /// admin endpoint).
@@ -56,6 +61,24 @@ pub struct Status {
     pub objects_deleted: u64,
     /// How long the last successful shipment took, in milliseconds.
     pub last_duration_ms: u64,
+    /// `cache_bytes_max`, when tiering is on.
+    pub cache_bytes_max: Option<u64>,
+    /// Segments whose local file was dropped: read from the bucket.
+    pub remote_segments: u64,
+    /// Their bytes.
+    pub remote_bytes: u64,
+    /// Bytes of blocks fetched back and cached.
+    pub cache_bytes: u64,
+    /// Blocks read from the cache since start.
+    pub cache_hits: u64,
+    /// Blocks fetched from the bucket since start.
+    pub cache_misses: u64,
+    /// Bytes fetched from the bucket since start.
+    pub cache_bytes_fetched: u64,
+    /// Reads from the bucket that failed since start.
+    pub cache_failures: u64,
+    /// Segments whose local file was dropped since start.
+    pub segments_made_remote: u64,
     /// The catalog position the newest checkpoint holds.
     #[serde(skip)]
     shipped_position: Option<(u64, u64)>,
@@ -114,6 +137,8 @@ pub struct Shipper {
     /// This registry's lease identity, and when it last renewed the lease.
     owner: String,
     renewed: parking_lot::Mutex<Option<Instant>>,
+    /// Reads of segments kept in the bucket, installed in the store.
+    tier: Arc<Tier>,
 }
 
 impl Shipper {
@@ -129,8 +154,17 @@ impl Shipper {
         let status = Status {
             bucket: bucket.describe().to_owned(),
             lease_owner: owner.clone(),
+            cache_bytes_max: cfg.cache_bytes_max,
             ..Status::default()
         };
+        let remote: Vec<u64> = store.remote_segments().iter().map(|(id, _)| *id).collect();
+        let tier = Tier::open(
+            bucket.clone(),
+            &data.join(CACHE_DIR),
+            cfg.cache_bytes_max.unwrap_or(DEFAULT_BLOCK_CACHE),
+            &remote,
+        )?;
+        store.set_remote(Arc::new(Remote(tier.clone())));
         Ok(Arc::new(Shipper {
             store,
             bucket,
@@ -141,6 +175,7 @@ impl Shipper {
             wake: tokio::sync::Notify::new(),
             owner,
             renewed: parking_lot::Mutex::new(None),
+            tier,
         }))
     }
 
@@ -153,7 +188,48 @@ impl Shipper {
     /// before this call and not shipped yet shows as pending).
     pub fn status(&self) -> Status {
         self.note_changes();
-        self.status.lock().clone()
+        let mut s = self.status.lock().clone();
+        let f = self.store.footprint();
+        s.remote_segments = f.remote_segments;
+        s.remote_bytes = f.remote_bytes;
+        let t = &self.tier.stats;
+        s.cache_bytes = self.tier.cached_bytes();
+        s.cache_hits = t.hits.load(Ordering::Relaxed);
+        s.cache_misses = t.misses.load(Ordering::Relaxed);
+        s.cache_bytes_fetched = t.bytes_fetched.load(Ordering::Relaxed);
+        s.cache_failures = t.failures.load(Ordering::Relaxed);
+        s
+    }
+
+    /// The cache of blocks fetched back from the bucket.
+    pub fn tier(&self) -> &Arc<Tier> {
+        &self.tier
+    }
+
+    /// With `cache_bytes_max`: drops the oldest local copies of segments the newest
+    /// checkpoint holds while the local disk is past it ([`crate::tier::settle`]).
+    async fn settle(&self, shipped: &Shipped) -> anyhow::Result<()> {
+        let Some(max) = self.cfg.cache_bytes_max else {
+            return Ok(());
+        };
+        let Some(newest) = shipped.kept.values().next_back() else {
+            return Ok(());
+        };
+        let listed: BTreeMap<u64, u64> = newest.segments.iter().map(|s| (s.id, s.len)).collect();
+        let (store, tier) = (self.store.clone(), self.tier.clone());
+        let done =
+            tokio::task::spawn_blocking(move || crate::tier::settle(&store, &tier, &listed, max))
+                .await??;
+        if done.segments_made_remote > 0 {
+            tracing::info!(
+                segments = done.segments_made_remote,
+                bytes = done.bytes_freed,
+                "local copies of segments the bucket holds dropped (cache_bytes_max); their \
+                 records are read from the bucket"
+            );
+            self.status.lock().segments_made_remote += done.segments_made_remote;
+        }
+        Ok(())
     }
 
     /// Seconds the lease lasts after a renewal: six intervals, at least a minute.
@@ -224,9 +300,12 @@ impl Shipper {
                 self.open(&mut shipped).await?;
             }
             if !pending && !force {
+                self.settle(&shipped).await?;
                 return Ok(None);
             }
-            self.ship_locked(&mut shipped).await.map(Some)
+            let report = self.ship_locked(&mut shipped).await?;
+            self.settle(&shipped).await?;
+            Ok(Some(report))
         }
         .await;
         let mut s = self.status.lock();

@@ -513,6 +513,25 @@ pub struct BlobReader {
 }
 
 impl BlobReader {
+    /// When the blob's chunks lie in segments kept remotely, fetches the first of them not
+    /// held locally: a remote store that does not answer is found out before a caller
+    /// starts sending the blob (`Error::Unavailable`), not in the middle of it.
+    pub fn ensure_reachable(&self) -> Result<()> {
+        if !self.store.has_remote() {
+            return Ok(());
+        }
+        for piece in &self.recipe.pieces {
+            if let crate::recipe::RecipePiece::Chunk { id, .. } = piece {
+                if let Some(loc) = self.store.chunk_location(id) {
+                    if self.store.remote_needs_fetch(&loc) {
+                        return self.store.read_record(&loc).map(drop);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The blob's size.
     pub fn size(&self) -> u64 {
         self.recipe.size

@@ -34,7 +34,9 @@ pub struct Checkpoint {
 pub struct SealedSegment {
     id: u64,
     len: u64,
-    file: FileHandle,
+    /// `None` for a remote segment (read through the store's remote).
+    file: Option<FileHandle>,
+    store: Store,
 }
 
 impl SealedSegment {
@@ -53,9 +55,17 @@ impl SealedSegment {
         self.len == 0
     }
 
+    /// True when its bytes are kept remotely, not in a local file.
+    pub fn is_remote(&self) -> bool {
+        self.file.is_none()
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match &self.file {
+            Some(f) => f.read_exact_at(buf, offset),
+            None => self.store.read_remote_bytes(self.id, offset, buf),
+        }
     }
 }
 
@@ -92,10 +102,22 @@ impl Store {
         // Everything before the active segment is acknowledged whole.
         state.segments_durable = ids.last().map(|&id| (id, u64::MAX));
         let mut segments = Vec::with_capacity(ids.len());
+        let remote: std::collections::HashMap<u64, u64> =
+            self.remote_segments().into_iter().collect();
         for id in ids {
-            let file = self.segment_handle(id)?;
-            let len = file.len()?;
-            segments.push(SealedSegment { id, len, file });
+            let (len, file) = match remote.get(&id) {
+                Some(len) => (*len, None),
+                None => {
+                    let file = self.segment_handle(id)?;
+                    (file.len()?, Some(file))
+                }
+            };
+            segments.push(SealedSegment {
+                id,
+                len,
+                file,
+                store: self.clone(),
+            });
         }
         Ok(Checkpoint {
             generation,

@@ -55,6 +55,10 @@ pub enum Error {
         found: u16,
         supported: u16,
     },
+    /// Bytes kept elsewhere (a sealed segment in a bucket, `store/remote.rs`) could not be
+    /// fetched: nothing is damaged; retry once the other place answers.
+    #[error("{0}")]
+    Unavailable(String),
     /// An operating system I/O error.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -83,6 +87,8 @@ pub enum Input {
     Chunk,
     /// A recipe sent to assemble a blob from (delta replication).
     Recipe,
+    /// A segment named by the caller.
+    Segment,
 }
 
 impl std::fmt::Display for Input {
@@ -96,6 +102,7 @@ impl std::fmt::Display for Input {
             Input::Range => "range",
             Input::Chunk => "chunk",
             Input::Recipe => "recipe",
+            Input::Segment => "segment",
         })
     }
 }

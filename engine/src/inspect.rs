@@ -33,6 +33,10 @@ pub struct Inspection {
     pub segments: u64,
     /// Bytes of segment files.
     pub segment_bytes: u64,
+    /// Segments kept in the bucket (not scanned: the figures below leave them out).
+    pub remote_segments: u64,
+    /// Their bytes.
+    pub remote_segment_bytes: u64,
     /// Index files.
     pub index_files: u64,
     /// Chunk records.
@@ -77,7 +81,14 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
     let mut chunk_cost: HashMap<ChunkId, u64> = HashMap::new();
     let mut recipes: HashMap<Digest, (Recipe, u64)> = HashMap::new();
     let mut other_bytes = 0u64;
+    let remote: HashMap<u64, u64> = store.remote_segments().into_iter().collect();
     for id in store.segment_ids() {
+        if let Some(len) = remote.get(&id) {
+            // Kept in the bucket: not read from there for figures.
+            out.remote_segments += 1;
+            out.remote_segment_bytes += len;
+            continue;
+        }
         let file = store.segment_handle(id)?;
         out.segments += 1;
         out.segment_bytes += file.len()?;

@@ -227,6 +227,11 @@ impl Prefetcher {
         let file = match self.files.get(&span.segment) {
             Some(f) => f.clone(),
             None => {
+                if let Some(SegmentData::Remote(_)) = store.segment_data_of(span.segment) {
+                    // Fetched by the remote store's own means, into its cache.
+                    advise(store, span);
+                    return None;
+                }
                 let f = store.segment_handle(span.segment).ok()?;
                 self.files.insert(span.segment, f.clone());
                 f
@@ -357,6 +362,7 @@ fn advise(store: &Store, span: &Span) {
     match store.segment_data_of(span.segment) {
         Some(SegmentData::Mapped(map)) => map.will_need(start, len),
         Some(SegmentData::File(file)) => file.will_need(span.start, span.end - span.start),
+        Some(SegmentData::Remote(_)) => store.prefetch_remote(span.segment, span.start, len),
         None => {}
     }
 }

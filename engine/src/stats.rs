@@ -23,6 +23,8 @@ pub struct Stats {
     pub chunk_read_failures: AtomicU64,
     /// Bytes read ahead of readers through io_uring (`read_ahead = "uring"`).
     pub bytes_read_ahead: AtomicU64,
+    /// Records read from remote segments (`store/remote.rs`).
+    pub remote_reads: AtomicU64,
 }
 
 /// Upper bounds of the latency buckets, in seconds: 50 µs to 10 s, roughly doubling. An fsync

@@ -184,6 +184,15 @@ pub struct Report {
     pub quarantined_records: u64,
     /// Blobs set aside by an earlier `fsck --repair`: answered as missing until pushed again.
     pub quarantined_blobs: Vec<Digest>,
+    /// Segments kept in the bucket (`store/remote.rs`): their records are not scanned here
+    /// (the bucket check compares each object with its SHA-256); the blobs in them are
+    /// reassembled through the bucket when one is installed.
+    pub remote_segments: u64,
+    /// Their bytes.
+    pub remote_segment_bytes: u64,
+    /// Blobs not checked because their bytes are in the bucket and it could not be read
+    /// (none configured, or it did not answer).
+    pub blobs_unchecked: u64,
 }
 
 impl Report {
@@ -298,7 +307,13 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
             .filter_map(|f| f.len().ok())
             .sum();
         let mut done = 0u64;
+        let remote: HashMap<u64, u64> = store.remote_segments().into_iter().collect();
         for id in ids {
+            if let Some(len) = remote.get(&id) {
+                report.remote_segments += 1;
+                report.remote_segment_bytes += len;
+                continue;
+            }
             let file = match store.segment_handle(id) {
                 Ok(f) => f,
                 Err(e) => {
@@ -479,6 +494,8 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                 for (key, loc) in file
                     .iter(table)
                     .filter(|(_, l)| present.contains(&l.segment))
+                    // (Segments kept in the bucket were not scanned.)
+                    .filter(|(_, l)| !remote.contains_key(&l.segment))
                     .filter(|(_, l)| !quarantine.is_damaged(l.segment, l.offset))
                 {
                     report.index_entries += 1;
@@ -529,7 +546,7 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
         }
 
         // 3. (On its own thread, started above.)
-        let (findings, seen, blobs, blob_bytes) = match blob_pass.join() {
+        let (findings, seen, blobs, blob_bytes, unchecked) = match blob_pass.join() {
             Ok(r) => r,
             Err(_) => {
                 error(
@@ -541,9 +558,10 @@ pub fn fsck(store: &Store, progress: Progress<'_>) -> Report {
                     "the blob pass panicked".into(),
                     HINT_DAMAGE,
                 );
-                (Vec::new(), HashSet::new(), 0, 0)
+                (Vec::new(), HashSet::new(), 0, 0, 0)
             }
         };
+        report.blobs_unchecked = unchecked;
         report.findings.extend(findings);
         report.blobs = blobs;
         report.blob_bytes = blob_bytes;
@@ -697,7 +715,11 @@ fn not_stored(code: FindingCode, digest: &Digest, message: String) -> Finding {
 
 /// Reassembles every blob something links from the indexes' recipes and checks its digest.
 /// Returns the findings, the digests seen, and how many blobs and bytes were checked.
-fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Digest>, u64, u64) {
+/// What the blob pass found: findings, the blobs stored, how many were checked and their
+/// bytes, and how many could not be checked (their bytes are in a bucket not readable now).
+type BlobPass = (Vec<Finding>, HashSet<Digest>, u64, u64, u64);
+
+fn blob_pass(store: &Store, progress: Progress<'_>) -> BlobPass {
     let quarantine = store.quarantine();
     // A recipe nothing links is garbage; GC may already have taken its chunks.
     let linked: HashSet<Digest> = {
@@ -709,16 +731,30 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
             .cloned()
             .collect()
     };
-    let mut recipes: Vec<(Location, Recipe)> = store
-        .blob_locations()
-        .into_iter()
-        .filter_map(|(_, loc)| store.recipe_at(&loc).ok().map(|r| (loc, r)))
-        .filter(|(_, r)| linked.contains(&r.digest))
-        .filter(|(_, r)| !quarantine.blobs.contains_key(&r.digest))
-        .collect();
+    // Recipes in segments kept in a bucket that cannot be read now: the blob is stored (the
+    // index says where) but not checked.
+    let by_key: HashMap<[u8; 32], &Digest> = linked.iter().map(|d| (d.index_key(), d)).collect();
+    let mut seen = HashSet::new();
+    let mut unchecked = 0u64;
+    let mut recipes: Vec<(Location, Recipe)> = Vec::new();
+    for (key, loc) in store.blob_locations() {
+        match store.recipe_at(&loc) {
+            Ok(r) if linked.contains(&r.digest) && !quarantine.blobs.contains_key(&r.digest) => {
+                recipes.push((loc, r))
+            }
+            Err(Error::Unavailable(_)) => {
+                if let Some(d) = by_key.get(&key) {
+                    if seen.insert((*d).clone()) {
+                        unchecked += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
     recipes.sort_by_key(|(loc, _)| (loc.segment, loc.offset));
     let total: u64 = recipes.iter().map(|(_, r)| r.size).sum();
-    let (mut findings, mut seen, mut blobs, mut bytes) = (Vec::new(), HashSet::new(), 0u64, 0u64);
+    let (mut findings, mut blobs, mut bytes) = (Vec::new(), 0u64, 0u64);
     for (loc, recipe) in &recipes {
         if !seen.insert(recipe.digest.clone()) {
             continue;
@@ -752,6 +788,7 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
         }
         match rehash(store, &recipe.digest, recipe.size) {
             Ok(actual) if actual == recipe.digest => {}
+            Err(Error::Unavailable(_)) => unchecked += 1,
             Ok(actual) => findings.push(finding(
                 FindingCode::BlobDigestMismatch,
                 format!("blob {} reassembles to {actual}", recipe.digest),
@@ -765,7 +802,7 @@ fn blob_pass(store: &Store, progress: Progress<'_>) -> (Vec<Finding>, HashSet<Di
         }
         progress("blobs", bytes, total);
     }
-    (findings, seen, blobs, bytes)
+    (findings, seen, blobs, bytes, unchecked)
 }
 
 /// Checks a chunk record's payload: decompresses it and compares its BLAKE3 id.

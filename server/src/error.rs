@@ -126,6 +126,7 @@ impl ApiError {
             EngineError::Throttled(why) => ApiError::TooManyRequests(why),
             EngineError::NoSpace(why) => ApiError::InsufficientStorage(why),
             EngineError::Poisoned(_) => ApiError::Unavailable(format!("{e}")),
+            EngineError::Unavailable(why) => ApiError::Unavailable(why),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -332,6 +332,16 @@ fn write_report(
         r.index_entries,
         r.repositories
     )?;
+    if r.remote_segments > 0 {
+        writeln!(
+            out,
+            "{} segments ({}) are kept in the bucket: not scanned here (`--config` checks their \
+             objects in the bucket); {} blobs stored there not reassembled",
+            r.remote_segments,
+            human_bytes(r.remote_segment_bytes),
+            r.blobs_unchecked
+        )?;
+    }
     if r.is_clean() {
         return writeln!(out, "clean");
     }

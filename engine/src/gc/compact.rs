@@ -185,6 +185,7 @@ impl Store {
             &self.inner.dir.join(REMOVED_SEGMENTS),
             list.as_bytes(),
         )?;
+        self.forget_remote(victims)?;
         for id in victims {
             let path = segment_path(&self.inner.seg_dir, *id);
             existed(&path, self.inner.storage.remove(&path))?;
@@ -200,6 +201,9 @@ impl Store {
     /// Through the storage, so crash tests on `SimStorage` see real ages. A segment whose
     /// age cannot be read counts as new (kept), not as old.
     pub(crate) fn segment_size_and_age(&self, id: u64) -> (u64, u64) {
+        if let Some(crate::store::SegmentData::Remote(r)) = self.segment_data_of(id) {
+            return (r.len, r.mtime);
+        }
         let Ok(file) = self.segment_handle(id) else {
             return (0, u64::MAX);
         };

@@ -185,6 +185,11 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
     let mut live_entries: HashMap<u64, Vec<(Table, [u8; 32], crate::index::Location)>> =
         HashMap::new();
     for id in sealed {
+        // A segment kept in a bucket is compacted through it (its live records fetched back
+        // into a new local segment); without a bucket to read from, it is left alone.
+        if store.is_remote(id) && !store.has_remote() {
+            continue;
+        }
         let (size, mtime) = store.segment_size_and_age(id);
         report.bytes_before += size;
         let mut live_bytes = FILE_HEADER_LEN as u64;

@@ -37,10 +37,12 @@ use crate::recipe::Recipe;
 use crate::segment::{segment_path, FILE_HEADER_LEN};
 pub use crate::stats::Stats;
 use crate::sys::Map;
+pub use remote::{RemoteSegment, RemoteSegments, REMOTE_SEGMENTS};
 
 mod indexes;
 mod read;
 mod recovery;
+pub mod remote;
 pub(crate) mod room;
 mod writer;
 
@@ -104,6 +106,8 @@ impl Default for Options {
 pub(crate) enum SegmentData {
     Mapped(Map),
     File(FileHandle),
+    /// Its bytes are elsewhere (`remote.rs`).
+    Remote(remote::RemoteSegment),
 }
 
 pub(crate) struct Inner {
@@ -124,6 +128,8 @@ pub(crate) struct Inner {
     pub(crate) delta: RwLock<Delta>,
     pub(crate) pending: Mutex<Pending>,
     pub(crate) segments: RwLock<HashMap<u64, SegmentData>>,
+    /// Where remote segments are read from, once installed.
+    pub(crate) remote: RwLock<Option<Arc<dyn remote::RemoteSegments>>>,
     pub(crate) poisoned: crate::error::Poison,
     pub(crate) recipes: Mutex<HashMap<[u8; 32], Arc<Recipe>>>,
     pub(crate) merge_lock: Mutex<()>,
@@ -279,7 +285,7 @@ impl Store {
         ids
     }
 
-    /// Segment files and their bytes, and chunk entries indexed, without touching the disk
+    /// Segment files and their bytes (local and remote), and chunk entries indexed, without touching the disk
     /// beyond an fstat of the active segment (for metrics, read at every scrape).
     pub fn footprint(&self) -> Footprint {
         let mut f = Footprint::default();
@@ -288,6 +294,11 @@ impl Store {
             f.segment_bytes += match data {
                 SegmentData::Mapped(m) => m.len() as u64,
                 SegmentData::File(h) => h.len().unwrap_or(0),
+                SegmentData::Remote(r) => {
+                    f.remote_segments += 1;
+                    f.remote_bytes += r.len;
+                    continue;
+                }
             };
         }
         f.indexed_chunks = self
@@ -340,6 +351,10 @@ pub struct Footprint {
     pub segments: u64,
     /// Their bytes.
     pub segment_bytes: u64,
+    /// Remote segments (`remote.rs`): not in `segments`.
+    pub remote_segments: u64,
+    /// Their bytes.
+    pub remote_bytes: u64,
     /// Chunk entries in index files and in segments waiting for theirs: the stored chunks
     /// (a chunk a collection moved counts twice until the old segment's file is merged away).
     pub indexed_chunks: u64,

@@ -98,6 +98,7 @@ impl Store {
                 }
                 Ok((h.flags, Bytes::from(payload)))
             }
+            SegmentData::Remote(_) => self.read_remote_record(loc),
         }
     }
 
@@ -171,7 +172,7 @@ impl Store {
         self.decode_fetched_with(loc, record, Check::Crc)
     }
 
-    fn decode_fetched_with(
+    pub(super) fn decode_fetched_with(
         &self,
         loc: &Location,
         record: &Bytes,

@@ -221,6 +221,21 @@ impl Store {
         crate::uploads::prepare_dir(storage.as_ref(), &crate::uploads::sessions_dir(dir))?;
         let quarantine = crate::quarantine::Quarantine::load(storage.as_ref(), dir)?;
 
+        // Index files are all a store knows of the records of segments kept in a bucket:
+        // they are never rebuilt while there are any.
+        let remote = super::remote::read_list(storage.as_ref(), dir)?;
+        if opts.rebuild_indexes && !remote.is_empty() {
+            return Err(Error::InvalidInput {
+                what: crate::error::Input::Segment,
+                reason: format!(
+                    "{} segments of {} are kept in the bucket and only the index files locate \
+                     their records, so the indexes cannot be rebuilt from local segments; \
+                     `ballast restore` a fresh data directory from the bucket and repair that",
+                    remote.len(),
+                    dir.display()
+                ),
+            });
+        }
         // Index files: keep a non-overlapping covering set, widest first; drop the rest (the
         // inputs of a merge that finished) and leftover temp files.
         let mut idx_names: Vec<(u64, u64, String)> = Vec::new();
@@ -355,6 +370,24 @@ impl Store {
             }
         }
 
+        // Segments whose bytes are kept remotely (`remote.rs`): a local file, where a crash
+        // left one, is used instead.
+        let mut remote_ids = Vec::new();
+        for (id, seg) in &remote {
+            if segments.contains_key(id) {
+                continue;
+            }
+            if !covered(*id) {
+                warnings.push(format!(
+                    "segment {id} is listed in {} as kept in the bucket, but no index file                      covers it: its records cannot be located without its bytes; `ballast                      fsck` lists what is affected",
+                    dir.join(super::remote::REMOTE_SEGMENTS).display()
+                ));
+                continue;
+            }
+            segments.insert(*id, SegmentData::Remote(*seg));
+            remote_ids.push(*id);
+        }
+        let last = last.max(remote_ids.iter().max().copied());
         let next_id = last.map_or(1, |l| l + 1);
         // The segments say how far the journal was durable when they synced: a journal that
         // ends before that lost acknowledged batches (cut short, or an older copy), which a
@@ -393,7 +426,8 @@ impl Store {
         }
         // Sealed segments that index files cover but that are gone, though no collection
         // removed them: said now, not found one failed read at a time.
-        let present: std::collections::HashSet<u64> = seg_ids.iter().copied().collect();
+        let present: std::collections::HashSet<u64> =
+            seg_ids.iter().chain(&remote_ids).copied().collect();
         let vanished: Vec<u64> = chosen
             .iter()
             .flat_map(|(lo, hi, _)| *lo..=*hi)
@@ -426,6 +460,7 @@ impl Store {
             delta: RwLock::new(delta),
             pending: Mutex::new(pending),
             segments: RwLock::new(segments),
+            remote: RwLock::new(None),
             poisoned: crate::error::Poison::default(),
             recipes: Mutex::new(HashMap::new()),
             damage: std::sync::atomic::AtomicBool::new(!quarantine.is_empty()),

@@ -5,6 +5,7 @@ mod crash;
 mod fixture;
 mod gc;
 mod ownership;
+mod remote;
 mod store;
 
 use ballast_engine::Digest;

@@ -49,7 +49,12 @@ pub async fn get(
     let store = app.store.clone();
     let d = digest.clone();
     let reader = blocking(move || {
-        store.open_blob(&d).map_err(|e| match e {
+        // A blob kept in a bucket that does not answer is a 503 before the response
+        // starts, not a body cut short.
+        let r = store
+            .open_blob(&d)
+            .and_then(|r| r.ensure_reachable().map(|()| r));
+        r.map_err(|e| match e {
             EngineError::NotFound(_) => ApiError::BlobUnknown(format!("blob {d} is not stored")),
             other => ApiError::from_engine(other),
         })

@@ -101,6 +101,59 @@ impl Collector for BucketCollector {
             c,
             s.objects_deleted,
         )?;
+        for (name, help, unit, kind, v) in [
+            (
+                "bucket_remote_segments",
+                "Segments whose local file was dropped (cache_bytes_max): read from the bucket",
+                None,
+                g,
+                s.remote_segments,
+            ),
+            (
+                "bucket_remote",
+                "Bytes of the segments read from the bucket",
+                Some(Unit::Bytes),
+                g,
+                s.remote_bytes,
+            ),
+            (
+                "bucket_cache",
+                "Bytes of blocks fetched back from the bucket and cached locally",
+                Some(Unit::Bytes),
+                g,
+                s.cache_bytes,
+            ),
+            (
+                "bucket_cache_hits",
+                "Block reads served by the local cache",
+                None,
+                c,
+                s.cache_hits,
+            ),
+            (
+                "bucket_cache_misses",
+                "Blocks fetched from the bucket",
+                None,
+                c,
+                s.cache_misses,
+            ),
+            (
+                "bucket_cache_fetched",
+                "Bytes fetched from the bucket for reads",
+                Some(Unit::Bytes),
+                c,
+                s.cache_bytes_fetched,
+            ),
+            (
+                "bucket_cache_failures",
+                "Reads from the bucket that failed (answered 503)",
+                None,
+                c,
+                s.cache_failures,
+            ),
+        ] {
+            one(&mut e, name, help, unit, kind, v)?;
+        }
         let r = &self.0.bucket().requests;
         {
             let mut m = e.encode_descriptor(

@@ -641,3 +641,172 @@ fn serve_on_an_empty_data_directory_restores_the_bucket_unless_a_live_lease_says
         "checkpoints within checkpoint_grace_secs stay: {list}"
     );
 }
+
+/// A metric's value from `/metrics` (its first sample whose name and labels start so).
+fn metric(r: &Registry, name: &str) -> f64 {
+    let text = String::from_utf8(call("GET", &r.url("/metrics"), &[], None).body).expect("utf-8");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+#[test]
+fn segments_past_cache_bytes_max_are_read_back_from_the_bucket_through_a_bounded_cache() {
+    const MIB: usize = 1 << 20;
+    const CACHE: u64 = 8 << 20;
+    let g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        &format!(
+            "segment_bytes_max = {}\n{}",
+            4 * MIB,
+            g.bucket_table(
+                "registry-t",
+                &format!(
+                    "ship_interval_secs = 1\nrequest_timeout_secs = 3\ncache_bytes_max = {CACHE}"
+                )
+            )
+        ),
+    );
+    let data = tmp.path().join("data");
+    let args = ["--config", config.to_str().expect("utf-8")];
+    let mut r = Registry::start_args(&data, &[], &args);
+    let images: Vec<(u64, String)> = (1..=8u64)
+        .map(|seed| {
+            let tag = format!("v{seed}");
+            (
+                seed,
+                push_image_as(&r.url(""), "ops/big", &tag, 40 + seed, 3 * MIB, &[]),
+            )
+        })
+        .collect();
+    wait_shipped(&r);
+    wait_for(
+        "local copies to be dropped",
+        Duration::from_secs(60),
+        || status(&r)["remote_segments"].as_u64().unwrap_or(0) >= 3,
+    );
+    let s = status(&r);
+    let remote = s["remote_segments"].as_u64().expect("remote_segments");
+    let listed = std::fs::read_to_string(data.join("remote-segments")).expect("remote-segments");
+    for id in listed
+        .lines()
+        .skip(1)
+        .map(|l| l.split(' ').next().expect("id"))
+    {
+        let file = data.join("segments").join(format!("{:0>20}.seg", id));
+        assert!(
+            !file.exists(),
+            "{} is remote but still local",
+            file.display()
+        );
+    }
+
+    // Every image pulls byte for byte, the old ones from the bucket: a range GET per run of
+    // blocks, not one per chunk.
+    let gets = |r: &Registry| metric(r, "ballast_bucket_requests_total{kind=\"get\"}");
+    let before = gets(&r);
+    for (seed, digest) in &images {
+        assert_pulls(
+            &r,
+            "ops/big",
+            &format!("v{seed}"),
+            digest,
+            40 + seed,
+            3 * MIB,
+        );
+    }
+    let used = gets(&r) - before;
+    let s = status(&r);
+    let misses = s["cache_misses"].as_u64().expect("misses");
+    println!(
+        "tiering: {remote} segments remote; 8 pulls of 3 MiB layers cost {used} GETs for \
+         {misses} blocks; cache {} bytes",
+        s["cache_bytes"]
+    );
+    assert!(misses > 0, "{s}");
+    // 3 MiB layers with their manifest and config span at most 2 blocks each, plus a
+    // recipe elsewhere: well under one request per 64 KiB chunk (48 per layer).
+    assert!(
+        used <= (images.len() * 4) as f64,
+        "{used} GETs for {} pulls",
+        images.len()
+    );
+    assert!(
+        s["cache_bytes"].as_u64().expect("cache_bytes") <= CACHE + 2 * (4 << 20),
+        "{s}"
+    );
+
+    // Stopped and started again: what is remote stays remote and still reads.
+    r.stop();
+    let mut r = Registry::start_args(&data, &[], &args);
+    assert_pulls(&r, "ops/big", "v1", &images[0].1, 41, 3 * MIB);
+    // An offline fsck checks what is local and says what it left to the bucket.
+    r.stop();
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .arg("fsck")
+        .arg(&data)
+        .output()
+        .expect("fsck");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("kept in the bucket"), "{text}");
+
+    // The bucket gone: what is cached or local pulls, the rest is a clear 503.
+    let mut g = g;
+    let r = Registry::start_args(&data, &[], &args);
+    let (newest, digest) = images.last().expect("images");
+    assert_pulls(
+        &r,
+        "ops/big",
+        &format!("v{newest}"),
+        digest,
+        40 + newest,
+        3 * MIB,
+    );
+    for i in 0..3 {
+        g.kill_node(i);
+    }
+    let cached_before = status(&r)["cache_bytes"].as_u64().unwrap_or(0);
+    let mut unavailable = 0;
+    for (seed, digest) in &images {
+        let m = call(
+            "GET",
+            &r.url(&format!("/v2/ops/big/manifests/v{seed}")),
+            &[],
+            None,
+        );
+        if m.status == 503 {
+            let msg = String::from_utf8_lossy(&m.body);
+            assert!(msg.contains("bucket"), "{msg}");
+            unavailable += 1;
+            continue;
+        }
+        assert_eq!(m.status, 200);
+        assert_eq!(&sha256(&m.body), digest);
+        let layer = m.json()["layers"][0]["digest"]
+            .as_str()
+            .expect("layer")
+            .to_owned();
+        let b = call(
+            "GET",
+            &r.url(&format!("/v2/ops/big/blobs/{layer}")),
+            &[],
+            None,
+        );
+        match b.status {
+            200 => assert!(b.body == seeded(3 * MIB, 40 + seed), "v{seed} bytes differ"),
+            503 => unavailable += 1,
+            other => panic!("v{seed}: {other} {}", String::from_utf8_lossy(&b.body)),
+        }
+    }
+    assert!(
+        unavailable > 0,
+        "with {cached_before} bytes cached some image must need the bucket"
+    );
+    assert!(metric(&r, "ballast_bucket_cache_failures_total") > 0.0);
+    for i in 0..3 {
+        g.start_node(i);
+    }
+}
