@@ -810,3 +810,87 @@ fn segments_past_cache_bytes_max_are_read_back_from_the_bucket_through_a_bounded
         g.start_node(i);
     }
 }
+
+/// Issue #22's request-amplification benchmark (run by `scripts/bench-bucket`, not by the
+/// test suite): one 64 MiB layer pulled from the bucket by Ballast with an empty cache
+/// (cold), again from its cache (warm), and by Distribution's `s3` driver on the same
+/// Garage; time and S3 requests (Garage's own counters) of each, printed side by side.
+#[test]
+#[ignore = "a benchmark: scripts/bench-bucket runs it"]
+fn bench_cold_pull_from_the_bucket_against_distribution_s3() {
+    use crate::peers::Distribution;
+    const MIB: usize = 1 << 20;
+    let len: usize = std::env::var("BENCH_BUCKET_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+        * MIB;
+    let g = Garage::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let conf = |name: &str, cache: u64| {
+        write_config(
+            &tmp.path().join(name),
+            &format!(
+                "segment_bytes_max = {}\n{}",
+                16 * MIB,
+                g.bucket_table(
+                    "bench-ballast",
+                    &format!("ship_interval_secs = 1\ncache_bytes_max = {cache}")
+                )
+            ),
+        )
+    };
+    let (small, large) = (conf("small", 8 << 20), conf("large", 4 << 30));
+    let data = tmp.path().join("data");
+    // Pushed with a small cache: every shipped segment's local file is dropped.
+    let mut r = Registry::start_args(&data, &[], &["--config", small.to_str().expect("utf-8")]);
+    let layer = crate::peers::push_image(&r.url(""), "bench/img", "v1", 77, len, &[]).layer_digest;
+    wait_shipped(&r);
+    wait_for("the layer to be remote", Duration::from_secs(120), || {
+        status(&r)["remote_bytes"].as_u64().unwrap_or(0) >= (len - 16 * MIB) as u64
+    });
+    r.stop();
+    std::fs::remove_dir_all(data.join("cache")).expect("empty the cache");
+    let mut r = Registry::start_args(&data, &[], &["--config", large.to_str().expect("utf-8")]);
+    // Every request Garage logged (GETs, HEADs, LISTs), so a driver's stats count too.
+    let gets = |g: &Garage| g.s3_requests().values().sum::<u64>();
+    let pull = |base: &str| {
+        let before = gets(&g);
+        let started = Instant::now();
+        let b = call("GET", &format!("{base}/v2/bench/img/blobs/{layer}"), &[], None);
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(b.status, 200);
+        assert!(b.body == seeded(len, 77), "layer bytes differ");
+        (secs, gets(&g) - before)
+    };
+    let cold = pull(&r.url(""));
+    let warm = pull(&r.url(""));
+    r.stop();
+
+    let mut d = Distribution::start_s3(
+        &g.endpoint(0),
+        crate::garage::BUCKET,
+        crate::garage::KEY_ID,
+        crate::garage::SECRET,
+        "bench-distribution",
+    );
+    let pushed = crate::peers::push_image(&d.url(""), "bench/img", "v1", 77, len, &[]);
+    assert_eq!(pushed.layer_digest, layer);
+    let dist1 = pull(&d.url(""));
+    let dist2 = pull(&d.url(""));
+    d.stop();
+    let mb = (len / MIB) as f64;
+    let line = |what: &str, (secs, n): (f64, u64)| {
+        println!("{what:<34} {secs:>7.3} s {:>8.1} MiB/s {n:>6} S3 requests", mb / secs);
+    };
+    println!("bench-bucket: one {mb} MiB layer, 3-node Garage on loopback");
+    line("ballast, cold (from the bucket)", cold);
+    line("ballast, warm (from its cache)", warm);
+    line("distribution s3, first pull", dist1);
+    line("distribution s3, second pull", dist2);
+    println!(
+        "ballast cold vs distribution: {:.2}x the speed, {:.2}x the requests",
+        dist1.0 / cold.0,
+        cold.1 as f64 / dist1.1.max(1) as f64
+    );
+}

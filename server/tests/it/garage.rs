@@ -23,6 +23,8 @@ struct Node {
     log: PathBuf,
     rpc: u16,
     s3: u16,
+    /// The admin API (its `/metrics` counts S3 requests by kind).
+    admin: u16,
 }
 
 /// A running 3-node cluster.
@@ -60,7 +62,7 @@ impl Garage {
         for i in 0..3 {
             let root = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&root).expect("node dir");
-            let (rpc, s3) = (free_port(), free_port());
+            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
             let config = root.join("garage.toml");
             std::fs::write(
                 &config,
@@ -69,7 +71,8 @@ impl Garage {
                      replication_factor = 3\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
                      rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
                      [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
-                     root_domain = \".s3.garage.localhost\"\n",
+                     root_domain = \".s3.garage.localhost\"\n\
+                     [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
                     m = root.join("meta").display(),
                     d = root.join("data").display(),
                 ),
@@ -85,6 +88,7 @@ impl Garage {
                 config,
                 rpc,
                 s3,
+                admin,
             });
         }
         let mut g = Garage {
@@ -128,7 +132,8 @@ impl Garage {
             .arg("-c")
             .arg(&n.config)
             .arg("server")
-            .env("RUST_LOG", "warn")
+            // (The API's info lines are its request log: one line per request.)
+            .env("RUST_LOG", "warn,garage_api_common=info,garage_api=info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -165,6 +170,29 @@ impl Garage {
     /// The S3 endpoint of node `i`.
     pub fn endpoint(&self, i: usize) -> String {
         format!("http://127.0.0.1:{}", self.nodes[i].s3)
+    }
+
+    /// S3 requests node 0 has answered so far, by method (`GET`, `PUT`, ...), from its
+    /// request log (this Garage is built without its metrics feature).
+    pub fn s3_requests(&self) -> std::collections::BTreeMap<String, u64> {
+        let text = std::fs::read_to_string(&self.nodes[0].log).unwrap_or_default();
+        let mut out = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| l.contains("generic_server")) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let Some(i) = words
+                .iter()
+                .position(|w| matches!(*w, "GET" | "PUT" | "POST" | "HEAD" | "DELETE"))
+            else {
+                continue;
+            };
+            // A GET of the bucket with a query is a LIST.
+            let kind = match words.get(i + 1) {
+                Some(path) if words[i] == "GET" && path.contains("list-type") => "LIST",
+                _ => words[i],
+            };
+            *out.entry(kind.to_owned()).or_insert(0) += 1;
+        }
+        out
     }
 
     /// A `[bucket]` table for a registry shipping to this cluster through node 0.

@@ -75,9 +75,34 @@ impl Distribution {
         d
     }
 
+    /// Starts Distribution with its `s3` storage driver on `endpoint` (path-style, plain
+    /// HTTP), under `prefix` of `bucket`.
+    pub fn start_s3(endpoint: &str, bucket: &str, key: &str, secret: &str, prefix: &str) -> Distribution {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let yml = format!(
+            "version: 0.1\nlog: {{ level: error }}\nstorage:\n  s3:\n    region: garage\n    \
+             regionendpoint: {endpoint}\n    forcepathstyle: true\n    secure: false\n    \
+             bucket: {bucket}\n    accesskey: {key}\n    secretkey: {secret}\n    \
+             rootdirectory: /{prefix}\n  delete: {{ enabled: true }}\n  redirect: {{ disable: true }}\n\
+             http: {{ addr: {addr} }}\n"
+        );
+        std::fs::write(dir.path().join("config.yml"), yml).expect("config");
+        let mut d = Distribution {
+            child: None,
+            addr,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("log")).expect("log");
         let child = Command::new("docker-registry")
+            // (Its AWS SDK fails to start with a custom CA bundle; the store here is plain
+            // HTTP on loopback.)
+            .env_remove("AWS_CA_BUNDLE")
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
             .stdout(Stdio::null())
