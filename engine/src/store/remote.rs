@@ -145,18 +145,10 @@ impl Store {
 
     /// The remote segments and their lengths, in id order.
     pub fn remote_segments(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = self
-            .inner
-            .segments
-            .read()
-            .iter()
-            .filter_map(|(id, d)| match d {
-                SegmentData::Remote(r) => Some((*id, r.len)),
-                _ => None,
-            })
-            .collect();
-        out.sort_unstable();
-        out
+        self.remote_list()
+            .into_iter()
+            .map(|(id, r)| (id, r.len))
+            .collect()
     }
 
     /// Drops the local file of sealed segment `id`, which the caller has confirmed is stored

@@ -88,13 +88,31 @@ fn restored(config: &Path, dir: &Path) -> Registry {
 
 /// The image `push_image_as(.., seed, len, ..)` pushed, pulled back byte for byte.
 fn assert_pulls(r: &Registry, repo: &str, tag: &str, digest: &str, seed: u64, len: usize) {
+    assert_eq!(
+        pull_status(r, repo, tag, digest, seed, len),
+        (200, String::new())
+    );
+}
+
+/// Pulls that image: 200 when its manifest and layer came back byte for byte, else the
+/// first other status and its body.
+fn pull_status(
+    r: &Registry,
+    repo: &str,
+    tag: &str,
+    digest: &str,
+    seed: u64,
+    len: usize,
+) -> (u16, String) {
     let m = call(
         "GET",
         &r.url(&format!("/v2/{repo}/manifests/{tag}")),
         &[],
         None,
     );
-    assert_eq!(m.status, 200, "{repo}:{tag}");
+    if m.status != 200 {
+        return (m.status, String::from_utf8_lossy(&m.body).into_owned());
+    }
     assert_eq!(sha256(&m.body), digest, "{repo}:{tag}");
     let layer = m.json()["layers"][0]["digest"]
         .as_str()
@@ -106,11 +124,14 @@ fn assert_pulls(r: &Registry, repo: &str, tag: &str, digest: &str, seed: u64, le
         &[],
         None,
     );
-    assert_eq!(b.status, 200);
+    if b.status != 200 {
+        return (b.status, String::from_utf8_lossy(&b.body).into_owned());
+    }
     assert!(
         b.body == seeded(len, seed),
         "{repo}:{tag}: layer bytes differ"
     );
+    (200, String::new())
 }
 
 /// Every checkpoint record in the bucket names objects that are there whole (the length it
@@ -771,34 +792,14 @@ fn segments_past_cache_bytes_max_are_read_back_from_the_bucket_through_a_bounded
     let cached_before = status(&r)["cache_bytes"].as_u64().unwrap_or(0);
     let mut unavailable = 0;
     for (seed, digest) in &images {
-        let m = call(
-            "GET",
-            &r.url(&format!("/v2/ops/big/manifests/v{seed}")),
-            &[],
-            None,
-        );
-        if m.status == 503 {
-            let msg = String::from_utf8_lossy(&m.body);
-            assert!(msg.contains("bucket"), "{msg}");
-            unavailable += 1;
-            continue;
-        }
-        assert_eq!(m.status, 200);
-        assert_eq!(&sha256(&m.body), digest);
-        let layer = m.json()["layers"][0]["digest"]
-            .as_str()
-            .expect("layer")
-            .to_owned();
-        let b = call(
-            "GET",
-            &r.url(&format!("/v2/ops/big/blobs/{layer}")),
-            &[],
-            None,
-        );
-        match b.status {
-            200 => assert!(b.body == seeded(3 * MIB, 40 + seed), "v{seed} bytes differ"),
-            503 => unavailable += 1,
-            other => panic!("v{seed}: {other} {}", String::from_utf8_lossy(&b.body)),
+        let tag = format!("v{seed}");
+        match pull_status(&r, "ops/big", &tag, digest, 40 + seed, 3 * MIB) {
+            (200, _) => {}
+            (503, msg) => {
+                assert!(msg.contains("bucket"), "{msg}");
+                unavailable += 1;
+            }
+            other => panic!("{tag}: {other:?}"),
         }
     }
     assert!(
@@ -857,7 +858,12 @@ fn bench_cold_pull_from_the_bucket_against_distribution_s3() {
     let pull = |base: &str| {
         let before = gets(&g);
         let started = Instant::now();
-        let b = call("GET", &format!("{base}/v2/bench/img/blobs/{layer}"), &[], None);
+        let b = call(
+            "GET",
+            &format!("{base}/v2/bench/img/blobs/{layer}"),
+            &[],
+            None,
+        );
         let secs = started.elapsed().as_secs_f64();
         assert_eq!(b.status, 200);
         assert!(b.body == seeded(len, 77), "layer bytes differ");
@@ -881,7 +887,10 @@ fn bench_cold_pull_from_the_bucket_against_distribution_s3() {
     d.stop();
     let mb = (len / MIB) as f64;
     let line = |what: &str, (secs, n): (f64, u64)| {
-        println!("{what:<34} {secs:>7.3} s {:>8.1} MiB/s {n:>6} S3 requests", mb / secs);
+        println!(
+            "{what:<34} {secs:>7.3} s {:>8.1} MiB/s {n:>6} S3 requests",
+            mb / secs
+        );
     };
     println!("bench-bucket: one {mb} MiB layer, 3-node Garage on loopback");
     line("ballast, cold (from the bucket)", cold);

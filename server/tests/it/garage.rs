@@ -23,8 +23,6 @@ struct Node {
     log: PathBuf,
     rpc: u16,
     s3: u16,
-    /// The admin API (its `/metrics` counts S3 requests by kind).
-    admin: u16,
 }
 
 /// A running 3-node cluster.
@@ -62,7 +60,7 @@ impl Garage {
         for i in 0..3 {
             let root = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&root).expect("node dir");
-            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+            let (rpc, s3) = (free_port(), free_port());
             let config = root.join("garage.toml");
             std::fs::write(
                 &config,
@@ -71,8 +69,7 @@ impl Garage {
                      replication_factor = 3\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
                      rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
                      [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
-                     root_domain = \".s3.garage.localhost\"\n\
-                     [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                     root_domain = \".s3.garage.localhost\"\n",
                     m = root.join("meta").display(),
                     d = root.join("data").display(),
                 ),
@@ -88,7 +85,6 @@ impl Garage {
                 config,
                 rpc,
                 s3,
-                admin,
             });
         }
         let mut g = Garage {

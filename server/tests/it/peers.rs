@@ -77,7 +77,13 @@ impl Distribution {
 
     /// Starts Distribution with its `s3` storage driver on `endpoint` (path-style, plain
     /// HTTP), under `prefix` of `bucket`.
-    pub fn start_s3(endpoint: &str, bucket: &str, key: &str, secret: &str, prefix: &str) -> Distribution {
+    pub fn start_s3(
+        endpoint: &str,
+        bucket: &str,
+        key: &str,
+        secret: &str,
+        prefix: &str,
+    ) -> Distribution {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let yml = format!(
