@@ -143,6 +143,27 @@ impl Bucket {
         self.counted(r, "reading", name)
     }
 
+    /// Bytes `range` of an object as they arrive (one request, however large the range).
+    pub async fn stream_range(
+        &self,
+        name: &str,
+        range: std::ops::Range<u64>,
+    ) -> anyhow::Result<futures::stream::BoxStream<'static, anyhow::Result<Bytes>>> {
+        self.requests.gets.fetch_add(1, Ordering::Relaxed);
+        let opts = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(range)),
+            ..Default::default()
+        };
+        let r = self.store.get_opts(&self.path(name), opts).await;
+        let result = self.counted(r, "reading", name)?;
+        let (describe, name) = (self.describe.clone(), name.to_owned());
+        let failures = self.requests.clone();
+        Ok(Box::pin(result.into_stream().map_err(move |e| {
+            failures.failures.fetch_add(1, Ordering::Relaxed);
+            anyhow::anyhow!("reading {name} in {describe}: {}", concise(&e))
+        })))
+    }
+
     /// The object's size; `None` when there is no such object.
     pub async fn size(&self, name: &str) -> anyhow::Result<Option<u64>> {
         self.requests.gets.fetch_add(1, Ordering::Relaxed);

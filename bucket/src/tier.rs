@@ -25,8 +25,11 @@ use crate::layout;
 /// that a read of one chunk does not fetch much around it.
 pub const BLOCK_BYTES: u64 = 4 << 20;
 
-/// Blocks fetched ahead of readers at once.
+/// Fetches ahead of readers at once.
 const PREFETCH_DEPTH: u64 = 4;
+
+/// Blocks one fetch ahead asks for (one streamed GET).
+const PREFETCH_BLOCKS: u64 = 16;
 
 type Key = (u64, u64);
 
@@ -249,7 +252,9 @@ impl Tier {
         }
     }
 
-    /// Fetches the claimed blocks `keys` (sorted, of one segment) and caches them.
+    /// Fetches the claimed blocks `keys` (sorted) and caches them: one streamed GET per run
+    /// of adjacent blocks, each block kept (and its waiters woken) as soon as its bytes are
+    /// in, so a reader of the first block of a long run does not wait for the whole run.
     fn fetch_runs(&self, keys: &[Key], segment_len: u64) -> anyhow::Result<()> {
         let mut runs: Vec<(u64, u64, u64)> = Vec::new(); // (segment, first block, last block)
         for &(s, b) in keys {
@@ -258,51 +263,76 @@ impl Tier {
                 _ => runs.push((s, b, b)),
             }
         }
-        let bucket = self.bucket.clone();
-        let fetched: anyhow::Result<Vec<(u64, u64, Bytes)>> = self.block_on(async move {
-            let gets = runs.into_iter().map(|(s, first, last)| {
-                let bucket = bucket.clone();
-                async move {
-                    let start = first * BLOCK_BYTES;
-                    let end = ((last + 1) * BLOCK_BYTES).min(segment_len);
-                    let bytes = bucket
-                        .get_range(&layout::segment_name(s), start..end)
-                        .await?;
-                    if bytes.len() as u64 != end - start {
-                        anyhow::bail!(
-                            "segment {s} in {} is shorter than this registry's index says",
-                            bucket.describe()
-                        );
-                    }
-                    Ok((s, first, bytes))
-                }
-            });
-            futures::future::try_join_all(gets).await
-        });
-        let fetched = match fetched {
-            Ok(f) => f,
-            Err(e) => {
+        let mut result = Ok(());
+        for (s, first, last) in runs {
+            if let Err(e) = self.fetch_run(s, first, last, segment_len) {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
-        let mut added = HashSet::new();
-        for (s, first, bytes) in fetched {
-            self.stats
-                .bytes_fetched
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            let mut at = 0usize;
-            let mut b = first;
-            while at < bytes.len() {
-                let n = (bytes.len() - at).min(BLOCK_BYTES as usize);
-                self.store_block((s, b), &bytes[at..at + n])?;
-                added.insert((s, b));
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                at += n;
-                b += 1;
+                result = Err(e);
+                break;
             }
         }
-        self.trim(&added);
+        result
+    }
+
+    fn fetch_run(&self, s: u64, first: u64, last: u64, segment_len: u64) -> anyhow::Result<()> {
+        let start = first * BLOCK_BYTES;
+        let end = ((last + 1) * BLOCK_BYTES).min(segment_len);
+        let (mut tx, mut rx) = futures::channel::mpsc::channel::<anyhow::Result<Bytes>>(16);
+        let bucket = self.bucket.clone();
+        // The stream is driven on the tier's runtime; its pieces come here, where the
+        // blocks are written and their waiters woken.
+        self.runtime().spawn(async move {
+            use futures::{SinkExt, StreamExt};
+            let mut stream = match bucket
+                .stream_range(&layout::segment_name(s), start..end)
+                .await
+            {
+                Ok(st) => st,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            while let Some(piece) = stream.next().await {
+                let failed = piece.is_err();
+                if tx.send(piece).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut block = first;
+        let mut buf: Vec<u8> = Vec::with_capacity(BLOCK_BYTES as usize);
+        let mut got = start;
+        let block_end = |b: u64| ((b + 1) * BLOCK_BYTES).min(segment_len);
+        while got < end {
+            let piece = match futures::executor::block_on(futures::StreamExt::next(&mut rx)) {
+                Some(p) => p?,
+                None => anyhow::bail!(
+                    "segment {s} in {} is shorter than this registry's index says",
+                    self.bucket.describe()
+                ),
+            };
+            self.stats
+                .bytes_fetched
+                .fetch_add(piece.len() as u64, Ordering::Relaxed);
+            let mut rest = &piece[..];
+            while !rest.is_empty() {
+                let want = (block_end(block) - got) as usize;
+                let n = want.min(rest.len());
+                buf.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                got += n as u64;
+                if got == block_end(block) {
+                    self.store_block((s, block), &buf)?;
+                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    self.state.lock().fetching.remove(&(s, block));
+                    self.fetched.notify_all();
+                    self.trim(&HashSet::from([(s, block)]));
+                    buf.clear();
+                    block += 1;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -354,16 +384,23 @@ impl Tier {
         }
     }
 
-    /// Starts fetching the blocks of a span a reader will want (at most
-    /// [`PREFETCH_DEPTH`] fetches at once; past that, the reader fetches for itself).
+    /// Starts fetching the blocks of a span a reader will want: up to [`PREFETCH_BLOCKS`]
+    /// (and half the budget) in one streamed GET, at most [`PREFETCH_DEPTH`] fetches at
+    /// once (past that, the reader fetches for itself).
     pub fn prefetch(self: &Arc<Self>, segment: u64, segment_len: u64, offset: u64, len: usize) {
         let keys = Tier::blocks(segment, segment_len, offset, len);
         let mine: Vec<Key> = {
             let mut st = self.state.lock();
+            if st.prefetching >= PREFETCH_DEPTH {
+                return;
+            }
+            // What the budget can hold until the reader gets to it.
+            let most =
+                (self.budget.load(Ordering::Relaxed) / 2 / BLOCK_BYTES).clamp(1, PREFETCH_BLOCKS);
             let mine: Vec<Key> = keys
                 .into_iter()
                 .filter(|k| !st.blocks.contains_key(k) && !st.fetching.contains(k))
-                .take(PREFETCH_DEPTH.saturating_sub(st.prefetching) as usize)
+                .take(most as usize)
                 .collect();
             if mine.is_empty() {
                 return;
@@ -399,20 +436,6 @@ impl Tier {
                 st.by_use.remove(&tick);
                 let _ = std::fs::remove_file(self.path(key));
             }
-        }
-    }
-
-    /// Runs a future on the tier's own runtime from any thread (an engine reader may be a
-    /// blocking thread of another runtime, or a plain thread).
-    fn block_on<F>(&self, f: F) -> F::Output
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        let task = self.runtime().spawn(f);
-        match futures::executor::block_on(task) {
-            Ok(out) => out,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
 }

@@ -520,16 +520,35 @@ impl BlobReader {
         if !self.store.has_remote() {
             return Ok(());
         }
+        // The blob's extent in each remote segment is asked for at once (one streamed
+        // request each, as far as the cache can hold), then its first missing record read.
+        let mut extents: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+        let mut first = None;
         for piece in &self.recipe.pieces {
             if let crate::recipe::RecipePiece::Chunk { id, .. } = piece {
                 if let Some(loc) = self.store.chunk_location(id) {
                     if self.store.remote_needs_fetch(&loc) {
-                        return self.store.read_record(&loc).map(drop);
+                        let end = loc.offset
+                            + crate::segment::RECORD_HEADER_LEN as u64
+                            + u64::from(loc.len);
+                        let e = extents.entry(loc.segment).or_insert((loc.offset, end));
+                        *e = (e.0.min(loc.offset), e.1.max(end));
+                        first.get_or_insert(loc);
                     }
                 }
             }
         }
-        Ok(())
+        for (segment, (start, end)) in extents {
+            self.store.prefetch_remote(
+                segment,
+                start,
+                usize::try_from(end - start).unwrap_or(usize::MAX),
+            );
+        }
+        match first {
+            Some(loc) => self.store.read_record(&loc).map(drop),
+            None => Ok(()),
+        }
     }
 
     /// The blob's size.
