@@ -9,7 +9,7 @@ use ballast_engine::gc::{collect, GcOptions};
 use ballast_engine::storage::RealStorage;
 use ballast_engine::{verify, Options, Store};
 
-use crate::gc::try_publish;
+use crate::gc::{collect_now, try_publish};
 use crate::{seeded, sha256};
 
 fn small() -> Options {
@@ -121,16 +121,7 @@ fn a_checkpoint_rebuilds_the_store_as_it_was_even_after_a_collection_removed_its
     }
     store.commit_ops(unlinks).expect("unlink");
     store.seal_active().expect("seal");
-    let gc = collect(
-        &store,
-        &GcOptions {
-            grace_secs: 0,
-            dead_fraction_min: 0.01,
-            ..GcOptions::default()
-        },
-        now_secs(),
-    )
-    .expect("collect");
+    let gc = collect_now(&store);
     assert!(gc.segments_compacted > 0, "{gc:?}");
     let gone: Vec<u64> = cp
         .segments

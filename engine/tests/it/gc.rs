@@ -27,6 +27,20 @@ fn publish(store: &Store, repo: &str, tag: &str, blob: &Digest) -> Digest {
     try_publish(store, repo, tag, blob).expect("publish").0
 }
 
+/// A collection now, with no grace and anything at least 1% dead compacted.
+pub fn collect_now(store: &Store) -> ballast_engine::gc::GcReport {
+    collect(
+        store,
+        &GcOptions {
+            grace_secs: 0,
+            dead_fraction_min: 0.01,
+            ..GcOptions::default()
+        },
+        now_secs(),
+    )
+    .expect("collect")
+}
+
 /// [`publish`] that reports failures (for crash tests); returns the manifest's digest and
 /// bytes.
 pub fn try_publish(

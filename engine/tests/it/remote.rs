@@ -10,14 +10,12 @@ use std::sync::Arc;
 
 use ballast_engine::catalog::Op;
 use ballast_engine::checkpoint::restore;
-use ballast_engine::clock::now_secs;
-use ballast_engine::gc::{collect, GcOptions};
 use ballast_engine::store::{RemoteSegments, REMOTE_SEGMENTS};
 use ballast_engine::{verify, Error, Options, Store};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::gc::try_publish;
+use crate::gc::{collect_now, try_publish};
 use crate::{seeded, sha256};
 
 #[derive(Default)]
@@ -184,16 +182,7 @@ fn remote_segments_read_back_checked_survive_a_reopen_and_are_compacted_through_
             ])
             .expect("delete");
     }
-    let gc = collect(
-        &store,
-        &GcOptions {
-            grace_secs: 0,
-            dead_fraction_min: 0.01,
-            ..GcOptions::default()
-        },
-        now_secs(),
-    )
-    .expect("collect");
+    let gc = collect_now(&store);
     assert!(gc.segments_compacted > 0, "{gc:?}");
     let left: Vec<u64> = store.remote_segments().iter().map(|(id, _)| *id).collect();
     assert!(left.len() < sealed.len(), "{left:?} of {sealed:?}");
