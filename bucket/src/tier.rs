@@ -263,15 +263,13 @@ impl Tier {
                 _ => runs.push((s, b, b)),
             }
         }
-        let mut result = Ok(());
         for (s, first, last) in runs {
-            if let Err(e) = self.fetch_run(s, first, last, segment_len) {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                result = Err(e);
-                break;
-            }
+            self.fetch_run(s, first, last, segment_len)
+                .inspect_err(|_| {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                })?;
         }
-        result
+        Ok(())
     }
 
     fn fetch_run(&self, s: u64, first: u64, last: u64, segment_len: u64) -> anyhow::Result<()> {
