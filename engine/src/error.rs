@@ -59,6 +59,10 @@ pub enum Error {
     /// fetched: nothing is damaged; retry once the other place answers.
     #[error("{0}")]
     Unavailable(String),
+    /// A read replica's store (`Options::follower`) was asked to write: its content comes
+    /// from the primary it follows.
+    #[error("{0}")]
+    ReadOnly(String),
     /// An operating system I/O error.
     #[error("I/O error on {path}: {source}")]
     Io {

@@ -122,6 +122,12 @@ pub fn write_index(
     chunks: &[Entry],
     blobs: &[Entry],
 ) -> Result<()> {
+    write_atomic(storage, path, &encode_index(chunks, blobs))
+}
+
+/// The bytes of an index file of `chunks` and `blobs`, which must be sorted by key and
+/// unique.
+pub fn encode_index(chunks: &[Entry], blobs: &[Entry]) -> Vec<u8> {
     assert!(
         chunks.windows(2).all(|w| w[0].0 < w[1].0),
         "chunk entries must be sorted and unique"
@@ -149,7 +155,7 @@ pub fn write_index(
     encode_table(&mut out, blobs, bb);
     let crc = crc32fast::hash(&out[INDEX_HEADER_LEN..]);
     out.extend_from_slice(&crc.to_le_bytes());
-    write_atomic(storage, path, &out)
+    out
 }
 
 enum Bytes {

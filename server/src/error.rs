@@ -127,6 +127,7 @@ impl ApiError {
             EngineError::NoSpace(why) => ApiError::InsufficientStorage(why),
             EngineError::Poisoned(_) => ApiError::Unavailable(format!("{e}")),
             EngineError::Unavailable(why) => ApiError::Unavailable(why),
+            EngineError::ReadOnly(why) => ApiError::MethodNotAllowed(why),
             other => ApiError::Internal(other.to_string()),
         }
     }

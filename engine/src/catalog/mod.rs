@@ -683,6 +683,57 @@ impl Catalog {
         self.commit_with(None, |_| Ok((ops, ())))
     }
 
+    /// Replaces the whole state by `snapshot` (a snapshot file's bytes, as a primary
+    /// ships it): a read replica following its primary ([`crate::Store::follow`]). The
+    /// snapshot is written as the next generation with an empty journal, read back, and
+    /// only then taken; the generation before stays, as after a fold. Returns the number
+    /// of repositories.
+    pub(crate) fn replace(&self, snapshot: &[u8]) -> Result<usize> {
+        self.check_poisoned()?;
+        let mut synced = self.synced.lock();
+        let mut a = self.appended.lock();
+        if !a.unsynced.is_empty() {
+            return Err(Error::Busy(
+                "catalog batches are being written; a replica's catalog is replaced only \
+                 when none is"
+                    .into(),
+            ));
+        }
+        let next = a.journal.generation + 1;
+        let path = self.dir.join(snapshot_name(next));
+        crate::io::write_atomic(self.storage.as_ref(), &path, snapshot)?;
+        let state = match read_snapshot(self.storage.as_ref(), &path) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.storage.remove(&path);
+                return Err(e);
+            }
+        };
+        let old = std::mem::replace(
+            &mut a.journal,
+            new_journal(self.storage.as_ref(), &self.dir, next)?,
+        );
+        if let Some(g) = old.generation.checked_sub(1) {
+            for p in [
+                self.dir.join(journal_name(g)),
+                self.dir.join(snapshot_name(g)),
+            ] {
+                existed(&p, self.storage.remove(&p))?;
+            }
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(io_err(&self.dir))?;
+        let position = (a.journal.generation, a.journal.len);
+        let repos = state.repos.len();
+        a.planned = state.clone();
+        a.last_batch = position;
+        *self.state.write() = state;
+        *synced = position;
+        *self.durable.lock() = position;
+        Ok(repos)
+    }
+
     /// Writes a snapshot of the state and starts a new journal generation. The snapshot is
     /// read back and compared before anything switches to it, and the generation before
     /// stays until the next fold: a snapshot damaged later is rebuilt from it at open.

@@ -119,6 +119,9 @@ impl Store {
         let durable = self.segments_durable();
         self.inner.catalog.commit_with(Some(durable), |state| {
             let (ops, out) = plan(state)?;
+            if !ops.is_empty() {
+                self.check_writable()?;
+            }
             for op in &ops {
                 let digest = match op {
                     crate::catalog::Op::LinkBlob { digest, .. }

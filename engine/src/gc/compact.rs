@@ -164,8 +164,16 @@ impl Store {
         gc.pinned_blobs.clear();
         drop(gc);
         self.inner.recipes.lock().clear();
-        // Remember which segments a collection removed, so fsck can tell them from lost ones,
-        // for as long as an index file still names them: index merges drop the entries into
+        self.forget_segments(victims)?;
+        Ok(moved)
+    }
+
+    /// Segments gone for good (a collection's victims, or those a follower's checkpoint no
+    /// longer lists), already out of the segment map: recorded as removed, dropped from the
+    /// remote list, their local files deleted.
+    pub(crate) fn forget_segments(&self, victims: &HashSet<u64>) -> Result<()> {
+        // Remember which segments were removed, so fsck can tell them from lost ones, for
+        // as long as an index file still names them: index merges drop the entries into
         // removed segments, and later index files never name them, so the list stays as long
         // as what the indexes still name, not as long as the store's history.
         let list = {
@@ -193,8 +201,7 @@ impl Store {
         self.inner
             .storage
             .sync_dir(&self.inner.seg_dir)
-            .map_err(io_err(&self.inner.seg_dir))?;
-        Ok(moved)
+            .map_err(io_err(&self.inner.seg_dir))
     }
 
     /// Size of a segment file and its last modification time (seconds since the epoch).

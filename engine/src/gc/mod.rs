@@ -104,6 +104,7 @@ pub struct GcReport {
 
 /// Runs one collection.
 pub fn collect(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
+    store.check_writable()?;
     let _one_at_a_time = store.gc_start().ok_or_else(|| {
         Error::Busy("a collection is already running; try again when it ends".into())
     })?;

@@ -137,7 +137,7 @@ impl Store {
     /// Merges index files level by level: `fanin` adjacent files whose segment spans are of the
     /// same power-of-`fanin` level become one, so a store of n segments keeps O(log n) files
     /// and each entry is rewritten O(log n) times.
-    fn maybe_merge(&self) -> Result<()> {
+    pub(super) fn maybe_merge(&self) -> Result<()> {
         let Some(_guard) = self.inner.merge_lock.try_lock() else {
             return Ok(());
         };

@@ -37,8 +37,10 @@ use crate::recipe::Recipe;
 use crate::segment::{segment_path, FILE_HEADER_LEN};
 pub use crate::stats::Stats;
 use crate::sys::Map;
+pub use follow::{Followed, FOLLOWER_SEGMENT};
 pub use remote::{RemoteSegment, RemoteSegments, REMOTE_SEGMENTS};
 
+mod follow;
 mod indexes;
 mod read;
 mod recovery;
@@ -82,6 +84,11 @@ pub struct Options {
     /// How blob readers and compaction read ahead of what they need (docs/design.md,
     /// "Read path").
     pub read_ahead: crate::readahead::ReadAhead,
+    /// A read replica's store (`follow.rs`): it writes no segment of its own (its active
+    /// segment is [`FOLLOWER_SEGMENT`], above every id a primary uses, and stays empty),
+    /// refuses catalog commits, and takes its catalog and segments from
+    /// [`Store::follow`].
+    pub follower: bool,
 }
 
 impl Default for Options {
@@ -98,6 +105,7 @@ impl Default for Options {
             free_bytes_min: 0,
             catalog_journal_bytes_max: crate::catalog::JOURNAL_BYTES_MAX,
             read_ahead: crate::readahead::ReadAhead::default(),
+            follower: false,
         }
     }
 }

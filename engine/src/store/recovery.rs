@@ -293,6 +293,31 @@ impl Store {
             .filter_map(|n| parse_segment_file_name(n))
             .collect();
         seg_ids.sort_unstable();
+        // A read replica's directory holds its one empty segment and nothing else of its
+        // own; a primary's never holds that one.
+        let follower = super::follow::FOLLOWER_SEGMENT;
+        if opts.follower {
+            if let Some(id) = seg_ids.iter().find(|id| **id < follower) {
+                return Err(Error::InvalidInput {
+                    what: crate::error::Input::Segment,
+                    reason: format!(
+                        "{} holds segment {id} written by a registry: it is not a read \
+                         replica's data directory (a replica needs a directory of its own)",
+                        dir.display()
+                    ),
+                });
+            }
+        } else if seg_ids.last().is_some_and(|id| *id >= follower) {
+            return Err(Error::InvalidInput {
+                what: crate::error::Input::Segment,
+                reason: format!(
+                    "{} is a read replica's data directory: it follows a primary through \
+                     the bucket and takes no writes (serve it with role = \"replica\", or \
+                     `ballast restore` a primary's directory from the bucket)",
+                    dir.display()
+                ),
+            });
+        }
         if let Some(&newest) = seg_ids.last() {
             let acknowledged = catalog
                 .read()
@@ -388,7 +413,11 @@ impl Store {
             remote_ids.push(*id);
         }
         let last = last.max(remote_ids.iter().max().copied());
-        let next_id = last.map_or(1, |l| l + 1);
+        let next_id = if opts.follower {
+            follower
+        } else {
+            last.map_or(1, |l| l + 1)
+        };
         // The segments say how far the journal was durable when they synced: a journal that
         // ends before that lost acknowledged batches (cut short, or an older copy), which a
         // torn tail never does.

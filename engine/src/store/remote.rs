@@ -193,7 +193,7 @@ impl Store {
         Ok(Some(seg.len))
     }
 
-    fn remote_list(&self) -> Vec<(u64, RemoteSegment)> {
+    pub(super) fn remote_list(&self) -> Vec<(u64, RemoteSegment)> {
         let mut out: Vec<(u64, RemoteSegment)> = self
             .inner
             .segments

@@ -198,6 +198,7 @@ impl Store {
         aux: u32,
     ) -> Result<Location> {
         self.check_poisoned()?;
+        self.check_writable()?;
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
         let rec_len = (RECORD_HEADER_LEN + payload_len) as u64;
         if w.len > FILE_HEADER_LEN as u64 && w.len + rec_len > self.inner.opts.segment_bytes_max {

@@ -3,6 +3,7 @@
 mod checkpoint;
 mod crash;
 mod fixture;
+mod follow;
 mod gc;
 mod ownership;
 mod remote;

@@ -19,14 +19,14 @@ use crate::gc::{collect_now, try_publish};
 use crate::{seeded, sha256};
 
 #[derive(Default)]
-struct Shelf {
-    dir: PathBuf,
-    reads: AtomicU64,
-    discards: AtomicU64,
-    down: AtomicBool,
+pub struct Shelf {
+    pub dir: PathBuf,
+    pub(crate) reads: AtomicU64,
+    pub(crate) discards: AtomicU64,
+    pub(crate) down: AtomicBool,
     /// Spans handed out once with a flipped byte.
-    spoil: Mutex<HashSet<(u64, u64)>>,
-    spoil_all: AtomicBool,
+    pub(crate) spoil: Mutex<HashSet<(u64, u64)>>,
+    pub(crate) spoil_all: AtomicBool,
 }
 
 impl RemoteSegments for Shelf {
