@@ -146,6 +146,14 @@ impl Garage {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Answering on its ports is not enough: they could be someone else's if this node
+        // failed to bind them.
+        let exited = n.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        assert!(
+            exited.is_none(),
+            "garage node {i} exited ({exited:?}): {}",
+            std::fs::read_to_string(&n.log).unwrap_or_default()
+        );
         // A node started again finds its peers from the list it keeps, but only once that
         // list was saved; connect it to the running ones as an operator would.
         for j in 0..self.ids.len() {

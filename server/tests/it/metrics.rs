@@ -2,7 +2,6 @@
 //! metrics, the metrics listener, and a real Prometheus scraping the registry.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use serde_json::Value;
 
 use crate::auth::{basic, secure, ADMIN_PW};
 use crate::http::call;
+use crate::peers::free_port;
 use crate::{have, push_image_as, seeded, sha256, Registry};
 
 /// `name{labels}` → value, from the text format.
@@ -49,13 +49,6 @@ fn get(m: &BTreeMap<String, f64>, key: &str) -> f64 {
 fn image_sizes(seed: u64, len: usize) -> (usize, usize) {
     let config = format!("{{\"seed\":{seed}}}").len();
     (config, len)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 #[test]

@@ -25,11 +25,33 @@ pub struct Distribution {
     dir: tempfile::TempDir,
 }
 
+/// A loopback port free now and handed to no one else in this test process: taken below
+/// the kernel's ephemeral range (32768 and up), so an outgoing connection or another
+/// `bind(0)` cannot take it between this check and the server binding it (a Garage
+/// cluster once joined a node of another test's cluster that way).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 12000;
+    const HIGH: u16 = 32000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Each test process starts at its own place so two at once rarely meet.
+    let _ = NEXT.compare_exchange(
+        0,
+        LOW + (std::process::id() % u32::from(HIGH - LOW)) as u16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..(HIGH - LOW) {
+        let port = NEXT
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                Some(if p + 1 >= HIGH { LOW } else { p + 1 })
+            })
+            .expect("port counter");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {HIGH}")
 }
 
 impl Distribution {

@@ -14,6 +14,7 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::http::call;
+use crate::peers::free_port;
 use crate::{push_image_as, Registry};
 
 const SECRET: &str = "a-webhook-secret-0123456789";
@@ -176,13 +177,6 @@ fn serve(
             return;
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
 }
 
 /// A config file with one endpoint.
