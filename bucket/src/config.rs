@@ -52,6 +52,28 @@ pub struct BucketConfig {
     /// bucket. Unset: every segment stays local (the bucket is a copy), and blocks of
     /// segments already dropped are cached up to [`DEFAULT_BLOCK_CACHE`].
     pub cache_bytes_max: Option<u64>,
+    /// `primary` (the default): this registry takes pushes and ships to the prefix, alone
+    /// (the lease). `replica`: a read replica (docs/design.md, "Read replicas"): it serves
+    /// pulls from the bucket through its cache, follows the primary's checkpoints, and
+    /// refuses pushes naming the primary.
+    pub role: Role,
+    /// A replica looks for a newer checkpoint this often (seconds): new tags are visible on
+    /// it within the primary's `ship_interval_secs` plus this, plus the transfer.
+    pub follow_interval_secs: u64,
+    /// A replica's refusal of a push names this as where to push; empty: the address the
+    /// primary's lease gives.
+    pub primary_url: String,
+}
+
+/// What a registry does with its prefix (`role`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Takes pushes and ships checkpoints.
+    #[default]
+    Primary,
+    /// Serves pulls and follows the primary's checkpoints.
+    Replica,
 }
 
 /// The block cache's size when `cache_bytes_max` is unset.
@@ -89,6 +111,9 @@ impl Default for BucketConfig {
             acknowledge_timeout_secs: 60,
             restore_empty: true,
             cache_bytes_max: None,
+            role: Role::Primary,
+            follow_interval_secs: 2,
+            primary_url: String::new(),
         }
     }
 }
@@ -119,6 +144,9 @@ impl std::fmt::Debug for BucketConfig {
             .field("acknowledge_timeout_secs", &self.acknowledge_timeout_secs)
             .field("restore_empty", &self.restore_empty)
             .field("cache_bytes_max", &self.cache_bytes_max)
+            .field("role", &self.role)
+            .field("follow_interval_secs", &self.follow_interval_secs)
+            .field("primary_url", &self.primary_url)
             .finish()
     }
 }
@@ -167,6 +195,15 @@ impl BucketConfig {
             bail!(
                 "[bucket] cache_bytes_max must be at least {CACHE_BYTES_MIN} (two blocks of \
                  what is fetched back from the bucket)"
+            );
+        }
+        if self.follow_interval_secs == 0 {
+            bail!("[bucket] follow_interval_secs must be at least 1");
+        }
+        if self.role == Role::Replica && self.acknowledge == Acknowledge::Bucket {
+            bail!(
+                "[bucket] acknowledge = \"bucket\" is for a primary: a replica takes no push \
+                 (remove it, or set role = \"primary\")"
             );
         }
         if self.prefix.starts_with('/') || self.prefix.contains("//") || self.prefix.contains("..")

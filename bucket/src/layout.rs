@@ -3,6 +3,8 @@
 //! ```text
 //! segments/<id:020>.seg          a sealed segment file, byte for byte; never changed once a
 //!                                checkpoint lists it
+//! indexes/<id:020>.idx           that segment's index file (what a read replica locates its
+//!                                records by, without reading it)
 //! catalogs/<seq:020>.snp         the catalog of checkpoint seq, as a snapshot file
 //! checkpoints/<seq:020>.json     checkpoint seq: the catalog's object and every segment it
 //!                                needs, with lengths and SHA-256s; written last, so a
@@ -17,6 +19,16 @@ pub const CHECKPOINT_FORMAT: u32 = 1;
 /// The object name of segment `id`.
 pub fn segment_name(id: u64) -> String {
     format!("segments/{id:020}.seg")
+}
+
+/// The object name of segment `id`'s index file.
+pub fn index_name(id: u64) -> String {
+    format!("indexes/{id:020}.idx")
+}
+
+/// The id in an index file's object name.
+pub fn index_id(name: &str) -> Option<u64> {
+    seq_in(name, "indexes/", ".idx")
 }
 
 /// The object name of checkpoint `seq`'s catalog.
@@ -93,6 +105,10 @@ pub struct SegmentRef {
     pub len: u64,
     /// The SHA-256 of its bytes, hex.
     pub sha256: String,
+    /// Its index file ([`index_name`]); absent in checkpoints written before replicas
+    /// (the next shipment uploads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<ObjectRef>,
 }
 
 impl CheckpointRecord {
@@ -130,6 +146,7 @@ mod tests {
         assert_eq!(segment_id(&segment_name(42)), Some(42));
         assert_eq!(checkpoint_seq(&checkpoint_name(7)), Some(7));
         assert_eq!(catalog_seq(&catalog_name(9)), Some(9));
+        assert_eq!(index_id(&index_name(11)), Some(11));
         for n in [
             "segments/42.seg",
             "segments/0000000000000000004x.seg",
@@ -153,6 +170,7 @@ mod tests {
                 id: 1,
                 len: 5,
                 sha256: "11".into(),
+                index: None,
             }],
             written_by: "test".into(),
         };

@@ -28,6 +28,10 @@ pub struct Lease {
     pub renewed_at: u64,
     /// Seconds it lasts after a renewal.
     pub ttl_secs: u64,
+    /// Where the holder serves (its `public_url`, or its listen address): read replicas
+    /// name it when they refuse a push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 impl Lease {
@@ -109,12 +113,18 @@ pub async fn check_free(bucket: &Bucket, owner: Option<&str>) -> anyhow::Result<
 
 /// Takes or renews the lease for `owner`; fails, naming the holder, when another holds a
 /// live one.
-pub async fn renew(bucket: &Bucket, owner: &str, ttl_secs: u64) -> anyhow::Result<()> {
+pub async fn renew(
+    bucket: &Bucket,
+    owner: &str,
+    ttl_secs: u64,
+    url: Option<String>,
+) -> anyhow::Result<()> {
     check_free(bucket, Some(owner)).await?;
     let lease = Lease {
         owner: owner.to_owned(),
         renewed_at: now_secs(),
         ttl_secs,
+        url,
     };
     bucket
         .put(LEASE, Bytes::from(serde_json::to_vec(&lease)?))

@@ -9,12 +9,14 @@
 //! - `layout`: object names and the checkpoint record.
 //! - `lease`: one writer per prefix.
 //! - `ship`: shipping checkpoints, pruning old ones, the lag.
+//! - `follow`: a read replica following the primary's checkpoints.
 //! - `restore`: rebuilding a data directory from a checkpoint.
 //! - `tier`: reading segments whose local file is gone, through a block cache.
 //! - `verify`: checking the bucket against its checkpoints (fsck).
 
 pub mod client;
 pub mod config;
+pub mod follow;
 pub mod layout;
 pub mod lease;
 pub mod restore;
@@ -23,5 +25,6 @@ pub mod tier;
 pub mod verify;
 
 pub use client::Bucket;
-pub use config::{Acknowledge, BucketConfig};
+pub use config::{Acknowledge, BucketConfig, Role};
+pub use follow::{FollowReport, FollowStatus, Follower};
 pub use ship::{ShipReport, Shipper, Status};

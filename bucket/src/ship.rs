@@ -139,6 +139,8 @@ pub struct Shipper {
     renewed: parking_lot::Mutex<Option<Instant>>,
     /// Reads of segments kept in the bucket, installed in the store.
     tier: Arc<Tier>,
+    /// Where this registry serves, written into the lease (replicas name it).
+    url: parking_lot::Mutex<Option<String>>,
 }
 
 impl Shipper {
@@ -176,7 +178,14 @@ impl Shipper {
             owner,
             renewed: parking_lot::Mutex::new(None),
             tier,
+            url: parking_lot::Mutex::new(None),
         }))
+    }
+
+    /// Where this registry serves (its `public_url`), written into the lease from the next
+    /// renewal: read replicas name it when they refuse a push.
+    pub fn advertise(&self, url: String) {
+        *self.url.lock() = Some(url);
     }
 
     /// The bucket.
@@ -245,7 +254,8 @@ impl Shipper {
     }
 
     async fn renew_lease(&self) -> anyhow::Result<()> {
-        lease::renew(&self.bucket, &self.owner, self.lease_ttl()).await?;
+        let url = self.url.lock().clone();
+        lease::renew(&self.bucket, &self.owner, self.lease_ttl(), url).await?;
         *self.renewed.lock() = Some(Instant::now());
         self.status.lock().lease_renewed_at = Some(now_secs());
         Ok(())
@@ -384,6 +394,12 @@ impl Shipper {
                 deleted += 1;
             }
         }
+        for (name, _) in self.bucket.list("indexes/").await? {
+            if layout::index_id(&name).is_some_and(|id| !listed.contains(&id)) {
+                self.bucket.delete(&name).await?;
+                deleted += 1;
+            }
+        }
         for (name, _) in self.bucket.list("catalogs/").await? {
             if layout::catalog_seq(&name).is_some_and(|s| !kept.contains_key(&s)) {
                 self.bucket.delete(&name).await?;
@@ -412,18 +428,30 @@ impl Shipper {
         let started = Instant::now();
         let position = self.store.catalog().durable_position();
         let taken_at = now_secs();
-        let store = self.store.clone();
-        let cp = tokio::task::spawn_blocking(move || store.checkpoint())
-            .await?
-            .context("taking a checkpoint of the store")?;
         let seq = shipped.kept.keys().next_back().map_or(1, |s| s + 1);
         let newest = shipped.kept.values().next_back();
+        // Index files go up for the segments whose index the bucket does not hold yet.
+        let indexed: BTreeSet<u64> = newest
+            .map(|c| {
+                c.segments
+                    .iter()
+                    .filter(|s| s.index.is_some())
+                    .map(|s| s.id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let store = self.store.clone();
+        let mut cp = tokio::task::spawn_blocking(move || {
+            store.checkpoint_indexing(&|id| !indexed.contains(&id))
+        })
+        .await?
+        .context("taking a checkpoint of the store")?;
         let known: BTreeMap<u64, &SegmentRef> = newest
             .map(|c| c.segments.iter().map(|s| (s.id, s)).collect())
             .unwrap_or_default();
         let mut segments = Vec::with_capacity(cp.segments.len());
         let (mut uploaded, mut uploaded_bytes) = (0usize, 0u64);
-        for seg in cp.segments {
+        for seg in std::mem::take(&mut cp.segments) {
             if let Some(r) = known.get(&seg.id()) {
                 if r.len != seg.len() {
                     bail!(
@@ -438,7 +466,13 @@ impl Shipper {
                         seg.len()
                     );
                 }
-                segments.push((*r).clone());
+                let mut r = (*r).clone();
+                if r.index.is_none() {
+                    let index = self.put_index(r.id, &mut cp.indexes).await?;
+                    uploaded_bytes += index.len;
+                    r.index = Some(index);
+                }
+                segments.push(r);
                 continue;
             }
             let (id, len) = (seg.id(), seg.len());
@@ -449,12 +483,16 @@ impl Shipper {
                     seg.read_at(buf, offset).map_err(anyhow::Error::from)
                 })
                 .await?;
+            // The index after its segment: an index object never names a segment the
+            // bucket does not hold.
+            let index = self.put_index(id, &mut cp.indexes).await?;
             uploaded += 1;
-            uploaded_bytes += len;
+            uploaded_bytes += len + index.len;
             segments.push(SegmentRef {
                 id,
                 len,
                 sha256: hex::encode(sha),
+                index: Some(index),
             });
         }
         let catalog = ObjectRef {
@@ -495,6 +533,24 @@ impl Shipper {
         })
     }
 
+    /// Uploads the index file of segment `id`, which the checkpoint took.
+    async fn put_index(
+        &self,
+        id: u64,
+        indexes: &mut BTreeMap<u64, Vec<u8>>,
+    ) -> anyhow::Result<ObjectRef> {
+        let bytes = indexes
+            .remove(&id)
+            .with_context(|| format!("the checkpoint took no index file of segment {id}"))?;
+        let index = ObjectRef {
+            name: layout::index_name(id),
+            len: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        };
+        self.bucket.put(&index.name, Bytes::from(bytes)).await?;
+        Ok(index)
+    }
+
     /// True while `record` is within `checkpoint_grace_secs` of its cut at `now`.
     fn in_grace(&self, record: &CheckpointRecord, now: u64) -> bool {
         now < record
@@ -527,7 +583,8 @@ impl Shipper {
                 .collect();
             for s in old.segments.iter().filter(|s| !still.contains(&s.id)) {
                 self.bucket.delete(&layout::segment_name(s.id)).await?;
-                deleted += 1;
+                self.bucket.delete(&layout::index_name(s.id)).await?;
+                deleted += 2;
             }
         }
         Ok(deleted)

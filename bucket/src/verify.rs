@@ -86,6 +86,9 @@ pub async fn verify(bucket: &Bucket, repair: bool) -> anyhow::Result<BucketRepor
         );
         for s in &record.segments {
             named.insert(layout::segment_name(s.id), (s.len, s.sha256.clone()));
+            if let Some(i) = &s.index {
+                named.insert(i.name.clone(), (i.len, i.sha256.clone()));
+            }
         }
     }
     let mut to_hash = Vec::new();
@@ -129,7 +132,11 @@ pub async fn verify(bucket: &Bucket, repair: bool) -> anyhow::Result<BucketRepor
         .await?;
     findings.extend(damaged);
     let mut removed = 0;
-    let ours = |n: &str| layout::segment_id(n).is_some() || layout::catalog_seq(n).is_some();
+    let ours = |n: &str| {
+        layout::segment_id(n).is_some()
+            || layout::catalog_seq(n).is_some()
+            || layout::index_id(n).is_some()
+    };
     let unnamed: BTreeSet<&String> = objects
         .keys()
         .filter(|n| {

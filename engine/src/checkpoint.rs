@@ -28,6 +28,9 @@ pub struct Checkpoint {
     pub repos: usize,
     /// Every sealed segment, in id order.
     pub segments: Vec<SealedSegment>,
+    /// The index file ([`Store::segment_index`]) of each sealed segment the caller asked
+    /// for, taken under the same lock (no collection removes one in between).
+    pub indexes: std::collections::BTreeMap<u64, Vec<u8>>,
 }
 
 /// A sealed segment of a [`Checkpoint`]: its bytes never change.
@@ -83,6 +86,11 @@ impl Store {
     /// the catalog as it was before the seal with every sealed segment. Waits for a running
     /// collection to finish.
     pub fn checkpoint(&self) -> Result<Checkpoint> {
+        self.checkpoint_indexing(&|_| false)
+    }
+
+    /// [`Store::checkpoint`], with the index file of every sealed segment `wanted` names.
+    pub fn checkpoint_indexing(&self, wanted: &dyn Fn(u64) -> bool) -> Result<Checkpoint> {
         let _one_at_a_time = self.inner.gc_lock.lock();
         let mut state = self.inner.catalog.read().clone();
         self.seal_active()?;
@@ -101,6 +109,10 @@ impl Store {
         ids.sort_unstable();
         // Everything before the active segment is acknowledged whole.
         state.segments_durable = ids.last().map(|&id| (id, u64::MAX));
+        let mut indexes = std::collections::BTreeMap::new();
+        for &id in ids.iter().filter(|id| wanted(**id)) {
+            indexes.insert(id, self.segment_index(id)?);
+        }
         let mut segments = Vec::with_capacity(ids.len());
         let remote: std::collections::HashMap<u64, u64> =
             self.remote_segments().into_iter().collect();
@@ -124,6 +136,7 @@ impl Store {
             snapshot: crate::catalog::snapshot_bytes(&state)?,
             repos: state.repos.len(),
             segments,
+            indexes,
         })
     }
 }

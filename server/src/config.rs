@@ -337,6 +337,13 @@ impl Config {
         }
     }
 
+    /// True for a read replica (`role = "replica"` in `[bucket]`).
+    pub fn is_replica(&self) -> bool {
+        self.bucket
+            .as_ref()
+            .is_some_and(|b| b.role == ballast_bucket::Role::Replica)
+    }
+
     /// The storage engine's options these settings ask for.
     pub fn engine_options(&self) -> ballast_engine::Options {
         ballast_engine::Options {
@@ -345,6 +352,7 @@ impl Config {
             verify_reuse: Duration::from_millis(self.verify_reuse_ms),
             read_ahead: self.read_ahead,
             free_bytes_min: self.disk_free_min_bytes,
+            follower: self.is_replica(),
             ..ballast_engine::Options::default()
         }
     }
@@ -429,6 +437,27 @@ impl Config {
         crate::replication::compile(&self.replication)?;
         if let Some(b) = &self.bucket {
             warnings.extend(b.check()?);
+        }
+        if self.is_replica() {
+            if !self.pull_through.is_empty() {
+                bail!(
+                    "[[pull_through]] on a read replica: a replica stores nothing of its own \
+                     (configure the pull-through cache on the primary)"
+                );
+            }
+            if !self.replication.is_empty() {
+                bail!(
+                    "[[replication]] on a read replica: replication runs on the primary, \
+                     which holds the content"
+                );
+            }
+            if !self.retention.rules.is_empty() {
+                warnings.push(
+                    "retention rules do nothing on a read replica: they run on the primary, \
+                     and the replica follows what they leave"
+                        .into(),
+                );
+            }
         }
         if self.pull_flush_secs == 0 {
             bail!("pull_flush_secs must be at least 1");

@@ -86,6 +86,33 @@ pub async fn serve_as(
     authorized(app, peer, d, r, access, req).await
 }
 
+/// On a read replica, the refusal of a request that would change the store (pushes,
+/// deletes, collections and the like), naming the primary to send it to. A replica still
+/// answers what concerns itself alone: its robots, its webhook deliveries, following now.
+async fn replica_refusal(app: &App, d: &crate::routes::Descriptor) -> Option<ApiError> {
+    let follower = app.replica.as_ref()?;
+    let writes = match d.audit {
+        Audit::Read => false,
+        Audit::AtEnd(_) => true,
+        Audit::Change(kind) => !matches!(
+            kind,
+            AuditKind::WebhookRedeliver
+                | AuditKind::RobotCreate
+                | AuditKind::RobotRevoke
+                | AuditKind::BucketFollow
+        ),
+    };
+    if !writes {
+        return None;
+    }
+    Some(ApiError::MethodNotAllowed(format!(
+        "this registry is a read replica of {}: it serves pulls and takes no changes; send \
+         this to the primary: {}",
+        follower.bucket().describe(),
+        follower.primary().await
+    )))
+}
+
 /// The answer to a request naming a repository that cannot exist, if it does.
 fn invalid_name(need: &Need) -> Option<Response<ResBody>> {
     let Need::Repo(name, _) = need else {
@@ -118,7 +145,11 @@ async fn authorized(
     });
     let mut req = req;
     req.extensions_mut().insert(ClientAddr(peer));
-    let (mut res, failure) = match handlers::dispatch(app, access, d.endpoint, r, req).await {
+    let outcome = match replica_refusal(app, d).await {
+        Some(refused) => Err(refused),
+        None => handlers::dispatch(app, access, d.endpoint, r, req).await,
+    };
+    let (mut res, failure) = match outcome {
         Ok(res) => (res, None),
         Err(e) => {
             if app.config.metrics && matches!(e, ApiError::Quota(_)) {
@@ -134,7 +165,7 @@ async fn authorized(
         None => (Vec::new(), Vec::new()),
     };
     if ok && d.endpoint == Endpoint::ManifestGet && method == hyper::Method::GET {
-        if app.config.pull_tracking {
+        if app.config.pull_tracking && app.replica.is_none() {
             count_pull(app, &r, &res);
         }
         if let Some(e) = pulled(app, &r, &res, access, peer, id.as_ref()) {
@@ -440,6 +471,10 @@ impl Plan {
             }
             (AuditKind::BucketShip, _) => {
                 base.action = "bucket.ship".into();
+                Kind::AdminAction
+            }
+            (AuditKind::BucketFollow, _) => {
+                base.action = "bucket.follow".into();
                 Kind::AdminAction
             }
             (AuditKind::PullThroughEvict, _) => {

@@ -80,8 +80,10 @@ pub struct App {
     pub console: console::Console,
     /// The last collection that changed something: when, what started it, its report.
     pub last_gc: parking_lot::Mutex<Option<(u64, String, serde_json::Value)>>,
-    /// Ships checkpoints to the bucket, when `[bucket]` is configured.
+    /// Ships checkpoints to the bucket, when `[bucket]` is configured (a primary).
     pub bucket: Option<Arc<ballast_bucket::Shipper>>,
+    /// Follows the primary's checkpoints, on a read replica (`role = "replica"`).
+    pub replica: Option<Arc<ballast_bucket::Follower>>,
 }
 
 impl App {
@@ -125,7 +127,9 @@ impl Server {
             (Some(c), Some(k)) => Some(tls::acceptor(c, k)?),
             _ => None,
         };
-        bucket_cmd::restore_if_empty(&config).await?;
+        if !config.is_replica() {
+            bucket_cmd::restore_if_empty(&config).await?;
+        }
         let data = config.data.clone();
         let opts = config.engine_options();
         let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
@@ -168,14 +172,35 @@ impl Server {
             .await??
         };
         let hooks = Arc::new(hooks);
-        let bucket = match &config.bucket {
+        let (bucket, replica) = match &config.bucket {
+            Some(b) if config.is_replica() => {
+                let follower = ballast_bucket::Follower::new(store.clone(), &config.data, b)?;
+                // Serves what it has when the bucket does not answer at start.
+                let first = tokio::time::timeout(Duration::from_secs(30), follower.follow()).await;
+                match first {
+                    Ok(Ok(Some(r))) => tracing::info!(
+                        seq = r.seq,
+                        segments = r.added,
+                        "replica following the primary's checkpoint"
+                    ),
+                    Ok(Ok(None)) => tracing::warn!(
+                        bucket = follower.bucket().describe(),
+                        "the bucket holds no checkpoint yet: this replica serves an empty \
+                         registry until its primary ships one"
+                    ),
+                    Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "could not follow the primary's checkpoint at start; serving what this replica has and trying again"),
+                    Err(_) => tracing::warn!("the bucket did not answer within 30 s at start; serving what this replica has and trying again"),
+                }
+                (None, Some(follower))
+            }
             Some(b) => {
                 let shipper = ballast_bucket::Shipper::new(store.clone(), &config.data, b)?;
+                shipper.advertise(config.base_url());
                 // Refuses to start while another registry ships to the prefix.
                 shipper.acquire(Duration::from_secs(5)).await?;
-                Some(shipper)
+                (Some(shipper), None)
             }
-            None => None,
+            None => (None, None),
         };
         let metrics = Arc::new(metrics::Metrics::new(
             store.clone(),
@@ -184,6 +209,7 @@ impl Server {
             pull_through.upstreams().to_vec(),
             replication.clone(),
             bucket.clone(),
+            replica.clone(),
         ));
         let metrics_listener = match config.metrics_listen {
             Some(a) => Some(
@@ -199,6 +225,7 @@ impl Server {
             .transpose()?;
         let app = Arc::new(App {
             bucket,
+            replica,
             uploads,
             metrics,
             webhooks: hooks,
@@ -310,15 +337,25 @@ async fn accept_loop(
 ) -> anyhow::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let expire = tokio::spawn(expire_uploads(app.clone()));
-    let scheduled_gc = tokio::spawn(gc::scheduled(app.clone()));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(app.clone(), l)));
     let liveness = tokio::spawn(metrics::refresh_liveness(app.clone()));
     let deliveries = app.webhooks.start();
-    let pull_flush = tokio::spawn(pulls::flush_loop(app.clone()));
-    let retention = tokio::spawn(governance::retention::scheduled(app.clone()));
-    let evict = tokio::spawn(upstream::evict::scheduled(app.clone()));
-    let replicators = replication::start(&app);
     let disk = tokio::spawn(watch_disk(app.clone()));
+    // What writes to the store runs on a primary only: a replica's content is its
+    // primary's (collections, retention and pull counts happen there).
+    let mut writers = Vec::new();
+    if app.replica.is_none() {
+        writers.push(tokio::spawn(gc::scheduled(app.clone())));
+        writers.push(tokio::spawn(pulls::flush_loop(app.clone())));
+        writers.push(tokio::spawn(governance::retention::scheduled(app.clone())));
+        writers.push(tokio::spawn(upstream::evict::scheduled(app.clone())));
+        writers.extend(replication::start(&app));
+    }
+    let (follow_stop, follow_stopped) = watch::channel(false);
+    let follower = app
+        .replica
+        .clone()
+        .map(|f| tokio::spawn(f.run(follow_stopped)));
     // The shipper stops last (after the requests in flight), shipping once more.
     let (bucket_stop, bucket_stopped) = watch::channel(false);
     let shipper = app.bucket.clone().map(|s| {
@@ -368,17 +405,17 @@ async fn accept_loop(
     }
     drop(listener);
     expire.abort();
-    scheduled_gc.abort();
     disk.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
     liveness.abort();
-    pull_flush.abort();
-    retention.abort();
-    evict.abort();
-    for r in replicators {
-        r.abort();
+    for w in writers {
+        w.abort();
+    }
+    let _ = follow_stop.send(true);
+    if let Some(f) = follower {
+        let _ = f.await;
     }
     // (An event being sent is sent again at the next start: at least once.)
     for d in deliveries {
@@ -395,7 +432,7 @@ async fn accept_loop(
         );
     }
     // The pulls counted since the last flush.
-    {
+    if app.replica.is_none() {
         let app = app.clone();
         let _ = tokio::task::spawn_blocking(move || app.pulls.flush(&app.store)).await;
     }

@@ -65,6 +65,8 @@ pub enum Route<'a> {
     AdminBucket,
     /// `/admin/bucket/ship`: ship a checkpoint now.
     AdminBucketShip,
+    /// `/admin/bucket/follow`: a replica follows the newest checkpoint now.
+    AdminBucketFollow,
     /// `/admin/robots`: the robot accounts.
     AdminRobots,
     /// `/admin/robots/<name>`: one robot account.
@@ -132,6 +134,8 @@ pub enum PathKind {
     AdminBucket,
     /// `/admin/bucket/ship`
     AdminBucketShip,
+    /// `/admin/bucket/follow`
+    AdminBucketFollow,
     /// `/admin/robots`
     AdminRobots,
     /// `/admin/robots/<name>`
@@ -172,6 +176,7 @@ impl Route<'_> {
             Route::AdminReplicationReconcile => PathKind::AdminReplicationReconcile,
             Route::AdminBucket => PathKind::AdminBucket,
             Route::AdminBucketShip => PathKind::AdminBucketShip,
+            Route::AdminBucketFollow => PathKind::AdminBucketFollow,
             Route::AdminRobots => PathKind::AdminRobots,
             Route::AdminRobot { .. } => PathKind::AdminRobot,
             Route::AdminAudit => PathKind::AdminAudit,
@@ -232,6 +237,8 @@ pub enum Endpoint {
     AdminBucket,
     /// `POST /admin/bucket/ship`.
     AdminBucketShip,
+    /// `POST /admin/bucket/follow`.
+    AdminBucketFollow,
     /// `GET /admin/robots`: the robots (never their tokens).
     AdminRobots,
     /// `POST /admin/robots?name=…`: a new robot; its token is in the answer, once.
@@ -332,6 +339,8 @@ pub enum AuditKind {
     ReplicationReconcile,
     /// `bucket.ship`.
     BucketShip,
+    /// `bucket.follow`.
+    BucketFollow,
     /// `blob.upload` of a blob committed from its recipe (delta replication).
     DeltaBlob,
     /// `chunks.upload`: chunks sent for blobs to come (delta replication).
@@ -436,6 +445,13 @@ pub static ENDPOINTS: &[Descriptor] = &[
         AdminBucketShip,
         Requires::Admin,
         Audit::Change(AuditKind::BucketShip)
+    ),
+    endpoint!(
+        AdminBucketFollow,
+        &[Method::POST],
+        AdminBucketFollow,
+        Requires::Admin,
+        Audit::Change(AuditKind::BucketFollow)
     ),
     endpoint!(
         AdminWebhooks,
@@ -649,6 +665,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
         "/admin/replication/reconcile" => return Some(Route::AdminReplicationReconcile),
         "/admin/bucket" => return Some(Route::AdminBucket),
         "/admin/bucket/ship" => return Some(Route::AdminBucketShip),
+        "/admin/bucket/follow" => return Some(Route::AdminBucketFollow),
         "/admin/robots" => return Some(Route::AdminRobots),
         "/admin/audit" => return Some(Route::AdminAudit),
         _ => {}

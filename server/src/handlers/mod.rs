@@ -140,6 +140,7 @@ pub async fn dispatch(
         }
         (Endpoint::AdminBucket, _) => bucket::status(app).await,
         (Endpoint::AdminBucketShip, _) => bucket::ship(app).await,
+        (Endpoint::AdminBucketFollow, _) => bucket::follow(app).await,
         (Endpoint::AdminRobots, _) => admin::robots(app).await,
         (Endpoint::AdminRobotCreate, _) => admin::robot_create(app, &req).await,
         (Endpoint::AdminRobotRevoke, Route::AdminRobot { name }) => {

@@ -1,5 +1,5 @@
 //! The metrics of shipping to the bucket (`[bucket]`), read from the shipper's status and
-//! request counters at each scrape.
+//! request counters at each scrape; on a read replica, what it follows and reads.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -19,23 +19,199 @@ impl std::fmt::Debug for BucketCollector {
     }
 }
 
+pub(super) struct ReplicaCollector(pub(super) Arc<ballast_bucket::Follower>);
+
+impl std::fmt::Debug for ReplicaCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaCollector")
+    }
+}
+
+impl Collector for ReplicaCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = self.0.status();
+        let (g, c) = (MetricType::Gauge, MetricType::Counter);
+        for (name, help, unit, kind, v) in [
+            (
+                "replica_lag",
+                "Age of the primary's checkpoint this replica serves (what it serves is as of \
+                 then; 0: none yet)",
+                Some(Unit::Seconds),
+                g,
+                s.lag_secs(crate::now_secs()),
+            ),
+            (
+                "replica_checkpoint",
+                "Sequence number of the checkpoint served (0: none yet)",
+                None,
+                g,
+                s.seq.unwrap_or(0),
+            ),
+            (
+                "replica_newest_checkpoint",
+                "Sequence number of the newest checkpoint seen in the bucket",
+                None,
+                g,
+                s.newest_seq.unwrap_or(0),
+            ),
+            (
+                "replica_follows",
+                "Checkpoints this replica moved to",
+                None,
+                c,
+                s.follows,
+            ),
+            (
+                "replica_follow_failures",
+                "Attempts to follow a checkpoint that failed (each is tried again)",
+                None,
+                c,
+                s.failures,
+            ),
+            (
+                "replica_consecutive_failures",
+                "Attempts to follow failed in a row (0 while following works)",
+                None,
+                g,
+                s.consecutive_failures,
+            ),
+            (
+                "replica_segments_added",
+                "Segments taken from the primary's checkpoints",
+                None,
+                c,
+                s.segments_added,
+            ),
+            (
+                "replica_segments_dropped",
+                "Segments dropped because the primary's checkpoints no longer list them",
+                None,
+                c,
+                s.segments_dropped,
+            ),
+        ] {
+            one(&mut e, name, help, unit, kind, v)?;
+        }
+        let figures = [
+            s.remote_segments,
+            s.remote_bytes,
+            s.cache_bytes,
+            s.cache_hits,
+            s.cache_misses,
+            s.cache_bytes_fetched,
+            s.cache_failures,
+        ];
+        encode_reads(&mut e, figures, &self.0.bucket().requests)
+    }
+}
+
+fn one(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    kind: MetricType,
+    v: u64,
+) -> std::fmt::Result {
+    let m = e.encode_descriptor(name, help, unit.as_ref(), kind)?;
+    match kind {
+        MetricType::Gauge => ConstGauge::new(v as i64).encode(m),
+        _ => ConstCounter::new(v).encode(m),
+    }
+}
+
+/// Reads through the bucket, a primary's (tiering) or a replica's: remote segments, the
+/// block cache, and the requests to the store.
+fn encode_reads(
+    e: &mut DescriptorEncoder,
+    f: [u64; 7],
+    r: &ballast_bucket::client::Requests,
+) -> std::fmt::Result {
+    let (g, c) = (MetricType::Gauge, MetricType::Counter);
+    for (name, help, unit, kind, v) in [
+        (
+            "bucket_remote_segments",
+            "Segments whose local file was dropped (cache_bytes_max): read from the bucket",
+            None,
+            g,
+            f[0],
+        ),
+        (
+            "bucket_remote",
+            "Bytes of the segments read from the bucket",
+            Some(Unit::Bytes),
+            g,
+            f[1],
+        ),
+        (
+            "bucket_cache",
+            "Bytes of blocks fetched back from the bucket and cached locally",
+            Some(Unit::Bytes),
+            g,
+            f[2],
+        ),
+        (
+            "bucket_cache_hits",
+            "Block reads served by the local cache",
+            None,
+            c,
+            f[3],
+        ),
+        (
+            "bucket_cache_misses",
+            "Blocks fetched from the bucket",
+            None,
+            c,
+            f[4],
+        ),
+        (
+            "bucket_cache_fetched",
+            "Bytes fetched from the bucket for reads",
+            Some(Unit::Bytes),
+            c,
+            f[5],
+        ),
+        (
+            "bucket_cache_failures",
+            "Reads from the bucket that failed (answered 503)",
+            None,
+            c,
+            f[6],
+        ),
+    ] {
+        one(e, name, help, unit, kind, v)?;
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "bucket_requests",
+            "Requests to the object store by kind (put, part, get, list, delete)",
+            None,
+            c,
+        )?;
+        for (kind, n) in [
+            ("put", &r.puts),
+            ("part", &r.parts),
+            ("get", &r.gets),
+            ("list", &r.lists),
+            ("delete", &r.deletes),
+        ] {
+            ConstCounter::new(n.load(Relaxed)).encode(m.encode_family(&[("kind", kind)])?)?;
+        }
+    }
+    one(
+        e,
+        "bucket_request_failures",
+        "Requests to the object store that failed after their retries",
+        None,
+        c,
+        r.failures.load(Relaxed),
+    )
+}
+
 impl Collector for BucketCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let s = self.0.status();
         let now = crate::now_secs();
-        let one = |e: &mut DescriptorEncoder,
-                   name: &str,
-                   help: &str,
-                   unit: Option<Unit>,
-                   kind: MetricType,
-                   v: u64|
-         -> std::fmt::Result {
-            let m = e.encode_descriptor(name, help, unit.as_ref(), kind)?;
-            match kind {
-                MetricType::Gauge => ConstGauge::new(v as i64).encode(m),
-                _ => ConstCounter::new(v).encode(m),
-            }
-        };
         let (g, c) = (MetricType::Gauge, MetricType::Counter);
         one(
             &mut e,
@@ -101,84 +277,15 @@ impl Collector for BucketCollector {
             c,
             s.objects_deleted,
         )?;
-        for (name, help, unit, kind, v) in [
-            (
-                "bucket_remote_segments",
-                "Segments whose local file was dropped (cache_bytes_max): read from the bucket",
-                None,
-                g,
-                s.remote_segments,
-            ),
-            (
-                "bucket_remote",
-                "Bytes of the segments read from the bucket",
-                Some(Unit::Bytes),
-                g,
-                s.remote_bytes,
-            ),
-            (
-                "bucket_cache",
-                "Bytes of blocks fetched back from the bucket and cached locally",
-                Some(Unit::Bytes),
-                g,
-                s.cache_bytes,
-            ),
-            (
-                "bucket_cache_hits",
-                "Block reads served by the local cache",
-                None,
-                c,
-                s.cache_hits,
-            ),
-            (
-                "bucket_cache_misses",
-                "Blocks fetched from the bucket",
-                None,
-                c,
-                s.cache_misses,
-            ),
-            (
-                "bucket_cache_fetched",
-                "Bytes fetched from the bucket for reads",
-                Some(Unit::Bytes),
-                c,
-                s.cache_bytes_fetched,
-            ),
-            (
-                "bucket_cache_failures",
-                "Reads from the bucket that failed (answered 503)",
-                None,
-                c,
-                s.cache_failures,
-            ),
-        ] {
-            one(&mut e, name, help, unit, kind, v)?;
-        }
-        let r = &self.0.bucket().requests;
-        {
-            let mut m = e.encode_descriptor(
-                "bucket_requests",
-                "Requests to the object store by kind (put, part, get, list, delete)",
-                None,
-                c,
-            )?;
-            for (kind, n) in [
-                ("put", &r.puts),
-                ("part", &r.parts),
-                ("get", &r.gets),
-                ("list", &r.lists),
-                ("delete", &r.deletes),
-            ] {
-                ConstCounter::new(n.load(Relaxed)).encode(m.encode_family(&[("kind", kind)])?)?;
-            }
-        }
-        one(
-            &mut e,
-            "bucket_request_failures",
-            "Requests to the object store that failed after their retries",
-            None,
-            c,
-            r.failures.load(Relaxed),
-        )
+        let figures = [
+            s.remote_segments,
+            s.remote_bytes,
+            s.cache_bytes,
+            s.cache_hits,
+            s.cache_misses,
+            s.cache_bytes_fetched,
+            s.cache_failures,
+        ];
+        encode_reads(&mut e, figures, &self.0.bucket().requests)
     }
 }

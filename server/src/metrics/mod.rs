@@ -115,6 +115,7 @@ impl Metrics {
         upstreams: Vec<Arc<crate::upstream::Upstream>>,
         rules: Vec<Arc<crate::replication::Rule>>,
         bucket: Option<Arc<ballast_bucket::Shipper>>,
+        replica: Option<Arc<ballast_bucket::Follower>>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("ballast");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -238,6 +239,9 @@ impl Metrics {
         registry.register_collector(Box::new(WebhookCollector(webhooks)));
         if let Some(b) = bucket {
             registry.register_collector(Box::new(bucket::BucketCollector(b)));
+        }
+        if let Some(f) = replica {
+            registry.register_collector(Box::new(bucket::ReplicaCollector(f)));
         }
         if !upstreams.is_empty() {
             registry.register_collector(Box::new(peers::PullThroughCollector(upstreams)));
@@ -414,6 +418,7 @@ fn route_index(kind: Option<PathKind>) -> usize {
             | PathKind::AdminReplicationReconcile
             | PathKind::AdminBucket
             | PathKind::AdminBucketShip
+            | PathKind::AdminBucketFollow
             | PathKind::AdminRobots
             | PathKind::AdminRobot
             | PathKind::AdminAudit,

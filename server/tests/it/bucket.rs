@@ -562,6 +562,7 @@ fn a_second_registry_on_the_same_prefix_is_refused_while_the_first_holds_the_lea
         owner: "elsewhere:0000beef".into(),
         renewed_at: ballast_engine::clock::now_secs(),
         ttl_secs: 600,
+        url: None,
     };
     rt.block_on(bucket.put(
         ballast_bucket::lease::LEASE,

@@ -1,0 +1,348 @@
+//! A read replica (`role = "replica"`, docs/design.md "Read replicas"): it never writes to
+//! the prefix. Every `follow_interval_secs` it looks for a checkpoint newer than the one it
+//! serves; when there is one it fetches the catalog and the index file of each segment it
+//! does not know (each checked against the record's length and SHA-256) and moves its
+//! store to it ([`ballast_engine::Store::follow`]). Segment bytes are read on demand
+//! through the same block cache as tiering ([`crate::tier`]). A primary's pruning keeps a
+//! checkpoint's segments for `checkpoint_grace_secs` after a newer one replaced it, which
+//! is the time a replica has to move on before reads of the older one fail.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ballast_engine::clock::now_secs;
+use ballast_engine::Store;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use crate::client::{sha256_hex, Bucket};
+use crate::config::{BucketConfig, DEFAULT_BLOCK_CACHE};
+use crate::layout::{self, CheckpointRecord, ObjectRef};
+use crate::ship::CACHE_DIR;
+use crate::tier::{Remote, Tier};
+
+/// Index files fetched at once.
+const PARALLEL: usize = 8;
+
+/// What a replica follows and how far behind it is (metrics, /healthz, the admin
+/// endpoint).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FollowStatus {
+    /// `endpoint/bucket/prefix`.
+    pub bucket: String,
+    /// The checkpoint served.
+    pub seq: Option<u64>,
+    /// When the primary took it (Unix seconds): what is served is as of then.
+    pub taken_at: Option<u64>,
+    /// When this replica moved to it (Unix seconds).
+    pub followed_at: Option<u64>,
+    /// The newest checkpoint seen in the bucket (past `seq` while one is being taken or
+    /// failing).
+    pub newest_seq: Option<u64>,
+    /// The last attempt's error, while attempts fail.
+    pub last_error: Option<String>,
+    /// Attempts failed in a row.
+    pub consecutive_failures: u64,
+    /// Checkpoints followed since start.
+    pub follows: u64,
+    /// Attempts that failed since start.
+    pub failures: u64,
+    /// Segments added since start.
+    pub segments_added: u64,
+    /// Segments dropped since start.
+    pub segments_dropped: u64,
+    /// Segments the served checkpoint lists, and their bytes.
+    pub remote_segments: u64,
+    /// Their bytes.
+    pub remote_bytes: u64,
+    /// Bytes of blocks fetched and cached.
+    pub cache_bytes: u64,
+    /// Blocks read from the cache since start.
+    pub cache_hits: u64,
+    /// Blocks fetched from the bucket since start.
+    pub cache_misses: u64,
+    /// Bytes fetched from the bucket since start.
+    pub cache_bytes_fetched: u64,
+    /// Reads from the bucket that failed since start.
+    pub cache_failures: u64,
+    /// How long the last follow took, in milliseconds.
+    pub last_duration_ms: u64,
+}
+
+impl FollowStatus {
+    /// Seconds what is served lags behind the primary's newest checkpoint cut at `now`:
+    /// the age of the served checkpoint (0 before the first).
+    pub fn lag_secs(&self, now: u64) -> u64 {
+        self.taken_at.map_or(0, |t| now.saturating_sub(t))
+    }
+}
+
+/// What one follow did.
+#[derive(Clone, Debug, Serialize)]
+pub struct FollowReport {
+    /// The checkpoint now served.
+    pub seq: u64,
+    /// When the primary took it (Unix seconds).
+    pub taken_at: u64,
+    /// Segments added.
+    pub added: usize,
+    /// Segments dropped.
+    pub dropped: usize,
+    /// Repositories in its catalog.
+    pub repos: usize,
+    /// Bytes fetched (catalog and index files).
+    pub bytes: u64,
+    /// Milliseconds it took.
+    pub ms: u64,
+}
+
+/// Follows one bucket prefix into one (follower) store.
+pub struct Follower {
+    store: Store,
+    bucket: Bucket,
+    cfg: BucketConfig,
+    tier: Arc<Tier>,
+    status: parking_lot::Mutex<FollowStatus>,
+    /// One follow at a time (the loop and the admin endpoint).
+    busy: tokio::sync::Mutex<()>,
+    /// What [`Follower::primary`] last found, and when.
+    primary: parking_lot::Mutex<Option<(Instant, String)>>,
+}
+
+/// How long [`Follower::primary`] reuses what the lease said.
+const PRIMARY_FRESH: Duration = Duration::from_secs(30);
+
+impl Follower {
+    /// A follower of the bucket `cfg` names into `store` (opened with
+    /// `Options::follower`), whose data directory is `data`. No request is made yet.
+    pub fn new(
+        store: Store,
+        data: &std::path::Path,
+        cfg: &BucketConfig,
+    ) -> anyhow::Result<Arc<Follower>> {
+        let bucket = Bucket::connect(cfg)?;
+        let remote: Vec<u64> = store.remote_segments().iter().map(|(id, _)| *id).collect();
+        let tier = Tier::open(
+            bucket.clone(),
+            &data.join(CACHE_DIR),
+            cfg.cache_bytes_max.unwrap_or(DEFAULT_BLOCK_CACHE),
+            &remote,
+        )?;
+        store.set_remote(Arc::new(Remote(tier.clone())));
+        let status = FollowStatus {
+            bucket: bucket.describe().to_owned(),
+            ..FollowStatus::default()
+        };
+        Ok(Arc::new(Follower {
+            store,
+            bucket,
+            cfg: cfg.clone(),
+            tier,
+            status: parking_lot::Mutex::new(status),
+            busy: tokio::sync::Mutex::new(()),
+            primary: parking_lot::Mutex::new(None),
+        }))
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &Bucket {
+        &self.bucket
+    }
+
+    /// The cache of blocks fetched from the bucket.
+    pub fn tier(&self) -> &Arc<Tier> {
+        &self.tier
+    }
+
+    /// What it follows and how far behind it is.
+    pub fn status(&self) -> FollowStatus {
+        let mut s = self.status.lock().clone();
+        let f = self.store.footprint();
+        s.remote_segments = f.remote_segments;
+        s.remote_bytes = f.remote_bytes;
+        let t = &self.tier.stats;
+        s.cache_bytes = self.tier.cached_bytes();
+        s.cache_hits = t.hits.load(Ordering::Relaxed);
+        s.cache_misses = t.misses.load(Ordering::Relaxed);
+        s.cache_bytes_fetched = t.bytes_fetched.load(Ordering::Relaxed);
+        s.cache_failures = t.failures.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Where pushes go, for a refusal: `primary_url` when configured, else what the
+    /// primary's lease says (its address, or its identity; read at most every 30 s, and
+    /// waited for at most 5 s), else that none holds it.
+    pub async fn primary(&self) -> String {
+        if !self.cfg.primary_url.is_empty() {
+            return self.cfg.primary_url.clone();
+        }
+        if let Some((at, p)) = self.primary.lock().as_ref() {
+            if at.elapsed() < PRIMARY_FRESH {
+                return p.clone();
+            }
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), crate::lease::read(&self.bucket));
+        let p = match read.await {
+            Ok(Ok(Some(l))) if l.live(now_secs()) => match l.url {
+                Some(url) => format!("{url} ({})", l.owner),
+                None => l.owner,
+            },
+            Ok(Ok(_)) => format!(
+                "none holds the lease on {} now (the primary is stopped)",
+                self.bucket.describe()
+            ),
+            Ok(Err(e)) => {
+                return format!("the primary of {} ({e:#})", self.bucket.describe());
+            }
+            Err(_) => {
+                return format!(
+                    "the primary of {} (its lease could not be read in time)",
+                    self.bucket.describe()
+                );
+            }
+        };
+        *self.primary.lock() = Some((Instant::now(), p.clone()));
+        p
+    }
+
+    /// Moves to the bucket's newest checkpoint when it is newer than the one served;
+    /// `Ok(None)` when there is none newer.
+    pub async fn follow(&self) -> anyhow::Result<Option<FollowReport>> {
+        let _one = self.busy.lock().await;
+        let started = Instant::now();
+        let result = self.follow_newest().await;
+        let mut s = self.status.lock();
+        match &result {
+            Ok(Some(r)) => {
+                s.seq = Some(r.seq);
+                s.taken_at = Some(r.taken_at);
+                s.followed_at = Some(now_secs());
+                s.follows += 1;
+                s.segments_added += r.added as u64;
+                s.segments_dropped += r.dropped as u64;
+                s.last_duration_ms = started.elapsed().as_millis() as u64;
+                s.last_error = None;
+                s.consecutive_failures = 0;
+            }
+            Ok(None) => {
+                s.last_error = None;
+                s.consecutive_failures = 0;
+            }
+            Err(e) => {
+                s.last_error = Some(format!("{e:#}"));
+                s.consecutive_failures += 1;
+                s.failures += 1;
+            }
+        }
+        result
+    }
+
+    async fn follow_newest(&self) -> anyhow::Result<Option<FollowReport>> {
+        let started = Instant::now();
+        let Some(&seq) = crate::restore::checkpoints(&self.bucket).await?.last() else {
+            return Ok(None);
+        };
+        self.status.lock().newest_seq = Some(seq);
+        if self.status.lock().seq.is_some_and(|s| s >= seq) {
+            return Ok(None);
+        }
+        let name = layout::checkpoint_name(seq);
+        let record = self.bucket.get(&name).await?.with_context(|| {
+            format!("checkpoint {seq} vanished from {}", self.bucket.describe())
+        })?;
+        let record = CheckpointRecord::parse(&record).with_context(|| format!("reading {name}"))?;
+        let catalog = self.fetch_checked(&record.catalog).await?;
+        let ids: Vec<u64> = record.segments.iter().map(|s| s.id).collect();
+        let wanted = self.store.segments_to_follow(&ids);
+        let mut refs = Vec::with_capacity(wanted.len());
+        for id in &wanted {
+            let seg = record
+                .segments
+                .iter()
+                .find(|s| s.id == *id)
+                .context("a wanted segment is listed")?;
+            let Some(index) = seg.index.clone() else {
+                bail!(
+                    "checkpoint {seq} lists segment {id} without its index file: the primary \
+                     runs a version from before read replicas (upgrade it; its next \
+                     shipment uploads the index files)"
+                );
+            };
+            refs.push((*id, index));
+        }
+        let indexes: BTreeMap<u64, Vec<u8>> = futures::stream::iter(refs)
+            .map(|(id, r)| async move { self.fetch_checked(&r).await.map(|b| (id, b.to_vec())) })
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
+        let bytes = catalog.len() as u64 + indexes.values().map(|b| b.len() as u64).sum::<u64>();
+        let listed: Vec<(u64, u64)> = record.segments.iter().map(|s| (s.id, s.len)).collect();
+        let store = self.store.clone();
+        let done = tokio::task::spawn_blocking(move || store.follow(&catalog, &listed, &indexes))
+            .await?
+            .with_context(|| format!("following checkpoint {seq}"))?;
+        Ok(Some(FollowReport {
+            seq,
+            taken_at: record.taken_at,
+            added: done.added,
+            dropped: done.dropped,
+            repos: done.repos,
+            bytes,
+            ms: started.elapsed().as_millis() as u64,
+        }))
+    }
+
+    /// An object a record names, checked against its length and SHA-256.
+    async fn fetch_checked(&self, r: &ObjectRef) -> anyhow::Result<bytes::Bytes> {
+        let bytes = self.bucket.get(&r.name).await?.with_context(|| {
+            format!(
+                "{} is missing from {} (pruned: a newer checkpoint replaced it)",
+                r.name,
+                self.bucket.describe()
+            )
+        })?;
+        if bytes.len() as u64 != r.len || sha256_hex(&bytes) != r.sha256 {
+            bail!(
+                "{} in {} does not match its checkpoint (length or SHA-256): the bucket's copy \
+                 is damaged",
+                r.name,
+                self.bucket.describe()
+            );
+        }
+        Ok(bytes)
+    }
+
+    /// Follows every `follow_interval_secs` (backing off up to a minute while attempts
+    /// fail) until `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let interval = Duration::from_secs(self.cfg.follow_interval_secs);
+        loop {
+            match self.follow().await {
+                Ok(Some(r)) => tracing::info!(
+                    seq = r.seq,
+                    added = r.added,
+                    dropped = r.dropped,
+                    lag_secs = now_secs().saturating_sub(r.taken_at),
+                    ms = r.ms,
+                    "replica moved to the primary's newest checkpoint"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    bucket = self.bucket.describe(),
+                    "following the primary's checkpoints failed; this replica serves the one \
+                     it has and tries again"
+                ),
+            }
+            let failures = self.status.lock().consecutive_failures.min(6) as u32;
+            let wait = (interval * 2u32.pow(failures)).min(Duration::from_secs(60));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => break,
+            }
+        }
+    }
+}
