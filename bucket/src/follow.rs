@@ -39,6 +39,9 @@ pub struct FollowStatus {
     pub taken_at: Option<u64>,
     /// When this replica moved to it (Unix seconds).
     pub followed_at: Option<u64>,
+    /// When this replica last saw that it serves the bucket's newest checkpoint (Unix
+    /// seconds).
+    pub current_at: Option<u64>,
     /// The newest checkpoint seen in the bucket (past `seq` while one is being taken or
     /// failing).
     pub newest_seq: Option<u64>,
@@ -73,10 +76,13 @@ pub struct FollowStatus {
 }
 
 impl FollowStatus {
-    /// Seconds what is served lags behind the primary's newest checkpoint cut at `now`:
-    /// the age of the served checkpoint (0 before the first).
+    /// Seconds this replica may lag behind the bucket at `now`: since it last saw that it
+    /// serves the newest checkpoint there (0 before it first looked). What it serves lags
+    /// behind the primary by that plus the primary's own lag behind acknowledged pushes
+    /// (`bucket_lag_secs` there). An idle primary takes no new checkpoints, so the age of
+    /// the one served ([`FollowStatus::taken_at`]) is no lag.
     pub fn lag_secs(&self, now: u64) -> u64 {
-        self.taken_at.map_or(0, |t| now.saturating_sub(t))
+        self.current_at.map_or(0, |t| now.saturating_sub(t))
     }
 }
 
@@ -213,6 +219,8 @@ impl Follower {
     pub async fn follow(&self) -> anyhow::Result<Option<FollowReport>> {
         let _one = self.busy.lock().await;
         let started = Instant::now();
+        // What the bucket's list says holds as of when it was asked.
+        let listed = now_secs();
         let result = self.follow_newest().await;
         let mut s = self.status.lock();
         match &result {
@@ -220,6 +228,9 @@ impl Follower {
                 s.seq = Some(r.seq);
                 s.taken_at = Some(r.taken_at);
                 s.followed_at = Some(now_secs());
+                if s.newest_seq <= Some(r.seq) {
+                    s.current_at = Some(listed);
+                }
                 s.follows += 1;
                 s.segments_added += r.added as u64;
                 s.segments_dropped += r.dropped as u64;
@@ -228,6 +239,8 @@ impl Follower {
                 s.consecutive_failures = 0;
             }
             Ok(None) => {
+                // Nothing newer, or nothing at all in the bucket yet.
+                s.current_at = Some(listed);
                 s.last_error = None;
                 s.consecutive_failures = 0;
             }

@@ -195,7 +195,12 @@ impl Server {
             }
             Some(b) => {
                 let shipper = ballast_bucket::Shipper::new(store.clone(), &config.data, b)?;
-                shipper.advertise(config.base_url());
+                // Where replicas send writers: public_url, else the address bound (a
+                // port of 0 resolved).
+                shipper.advertise(match config.public_url {
+                    Some(_) => config.base_url(),
+                    None => format!("{}://{addr}", if config.tls() { "https" } else { "http" }),
+                });
                 // Refuses to start while another registry ships to the prefix.
                 shipper.acquire(Duration::from_secs(5)).await?;
                 (Some(shipper), None)

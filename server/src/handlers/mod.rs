@@ -61,10 +61,26 @@ pub async fn dispatch(
                     .map_or(10, |c| c.ship_interval_secs);
                 bucket_health(&b.status(), interval)
             });
+            let replica = app.replica.as_ref().map(|f| {
+                let interval = app
+                    .config
+                    .bucket
+                    .as_ref()
+                    .map_or(2, |c| c.follow_interval_secs);
+                replica_health(&f.status(), interval)
+            });
             if let Some((_, Some(p))) = &bucket {
                 problems.push(p.clone());
             }
-            Ok(health(&app.store, problems, bucket.map(|(lag, _)| lag)))
+            if let Some((_, Some(p))) = &replica {
+                problems.push(p.clone());
+            }
+            let lag = match (bucket, replica) {
+                (Some((lag, _)), _) => Some(("bucket_lag_secs", lag)),
+                (_, Some((lag, _))) => Some(("replica_lag_secs", lag)),
+                _ => None,
+            };
+            Ok(health(&app.store, problems, lag))
         }
         (Endpoint::AdminGc, _) => admin_gc(app, access, &req).await,
         (Endpoint::AdminWebhooks, _) => {
@@ -418,17 +434,18 @@ pub(crate) async fn check_room(app: &App) -> Result<(), ApiError> {
 /// with `"status": "degraded"` and the problems when an account file cannot be used (a
 /// restart would not help: its accounts are refused until it is fixed); 200 `ok` otherwise.
 /// With a bucket configured, `bucket_lag_secs` says how far the bucket lags behind
-/// acknowledged pushes.
+/// acknowledged pushes; on a read replica, `replica_lag_secs` how old the primary's
+/// checkpoint it serves is.
 fn health(
     store: &ballast_engine::Store,
     problems: Vec<String>,
-    bucket_lag: Option<u64>,
+    lag: Option<(&str, u64)>,
 ) -> Response<ResBody> {
     match store.health() {
         Ok(()) if problems.is_empty() => {
             let mut v = serde_json::json!({"status": "ok"});
-            if let Some(lag) = bucket_lag {
-                v["bucket_lag_secs"] = lag.into();
+            if let Some((key, secs)) = lag {
+                v[key] = secs.into();
             }
             reply(StatusCode::OK).json(&v)
         }
@@ -438,8 +455,8 @@ fn health(
                 "detail": problems.join("; "),
                 "problems": problems,
             });
-            if let Some(lag) = bucket_lag {
-                v["bucket_lag_secs"] = lag.into();
+            if let Some((key, secs)) = lag {
+                v[key] = secs.into();
             }
             reply(StatusCode::OK).json(&v)
         }
@@ -468,6 +485,27 @@ fn bucket_health(s: &ballast_bucket::Status, interval: u64) -> (u64, Option<Stri
     } else if lag > (6 * interval).max(60) {
         Some(format!(
             "the bucket lags {lag} s behind acknowledged pushes (shipments are slower than              ship_interval_secs = {interval})"
+        ))
+    } else {
+        None
+    };
+    (lag, problem)
+}
+
+/// A replica's lag, and a problem when follows fail or what it serves is well past its
+/// interval behind the bucket's newest checkpoint.
+fn replica_health(s: &ballast_bucket::FollowStatus, interval: u64) -> (u64, Option<String>) {
+    let lag = s.lag_secs(crate::now_secs());
+    let problem = if s.consecutive_failures > 0 {
+        Some(format!(
+            "following the primary's checkpoints has failed {} times in a row; what this \
+             replica serves is {lag} s old (GET /admin/bucket says why)",
+            s.consecutive_failures
+        ))
+    } else if s.newest_seq > s.seq && lag > (6 * interval).max(60) {
+        Some(format!(
+            "this replica serves a checkpoint {lag} s old while a newer one is in the bucket \
+             (follows are slower than follow_interval_secs = {interval})"
         ))
     } else {
         None

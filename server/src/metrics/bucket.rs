@@ -34,11 +34,19 @@ impl Collector for ReplicaCollector {
         for (name, help, unit, kind, v) in [
             (
                 "replica_lag",
-                "Age of the primary's checkpoint this replica serves (what it serves is as of \
-                 then; 0: none yet)",
+                "Seconds since this replica last saw that it serves the bucket's newest \
+                 checkpoint (add the primary's bucket_lag for its lag behind pushes)",
                 Some(Unit::Seconds),
                 g,
                 s.lag_secs(crate::now_secs()),
+            ),
+            (
+                "replica_checkpoint_taken",
+                "When the primary cut the checkpoint this replica serves (Unix seconds; 0: \
+                 none yet)",
+                Some(Unit::Seconds),
+                g,
+                s.taken_at.unwrap_or(0),
             ),
             (
                 "replica_checkpoint",

@@ -904,3 +904,212 @@ fn bench_cold_pull_from_the_bucket_against_distribution_s3() {
         cold.1 as f64 / dist1.1.max(1) as f64
     );
 }
+
+/// Until `f` holds, polling every 50 ms; how long that took.
+fn time_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    wait_for(what, limit, || {
+        let done = f();
+        if !done {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        done
+    });
+    started.elapsed()
+}
+
+#[test]
+fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
+    // Shipping and following every second: a tag pushed to the primary is visible on the
+    // replicas within ship_interval + follow_interval + the transfers.
+    let (garage, tmp, config) = bed(
+        "registry-r",
+        "ship_interval_secs = 1\ncheckpoint_grace_secs = 60",
+    );
+    let cfg = config.to_str().expect("utf-8");
+    let replica_config = write_config(
+        &tmp.path().join("replica-config"),
+        &garage.bucket_table("registry-r", "role = \"replica\"\nfollow_interval_secs = 1"),
+    );
+    let rcfg = replica_config.to_str().expect("utf-8");
+    let mut primary = Registry::start_args(&tmp.path().join("primary"), &[], &["--config", cfg]);
+
+    // A replica started before the primary shipped anything serves an empty registry.
+    let early = Registry::start_args(&tmp.path().join("r0"), &[], &["--config", rcfg]);
+    let empty = call("GET", &early.url("/v2/_catalog"), &[], None);
+    assert_eq!(empty.status, 200);
+    assert_eq!(empty.json()["repositories"], serde_json::json!([]));
+
+    let v1 = push_image_as(&primary.url(""), "team-a/api", "v1", 51, 3 << 20, &[]);
+    wait_shipped(&primary);
+    let mut replicas = vec![
+        early,
+        Registry::start_args(&tmp.path().join("r1"), &[], &["--config", rcfg]),
+    ];
+    // The one started after the checkpoint has it at once; the early one follows.
+    assert_pulls(&replicas[1], "team-a/api", "v1", &v1, 51, 3 << 20);
+    wait_for(
+        "the early replica to follow",
+        Duration::from_secs(20),
+        || pull_status(&replicas[0], "team-a/api", "v1", &v1, 51, 3 << 20).0 == 200,
+    );
+
+    // New tags: the time from the push's answer until each replica serves it.
+    let mut seen = Vec::new();
+    let mut digests = Vec::new();
+    for (i, (tag, seed)) in [("v2", 52u64), ("v3", 53)].iter().enumerate() {
+        let digest = push_image_as(&primary.url(""), "team-a/api", tag, *seed, 1 << 20, &[]);
+        digests.push(digest.clone());
+        let pushed = Instant::now();
+        for r in &replicas {
+            time_until("the tag on a replica", Duration::from_secs(30), || {
+                pull_status(r, "team-a/api", tag, &digest, *seed, 1 << 20).0 == 200
+            });
+            seen.push(pushed.elapsed());
+        }
+        assert_pulls(&replicas[i % 2], "team-a/api", tag, &digest, *seed, 1 << 20);
+    }
+    let worst = seen.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "a pushed tag was visible on the replicas after {:?} (ship_interval_secs = 1, \
+         follow_interval_secs = 1)",
+        seen.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
+    );
+    assert!(
+        worst < Duration::from_secs(10),
+        "visible within ship + follow interval and the transfers: {worst:?}"
+    );
+
+    // Writes on a replica: 405 UNSUPPORTED naming the primary, nothing changed.
+    let r = &replicas[0];
+    let primary_url = primary.url("");
+    for (method, path) in [
+        ("POST", "/v2/team-a/api/blobs/uploads/"),
+        ("PUT", "/v2/team-a/api/manifests/v9"),
+        ("DELETE", &format!("/v2/team-a/api/manifests/{v1}") as &str),
+        ("POST", "/admin/gc?grace=0"),
+        ("POST", "/admin/bucket/ship"),
+    ] {
+        let res = call(method, &r.url(path), &[], Some(b"{}"));
+        let body = String::from_utf8_lossy(&res.body);
+        assert_eq!(res.status, 405, "{method} {path}: {body}");
+        assert!(
+            body.contains("UNSUPPORTED") && body.contains(&primary_url),
+            "{method} {path}: {body}"
+        );
+    }
+    assert_pulls(r, "team-a/api", "v1", &v1, 51, 3 << 20);
+    // A client pushing to the replica is told where to go.
+    let (refused, _) = crate::try_push_image_as(&r.url(""), "team-a/new", "v1", 54, 1 << 10, &[]);
+    assert_eq!(refused.status, 405);
+    assert!(String::from_utf8_lossy(&refused.body).contains(&primary_url));
+
+    // What it shows: its role, the primary, the checkpoint served and its lag.
+    let s = status(r);
+    assert_eq!(s["role"], "replica", "{s}");
+    assert!(
+        s["primary"].as_str().unwrap_or("").contains(&primary_url),
+        "{s}"
+    );
+    assert_eq!(s["consecutive_failures"], 0, "{s}");
+    assert!(
+        s["seq"].as_u64().is_some() && s["lag_secs"].as_u64() < Some(10),
+        "{s}"
+    );
+    let health = call("GET", &r.url("/healthz"), &[], None).json();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert!(health["replica_lag_secs"].as_u64().is_some(), "{health}");
+    assert!(metric(r, "ballast_replica_follows_total") >= 1.0);
+    let now = ballast_engine::clock::now_secs() as f64;
+    assert!(now - metric(r, "ballast_replica_checkpoint_taken_seconds") < 60.0);
+    let followed = call("POST", &r.url("/admin/bucket/follow"), &[], None);
+    assert_eq!(
+        followed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&followed.body)
+    );
+
+    // A delete and a collection on the primary: the replicas drop the image and keep
+    // serving the rest from the segments the collection wrote.
+    let del = call(
+        "DELETE",
+        &primary.url(&format!("/v2/team-a/api/manifests/{v1}")),
+        &[],
+        None,
+    );
+    assert_eq!(del.status, 202);
+    let gc = call(
+        "POST",
+        &primary.url("/admin/gc?grace=0&min_dead_fraction=0.01"),
+        &[],
+        None,
+    );
+    assert_eq!(gc.status, 200, "{}", String::from_utf8_lossy(&gc.body));
+    wait_shipped(&primary);
+    for r in &replicas {
+        wait_for("the delete on a replica", Duration::from_secs(30), || {
+            pull_status(r, "team-a/api", "v1", &v1, 51, 3 << 20).0 == 404
+        });
+    }
+    let tags = call(
+        "GET",
+        &replicas[1].url("/v2/team-a/api/tags/list"),
+        &[],
+        None,
+    )
+    .json();
+    assert_eq!(tags["tags"], serde_json::json!(["v2", "v3"]), "{tags}");
+    let (v2, v3) = (&digests[0], &digests[1]);
+    for r in &replicas {
+        assert_pulls(r, "team-a/api", "v3", v3, 53, 1 << 20);
+    }
+    eprintln!(
+        "after the collection the replicas dropped {} and {} segments",
+        status(&replicas[0])["segments_dropped"],
+        status(&replicas[1])["segments_dropped"]
+    );
+
+    // A replica killed and started again serves what it served; its directory is its own:
+    // a primary refuses it, and a replica refuses the primary's.
+    replicas[0].kill();
+    replicas[0] = Registry::start_args(&tmp.path().join("r0"), &[], &["--config", rcfg]);
+    assert_pulls(&replicas[0], "team-a/api", "v3", v3, 53, 1 << 20);
+    replicas[1].stop();
+    let as_primary = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("r1"))
+        .env("BALLAST_LOG", "warn")
+        .output()
+        .expect("serve");
+    assert!(!as_primary.status.success());
+    let err = String::from_utf8_lossy(&as_primary.stderr);
+    assert!(err.contains("read replica's data directory"), "{err}");
+    primary.stop();
+    let as_replica = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            rcfg,
+            "--data",
+        ])
+        .arg(tmp.path().join("primary"))
+        .env("BALLAST_LOG", "warn")
+        .output()
+        .expect("serve");
+    assert!(!as_replica.status.success());
+    let err = String::from_utf8_lossy(&as_replica.stderr);
+    assert!(err.contains("not a read replica's data directory"), "{err}");
+    // With the primary stopped, the replica goes on serving pulls and refusing writes.
+    let res = call(
+        "POST",
+        &replicas[0].url("/v2/team-a/api/blobs/uploads/"),
+        &[],
+        None,
+    );
+    assert_eq!(res.status, 405);
+    assert_pulls(&replicas[0], "team-a/api", "v2", v2, 52, 1 << 20);
+    replicas[0].stop();
+}
