@@ -183,4 +183,24 @@ mod tests {
         let e = CheckpointRecord::parse(future.as_bytes()).expect_err("newer format");
         assert!(e.to_string().contains("checkpoint format 2"), "{e}");
     }
+
+    /// A record as a version before read replicas wrote it (no `index`) still parses, and
+    /// a record with index objects keeps them.
+    #[test]
+    fn records_without_index_objects_parse() {
+        let old = br#"{"format":1,"seq":4,"taken_at":1796275580,"generation":9,"repos":1,
+            "catalog":{"name":"catalogs/00000000000000000004.snp","len":10,"sha256":"aa"},
+            "segments":[{"id":1,"len":5,"sha256":"bb"}],"written_by":"ballast 0.1.0"}"#;
+        let r = CheckpointRecord::parse(old).expect("old record");
+        assert_eq!(r.segments[0].index, None);
+        let mut new = r.clone();
+        new.segments[0].index = Some(ObjectRef {
+            name: index_name(1),
+            len: 3,
+            sha256: "cc".into(),
+        });
+        let bytes = serde_json::to_vec(&new).expect("json");
+        assert!(String::from_utf8_lossy(&bytes).contains("indexes/00000000000000000001.idx"));
+        assert_eq!(CheckpointRecord::parse(&bytes).expect("parse"), new);
+    }
 }
