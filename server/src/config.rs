@@ -617,6 +617,31 @@ pub fn default_robots_path(data: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// The complete example in docs/operations.md, and the read replica's, are configs this
+    /// version takes (unknown settings are errors, so a renamed one shows here).
+    #[test]
+    fn the_documented_examples_parse() {
+        let doc = include_str!("../../docs/operations.md");
+        let blocks: Vec<&str> = doc
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .collect();
+        let complete: Config = toml::from_str(blocks[0]).expect("the complete example");
+        let bucket = complete
+            .bucket
+            .as_ref()
+            .expect("[bucket] in the complete example");
+        assert_eq!(bucket.role, ballast_bucket::Role::Primary);
+        let replica = blocks
+            .iter()
+            .find(|b| b.contains("role = \"replica\""))
+            .expect("the replica example");
+        let replica: Config = toml::from_str(replica).expect("the replica example");
+        assert!(replica.is_replica());
+        assert!(replica.check().is_ok());
+    }
+
     #[test]
     fn layers_beat_each_other() {
         let dir = tempfile::tempdir().expect("tempdir");
