@@ -8,7 +8,6 @@
 //! is the time a replica has to move on before reads of the older one fail.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use crate::client::{sha256_hex, Bucket};
 use crate::config::{BucketConfig, DEFAULT_BLOCK_CACHE};
 use crate::layout::{self, CheckpointRecord, ObjectRef};
 use crate::ship::CACHE_DIR;
-use crate::tier::{Remote, Tier};
+use crate::tier::{ReadFigures, Remote, Tier};
 
 /// Index files fetched at once.
 const PARALLEL: usize = 8;
@@ -57,20 +56,9 @@ pub struct FollowStatus {
     pub segments_added: u64,
     /// Segments dropped since start.
     pub segments_dropped: u64,
-    /// Segments the served checkpoint lists, and their bytes.
-    pub remote_segments: u64,
-    /// Their bytes.
-    pub remote_bytes: u64,
-    /// Bytes of blocks fetched and cached.
-    pub cache_bytes: u64,
-    /// Blocks read from the cache since start.
-    pub cache_hits: u64,
-    /// Blocks fetched from the bucket since start.
-    pub cache_misses: u64,
-    /// Bytes fetched from the bucket since start.
-    pub cache_bytes_fetched: u64,
-    /// Reads from the bucket that failed since start.
-    pub cache_failures: u64,
+    /// Reads through the bucket (every segment the served checkpoint lists is remote).
+    #[serde(flatten)]
+    pub reads: ReadFigures,
     /// How long the last follow took, in milliseconds.
     pub last_duration_ms: u64,
 }
@@ -166,15 +154,7 @@ impl Follower {
     /// What it follows and how far behind it is.
     pub fn status(&self) -> FollowStatus {
         let mut s = self.status.lock().clone();
-        let f = self.store.footprint();
-        s.remote_segments = f.remote_segments;
-        s.remote_bytes = f.remote_bytes;
-        let t = &self.tier.stats;
-        s.cache_bytes = self.tier.cached_bytes();
-        s.cache_hits = t.hits.load(Ordering::Relaxed);
-        s.cache_misses = t.misses.load(Ordering::Relaxed);
-        s.cache_bytes_fetched = t.bytes_fetched.load(Ordering::Relaxed);
-        s.cache_failures = t.failures.load(Ordering::Relaxed);
+        s.reads = self.tier.figures(&self.store);
         s
     }
 

@@ -6,7 +6,6 @@
 //! segments no kept checkpoint lists.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use crate::client::{sha256_hex, Bucket};
 use crate::config::{BucketConfig, DEFAULT_BLOCK_CACHE};
 use crate::layout::{self, CheckpointRecord, ObjectRef, SegmentRef, CHECKPOINT_FORMAT};
 use crate::lease;
-use crate::tier::{Remote, Tier};
+use crate::tier::{ReadFigures, Remote, Tier};
 
 /// The block cache's directory in the data directory.
 pub const CACHE_DIR: &str = "cache";
@@ -63,20 +62,9 @@ pub struct Status {
     pub last_duration_ms: u64,
     /// `cache_bytes_max`, when tiering is on.
     pub cache_bytes_max: Option<u64>,
-    /// Segments whose local file was dropped: read from the bucket.
-    pub remote_segments: u64,
-    /// Their bytes.
-    pub remote_bytes: u64,
-    /// Bytes of blocks fetched back and cached.
-    pub cache_bytes: u64,
-    /// Blocks read from the cache since start.
-    pub cache_hits: u64,
-    /// Blocks fetched from the bucket since start.
-    pub cache_misses: u64,
-    /// Bytes fetched from the bucket since start.
-    pub cache_bytes_fetched: u64,
-    /// Reads from the bucket that failed since start.
-    pub cache_failures: u64,
+    /// Reads through the bucket.
+    #[serde(flatten)]
+    pub reads: ReadFigures,
     /// Segments whose local file was dropped since start.
     pub segments_made_remote: u64,
     /// The catalog position the newest checkpoint holds.
@@ -198,15 +186,7 @@ impl Shipper {
     pub fn status(&self) -> Status {
         self.note_changes();
         let mut s = self.status.lock().clone();
-        let f = self.store.footprint();
-        s.remote_segments = f.remote_segments;
-        s.remote_bytes = f.remote_bytes;
-        let t = &self.tier.stats;
-        s.cache_bytes = self.tier.cached_bytes();
-        s.cache_hits = t.hits.load(Ordering::Relaxed);
-        s.cache_misses = t.misses.load(Ordering::Relaxed);
-        s.cache_bytes_fetched = t.bytes_fetched.load(Ordering::Relaxed);
-        s.cache_failures = t.failures.load(Ordering::Relaxed);
+        s.reads = self.tier.figures(&self.store);
         s
     }
 

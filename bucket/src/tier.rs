@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
 
 use crate::client::Bucket;
 use crate::layout;
@@ -46,6 +47,27 @@ pub struct TierStats {
     pub evictions: AtomicU64,
     /// Reads that failed (the bucket did not answer).
     pub failures: AtomicU64,
+}
+
+/// What reads through the bucket hold and cost, as of now (a shipper's or a replica's
+/// status, and the metrics).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReadFigures {
+    /// Segments whose local file was dropped (or never was, on a replica): read from the
+    /// bucket.
+    pub remote_segments: u64,
+    /// Their bytes.
+    pub remote_bytes: u64,
+    /// Bytes of blocks fetched and cached.
+    pub cache_bytes: u64,
+    /// Blocks read from the cache since start.
+    pub cache_hits: u64,
+    /// Blocks fetched from the bucket since start.
+    pub cache_misses: u64,
+    /// Bytes fetched from the bucket since start.
+    pub cache_bytes_fetched: u64,
+    /// Reads from the bucket that failed since start.
+    pub cache_failures: u64,
 }
 
 #[derive(Default)]
@@ -78,6 +100,21 @@ pub struct Tier {
 }
 
 impl Tier {
+    /// The figures of reads through this tier into `store`.
+    pub fn figures(&self, store: &ballast_engine::Store) -> ReadFigures {
+        let f = store.footprint();
+        let t = &self.stats;
+        ReadFigures {
+            remote_segments: f.remote_segments,
+            remote_bytes: f.remote_bytes,
+            cache_bytes: self.cached_bytes(),
+            cache_hits: t.hits.load(Ordering::Relaxed),
+            cache_misses: t.misses.load(Ordering::Relaxed),
+            cache_bytes_fetched: t.bytes_fetched.load(Ordering::Relaxed),
+            cache_failures: t.failures.load(Ordering::Relaxed),
+        }
+    }
+
     /// A tier reading from `bucket`, caching under `dir` (created; blocks left there by an
     /// earlier run are kept, the oldest first out, except those of segments not in
     /// `remote`, which are gone from the store).

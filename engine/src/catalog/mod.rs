@@ -709,21 +709,7 @@ impl Catalog {
                 return Err(e);
             }
         };
-        let old = std::mem::replace(
-            &mut a.journal,
-            new_journal(self.storage.as_ref(), &self.dir, next)?,
-        );
-        if let Some(g) = old.generation.checked_sub(1) {
-            for p in [
-                self.dir.join(journal_name(g)),
-                self.dir.join(snapshot_name(g)),
-            ] {
-                existed(&p, self.storage.remove(&p))?;
-            }
-        }
-        self.storage
-            .sync_dir(&self.dir)
-            .map_err(io_err(&self.dir))?;
+        self.start_generation(&mut a.journal, next)?;
         let position = (a.journal.generation, a.journal.len);
         let repos = state.repos.len();
         a.planned = state.clone();
@@ -749,6 +735,13 @@ impl Catalog {
                 "the snapshot just written reads back differently",
             ));
         }
+        self.start_generation(journal, next)
+    }
+
+    /// Switches to an empty journal of generation `next`, whose snapshot is written and
+    /// checked, and removes the generation before the current one (the current one stays
+    /// until the next switch: a snapshot damaged later is rebuilt from it at open).
+    fn start_generation(&self, journal: &mut Journal, next: u64) -> Result<()> {
         let old = std::mem::replace(
             journal,
             new_journal(self.storage.as_ref(), &self.dir, next)?,

@@ -9,7 +9,7 @@ use ballast_engine::gc::{collect, GcOptions};
 use ballast_engine::storage::RealStorage;
 use ballast_engine::{verify, Options, Store};
 
-use crate::gc::{collect_now, try_publish};
+use crate::gc::{collect_now, push_layer};
 use crate::{seeded, sha256};
 
 fn small() -> Options {
@@ -18,32 +18,6 @@ fn small() -> Options {
         compress: false,
         ..Options::default()
     }
-}
-
-/// Stores `data` as a layer of `repo`, linked, and a manifest of it tagged `tag`: (layer
-/// digest, layer, manifest digest, manifest).
-fn push(
-    store: &Store,
-    repo: &str,
-    tag: &str,
-    data: Vec<u8>,
-) -> (
-    ballast_engine::Digest,
-    Vec<u8>,
-    ballast_engine::Digest,
-    Vec<u8>,
-) {
-    let d = sha256(&data);
-    store.put_blob(&data, None).expect("put");
-    store
-        .commit_ops(vec![ballast_engine::catalog::Op::LinkBlob {
-            repo: repo.into(),
-            digest: d.clone(),
-            at: 1,
-        }])
-        .expect("link");
-    let (md, manifest) = try_publish(store, repo, tag, &d).expect("publish");
-    (d, data, md, manifest)
 }
 
 /// Copies the cut's segments into `dir` as a restore does, byte for byte.
@@ -63,7 +37,7 @@ fn a_checkpoint_rebuilds_the_store_as_it_was_even_after_a_collection_removed_its
     let mut images = Vec::new();
     for i in 0..12u64 {
         let data = seeded(200_000 + i as usize * 7_000, 500 + i);
-        images.push(push(
+        images.push(push_layer(
             &store,
             &format!("team/app{}", i % 3),
             &format!("v{i}"),
@@ -215,7 +189,7 @@ fn small_segments_that_checkpoints_sealed_are_folded_together_by_a_collection() 
     let mut images = Vec::new();
     for i in 0..6u64 {
         let data = seeded(40_000 + i as usize * 1_000, 900 + i);
-        images.push(push(&store, "team/app", &format!("v{i}"), data));
+        images.push(push_layer(&store, "team/app", &format!("v{i}"), data));
         // Each shipment's cut seals the active segment: one small segment per checkpoint.
         drop(store.checkpoint().expect("checkpoint"));
     }

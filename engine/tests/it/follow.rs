@@ -11,9 +11,9 @@ use ballast_engine::checkpoint::restore;
 use ballast_engine::store::FOLLOWER_SEGMENT;
 use ballast_engine::{verify, Digest, Error, Options, Store};
 
-use crate::gc::{collect_now, try_publish};
+use crate::gc::{collect_now, push_layer};
 use crate::remote::Shelf;
-use crate::{seeded, sha256};
+use crate::seeded;
 
 fn opts() -> Options {
     Options {
@@ -60,17 +60,12 @@ fn ship(primary: &Store, shelf: &Shelf) -> Shipped {
 }
 
 fn push(store: &Store, tag: &str, seed: u64) -> (Digest, Vec<u8>, Digest) {
-    let data = seeded(120_000 + seed as usize * 3_000, seed);
-    let d = sha256(&data);
-    store.put_blob(&data, None).expect("put");
-    store
-        .commit_ops(vec![Op::LinkBlob {
-            repo: "team/app".into(),
-            digest: d.clone(),
-            at: 1,
-        }])
-        .expect("link");
-    let (md, _) = try_publish(store, "team/app", tag, &d).expect("publish");
+    let (d, data, md, _) = push_layer(
+        store,
+        "team/app",
+        tag,
+        seeded(120_000 + seed as usize * 3_000, seed),
+    );
     (d, data, md)
 }
 

@@ -41,6 +41,27 @@ pub fn collect_now(store: &Store) -> ballast_engine::gc::GcReport {
     .expect("collect")
 }
 
+/// Stores `data` as a layer of `repo`, linked, and a manifest of it tagged `tag`: (layer
+/// digest, layer, manifest digest, manifest).
+pub fn push_layer(
+    store: &Store,
+    repo: &str,
+    tag: &str,
+    data: Vec<u8>,
+) -> (Digest, Vec<u8>, Digest, Vec<u8>) {
+    let d = sha256(&data);
+    store.put_blob(&data, None).expect("put");
+    store
+        .commit_ops(vec![Op::LinkBlob {
+            repo: repo.into(),
+            digest: d.clone(),
+            at: 1,
+        }])
+        .expect("link");
+    let (md, manifest) = try_publish(store, repo, tag, &d).expect("publish");
+    (d, data, md, manifest)
+}
+
 /// [`publish`] that reports failures (for crash tests); returns the manifest's digest and
 /// bytes.
 pub fn try_publish(

@@ -15,8 +15,8 @@ use ballast_engine::{verify, Error, Options, Store};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::gc::{collect_now, try_publish};
-use crate::{seeded, sha256};
+use crate::gc::{collect_now, push_layer};
+use crate::seeded;
 
 #[derive(Default)]
 pub struct Shelf {
@@ -71,16 +71,7 @@ fn remote_segments_read_back_checked_survive_a_reopen_and_are_compacted_through_
     let mut images = Vec::new();
     for i in 0..10u64 {
         let data = seeded(150_000 + i as usize * 5_000, 700 + i);
-        let d = sha256(&data);
-        store.put_blob(&data, None).expect("put");
-        store
-            .commit_ops(vec![Op::LinkBlob {
-                repo: "team/app".into(),
-                digest: d.clone(),
-                at: 1,
-            }])
-            .expect("link");
-        let (md, _) = try_publish(&store, "team/app", &format!("v{i}"), &d).expect("publish");
+        let (d, data, md, _) = push_layer(&store, "team/app", &format!("v{i}"), data);
         images.push((d, data, md));
     }
     // What the bucket holds: the checkpoint's segments.

@@ -53,22 +53,11 @@ pub async fn dispatch(
         (Endpoint::Health, _) => {
             let mut problems = app.auth.problems();
             problems.extend(disk_problem(&app.store, app.config.disk_free_min_bytes));
-            let bucket = app.bucket.as_ref().map(|b| {
-                let interval = app
-                    .config
-                    .bucket
-                    .as_ref()
-                    .map_or(10, |c| c.ship_interval_secs);
-                bucket_health(&b.status(), interval)
-            });
-            let replica = app.replica.as_ref().map(|f| {
-                let interval = app
-                    .config
-                    .bucket
-                    .as_ref()
-                    .map_or(2, |c| c.follow_interval_secs);
-                replica_health(&f.status(), interval)
-            });
+            let cfg = app.config.bucket.clone().unwrap_or_default();
+            let bucket =
+                (app.bucket.as_ref()).map(|b| bucket_health(&b.status(), cfg.ship_interval_secs));
+            let replica = (app.replica.as_ref())
+                .map(|f| replica_health(&f.status(), cfg.follow_interval_secs));
             if let Some((_, Some(p))) = &bucket {
                 problems.push(p.clone());
             }

@@ -100,16 +100,7 @@ impl Collector for ReplicaCollector {
         ] {
             one(&mut e, name, help, unit, kind, v)?;
         }
-        let figures = [
-            s.remote_segments,
-            s.remote_bytes,
-            s.cache_bytes,
-            s.cache_hits,
-            s.cache_misses,
-            s.cache_bytes_fetched,
-            s.cache_failures,
-        ];
-        encode_reads(&mut e, figures, &self.0.bucket().requests)
+        encode_reads(&mut e, &s.reads, &self.0.bucket().requests)
     }
 }
 
@@ -132,7 +123,7 @@ fn one(
 /// block cache, and the requests to the store.
 fn encode_reads(
     e: &mut DescriptorEncoder,
-    f: [u64; 7],
+    f: &ballast_bucket::tier::ReadFigures,
     r: &ballast_bucket::client::Requests,
 ) -> std::fmt::Result {
     let (g, c) = (MetricType::Gauge, MetricType::Counter);
@@ -142,49 +133,49 @@ fn encode_reads(
             "Segments whose local file was dropped (cache_bytes_max): read from the bucket",
             None,
             g,
-            f[0],
+            f.remote_segments,
         ),
         (
             "bucket_remote",
             "Bytes of the segments read from the bucket",
             Some(Unit::Bytes),
             g,
-            f[1],
+            f.remote_bytes,
         ),
         (
             "bucket_cache",
             "Bytes of blocks fetched back from the bucket and cached locally",
             Some(Unit::Bytes),
             g,
-            f[2],
+            f.cache_bytes,
         ),
         (
             "bucket_cache_hits",
             "Block reads served by the local cache",
             None,
             c,
-            f[3],
+            f.cache_hits,
         ),
         (
             "bucket_cache_misses",
             "Blocks fetched from the bucket",
             None,
             c,
-            f[4],
+            f.cache_misses,
         ),
         (
             "bucket_cache_fetched",
             "Bytes fetched from the bucket for reads",
             Some(Unit::Bytes),
             c,
-            f[5],
+            f.cache_bytes_fetched,
         ),
         (
             "bucket_cache_failures",
             "Reads from the bucket that failed (answered 503)",
             None,
             c,
-            f[6],
+            f.cache_failures,
         ),
     ] {
         one(e, name, help, unit, kind, v)?;
@@ -285,15 +276,6 @@ impl Collector for BucketCollector {
             c,
             s.objects_deleted,
         )?;
-        let figures = [
-            s.remote_segments,
-            s.remote_bytes,
-            s.cache_bytes,
-            s.cache_hits,
-            s.cache_misses,
-            s.cache_bytes_fetched,
-            s.cache_failures,
-        ];
-        encode_reads(&mut e, figures, &self.0.bucket().requests)
+        encode_reads(&mut e, &s.reads, &self.0.bucket().requests)
     }
 }
