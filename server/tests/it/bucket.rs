@@ -1029,6 +1029,11 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
         "{}",
         String::from_utf8_lossy(&followed.body)
     );
+    let audit = std::fs::read_to_string(tmp.path().join("r0/audit/audit.log")).unwrap_or_default();
+    assert!(
+        audit.contains("bucket.follow"),
+        "the follow is audited: {audit}"
+    );
 
     // A delete and a collection on the primary: the replicas drop the image and keep
     // serving the rest from the segments the collection wrote.
