@@ -32,6 +32,15 @@ const PREFETCH_DEPTH: u64 = 4;
 /// Blocks one fetch ahead asks for (one streamed GET).
 const PREFETCH_BLOCKS: u64 = 16;
 
+/// Spans waiting for a fetch ahead while [`PREFETCH_DEPTH`] run (a blob GET asks for the
+/// blob's extent in every remote segment at once), as long as they come to no more than
+/// half the budget (what a reader that went away can make the tier fetch for nothing);
+/// past that, a reader fetches for itself.
+const PREFETCH_QUEUE: usize = 64;
+
+/// A span a reader will want: segment, segment length, offset, length.
+type Span = (u64, u64, u64, usize);
+
 type Key = (u64, u64);
 
 /// Figures for metrics.
@@ -82,6 +91,9 @@ struct State {
     fetching: HashSet<Key>,
     /// Prefetches running.
     prefetching: u64,
+    /// Spans waiting for one of them, oldest first, and their bytes.
+    queued: std::collections::VecDeque<Span>,
+    queued_bytes: u64,
 }
 
 /// The cache of fetched blocks and the fetching.
@@ -421,13 +433,59 @@ impl Tier {
 
     /// Starts fetching the blocks of a span a reader will want: up to [`PREFETCH_BLOCKS`]
     /// (and half the budget) in one streamed GET, at most [`PREFETCH_DEPTH`] fetches at
-    /// once (past that, the reader fetches for itself).
+    /// once; further spans wait in order for one to end (up to [`PREFETCH_QUEUE`]; past
+    /// that, the reader fetches for itself).
     pub fn prefetch(self: &Arc<Self>, segment: u64, segment_len: u64, offset: u64, len: usize) {
+        let span = (segment, segment_len, offset, len);
+        let mut st = self.state.lock();
+        if st.prefetching >= PREFETCH_DEPTH || !st.queued.is_empty() {
+            let room = self.budget.load(Ordering::Relaxed) / 2;
+            if st.queued.len() < PREFETCH_QUEUE && st.queued_bytes + len as u64 <= room {
+                st.queued.push_back(span);
+                st.queued_bytes += len as u64;
+            }
+            return;
+        }
+        drop(st);
+        self.start_prefetch(span, false);
+    }
+
+    /// Starts the oldest waiting spans while fewer than [`PREFETCH_DEPTH`] fetches run.
+    fn start_queued(self: &Arc<Self>) {
+        loop {
+            let span = {
+                let mut st = self.state.lock();
+                if st.prefetching >= PREFETCH_DEPTH {
+                    return;
+                }
+                match st.queued.pop_front() {
+                    Some(span) => {
+                        st.queued_bytes -= span.3 as u64;
+                        span
+                    }
+                    None => return,
+                }
+            };
+            if !self.start_prefetch(span, true) {
+                return;
+            }
+        }
+    }
+
+    /// Claims the missing blocks of `span` and fetches them on the tier's runtime; false
+    /// when [`PREFETCH_DEPTH`] fetches run already (a `queued` span then goes back to the
+    /// front of the queue).
+    fn start_prefetch(self: &Arc<Self>, span: Span, queued: bool) -> bool {
+        let (segment, segment_len, offset, len) = span;
         let keys = Tier::blocks(segment, segment_len, offset, len);
         let mine: Vec<Key> = {
             let mut st = self.state.lock();
             if st.prefetching >= PREFETCH_DEPTH {
-                return;
+                if queued {
+                    st.queued.push_front(span);
+                    st.queued_bytes += len as u64;
+                }
+                return false;
             }
             // What the budget can hold until the reader gets to it.
             let most =
@@ -438,7 +496,7 @@ impl Tier {
                 .take(most as usize)
                 .collect();
             if mine.is_empty() {
-                return;
+                return true;
             }
             st.prefetching += 1;
             for k in &mine {
@@ -458,7 +516,9 @@ impl Tier {
             }
             drop(st);
             tier.fetched.notify_all();
+            tier.start_queued();
         });
+        true
     }
 
     /// Forgets the cached blocks of a span that failed a check.
