@@ -922,7 +922,7 @@ fn time_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Durat
 fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
     // Shipping and following every second: a tag pushed to the primary is visible on the
     // replicas within ship_interval + follow_interval + the transfers.
-    let (garage, tmp, config) = bed(
+    let (mut garage, tmp, config) = bed(
         "registry-r",
         "ship_interval_secs = 1\ncheckpoint_grace_secs = 60",
     );
@@ -1078,6 +1078,15 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
         status(&replicas[0])["segments_dropped"],
         status(&replicas[1])["segments_dropped"]
     );
+
+    // One Garage node down: a new replica follows and pulls everything cold from the
+    // bucket (two copies of three answer).
+    garage.kill_node(2);
+    let mut cold = Registry::start_args(&tmp.path().join("r2"), &[], &["--config", rcfg]);
+    assert_pulls(&cold, "team-a/api", "v2", v2, 52, 1 << 20);
+    assert_pulls(&cold, "team-a/api", "v3", v3, 53, 1 << 20);
+    assert!(status(&cold)["cache_misses"].as_u64() > Some(0));
+    cold.stop();
 
     // A replica killed and started again serves what it served; its directory is its own:
     // a primary refuses it, and a replica refuses the primary's.
