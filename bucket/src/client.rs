@@ -132,6 +132,27 @@ impl Bucket {
         self.counted(r, "reading", name).map(Some)
     }
 
+    /// An object a checkpoint record names, checked against the length and SHA-256 the
+    /// record gives; an error names what is missing or damaged.
+    pub async fn get_checked(&self, r: &crate::layout::ObjectRef) -> anyhow::Result<Bytes> {
+        let bytes = self.get(&r.name).await?.with_context(|| {
+            format!(
+                "{} is missing from {} (pruned: a newer checkpoint replaced it)",
+                r.name,
+                self.describe()
+            )
+        })?;
+        if bytes.len() as u64 != r.len || sha256_hex(&bytes) != r.sha256 {
+            anyhow::bail!(
+                "{} in {} does not match its checkpoint (length or SHA-256): the bucket's copy \
+                 is damaged",
+                r.name,
+                self.describe()
+            );
+        }
+        Ok(bytes)
+    }
+
     /// Bytes `range` of an object.
     pub async fn get_range(
         &self,

@@ -17,9 +17,9 @@ use ballast_engine::Store;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::client::{sha256_hex, Bucket};
+use crate::client::Bucket;
 use crate::config::{BucketConfig, DEFAULT_BLOCK_CACHE};
-use crate::layout::{self, CheckpointRecord, ObjectRef};
+use crate::layout::{self, CheckpointRecord};
 use crate::ship::CACHE_DIR;
 use crate::tier::{ReadFigures, Remote, Tier};
 
@@ -247,7 +247,7 @@ impl Follower {
             format!("checkpoint {seq} vanished from {}", self.bucket.describe())
         })?;
         let record = CheckpointRecord::parse(&record).with_context(|| format!("reading {name}"))?;
-        let catalog = self.fetch_checked(&record.catalog).await?;
+        let catalog = self.bucket.get_checked(&record.catalog).await?;
         let ids: Vec<u64> = record.segments.iter().map(|s| s.id).collect();
         let wanted = self.store.segments_to_follow(&ids);
         let mut refs = Vec::with_capacity(wanted.len());
@@ -266,11 +266,14 @@ impl Follower {
             };
             refs.push((*id, index));
         }
-        let indexes: BTreeMap<u64, Vec<u8>> = futures::stream::iter(refs)
-            .map(|(id, r)| async move { self.fetch_checked(&r).await.map(|b| (id, b.to_vec())) })
-            .buffer_unordered(PARALLEL)
-            .try_collect()
-            .await?;
+        let indexes: BTreeMap<u64, Vec<u8>> =
+            futures::stream::iter(refs)
+                .map(|(id, r)| async move {
+                    self.bucket.get_checked(&r).await.map(|b| (id, b.to_vec()))
+                })
+                .buffer_unordered(PARALLEL)
+                .try_collect()
+                .await?;
         let bytes = catalog.len() as u64 + indexes.values().map(|b| b.len() as u64).sum::<u64>();
         let listed: Vec<(u64, u64)> = record.segments.iter().map(|s| (s.id, s.len)).collect();
         let store = self.store.clone();
@@ -286,26 +289,6 @@ impl Follower {
             bytes,
             ms: started.elapsed().as_millis() as u64,
         }))
-    }
-
-    /// An object a record names, checked against its length and SHA-256.
-    async fn fetch_checked(&self, r: &ObjectRef) -> anyhow::Result<bytes::Bytes> {
-        let bytes = self.bucket.get(&r.name).await?.with_context(|| {
-            format!(
-                "{} is missing from {} (pruned: a newer checkpoint replaced it)",
-                r.name,
-                self.bucket.describe()
-            )
-        })?;
-        if bytes.len() as u64 != r.len || sha256_hex(&bytes) != r.sha256 {
-            bail!(
-                "{} in {} does not match its checkpoint (length or SHA-256): the bucket's copy \
-                 is damaged",
-                r.name,
-                self.bucket.describe()
-            );
-        }
-        Ok(bytes)
     }
 
     /// Follows every `follow_interval_secs` (backing off up to a minute while attempts

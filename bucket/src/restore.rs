@@ -3,7 +3,13 @@
 //! gives, into a staging directory beside the target; the catalog is installed and the
 //! store opened once (which indexes every segment); only then is the staging directory
 //! renamed into place. An interrupted restore leaves no half-restored data directory.
+//!
+//! With tiering on (`cache_bytes_max`), the bucket may hold more than the local disk: the
+//! segments then stay in the bucket, and only the catalog and each segment's index file
+//! are fetched (a restore in seconds, whatever the registry's size); pulls read segment
+//! bytes through the block cache as for any remote segment.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +21,7 @@ use ballast_engine::storage::RealStorage;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::client::{sha256_hex, Bucket};
+use crate::client::Bucket;
 use crate::layout::{self, CheckpointRecord};
 
 /// Segments fetched at once.
@@ -32,8 +38,10 @@ pub struct RestoreReport {
     pub taken_at: u64,
     /// Repositories in its catalog.
     pub repos: usize,
-    /// Segments fetched.
+    /// Segments the checkpoint lists.
     pub segments: usize,
+    /// Of those, left in the bucket (tiering: only their index files were fetched).
+    pub segments_remote: usize,
     /// Bytes fetched.
     pub bytes: u64,
     /// What opening the restored store said.
@@ -91,11 +99,13 @@ pub async fn list(bucket: &Bucket) -> anyhow::Result<Vec<CheckpointSummary>> {
 }
 
 /// Restores checkpoint `seq` (the newest when `None`) into `dir`, which must not exist or
-/// be empty.
+/// be empty. With `remote` (tiering on), segments stay in the bucket when the checkpoint
+/// names the index file of every one.
 pub async fn restore(
     bucket: &Bucket,
     dir: &Path,
     seq: Option<u64>,
+    remote: bool,
     opts: ballast_engine::Options,
 ) -> anyhow::Result<RestoreReport> {
     let started = Instant::now();
@@ -127,19 +137,8 @@ pub async fn restore(
         .await?
         .with_context(|| format!("checkpoint {seq} vanished from {}", bucket.describe()))?;
     let record = CheckpointRecord::parse(&record).with_context(|| format!("reading {name}"))?;
-    let catalog = bucket.get(&record.catalog.name).await?.with_context(|| {
-        format!(
-            "{} is missing from {}",
-            record.catalog.name,
-            bucket.describe()
-        )
-    })?;
-    if catalog.len() as u64 != record.catalog.len || sha256_hex(&catalog) != record.catalog.sha256 {
-        bail!(
-            "{} does not match checkpoint {seq} (length or SHA-256): the bucket's copy is damaged",
-            record.catalog.name
-        );
-    }
+    let catalog = bucket.get_checked(&record.catalog).await?;
+    let remote = remote && record.segments.iter().all(|s| s.index.is_some());
 
     let staging = staging_dir(dir)?;
     for d in [staging.clone(), staging.join("segments")] {
@@ -150,23 +149,53 @@ pub async fn restore(
             .with_context(|| format!("creating {}", d.display()))?;
     }
     std::fs::write(staging.join(MARKER), format!("checkpoint {seq}\n"))?;
-    let fetched: u64 = futures::stream::iter(record.segments.iter().cloned())
-        .map(|s| {
-            let bucket = bucket.clone();
-            let staging = staging.clone();
-            async move { fetch_segment(&bucket, &staging, &s).await.map(|()| s.len) }
-        })
-        .buffer_unordered(PARALLEL)
-        .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
-        .await?;
-
-    std::fs::remove_file(staging.join(MARKER))?;
     let (generation, target) = (record.generation, staging.clone());
-    let warnings = tokio::task::spawn_blocking(move || {
-        engine_restore::finish(Arc::new(RealStorage), &target, generation, &catalog, opts)
-    })
-    .await?
-    .context("opening the restored data directory")?;
+    let (fetched, warnings) = if remote {
+        let indexes: BTreeMap<u64, Vec<u8>> = futures::stream::iter(&record.segments)
+            .map(|s| async move {
+                let index = s.index.as_ref().context("an index file is named")?;
+                Ok::<_, anyhow::Error>((s.id, bucket.get_checked(index).await?.to_vec()))
+            })
+            .buffer_unordered(PARALLEL * 2)
+            .try_collect()
+            .await?;
+        std::fs::remove_file(staging.join(MARKER))?;
+        let fetched = indexes.values().map(|b| b.len() as u64).sum::<u64>();
+        let listed: Vec<(u64, u64)> = record.segments.iter().map(|s| (s.id, s.len)).collect();
+        let sealed_by = record.taken_at;
+        let warnings = tokio::task::spawn_blocking(move || {
+            engine_restore::finish_remote(
+                Arc::new(RealStorage),
+                &target,
+                generation,
+                &catalog,
+                &listed,
+                &indexes,
+                sealed_by,
+                opts,
+            )
+        })
+        .await?
+        .context("opening the restored data directory")?;
+        (fetched, warnings)
+    } else {
+        let fetched: u64 = futures::stream::iter(record.segments.iter().cloned())
+            .map(|s| {
+                let bucket = bucket.clone();
+                let staging = staging.clone();
+                async move { fetch_segment(&bucket, &staging, &s).await.map(|()| s.len) }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
+            .await?;
+        std::fs::remove_file(staging.join(MARKER))?;
+        let warnings = tokio::task::spawn_blocking(move || {
+            engine_restore::finish(Arc::new(RealStorage), &target, generation, &catalog, opts)
+        })
+        .await?
+        .context("opening the restored data directory")?;
+        (fetched, warnings)
+    };
     if dir.exists() {
         std::fs::remove_dir(dir).with_context(|| format!("replacing {}", dir.display()))?;
     }
@@ -177,6 +206,7 @@ pub async fn restore(
         taken_at: record.taken_at,
         repos: record.repos,
         segments: record.segments.len(),
+        segments_remote: if remote { record.segments.len() } else { 0 },
         bytes: fetched + record.catalog.len,
         warnings,
         ms: started.elapsed().as_millis() as u64,
@@ -191,6 +221,7 @@ pub async fn restore(
 pub async fn restore_if_empty(
     bucket: &Bucket,
     dir: &Path,
+    remote: bool,
     opts: ballast_engine::Options,
 ) -> anyhow::Result<Option<RestoreReport>> {
     if !is_empty(dir)? {
@@ -218,7 +249,7 @@ pub async fn restore_if_empty(
     if seqs.is_empty() {
         return Ok(None);
     }
-    restore(bucket, dir, None, opts).await.map(Some)
+    restore(bucket, dir, None, remote, opts).await.map(Some)
 }
 
 /// True when `dir` is absent or holds nothing.

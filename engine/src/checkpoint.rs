@@ -6,8 +6,10 @@
 //! The cut is taken under the collection lock, so no collection removes a segment between
 //! the catalog being read and the segments being listed, and the active segment is sealed
 //! in between: every blob the catalog references was written (and synced) before the catalog
-//! was read, so it lies in a segment listed. Index files are not part of the cut: they are
-//! derived, and a data directory rebuilt from one ([`restore`]) indexes its segments at open.
+//! was read, so it lies in a segment listed. Index files are derived: a data directory
+//! rebuilt with the segments ([`restore::finish`]) indexes them at open; one whose segments
+//! stay in the bucket ([`restore::finish_remote`]) takes the index file of each segment
+//! that the cut can produce ([`Store::checkpoint_indexing`]).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -172,6 +174,53 @@ pub mod restore {
         let store = Store::open_on(storage, dir, opts)?;
         let warnings = store.open_warnings().to_vec();
         store.seal_active()?;
+        store.close()?;
+        Ok(warnings)
+    }
+
+    /// Like [`finish`] for a data directory whose segments stay in the bucket: `indexes`
+    /// holds the index file (as shipped) of every segment in `remote` (id and length), and
+    /// `segments/` is empty. The index files are written, the segments listed in
+    /// `remote-segments` (with `mtime`, when they were sealed at the latest), the catalog
+    /// installed, and the store opened once (it starts an empty active segment past them).
+    /// Segment bytes are read through the [`crate::store::RemoteSegments`] the server
+    /// installs, each record checked as it is read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_remote(
+        storage: std::sync::Arc<dyn Storage>,
+        dir: &Path,
+        generation: u64,
+        snapshot: &[u8],
+        remote: &[(u64, u64)],
+        indexes: &std::collections::BTreeMap<u64, Vec<u8>>,
+        mtime: u64,
+        opts: crate::store::Options,
+    ) -> Result<Vec<String>> {
+        let idx_dir = dir.join("index");
+        storage
+            .create_dir_all(&idx_dir)
+            .map_err(|e| crate::error::Error::io(&idx_dir, e))?;
+        let mut list = Vec::with_capacity(remote.len());
+        for &(id, len) in remote {
+            let bytes = indexes.get(&id).ok_or_else(|| {
+                crate::error::Error::NotFound(format!("the index file of segment {id}"))
+            })?;
+            crate::io::write_atomic(
+                storage.as_ref(),
+                &idx_dir.join(crate::index::index_file_name(id, id)),
+                bytes,
+            )?;
+            list.push((id, crate::store::RemoteSegment { len, mtime }));
+        }
+        crate::store::remote::write_list(storage.as_ref(), dir, &list)?;
+        crate::catalog::install_snapshot(
+            storage.as_ref(),
+            &dir.join("catalog"),
+            generation,
+            snapshot,
+        )?;
+        let store = Store::open_on(storage, dir, opts)?;
+        let warnings = store.open_warnings().to_vec();
         store.close()?;
         Ok(warnings)
     }

@@ -22,6 +22,8 @@ pub struct RestoreArgs<'a> {
     pub list: bool,
     /// Do not run fsck on the result.
     pub skip_fsck: bool,
+    /// Fetch every segment even with tiering on.
+    pub fetch_all: bool,
     /// Machine-readable output.
     pub json: bool,
 }
@@ -152,6 +154,7 @@ pub fn run(cfg: &Config, args: &RestoreArgs<'_>, out: &mut dyn Write) -> i32 {
         &bucket,
         args.dir,
         args.checkpoint,
+        tiered(cfg) && !args.fetch_all,
         opts,
     ));
     drop(runtime);
@@ -174,13 +177,14 @@ pub fn run(cfg: &Config, args: &RestoreArgs<'_>, out: &mut dyn Write) -> i32 {
     } else {
         let _ = writeln!(
             out,
-            "restored checkpoint {} (taken {}) into {}: {} repositories, {} segments, {} bytes \
-             in {} ms",
+            "restored checkpoint {} (taken {}) into {}: {} repositories, {} segments ({} left \
+             in the bucket), {} bytes fetched in {} ms",
             report.seq,
             when(report.taken_at),
             args.dir.display(),
             report.repos,
             report.segments,
+            report.segments_remote,
             report.bytes,
             report.ms
         );
@@ -198,6 +202,14 @@ pub fn run(cfg: &Config, args: &RestoreArgs<'_>, out: &mut dyn Write) -> i32 {
     }
 }
 
+/// True when the bucket may hold more than the local disk (`cache_bytes_max` is set): a
+/// restore then leaves the segments there.
+fn tiered(cfg: &Config) -> bool {
+    cfg.bucket
+        .as_ref()
+        .is_some_and(|b| b.cache_bytes_max.is_some())
+}
+
 /// Audits a restore as `bucket.restore` by `actor`; says why it could not.
 fn audit_restore(
     cfg: &Config,
@@ -207,12 +219,14 @@ fn audit_restore(
 ) -> Option<String> {
     let mut e = Event::new(actor, "bucket.restore");
     e.reason = Some(format!(
-        "checkpoint {} of {} (taken {}): {} repositories, {} segments, {} bytes",
+        "checkpoint {} of {} (taken {}): {} repositories, {} segments ({} left in the \
+         bucket), {} bytes fetched",
         report.seq,
         bucket.describe(),
         when(report.taken_at),
         report.repos,
         report.segments,
+        report.segments_remote,
         report.bytes
     ));
     // (`cfg.data` is the restored directory: the audit log is its own unless the config
@@ -234,8 +248,13 @@ pub(crate) async fn restore_if_empty(cfg: &Config) -> anyhow::Result<()> {
         return Ok(());
     };
     let bucket = ballast_bucket::Bucket::connect(bcfg)?;
-    let Some(report) =
-        ballast_bucket::restore::restore_if_empty(&bucket, &cfg.data, cfg.engine_options()).await?
+    let Some(report) = ballast_bucket::restore::restore_if_empty(
+        &bucket,
+        &cfg.data,
+        tiered(cfg),
+        cfg.engine_options(),
+    )
+    .await?
     else {
         return Ok(());
     };
@@ -244,6 +263,7 @@ pub(crate) async fn restore_if_empty(cfg: &Config) -> anyhow::Result<()> {
         taken_at = %when(report.taken_at),
         repositories = report.repos,
         segments = report.segments,
+        segments_in_bucket = report.segments_remote,
         bytes = report.bytes,
         ms = report.ms,
         "the data directory was empty: restored the bucket's newest checkpoint (pushes after \

@@ -197,6 +197,10 @@ enum Command {
         /// Do not verify the restored directory with fsck.
         #[arg(long)]
         skip_fsck: bool,
+        /// Fetch every segment even with cache_bytes_max set (which otherwise leaves them
+        /// in the bucket and fetches only the catalog and the index files).
+        #[arg(long)]
+        fetch_all: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -362,6 +366,7 @@ fn main() -> anyhow::Result<()> {
             checkpoint,
             list,
             skip_fsck,
+            fetch_all,
             json,
         } => {
             let mut cfg = Config::load(config.as_deref(), std::env::vars())?;
@@ -371,6 +376,7 @@ fn main() -> anyhow::Result<()> {
                 checkpoint,
                 list,
                 skip_fsck,
+                fetch_all,
                 json,
             };
             std::process::exit(ballast_server::bucket_cmd::run(

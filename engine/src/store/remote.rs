@@ -58,6 +58,19 @@ pub struct RemoteSegment {
     pub mtime: u64,
 }
 
+/// Writes the `remote-segments` file of `dir` (atomically).
+pub(crate) fn write_list(
+    storage: &dyn Storage,
+    dir: &Path,
+    list: &[(u64, RemoteSegment)],
+) -> Result<()> {
+    let mut text = format!("{HEADER}\n");
+    for (id, r) in list {
+        text.push_str(&format!("{id} {} {}\n", r.len, r.mtime));
+    }
+    write_atomic(storage, &dir.join(REMOTE_SEGMENTS), text.as_bytes())
+}
+
 /// Reads the `remote-segments` file of `dir` (empty when there is none).
 pub(crate) fn read_list(storage: &dyn Storage, dir: &Path) -> Result<Vec<(u64, RemoteSegment)>> {
     let path = dir.join(REMOTE_SEGMENTS);
@@ -209,15 +222,7 @@ impl Store {
     }
 
     pub(crate) fn write_remote_list(&self, list: &[(u64, RemoteSegment)]) -> Result<()> {
-        let mut text = format!("{HEADER}\n");
-        for (id, r) in list {
-            text.push_str(&format!("{id} {} {}\n", r.len, r.mtime));
-        }
-        write_atomic(
-            self.inner.storage.as_ref(),
-            &self.inner.dir.join(REMOTE_SEGMENTS),
-            text.as_bytes(),
-        )
+        write_list(self.inner.storage.as_ref(), &self.inner.dir, list)
     }
 
     /// After a collection removed `victims`: the list without them, when any was remote.

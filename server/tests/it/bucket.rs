@@ -811,6 +811,56 @@ fn segments_past_cache_bytes_max_are_read_back_from_the_bucket_through_a_bounded
     for i in 0..3 {
         g.start_node(i);
     }
+
+    // The host is lost. With cache_bytes_max the bucket may hold more than a disk: the
+    // restore fetches the catalog and the index files only, and every image pulls through
+    // the bucket; fsck is clean. `--fetch-all` fetches every segment instead.
+    // (Stopped cleanly, as if its lease had lapsed: the restored one ships to the prefix.)
+    let mut r = r;
+    r.stop();
+    std::fs::remove_dir_all(&data).expect("remove data");
+    let (code, out) = restore(&config, &data, &[]);
+    assert_eq!(code, 0, "{out}");
+    let bytes_fetched = |out: &str| -> u64 {
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let at = words
+            .iter()
+            .position(|w| *w == "fetched")
+            .expect("bytes fetched");
+        words[at - 2].parse().expect("a number")
+    };
+    assert!(out.contains("left in the bucket"), "{out}");
+    assert!(bytes_fetched(&out) < (2 * MIB) as u64, "{out}");
+    eprintln!("{}", out.lines().next().unwrap_or_default());
+    let local_bytes: u64 = std::fs::read_dir(data.join("segments"))
+        .expect("segments")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum();
+    assert!(
+        local_bytes < MIB as u64,
+        "{local_bytes} bytes of segments local"
+    );
+    let mut back = Registry::start_args(&data, &[], &args);
+    for (seed, digest) in &images {
+        assert_pulls(
+            &back,
+            "ops/big",
+            &format!("v{seed}"),
+            digest,
+            40 + seed,
+            3 * MIB,
+        );
+    }
+    // It goes on as the primary: a push after the restore ships.
+    push_image_as(&back.url(""), "ops/big", "after", 99, MIB, &[]);
+    wait_shipped(&back);
+    back.stop();
+    assert_fsck_clean(&data);
+    let all = tmp.path().join("all");
+    let (code, out) = restore(&config, &all, &["--fetch-all"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(0 left in the bucket)"), "{out}");
+    assert!(bytes_fetched(&out) > (24 * MIB) as u64, "{out}");
 }
 
 /// Issue #22's request-amplification benchmark (run by `scripts/bench-bucket`, not by the
