@@ -1,5 +1,5 @@
-//! A read replica (`role = "replica"`, docs/design.md "Read replicas"): it never writes to
-//! the prefix. Every `follow_interval_secs` it looks for a checkpoint newer than the one it
+//! A read replica (`role = "replica"`, docs/design.md "Read replicas"): it writes nothing
+//! under the prefix but its pull reports ([`crate::pulls`]). Every `follow_interval_secs` it looks for a checkpoint newer than the one it
 //! serves; when there is one it fetches the catalog and the index file of each segment it
 //! does not know (each checked against the record's length and SHA-256) and moves its
 //! store to it ([`ballast_engine::Store::follow`]). Segment bytes are read on demand
@@ -104,6 +104,8 @@ pub struct Follower {
     busy: tokio::sync::Mutex<()>,
     /// What [`Follower::primary`] last found, and when.
     primary: parking_lot::Mutex<Option<(Instant, String)>>,
+    /// This replica's identity in its pull reports (`DIR/bucket/owner`).
+    owner: String,
 }
 
 /// How long [`Follower::primary`] reuses what the lease said.
@@ -138,12 +140,18 @@ impl Follower {
             status: parking_lot::Mutex::new(status),
             busy: tokio::sync::Mutex::new(()),
             primary: parking_lot::Mutex::new(None),
+            owner: crate::lease::owner(data)?,
         }))
     }
 
     /// The bucket.
     pub fn bucket(&self) -> &Bucket {
         &self.bucket
+    }
+
+    /// This replica's identity (in its pull reports).
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     /// The cache of blocks fetched from the bucket.

@@ -9,6 +9,9 @@
 //! checkpoints/<seq:020>.json     checkpoint seq: the catalog's object and every segment it
 //!                                needs, with lengths and SHA-256s; written last, so a
 //!                                checkpoint that is listed is whole
+//! pulls/<replica>-<millis>.json  pulls a read replica counted, until the primary takes
+//!                                them in (`crate::pulls`)
+//! lease.json                     the primary's lease (`crate::lease`)
 //! ```
 
 use serde::{Deserialize, Serialize};

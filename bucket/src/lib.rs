@@ -8,6 +8,7 @@
 //! - `client`: the store's requests (object_store), counted.
 //! - `layout`: object names and the checkpoint record.
 //! - `lease`: one writer per prefix.
+//! - `pulls`: pulls counted by read replicas, reported to the primary.
 //! - `ship`: shipping checkpoints, pruning old ones, the lag.
 //! - `follow`: a read replica following the primary's checkpoints.
 //! - `restore`: rebuilding a data directory from a checkpoint.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod follow;
 pub mod layout;
 pub mod lease;
+pub mod pulls;
 pub mod restore;
 pub mod ship;
 pub mod tier;

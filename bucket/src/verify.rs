@@ -143,6 +143,7 @@ pub async fn verify(bucket: &Bucket, repair: bool) -> anyhow::Result<BucketRepor
             layout::checkpoint_seq(n).is_none()
                 && !named.contains_key(*n)
                 && n.as_str() != crate::lease::LEASE
+                && !crate::pulls::is_report(n)
         })
         .collect();
     for name in unnamed {

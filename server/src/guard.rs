@@ -165,7 +165,7 @@ async fn authorized(
         None => (Vec::new(), Vec::new()),
     };
     if ok && d.endpoint == Endpoint::ManifestGet && method == hyper::Method::GET {
-        if app.config.pull_tracking && app.replica.is_none() {
+        if app.config.pull_tracking {
             count_pull(app, &r, &res);
         }
         if let Some(e) = pulled(app, &r, &res, access, peer, id.as_ref()) {

@@ -347,11 +347,11 @@ async fn accept_loop(
     let deliveries = app.webhooks.start();
     let disk = tokio::spawn(watch_disk(app.clone()));
     // What writes to the store runs on a primary only: a replica's content is its
-    // primary's (collections, retention and pull counts happen there).
-    let mut writers = Vec::new();
+    // primary's (collections, retention and pull counts happen there; a replica reports
+    // its pulls through the bucket).
+    let mut writers = vec![tokio::spawn(pulls::flush_loop(app.clone()))];
     if app.replica.is_none() {
         writers.push(tokio::spawn(gc::scheduled(app.clone())));
-        writers.push(tokio::spawn(pulls::flush_loop(app.clone())));
         writers.push(tokio::spawn(governance::retention::scheduled(app.clone())));
         writers.push(tokio::spawn(upstream::evict::scheduled(app.clone())));
         writers.extend(replication::start(&app));
@@ -436,10 +436,12 @@ async fn accept_loop(
             grace.as_secs()
         );
     }
-    // The pulls counted since the last flush.
-    if app.replica.is_none() {
-        let app = app.clone();
-        let _ = tokio::task::spawn_blocking(move || app.pulls.flush(&app.store)).await;
+    // The pulls counted since the last flush (a replica's report waits at most 10 s for
+    // the bucket; the primary takes reports in at its next start).
+    if app.config.pull_tracking && app.replica.is_some() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), pulls::flush(&app, false)).await;
+    } else if app.config.pull_tracking {
+        pulls::flush(&app, false).await;
     }
     if let Some(task) = shipper {
         let _ = bucket_stop.send(true);

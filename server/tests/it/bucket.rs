@@ -982,10 +982,12 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
         &garage.bucket_table("registry-r", "role = \"replica\"\nfollow_interval_secs = 1"),
     );
     let rcfg = replica_config.to_str().expect("utf-8");
-    let mut primary = Registry::start_args(&tmp.path().join("primary"), &[], &["--config", cfg]);
+    // Pull counts flushed every second (a replica's go to the primary through the bucket).
+    let env = [("BALLAST_PULL_FLUSH_SECS", "1")];
+    let mut primary = Registry::start_args(&tmp.path().join("primary"), &env, &["--config", cfg]);
 
     // A replica started before the primary shipped anything serves an empty registry.
-    let early = Registry::start_args(&tmp.path().join("r0"), &[], &["--config", rcfg]);
+    let early = Registry::start_args(&tmp.path().join("r0"), &env, &["--config", rcfg]);
     let empty = call("GET", &early.url("/v2/_catalog"), &[], None);
     assert_eq!(empty.status, 200);
     assert_eq!(empty.json()["repositories"], serde_json::json!([]));
@@ -994,7 +996,7 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
     wait_shipped(&primary);
     let mut replicas = vec![
         early,
-        Registry::start_args(&tmp.path().join("r1"), &[], &["--config", rcfg]),
+        Registry::start_args(&tmp.path().join("r1"), &env, &["--config", rcfg]),
     ];
     // The one started after the checkpoint has it at once; the early one follows.
     assert_pulls(&replicas[1], "team-a/api", "v1", &v1, 51, 3 << 20);
@@ -1132,7 +1134,7 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
     // One Garage node down: a new replica follows and pulls everything cold from the
     // bucket (two copies of three answer).
     garage.kill_node(2);
-    let mut cold = Registry::start_args(&tmp.path().join("r2"), &[], &["--config", rcfg]);
+    let mut cold = Registry::start_args(&tmp.path().join("r2"), &env, &["--config", rcfg]);
     assert_pulls(&cold, "team-a/api", "v2", v2, 52, 1 << 20);
     assert_pulls(&cold, "team-a/api", "v3", v3, 53, 1 << 20);
     assert!(status(&cold)["cache_misses"].as_u64() > Some(0));
@@ -1141,9 +1143,36 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
     // A replica killed and started again serves what it served; its directory is its own:
     // a primary refuses it, and a replica refuses the primary's.
     replicas[0].kill();
-    replicas[0] = Registry::start_args(&tmp.path().join("r0"), &[], &["--config", rcfg]);
+    replicas[0] = Registry::start_args(&tmp.path().join("r0"), &env, &["--config", rcfg]);
     assert_pulls(&replicas[0], "team-a/api", "v3", v3, 53, 1 << 20);
     replicas[1].stop();
+    // The pulls the replicas served count on the primary (retention reads them there): a
+    // stopped replica reported its last ones, and the primary takes reports in and deletes
+    // them.
+    let reports = garage.client("registry-r");
+    let rt = runtime();
+    wait_for(
+        "the primary to take in the pull reports",
+        Duration::from_secs(30),
+        || {
+            rt.block_on(reports.list("pulls/"))
+                .expect("list")
+                .is_empty()
+        },
+    );
+    primary.stop();
+    let pulls =
+        &crate::governance::catalog_of(&tmp.path().join("primary")).repos["team-a/api"].pulls;
+    let counted = &pulls[&v2.parse::<ballast_engine::Digest>().expect("digest")];
+    eprintln!(
+        "v2 pulled {} times on the replicas, counted on the primary",
+        counted.count
+    );
+    assert!(counted.count >= 3, "{counted:?}");
+    assert!(
+        counted.last + 120 > ballast_engine::clock::now_secs(),
+        "{counted:?}"
+    );
     let as_primary = Command::new(env!("CARGO_BIN_EXE_ballast"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(tmp.path().join("r1"))
@@ -1153,7 +1182,6 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
     assert!(!as_primary.status.success());
     let err = String::from_utf8_lossy(&as_primary.stderr);
     assert!(err.contains("read replica's data directory"), "{err}");
-    primary.stop();
     let as_replica = Command::new(env!("CARGO_BIN_EXE_ballast"))
         .args([
             "serve",

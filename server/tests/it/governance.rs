@@ -147,7 +147,7 @@ fn skopeo_shows_the_immutability_message() {
 }
 
 /// The catalog of a stopped registry's data directory.
-fn catalog_of(data: &std::path::Path) -> ballast_engine::catalog::State {
+pub fn catalog_of(data: &std::path::Path) -> ballast_engine::catalog::State {
     let store =
         ballast_engine::Store::open(data, ballast_engine::Options::default()).expect("open");
     let state = store.catalog().read().clone();
