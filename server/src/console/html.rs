@@ -32,6 +32,8 @@ pub struct Viewer {
     pub admin: bool,
     /// The session's form token.
     pub csrf: String,
+    /// On a read replica: the bucket it follows (every page says changes go to the primary).
+    pub replica_of: Option<String>,
 }
 
 /// A whole page: the frame with its navigation around `body`.
@@ -72,7 +74,16 @@ pub fn page(viewer: Option<&Viewer>, nav: Nav, title: &str, body: Markup) -> Mar
                         }
                     }
                 }
-                main { (body) }
+                main {
+                    @if let Some(b) = viewer.and_then(|v| v.replica_of.as_ref()) {
+                        div.message.note #replica {
+                            "This registry is a read replica of " (b) ": it serves pulls, and \
+                             changes (pushes, deletes, tags, policies, collections) are made on \
+                             its primary."
+                        }
+                    }
+                    (body)
+                }
             }
         }
     }
@@ -244,6 +255,7 @@ mod tests {
             name: Some(evil.into()),
             admin: true,
             csrf: evil.into(),
+            replica_of: Some(evil.into()),
         };
         let html = page(Some(&v), Nav::Repositories, evil, message("ok", evil)).into_string();
         let html = html + &json_table(&[serde_json::json!({ "name": evil })]).into_string();

@@ -321,6 +321,7 @@ pub async fn serve(app: &Arc<App>, peer: SocketAddr, req: Request<ReqBody>) -> R
         },
         admin,
         csrf: session.csrf.clone(),
+        replica_of: (app.replica.as_ref()).map(|f| f.bucket().describe().to_owned()),
     };
     let method = req.method().clone();
     let query = crate::handlers::query(&req);

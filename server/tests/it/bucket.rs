@@ -1068,6 +1068,13 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
         s["seq"].as_u64().is_some() && s["lag_secs"].as_u64() < Some(10),
         "{s}"
     );
+    // The console says so on every page.
+    let console = call("GET", &r.url("/ui/"), &[], None);
+    assert!(
+        String::from_utf8_lossy(&console.body).contains("This registry is a read replica of"),
+        "{}",
+        console.status
+    );
     let health = call("GET", &r.url("/healthz"), &[], None).json();
     assert_eq!(health["status"], "ok", "{health}");
     assert!(health["replica_lag_secs"].as_u64().is_some(), "{health}");
