@@ -979,7 +979,10 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
     let cfg = config.to_str().expect("utf-8");
     let replica_config = write_config(
         &tmp.path().join("replica-config"),
-        &garage.bucket_table("registry-r", "role = \"replica\"\nfollow_interval_secs = 1"),
+        &garage.bucket_table(
+            "registry-r",
+            "role = \"replica\"\nfollow_interval_secs = 1\nrequest_timeout_secs = 3",
+        ),
     );
     let rcfg = replica_config.to_str().expect("utf-8");
     // Pull counts flushed every second (a replica's go to the primary through the bucket).
@@ -1214,5 +1217,25 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
     );
     assert_eq!(res.status, 405);
     assert_pulls(&replicas[0], "team-a/api", "v2", v2, 52, 1 << 20);
+
+    // The bucket unreachable: the replica serves what it cached and says it cannot follow;
+    // back, it is healthy again.
+    for i in 0..3 {
+        garage.kill_node(i);
+    }
+    let health = || call("GET", &replicas[0].url("/healthz"), &[], None).json();
+    wait_for("a degraded replica", Duration::from_secs(60), || {
+        let h = health();
+        h["status"] == "degraded" && h["detail"].as_str().unwrap_or("").contains("following")
+    });
+    assert_pulls(&replicas[0], "team-a/api", "v3", v3, 53, 1 << 20);
+    for i in 0..3 {
+        garage.start_node(i);
+    }
+    wait_for(
+        "the replica to follow again",
+        Duration::from_secs(60),
+        || health()["status"] == "ok",
+    );
     replicas[0].stop();
 }
