@@ -44,14 +44,11 @@ pub struct FollowStatus {
     /// The newest checkpoint seen in the bucket (past `seq` while one is being taken or
     /// failing).
     pub newest_seq: Option<u64>,
-    /// The last attempt's error, while attempts fail.
-    pub last_error: Option<String>,
-    /// Attempts failed in a row.
-    pub consecutive_failures: u64,
+    /// Follows: the last one's error while they fail, failures in a row and in all.
+    #[serde(flatten)]
+    pub attempts: crate::attempts::Attempts,
     /// Checkpoints followed since start.
     pub follows: u64,
-    /// Attempts that failed since start.
-    pub failures: u64,
     /// Segments added since start.
     pub segments_added: u64,
     /// Segments dropped since start.
@@ -223,21 +220,12 @@ impl Follower {
                 s.segments_added += r.added as u64;
                 s.segments_dropped += r.dropped as u64;
                 s.last_duration_ms = started.elapsed().as_millis() as u64;
-                s.last_error = None;
-                s.consecutive_failures = 0;
             }
-            Ok(None) => {
-                // Nothing newer, or nothing at all in the bucket yet.
-                s.current_at = Some(listed);
-                s.last_error = None;
-                s.consecutive_failures = 0;
-            }
-            Err(e) => {
-                s.last_error = Some(format!("{e:#}"));
-                s.consecutive_failures += 1;
-                s.failures += 1;
-            }
+            // Nothing newer, or nothing at all in the bucket yet.
+            Ok(None) => s.current_at = Some(listed),
+            Err(_) => {}
         }
+        s.attempts.note(&result);
         result
     }
 
@@ -321,7 +309,7 @@ impl Follower {
                      it has and tries again"
                 ),
             }
-            let failures = self.status.lock().consecutive_failures.min(6) as u32;
+            let failures = self.status.lock().attempts.consecutive_failures.min(6) as u32;
             let wait = (interval * 2u32.pow(failures)).min(Duration::from_secs(60));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

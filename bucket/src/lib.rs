@@ -4,6 +4,7 @@
 //! the engine stays synchronous and knows nothing of buckets: it only cuts a consistent
 //! checkpoint (`ballast_engine::checkpoint`).
 //!
+//! - `attempts`: the failures of an action tried again.
 //! - `config`: the `[bucket]` table.
 //! - `client`: the store's requests (object_store), counted.
 //! - `layout`: object names and the checkpoint record.
@@ -15,6 +16,7 @@
 //! - `tier`: reading segments whose local file is gone, through a block cache.
 //! - `verify`: checking the bucket against its checkpoints (fsck).
 
+pub mod attempts;
 pub mod client;
 pub mod config;
 pub mod follow;

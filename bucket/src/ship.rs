@@ -43,14 +43,11 @@ pub struct Status {
     /// Since when (Unix seconds) the store holds a change no checkpoint holds: the lag is
     /// the time since then. `None` when the bucket is current.
     pub pending_since: Option<u64>,
-    /// The last shipment's error, while shipments fail.
-    pub last_error: Option<String>,
-    /// Shipments failed in a row.
-    pub consecutive_failures: u64,
+    /// Shipments: the last one's error while they fail, failures in a row and in all.
+    #[serde(flatten)]
+    pub attempts: crate::attempts::Attempts,
     /// Checkpoints written since start.
     pub checkpoints: u64,
-    /// Shipments that failed since start.
-    pub failures: u64,
     /// Segment files uploaded since start.
     pub segments_uploaded: u64,
     /// Bytes uploaded since start (segments and catalogs).
@@ -299,34 +296,21 @@ impl Shipper {
         }
         .await;
         let mut s = self.status.lock();
-        match &result {
-            Ok(Some(r)) => {
-                s.last_seq = Some(r.seq);
-                s.last_taken_at = shipped.kept.get(&r.seq).map(|c| c.taken_at);
-                s.checkpoints += 1;
-                s.segments_uploaded += r.segments_uploaded as u64;
-                s.bytes_uploaded += r.bytes_uploaded;
-                s.objects_deleted += r.objects_deleted as u64;
-                s.last_duration_ms = started.elapsed().as_millis() as u64;
-                s.last_error = None;
-                s.consecutive_failures = 0;
-                // Changes after the cut are pending since the cut at the latest.
-                s.shipped_position = Some(r.position);
-                self.shipped_position.send_replace(Some(r.position));
-                s.pending_since = (Some(self.store.catalog().durable_position())
-                    != s.shipped_position)
-                    .then_some(s.last_taken_at.unwrap_or_else(now_secs));
-            }
-            Ok(None) => {
-                s.last_error = None;
-                s.consecutive_failures = 0;
-            }
-            Err(e) => {
-                s.last_error = Some(format!("{e:#}"));
-                s.consecutive_failures += 1;
-                s.failures += 1;
-            }
+        if let Ok(Some(r)) = &result {
+            s.last_seq = Some(r.seq);
+            s.last_taken_at = shipped.kept.get(&r.seq).map(|c| c.taken_at);
+            s.checkpoints += 1;
+            s.segments_uploaded += r.segments_uploaded as u64;
+            s.bytes_uploaded += r.bytes_uploaded;
+            s.objects_deleted += r.objects_deleted as u64;
+            s.last_duration_ms = started.elapsed().as_millis() as u64;
+            // Changes after the cut are pending since the cut at the latest.
+            s.shipped_position = Some(r.position);
+            self.shipped_position.send_replace(Some(r.position));
+            s.pending_since = (Some(self.store.catalog().durable_position()) != s.shipped_position)
+                .then_some(s.last_taken_at.unwrap_or_else(now_secs));
         }
+        s.attempts.note(&result);
         result
     }
 
@@ -591,7 +575,7 @@ impl Shipper {
             }
         };
         tokio::time::timeout(timeout, reached).await.map_err(|_| {
-            let why = self.status.lock().last_error.clone();
+            let why = self.status.lock().attempts.last_error.clone();
             anyhow::anyhow!(
                 "not in the bucket after {} s{}",
                 timeout.as_secs(),
@@ -612,7 +596,7 @@ impl Shipper {
         let mut last_attempt: Option<Instant> = None;
         let mut woken = false;
         loop {
-            let failures = self.status.lock().consecutive_failures.min(8) as u32;
+            let failures = self.status.lock().attempts.consecutive_failures.min(8) as u32;
             let wait = (interval * 2u32.pow(failures)).min(Duration::from_secs(300));
             let due =
                 std::mem::take(&mut woken) || last_attempt.is_none_or(|t| t.elapsed() >= wait);

@@ -165,6 +165,19 @@ pub mod restore {
         snapshot: &[u8],
         opts: crate::store::Options,
     ) -> Result<Vec<String>> {
+        open_restored(storage, dir, generation, snapshot, opts, true)
+    }
+
+    /// Installs the catalog and opens the store once (sealing its active segment when
+    /// `seal`); the warnings opening gave.
+    fn open_restored(
+        storage: std::sync::Arc<dyn Storage>,
+        dir: &Path,
+        generation: u64,
+        snapshot: &[u8],
+        opts: crate::store::Options,
+        seal: bool,
+    ) -> Result<Vec<String>> {
         crate::catalog::install_snapshot(
             storage.as_ref(),
             &dir.join("catalog"),
@@ -173,7 +186,9 @@ pub mod restore {
         )?;
         let store = Store::open_on(storage, dir, opts)?;
         let warnings = store.open_warnings().to_vec();
-        store.seal_active()?;
+        if seal {
+            store.seal_active()?;
+        }
         store.close()?;
         Ok(warnings)
     }
@@ -213,15 +228,6 @@ pub mod restore {
             list.push((id, crate::store::RemoteSegment { len, mtime }));
         }
         crate::store::remote::write_list(storage.as_ref(), dir, &list)?;
-        crate::catalog::install_snapshot(
-            storage.as_ref(),
-            &dir.join("catalog"),
-            generation,
-            snapshot,
-        )?;
-        let store = Store::open_on(storage, dir, opts)?;
-        let warnings = store.open_warnings().to_vec();
-        store.close()?;
-        Ok(warnings)
+        open_restored(storage, dir, generation, snapshot, opts, false)
     }
 }

@@ -12,17 +12,8 @@ use ballast_engine::store::FOLLOWER_SEGMENT;
 use ballast_engine::{verify, Digest, Error, Options, Store};
 
 use crate::gc::{collect_now, push_layer};
-use crate::remote::Shelf;
+use crate::remote::{opts, Shelf};
 use crate::seeded;
-
-fn opts() -> Options {
-    Options {
-        segment_bytes_max: 512 * 1024,
-        compress: false,
-        verify_chunk_ids: true,
-        ..Options::default()
-    }
-}
 
 fn follower() -> Options {
     Options {

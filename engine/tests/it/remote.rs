@@ -54,7 +54,8 @@ impl RemoteSegments for Shelf {
     }
 }
 
-fn opts() -> Options {
+/// Small uncompressed segments, chunks verified.
+pub fn opts() -> Options {
     Options {
         segment_bytes_max: 512 * 1024,
         compress: false,

@@ -466,10 +466,10 @@ fn health(
 /// `GET /admin/bucket` and the server log, not here where anyone may read).
 fn bucket_health(s: &ballast_bucket::Status, interval: u64) -> (u64, Option<String>) {
     let lag = s.lag_secs(crate::now_secs());
-    let problem = if s.consecutive_failures > 0 {
+    let problem = if s.attempts.consecutive_failures > 0 {
         Some(format!(
             "shipping to the bucket has failed {} times in a row; the bucket lags {lag} s behind              acknowledged pushes (GET /admin/bucket says why)",
-            s.consecutive_failures
+            s.attempts.consecutive_failures
         ))
     } else if lag > (6 * interval).max(60) {
         Some(format!(
@@ -485,11 +485,11 @@ fn bucket_health(s: &ballast_bucket::Status, interval: u64) -> (u64, Option<Stri
 /// interval behind the bucket's newest checkpoint.
 fn replica_health(s: &ballast_bucket::FollowStatus, interval: u64) -> (u64, Option<String>) {
     let lag = s.lag_secs(crate::now_secs());
-    let problem = if s.consecutive_failures > 0 {
+    let problem = if s.attempts.consecutive_failures > 0 {
         Some(format!(
             "following the primary's checkpoints has failed {} times in a row; what this \
              replica serves is {lag} s old (GET /admin/bucket says why)",
-            s.consecutive_failures
+            s.attempts.consecutive_failures
         ))
     } else if s.newest_seq > s.seq && lag > (6 * interval).max(60) {
         Some(format!(

@@ -74,14 +74,14 @@ impl Collector for ReplicaCollector {
                 "Attempts to follow a checkpoint that failed (each is tried again)",
                 None,
                 c,
-                s.failures,
+                s.attempts.failures,
             ),
             (
                 "replica_consecutive_failures",
                 "Attempts to follow failed in a row (0 while following works)",
                 None,
                 g,
-                s.consecutive_failures,
+                s.attempts.consecutive_failures,
             ),
             (
                 "replica_segments_added",
@@ -242,7 +242,7 @@ impl Collector for BucketCollector {
             "Shipments to the bucket that failed (each is tried again)",
             None,
             c,
-            s.failures,
+            s.attempts.failures,
         )?;
         one(
             &mut e,
@@ -250,7 +250,7 @@ impl Collector for BucketCollector {
             "Shipments failed in a row (0 while the bucket is reachable)",
             None,
             g,
-            s.consecutive_failures,
+            s.attempts.consecutive_failures,
         )?;
         one(
             &mut e,
