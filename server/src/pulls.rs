@@ -87,7 +87,8 @@ impl PullRecorder {
 
 /// Flushes every `pull_flush_secs`.
 pub async fn flush_loop(app: Arc<App>) {
-    if !app.config.pull_tracking {
+    // (A primary not tracking pulls still clears its replicas' reports.)
+    if !app.config.pull_tracking && app.bucket.is_none() {
         return;
     }
     let every = Duration::from_secs(app.config.pull_flush_secs.max(1));
@@ -129,6 +130,13 @@ async fn take_in(app: &Arc<App>, bucket: &ballast_bucket::Bucket) -> anyhow::Res
         tracing::warn!(object = %name, "a pull report in the bucket is not one this version reads; left alone");
     }
     if names.is_empty() {
+        return Ok(());
+    }
+    if !app.config.pull_tracking {
+        // This registry does not track pulls: the reports go uncounted.
+        for name in &names {
+            bucket.delete(name).await?;
+        }
         return Ok(());
     }
     let now = crate::now_secs();
