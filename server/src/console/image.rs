@@ -342,8 +342,9 @@ pub async fn show(v: &Visit<'_>) -> Reply {
             &format!("{repo} has no manifest {digest}."),
         );
     };
-    let may_delete =
-        v.may(&repo, Action::Delete) && v.app.pull_through.refuse_writes(&repo).is_ok();
+    let may_delete = v.may(&repo, Action::Delete)
+        && v.app.pull_through.refuse_writes(&repo).is_ok()
+        && v.app.replica.is_none();
     let by_digest = format!("docker pull {}/{}@{}", v.host, repo, digest);
     let stored: u64 = g
         .layers

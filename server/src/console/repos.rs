@@ -264,8 +264,9 @@ pub async fn repository(v: &Visit<'_>) -> Reply {
     let Some((rows, total, page, pages, manifests)) = found else {
         return v.no_repository(&name);
     };
-    let may_delete =
-        v.may(&name, Action::Delete) && v.app.pull_through.refuse_writes(&name).is_ok();
+    let may_delete = v.may(&name, Action::Delete)
+        && v.app.pull_through.refuse_writes(&name).is_ok()
+        && v.app.replica.is_none();
     let params = [
         ("name", name.as_str()),
         ("q", q.as_str()),

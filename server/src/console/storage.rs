@@ -52,6 +52,7 @@ pub async fn show(v: &Visit<'_>) -> Reply {
         f.own.namespaces.values().map(|n| n.logical_bytes).sum()
     });
     let csrf = &v.session.csrf;
+    let replica = v.app.replica.is_some();
     let body = html! {
         h1 { "Storage" }
         div.card #totals {
@@ -116,23 +117,30 @@ pub async fn show(v: &Visit<'_>) -> Reply {
                 }
                 None => { p.muted { "No collection since the server started." } }
             }
-            form.inline method="post" action="/ui/gc" {
-                (html::csrf_field(csrf))
-                input type="hidden" name="dry_run" value="true";
-                button.secondary #gc-preview type="submit" { "Preview a collection (dry run)" }
-            }
-            " "
-            form.inline method="post" action="/ui/gc" {
-                (html::csrf_field(csrf))
-                button #gc-run type="submit" { "Collect now" }
+            // (A read replica's collections and retention run on its primary.)
+            @if replica {
+                p.muted { "Collections run on the primary." }
+            } @else {
+                form.inline method="post" action="/ui/gc" {
+                    (html::csrf_field(csrf))
+                    input type="hidden" name="dry_run" value="true";
+                    button.secondary #gc-preview type="submit" { "Preview a collection (dry run)" }
+                }
+                " "
+                form.inline method="post" action="/ui/gc" {
+                    (html::csrf_field(csrf))
+                    button #gc-run type="submit" { "Collect now" }
+                }
             }
         }
-        h2 { "Retention" }
-        div.card {
-            p.muted { "What the retention rules would delete now, without deleting anything." }
-            form.inline method="post" action="/ui/retention" {
-                (html::csrf_field(csrf))
-                button.secondary #retention-preview type="submit" { "Preview retention (dry run)" }
+        @if !replica {
+            h2 { "Retention" }
+            div.card {
+                p.muted { "What the retention rules would delete now, without deleting anything." }
+                form.inline method="post" action="/ui/retention" {
+                    (html::csrf_field(csrf))
+                    button.secondary #retention-preview type="submit" { "Preview retention (dry run)" }
+                }
             }
         }
     };

@@ -1078,6 +1078,18 @@ fn read_replicas_follow_the_primary_serve_pulls_and_send_writers_to_it() {
         "{}",
         console.status
     );
+    // ... and offers no change it would refuse (on the primary it does).
+    let page = |reg: &Registry, path: &str| {
+        String::from_utf8_lossy(&call("GET", &reg.url(path), &[], None).body).into_owned()
+    };
+    let repo_page = "/ui/repo?name=team-a%2Fapi";
+    assert!(!page(r, repo_page).contains("/ui/tag/delete"));
+    assert!(page(&primary, repo_page).contains("/ui/tag/delete"));
+    let storage = page(r, "/ui/storage");
+    assert!(
+        storage.contains("Collections run on the primary") && !storage.contains("gc-run"),
+        "{storage}"
+    );
     let health = call("GET", &r.url("/healthz"), &[], None).json();
     assert_eq!(health["status"], "ok", "{health}");
     assert!(health["replica_lag_secs"].as_u64().is_some(), "{health}");
