@@ -132,6 +132,22 @@ impl Bucket {
         self.counted(r, "reading", name).map(Some)
     }
 
+    /// Puts `bytes` as `name`; the reference a checkpoint record keeps of it (its length
+    /// and SHA-256, which [`Bucket::get_checked`] checks).
+    pub async fn put_object(
+        &self,
+        name: String,
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<crate::layout::ObjectRef> {
+        let object = crate::layout::ObjectRef {
+            len: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+            name,
+        };
+        self.put(&object.name, Bytes::from(bytes)).await?;
+        Ok(object)
+    }
+
     /// An object a checkpoint record names, checked against the length and SHA-256 the
     /// record gives; an error names what is missing or damaged.
     pub async fn get_checked(&self, r: &crate::layout::ObjectRef) -> anyhow::Result<Bytes> {

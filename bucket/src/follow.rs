@@ -1,6 +1,6 @@
 //! A read replica (`role = "replica"`, docs/design.md "Read replicas"): it writes nothing
-//! under the prefix but its pull reports ([`crate::pulls`]). Every `follow_interval_secs` it looks for a checkpoint newer than the one it
-//! serves; when there is one it fetches the catalog and the index file of each segment it
+//! under the prefix but its pull reports ([`crate::pulls`]). Every `follow_interval_secs`
+//! it looks for a checkpoint newer than the one it serves; when there is one it fetches the catalog and the index file of each segment it
 //! does not know (each checked against the record's length and SHA-256) and moves its
 //! store to it ([`ballast_engine::Store::follow`]). Segment bytes are read on demand
 //! through the same block cache as tiering ([`crate::tier`]). A primary's pruning keeps a
@@ -18,10 +18,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::client::Bucket;
-use crate::config::{BucketConfig, DEFAULT_BLOCK_CACHE};
-use crate::layout::{self, CheckpointRecord};
-use crate::ship::CACHE_DIR;
-use crate::tier::{ReadFigures, Remote, Tier};
+use crate::config::BucketConfig;
+use crate::tier::{ReadFigures, Tier};
 
 /// Index files fetched at once.
 const PARALLEL: usize = 8;
@@ -117,14 +115,7 @@ impl Follower {
         cfg: &BucketConfig,
     ) -> anyhow::Result<Arc<Follower>> {
         let bucket = Bucket::connect(cfg)?;
-        let remote: Vec<u64> = store.remote_segments().iter().map(|(id, _)| *id).collect();
-        let tier = Tier::open(
-            bucket.clone(),
-            &data.join(CACHE_DIR),
-            cfg.cache_bytes_max.unwrap_or(DEFAULT_BLOCK_CACHE),
-            &remote,
-        )?;
-        store.set_remote(Arc::new(Remote(tier.clone())));
+        let tier = Tier::install(&bucket, &store, data, cfg)?;
         let status = FollowStatus {
             bucket: bucket.describe().to_owned(),
             ..FollowStatus::default()
@@ -238,29 +229,22 @@ impl Follower {
         if self.status.lock().seq.is_some_and(|s| s >= seq) {
             return Ok(None);
         }
-        let name = layout::checkpoint_name(seq);
-        let record = self.bucket.get(&name).await?.with_context(|| {
-            format!("checkpoint {seq} vanished from {}", self.bucket.describe())
-        })?;
-        let record = CheckpointRecord::parse(&record).with_context(|| format!("reading {name}"))?;
+        let record = crate::restore::read_record(&self.bucket, seq).await?;
         let catalog = self.bucket.get_checked(&record.catalog).await?;
         let ids: Vec<u64> = record.segments.iter().map(|s| s.id).collect();
-        let wanted = self.store.segments_to_follow(&ids);
+        let wanted: std::collections::HashSet<u64> =
+            self.store.segments_to_follow(&ids).into_iter().collect();
         let mut refs = Vec::with_capacity(wanted.len());
-        for id in &wanted {
-            let seg = record
-                .segments
-                .iter()
-                .find(|s| s.id == *id)
-                .context("a wanted segment is listed")?;
+        for seg in record.segments.iter().filter(|s| wanted.contains(&s.id)) {
             let Some(index) = seg.index.clone() else {
                 bail!(
-                    "checkpoint {seq} lists segment {id} without its index file: the primary \
+                    "checkpoint {seq} lists segment {} without its index file: the primary \
                      runs a version from before read replicas (upgrade it; its next \
-                     shipment uploads the index files)"
+                     shipment uploads the index files)",
+                    seg.id
                 );
             };
-            refs.push((*id, index));
+            refs.push((seg.id, index));
         }
         let indexes: BTreeMap<u64, Vec<u8>> =
             futures::stream::iter(refs)

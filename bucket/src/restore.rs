@@ -62,6 +62,16 @@ pub async fn checkpoints(bucket: &Bucket) -> anyhow::Result<Vec<u64>> {
     Ok(seqs)
 }
 
+/// Checkpoint `seq`'s record, which a listing just named.
+pub async fn read_record(bucket: &Bucket, seq: u64) -> anyhow::Result<CheckpointRecord> {
+    let name = layout::checkpoint_name(seq);
+    let record = bucket
+        .get(&name)
+        .await?
+        .with_context(|| format!("checkpoint {seq} vanished from {}", bucket.describe()))?;
+    CheckpointRecord::parse(&record).with_context(|| format!("reading {name}"))
+}
+
 /// A checkpoint as `ballast restore --list` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckpointSummary {
@@ -131,12 +141,7 @@ pub async fn restore(
             )
         })?,
     };
-    let name = layout::checkpoint_name(seq);
-    let record = bucket
-        .get(&name)
-        .await?
-        .with_context(|| format!("checkpoint {seq} vanished from {}", bucket.describe()))?;
-    let record = CheckpointRecord::parse(&record).with_context(|| format!("reading {name}"))?;
+    let record = read_record(bucket, seq).await?;
     let catalog = bucket.get_checked(&record.catalog).await?;
     let remote = remote && record.segments.iter().all(|s| s.index.is_some());
 

@@ -16,11 +16,11 @@ use ballast_engine::Store;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::client::{sha256_hex, Bucket};
-use crate::config::{BucketConfig, DEFAULT_BLOCK_CACHE};
+use crate::client::Bucket;
+use crate::config::BucketConfig;
 use crate::layout::{self, CheckpointRecord, ObjectRef, SegmentRef, CHECKPOINT_FORMAT};
 use crate::lease;
-use crate::tier::{ReadFigures, Remote, Tier};
+use crate::tier::{ReadFigures, Tier};
 
 /// The block cache's directory in the data directory.
 pub const CACHE_DIR: &str = "cache";
@@ -144,14 +144,7 @@ impl Shipper {
             cache_bytes_max: cfg.cache_bytes_max,
             ..Status::default()
         };
-        let remote: Vec<u64> = store.remote_segments().iter().map(|(id, _)| *id).collect();
-        let tier = Tier::open(
-            bucket.clone(),
-            &data.join(CACHE_DIR),
-            cfg.cache_bytes_max.unwrap_or(DEFAULT_BLOCK_CACHE),
-            &remote,
-        )?;
-        store.set_remote(Arc::new(Remote(tier.clone())));
+        let tier = Tier::install(&bucket, &store, data, cfg)?;
         Ok(Arc::new(Shipper {
             store,
             bucket,
@@ -459,13 +452,9 @@ impl Shipper {
                 index: Some(index),
             });
         }
-        let catalog = ObjectRef {
-            name: layout::catalog_name(seq),
-            len: cp.snapshot.len() as u64,
-            sha256: sha256_hex(&cp.snapshot),
-        };
-        self.bucket
-            .put(&catalog.name, Bytes::from(cp.snapshot))
+        let catalog = self
+            .bucket
+            .put_object(layout::catalog_name(seq), cp.snapshot)
             .await?;
         uploaded_bytes += catalog.len;
         let record = CheckpointRecord {
@@ -506,13 +495,7 @@ impl Shipper {
         let bytes = indexes
             .remove(&id)
             .with_context(|| format!("the checkpoint took no index file of segment {id}"))?;
-        let index = ObjectRef {
-            name: layout::index_name(id),
-            len: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
-        };
-        self.bucket.put(&index.name, Bytes::from(bytes)).await?;
-        Ok(index)
+        self.bucket.put_object(layout::index_name(id), bytes).await
     }
 
     /// True while `record` is within `checkpoint_grace_secs` of its cut at `now`.

@@ -112,6 +112,27 @@ pub struct Tier {
 }
 
 impl Tier {
+    /// The tier a shipper or a replica of `store` (data directory `data`) reads through:
+    /// its block cache under `DIR/cache`, bounded by `cache_bytes_max` (1 GiB unset),
+    /// installed in the store as its remote.
+    pub fn install(
+        bucket: &Bucket,
+        store: &ballast_engine::Store,
+        data: &Path,
+        cfg: &crate::config::BucketConfig,
+    ) -> anyhow::Result<Arc<Tier>> {
+        let remote: Vec<u64> = store.remote_segments().iter().map(|(id, _)| *id).collect();
+        let tier = Tier::open(
+            bucket.clone(),
+            &data.join(crate::ship::CACHE_DIR),
+            cfg.cache_bytes_max
+                .unwrap_or(crate::config::DEFAULT_BLOCK_CACHE),
+            &remote,
+        )?;
+        store.set_remote(Arc::new(Remote(tier.clone())));
+        Ok(tier)
+    }
+
     /// The figures of reads through this tier into `store`.
     pub fn figures(&self, store: &ballast_engine::Store) -> ReadFigures {
         let f = store.footprint();

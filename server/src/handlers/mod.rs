@@ -423,8 +423,8 @@ pub(crate) async fn check_room(app: &App) -> Result<(), ApiError> {
 /// with `"status": "degraded"` and the problems when an account file cannot be used (a
 /// restart would not help: its accounts are refused until it is fixed); 200 `ok` otherwise.
 /// With a bucket configured, `bucket_lag_secs` says how far the bucket lags behind
-/// acknowledged pushes; on a read replica, `replica_lag_secs` how old the primary's
-/// checkpoint it serves is.
+/// acknowledged pushes; on a read replica, `replica_lag_secs` how long since it last saw
+/// itself serving the bucket's newest checkpoint.
 fn health(
     store: &ballast_engine::Store,
     problems: Vec<String>,
