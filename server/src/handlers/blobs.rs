@@ -134,31 +134,31 @@ pub async fn get(
 /// Streams the parts from a blocking task: chunk slices go out as they are (no copy for raw
 /// chunks of sealed segments); damage ends the response with an error, never with bad bytes.
 fn stream(reader: BlobReader, parts: Vec<Part>, len: u64) -> ResBody {
-    let (tx, body) = ChannelBody::new(len);
+    let (mut tx, body) = ChannelBody::new(len);
     tokio::task::spawn_blocking(move || {
         for part in parts {
             match part {
                 Part::Bytes(b) => {
-                    if tx.blocking_send(Ok(b)).is_err() {
+                    if !tx.send(b) {
                         return;
                     }
                 }
                 Part::Range(a, b) => {
                     let iter = match reader.range(a, b) {
                         Ok(it) => it,
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                            return;
-                        }
+                        Err(e) => return tx.fail(std::io::Error::other(e.to_string())),
                     };
                     for piece in iter {
-                        let item = piece.map_err(|e| {
-                            tracing::error!(digest = %reader.digest(), error = %e, "blob read failed mid-response");
-                            std::io::Error::other(e.to_string())
-                        });
-                        let failed = item.is_err();
-                        if tx.blocking_send(item).is_err() || failed {
-                            return;
+                        match piece {
+                            Ok(data) => {
+                                if !tx.send(data) {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(digest = %reader.digest(), error = %e, "blob read failed mid-response");
+                                return tx.fail(std::io::Error::other(e.to_string()));
+                            }
                         }
                     }
                 }

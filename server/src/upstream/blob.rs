@@ -333,7 +333,7 @@ async fn link(app: &App, name: &str, digest: &Digest) -> Result<(), Failure> {
 /// A response body that follows a fetch through its spool file; the last byte waits for
 /// the digest check (see the module comment).
 fn stream(flight: Arc<Flight>, len: u64) -> ResBody {
-    let (tx, body) = ChannelBody::new(len);
+    let (mut tx, body) = ChannelBody::new(len);
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let mut rx = flight.progress.subscribe();
@@ -341,8 +341,7 @@ fn stream(flight: Arc<Flight>, len: u64) -> ResBody {
         loop {
             let p = rx.borrow_and_update().clone();
             if let Some(Err(f)) = &p.done {
-                let _ = tx.blocking_send(Err(std::io::Error::other(f.to_string())));
-                return;
+                return tx.fail(std::io::Error::other(f.to_string()));
             }
             let verified = matches!(p.done, Some(Ok(())));
             let limit = if verified {
@@ -354,11 +353,10 @@ fn stream(flight: Arc<Flight>, len: u64) -> ResBody {
                 let n = (limit - pos).min(1 << 20) as usize;
                 let mut buf = vec![0u8; n];
                 if let Err(e) = flight.spool.read_exact_at(&mut buf, pos) {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
+                    return tx.fail(e);
                 }
                 pos += n as u64;
-                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                if !tx.send(Bytes::from(buf)) {
                     return;
                 }
                 continue;
@@ -366,7 +364,8 @@ fn stream(flight: Arc<Flight>, len: u64) -> ResBody {
             if pos >= len && verified {
                 return;
             }
-            if handle.block_on(rx.changed()).is_err() {
+            // The client gets what is here before the fetch brings more.
+            if !tx.flush() || handle.block_on(rx.changed()).is_err() {
                 return;
             }
         }
