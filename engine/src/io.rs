@@ -267,7 +267,9 @@ pub fn remove_unfinished_writes(storage: &dyn Storage, dir: &Path) -> Result<()>
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealStorage;
 
-struct RealFile(File);
+/// A file of the real file system and the path it was opened by (its maps are entered in
+/// the table of origins under it: `sys/origins.rs`).
+struct RealFile(File, Arc<Path>);
 
 impl StorageFile for RealFile {
     fn modified(&self) -> io::Result<u64> {
@@ -291,7 +293,7 @@ impl StorageFile for RealFile {
         self.0.set_len(len)
     }
     fn map(&self) -> io::Result<Option<Map>> {
-        Map::of_file(&self.0).map(Some)
+        Map::of_named_file(&self.0, &self.1).map(Some)
     }
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         crate::sys::start_writeback(&self.0, offset, len)
@@ -327,7 +329,7 @@ impl Storage for RealStorage {
             OpenMode::CreateNew => o.read(true).write(true).create_new(true),
             OpenMode::Truncate => o.read(true).write(true).create(true).truncate(true),
         };
-        Ok(Arc::new(RealFile(o.open(path)?)))
+        Ok(Arc::new(RealFile(o.open(path)?, Arc::from(path))))
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         std::fs::DirBuilder::new()

@@ -41,12 +41,14 @@ pub mod verify;
 /// that must not change a byte, or a simulated one for tests that inject faults and power
 /// cuts ([`Store::open_on`]); the modes the engine creates files and
 /// directories with; dropping a file from the page cache (cold-read benchmarks); replacing a
-/// small file atomically.
+/// small file atomically; the file behind bytes handed out of a map (sending them with
+/// `sendfile`).
 pub mod storage {
     pub use crate::io::{
         drop_page_cache, write_atomic, OverlayStorage, RealStorage, SimStorage, Storage,
         StorageFile, DIR_MODE, FILE_MODE,
     };
+    pub use crate::sys::origins::{origin_of, Origin};
 }
 
 pub use blob::{BlobReader, BlobWriter, Committed, Ingest};

@@ -57,6 +57,10 @@ pub struct Config {
     /// How pulls and compaction read ahead of what they send or copy: `advise` (page-cache
     /// read-ahead hints), `uring` (reads at queue depth through io_uring) or `off`.
     pub read_ahead: ballast_engine::ReadAhead,
+    /// Send raw chunks of sealed segments over plain-HTTP connections with `sendfile` (from
+    /// the page cache, without copying them through the server); TLS connections always
+    /// copy. Off: every body is written from memory.
+    pub sendfile: bool,
     /// Seconds between scheduled garbage collections (0: never on a schedule).
     pub gc_interval_secs: u64,
     /// Blob links, manifests and segments younger than this are never collected.
@@ -204,6 +208,7 @@ impl Default for Config {
             verify_chunks: true,
             verify_reuse_ms: 1000,
             read_ahead: ballast_engine::ReadAhead::default(),
+            sendfile: true,
             gc_interval_secs: 3600,
             gc_grace_secs: 3600,
             gc_delete_untagged: false,
@@ -258,6 +263,7 @@ pub const SETTINGS: &[&str] = &[
     "verify_chunks",
     "verify_reuse_ms",
     "read_ahead",
+    "sendfile",
     "gc_interval_secs",
     "gc_grace_secs",
     "gc_delete_untagged",
@@ -570,6 +576,7 @@ impl Config {
             "verify_chunks" => self.verify_chunks = boolean(value)?,
             "verify_reuse_ms" => self.verify_reuse_ms = num(value)?,
             "read_ahead" => self.read_ahead = value.parse().map_err(anyhow::Error::msg)?,
+            "sendfile" => self.sendfile = boolean(value)?,
             "gc_interval_secs" => self.gc_interval_secs = num(value)?,
             "gc_grace_secs" => self.gc_grace_secs = num(value)?,
             "gc_delete_untagged" => self.gc_delete_untagged = boolean(value)?,

@@ -20,6 +20,7 @@ pub mod remote;
 pub mod replication;
 pub mod reqlog;
 pub mod routes;
+mod sendfile;
 pub mod tag;
 mod tls;
 pub mod upstream;
@@ -384,6 +385,11 @@ async fn accept_loop(
                 let app = app.clone();
                 match &tls {
                     None => {
+                        let stream = sendfile::SendfileStream::new(
+                            stream,
+                            app.config.sendfile,
+                            app.metrics.sendfile_bytes.clone(),
+                        );
                         tokio::spawn(serve_connection(app, stream, peer, false, watcher));
                     }
                     Some(acceptor) => {

@@ -3,36 +3,75 @@
 //! (`uring.rs`).
 #![allow(unsafe_code)]
 
+pub(crate) mod origins;
 pub(crate) mod uring;
 
 use std::fs::File;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 
 /// A shared, read-only map of a whole file.
 #[derive(Clone)]
-pub struct Map(Arc<memmap2::Mmap>);
+pub struct Map(Arc<Mapped>);
+
+/// A map and, when the file was named, its entry in the table of origins (`origins.rs`).
+struct Mapped {
+    map: memmap2::Mmap,
+    named: bool,
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // Out of the table before the unmap (the fields drop after this), so no address in
+        // the table belongs to a map that is gone.
+        if self.named {
+            origins::forget(self.map.as_ptr() as usize);
+        }
+    }
+}
 
 impl Map {
-    /// Maps `file` read-only.
-    pub(crate) fn of_file(file: &File) -> io::Result<Map> {
+    /// Maps `file`, opened by `path`, read-only, and enters it in the table of origins so
+    /// that bytes handed out of it can be sent from the file (`origins.rs`).
+    pub(crate) fn of_named_file(file: &File, path: &Path) -> io::Result<Map> {
+        let meta = file.metadata()?;
+        let map = Self::map(file)?;
+        // (An empty file maps to no address of its own.)
+        let named = !map.is_empty();
+        if named {
+            origins::enter(
+                map.as_ptr() as usize,
+                map.len(),
+                path,
+                meta.dev(),
+                meta.ino(),
+            );
+        }
+        Ok(Map(Arc::new(Mapped { map, named })))
+    }
+
+    fn map(file: &File) -> io::Result<memmap2::Mmap> {
         // SAFETY: the engine maps only files it wrote and sealed: segments after sealing and
         // index files after their atomic rename. Nothing in the engine writes, truncates or
         // extends such a file again; GC unlinks a file (the mapping stays valid) and never
         // truncates one. Another process modifying the data directory while the store is open
         // is excluded by the directory lock. The mapped bytes are checksummed before use.
-        let map = unsafe { memmap2::MmapOptions::new().map(file)? };
-        Ok(Map(Arc::new(map)))
+        unsafe { memmap2::MmapOptions::new().map(file) }
     }
 
     /// Asks the kernel to start reading `len` bytes at `offset` into the page cache now,
     /// without waiting (`madvise(MADV_WILLNEED)`): read-ahead of what a reader needs next.
     pub fn will_need(&self, offset: usize, len: usize) {
-        let len = len.min(self.0.len().saturating_sub(offset));
+        let len = len.min(self.0.map.len().saturating_sub(offset));
         if len > 0 {
-            let _ = self.0.advise_range(memmap2::Advice::WillNeed, offset, len);
+            let _ = self
+                .0
+                .map
+                .advise_range(memmap2::Advice::WillNeed, offset, len);
         }
     }
 }
@@ -40,19 +79,19 @@ impl Map {
 impl Deref for Map {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.0
+        &self.0.map
     }
 }
 
 impl AsRef<[u8]> for Map {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.0.map
     }
 }
 
 impl std::fmt::Debug for Map {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Map({} bytes)", self.0.len())
+        write!(f, "Map({} bytes)", self.0.map.len())
     }
 }
 

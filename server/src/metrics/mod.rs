@@ -68,6 +68,8 @@ pub struct Metrics {
     pub received_bytes: Counter,
     /// Response body bytes (of responses with a known length; HEAD sends none).
     pub sent_bytes: Counter,
+    /// Of the bytes sent, those sent from segment files with `sendfile` (`sendfile.rs`).
+    pub sendfile_bytes: Counter,
     /// Requests being served.
     pub in_flight: Gauge,
     /// Logins refused for a wrong name or password.
@@ -145,6 +147,13 @@ impl Metrics {
             "Response body bytes of responses with a known length (HEAD sends none)",
             Unit::Bytes,
             sent_bytes.clone(),
+        );
+        let sendfile_bytes = Counter::default();
+        registry.register_with_unit(
+            "http_sendfile",
+            "Response body bytes sent from segment files with sendfile, not copied",
+            Unit::Bytes,
+            sendfile_bytes.clone(),
         );
         let in_flight = Gauge::default();
         registry.register(
@@ -252,6 +261,7 @@ impl Metrics {
             request_seconds,
             received_bytes,
             sent_bytes,
+            sendfile_bytes,
             in_flight,
             login_failures,
             login_lockouts,

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::garage::Garage;
 use crate::http::call;
-use crate::{assert_fsck_clean, push_image_as, seeded, sha256, Registry};
+use crate::{assert_fsck_clean, metric, push_image_as, seeded, sha256, Registry};
 
 fn write_config(dir: &Path, body: &str) -> PathBuf {
     std::fs::create_dir_all(dir).expect("config dir");
@@ -662,14 +662,6 @@ fn serve_on_an_empty_data_directory_restores_the_bucket_unless_a_live_lease_says
         list.lines().filter(|l| l.starts_with("checkpoint")).count() >= 3,
         "checkpoints within checkpoint_grace_secs stay: {list}"
     );
-}
-
-/// A metric's value from `/metrics` (its first sample whose name and labels start so).
-fn metric(r: &Registry, name: &str) -> f64 {
-    let text = String::from_utf8(call("GET", &r.url("/metrics"), &[], None).body).expect("utf-8");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
 #[test]

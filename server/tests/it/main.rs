@@ -213,6 +213,15 @@ pub fn sha256(data: &[u8]) -> String {
 /// Deterministic pseudo-random bytes (the engine's one generator).
 pub use ballast_engine::testdata::seeded;
 
+/// A metric's value from `/metrics` (its first sample whose name and labels start so).
+pub fn metric(r: &Registry, name: &str) -> f64 {
+    let text =
+        String::from_utf8(http::call("GET", &r.url("/metrics"), &[], None).body).expect("utf-8");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
 /// True when a program is on PATH.
 pub fn have(program: &str) -> bool {
     Command::new("sh")
