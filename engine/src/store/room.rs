@@ -5,6 +5,7 @@
 //! real ENOSPC in the middle of a write.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -16,12 +17,17 @@ const CHECK_EVERY: u64 = 4 << 20;
 pub(crate) struct Room {
     since_check: AtomicU64,
     low: AtomicBool,
+    /// Bytes of removed segments the file system is freeing now (a collection's victims,
+    /// let go off its path: `gc/compact.rs`). They count as free: nothing can stop it.
+    pub(crate) releasing: Arc<AtomicU64>,
 }
 
 impl Store {
-    /// Free bytes on the data directory's file system, when they can be read.
+    /// Free bytes on the data directory's file system, when they can be read, counting the
+    /// removed segments it is freeing as free.
     pub fn free_bytes(&self) -> Option<u64> {
-        self.inner.storage.free_bytes(&self.inner.dir).ok()
+        let free = self.inner.storage.free_bytes(&self.inner.dir).ok()?;
+        Some(free.saturating_add(self.inner.room.releasing.load(Ordering::Relaxed)))
     }
 
     /// `Err(NoSpace)` when the file system is below the floor: what a push checks before
