@@ -582,7 +582,8 @@ impl BlobReader {
             .saturating_sub(1);
         let mode = self.store.inner.opts.read_ahead;
         let big = end - start >= AHEAD_MIN_BLOB;
-        let ahead = (mode != ReadAhead::Off && big).then(|| Prefetcher::new(mode));
+        let ahead = (mode != ReadAhead::Off && big)
+            .then(|| Prefetcher::new(mode, crate::readahead::BLOB_REACH));
         let verifier = if big && mode != ReadAhead::Off {
             VerifyAhead::start(&self.store)
         } else {

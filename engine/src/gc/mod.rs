@@ -256,7 +256,7 @@ fn run(store: &Store, opts: &GcOptions, now: u64) -> Result<GcReport> {
         entries.extend(e);
     }
     let mut copy = Copy {
-        ahead: Prefetcher::new(store.read_ahead()),
+        ahead: Prefetcher::new(store.read_ahead(), crate::readahead::COPY_REACH),
         asked: 0,
         bucket: Bucket::new(opts.pace_bytes_per_sec),
     };

@@ -569,6 +569,7 @@ fn bench_quick_reports_every_figure_with_its_baseline() {
     for want in [
         "disk: sequential write + fsync",
         "disk: sequential read (cold)",
+        "disk: file copy (cold read + write + fsync)",
         "cpu: SHA-256",
         "disk: small write + fdatasync",
         "engine: ingest unique (durable)",
@@ -585,6 +586,7 @@ fn bench_quick_reports_every_figure_with_its_baseline() {
         "engine: fsck",
         "engine: GC compaction (no read-ahead)",
         "engine: GC compaction (io_uring)",
+        "engine: GC compaction vs a file copy",
         "engine: GC compaction (advise)",
         "engine: GC space reclaimed",
         "engine: blob read (warm)",
