@@ -691,7 +691,7 @@ mod tests {
             "data" | "tls_cert" | "tls_key" | "audit_log" => "/x",
             "log" => "debug",
             // Booleans: the opposite of the default.
-            "verify_chunks" | "metrics" | "pull_tracking" | "console" => "false",
+            "verify_chunks" | "metrics" | "pull_tracking" | "console" | "sendfile" => "false",
             "metrics_listen" => "127.0.0.1:9100",
             "public_url" => "https://registry.example.com",
             "gc_delete_untagged" | "insecure_plain_http" => "true",
