@@ -441,15 +441,16 @@ mod writer_race {
     }
 }
 
+/// A store with garbage, and a collection that keeps what a running writer pinned: for the
+/// tests of pacing here and of compaction's end (`compact.rs`).
 #[cfg(test)]
-mod pacing {
+pub(crate) mod test_support {
     use super::*;
-    use crate::readahead::ReadAhead;
     use crate::testdata::seeded as random;
-    use crate::{Options, Store};
+    use crate::Store;
 
     /// A store whose sealed segments are two-thirds dead; returns the live chunks.
-    fn garbage(store: &Store, seed: u64) -> Vec<(ChunkId, Vec<u8>)> {
+    pub(crate) fn garbage(store: &Store, seed: u64) -> Vec<(ChunkId, Vec<u8>)> {
         let mut live = Vec::new();
         for i in 0..150u64 {
             let c = random(100_000, seed + i);
@@ -462,7 +463,11 @@ mod pacing {
         live
     }
 
-    fn collect_keeping(store: &Store, live: &[(ChunkId, Vec<u8>)], pace: u64) -> GcReport {
+    pub(crate) fn collect_keeping(
+        store: &Store,
+        live: &[(ChunkId, Vec<u8>)],
+        pace: u64,
+    ) -> GcReport {
         // The live chunks are kept by a running writer's pins, as a push's dedup hits are.
         let writer = store.begin_write();
         for (id, c) in live {
@@ -483,6 +488,13 @@ mod pacing {
         }
         report
     }
+}
+
+#[cfg(test)]
+mod pacing {
+    use super::test_support::{collect_keeping, garbage};
+    use crate::readahead::ReadAhead;
+    use crate::{Options, Store};
 
     #[test]
     fn while_writers_run_the_copy_keeps_to_the_pace_and_reports_it() {

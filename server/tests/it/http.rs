@@ -181,14 +181,7 @@ fn blob_push_pull_and_ranges() {
     let ranges: Vec<(usize, usize)> = (0..1000)
         .map(|i| (i * 1400 + 7, i * 1400 + 7 + (i % 50) + 1))
         .collect();
-    let header = format!(
-        "bytes={}",
-        ranges
-            .iter()
-            .map(|(a, b)| format!("{a}-{}", b - 1))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let header = range_header(&ranges);
     assert!(header.len() > 12_000, "{}", header.len());
     let res = call(
         "GET",
@@ -202,6 +195,15 @@ fn blob_push_pull_and_ranges() {
     for (part, (a, b)) in parts.iter().zip(&ranges) {
         assert_eq!(part, &data[*a..*b]);
     }
+}
+
+/// A `Range` header asking for the `[start, end)` ranges, in this order.
+fn range_header(ranges: &[(usize, usize)]) -> String {
+    let specs: Vec<String> = ranges
+        .iter()
+        .map(|(a, b)| format!("{a}-{}", b - 1))
+        .collect();
+    format!("bytes={}", specs.join(","))
 }
 
 /// The parts of a `multipart/byteranges` answer, checked to end with the closing boundary.
@@ -269,15 +271,7 @@ fn sealed_chunks_are_sent_from_their_files_byte_exact() {
                 "bytes {a}..{b}, sendfile = {sendfile}"
             );
         }
-        let header = format!(
-            "bytes={}",
-            ranges
-                .iter()
-                .map(|(a, b)| format!("{a}-{}", b - 1))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let res = call("GET", &url, &[("Range", &header)], None);
+        let res = call("GET", &url, &[("Range", &range_header(&ranges))], None);
         assert_eq!(res.status, 206);
         let parts = multipart_parts(&res);
         assert_eq!(parts.len(), ranges.len());
