@@ -27,8 +27,10 @@ use tokio::net::TcpStream;
 
 /// Slices shorter than this are written: a `sendfile` costs more than copying a few pages.
 const SENDFILE_MIN: usize = 16 << 10;
-/// Files kept open per connection (a pull touches a few segments at a time).
-const FILES_KEPT: usize = 8;
+/// Files kept open per connection while it sends (a pull reads a few segments at a time);
+/// a connection waiting for its next request keeps none, so idle keep-alive connections
+/// hold no descriptors.
+const FILES_KEPT: usize = 4;
 
 /// A TCP stream whose writes of mapped segment bytes go out with `sendfile`.
 pub struct SendfileStream {
@@ -145,7 +147,13 @@ impl AsyncRead for SendfileStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        let read = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if read.is_pending() {
+            // Nothing to read: between requests (or a body still coming). Files are opened
+            // again when needed.
+            self.files.clear();
+        }
+        read
     }
 }
 
