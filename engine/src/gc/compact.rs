@@ -235,14 +235,7 @@ fn release_off_path(releasing: &Arc<AtomicU64>, released: Vec<SegmentData>) {
     if released.is_empty() {
         return;
     }
-    let bytes = released
-        .iter()
-        .map(|d| match d {
-            SegmentData::Mapped(m) => m.len() as u64,
-            SegmentData::File(h) => h.len().unwrap_or(0),
-            SegmentData::Remote(_) => 0,
-        })
-        .sum();
+    let bytes = released.iter().filter_map(SegmentData::local_bytes).sum();
     releasing.fetch_add(bytes, Ordering::Relaxed);
     let held = Released {
         segments: released,

@@ -118,6 +118,17 @@ pub(crate) enum SegmentData {
     Remote(remote::RemoteSegment),
 }
 
+impl SegmentData {
+    /// Bytes of its local file (none for a remote segment).
+    pub(crate) fn local_bytes(&self) -> Option<u64> {
+        match self {
+            SegmentData::Mapped(m) => Some(m.len() as u64),
+            SegmentData::File(h) => Some(h.len().unwrap_or(0)),
+            SegmentData::Remote(_) => None,
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) dir: PathBuf,
@@ -299,15 +310,11 @@ impl Store {
         let mut f = Footprint::default();
         for data in self.inner.segments.read().values() {
             f.segments += 1;
-            f.segment_bytes += match data {
-                SegmentData::Mapped(m) => m.len() as u64,
-                SegmentData::File(h) => h.len().unwrap_or(0),
-                SegmentData::Remote(r) => {
-                    f.remote_segments += 1;
-                    f.remote_bytes += r.len;
-                    continue;
-                }
-            };
+            f.segment_bytes += data.local_bytes().unwrap_or(0);
+            if let SegmentData::Remote(r) = data {
+                f.remote_segments += 1;
+                f.remote_bytes += r.len;
+            }
         }
         f.indexed_chunks = self
             .inner

@@ -74,22 +74,20 @@ impl Map {
                 .advise_range(memmap2::Advice::WillNeed, offset, len);
         }
     }
-}
 
-impl Map {
     /// Whether every page of `len` bytes at `offset` is in the page cache now (`mincore`):
     /// a reader takes such bytes from the map without a copy, and reads the others ahead
     /// at queue depth (`readahead.rs`). False when it cannot tell.
     pub fn resident(&self, offset: usize, len: usize) -> bool {
-        const PAGE: usize = 4096;
+        let page = rustix::param::page_size();
         let map = &self.0.map;
         let end = offset.saturating_add(len).min(map.len());
         if offset >= end {
             return true;
         }
         // mincore wants a page-aligned start; maps start on a page.
-        let first = offset / PAGE * PAGE;
-        let pages = (end - first).div_ceil(PAGE);
+        let first = offset / page * page;
+        let pages = (end - first).div_ceil(page);
         let mut vec = vec![0u8; pages];
         // SAFETY: `first..end` lies inside this live map (it is held by `self`), the start
         // is page-aligned, and `vec` has one byte for each page of the range, as mincore
